@@ -1,0 +1,101 @@
+"""The CLI: every kind of bad input is one `error:` line and status 2; list/train/sample/eval work."""
+
+import json
+import os
+
+import pytest
+
+from zoo import cli
+
+TINY = ["batch_size=32", "log_every=5", "model.hidden=(32,)", "model.latent_dim=4", "model.eval_k=8"]
+
+
+def err_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ")
+    return err[0]
+
+
+def test_list_names_every_model(capsys):
+    from zoo import registry
+
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == registry.names()
+    assert {"vae", "ae"} <= set(registry.names())
+
+
+@pytest.mark.parametrize("argv, must_say", [
+    (["train", "nosuchmodel", "--workdir", "W"], ["unknown model 'nosuchmodel'", "vae"]),
+    (["train", "vae", "--workdir", "W", "model.nosuch=3"], ["nosuch", "latent_dim"]),
+    (["train", "vae", "--workdir", "W", "nosuch.x=3"], ["nosuch", "optimizer"]),
+    (["train", "vae", "--workdir", "W", "batch_size=abc"], ["batch_size", "int"]),
+    (["train", "vae", "--workdir", "W", "optimizer.lr=fast"], ["optimizer.lr", "float"]),
+    (["train", "vae", "--workdir", "W", "optimizer.name=lion"], ["lion", "adam"]),
+    (["train", "vae", "--workdir", "W", "parallel=spmd"], ["spmd", "pmap"]),
+    (["train", "vae", "--workdir", "W", "model.likelihood=poisson"], ["poisson", "bernoulli"]),
+    (["train", "vae", "--workdir", "W", "data.name=mnist9"], ["mnist9", "digits"]),
+    (["train", "vae", "--workdir", "W", "steps=0"], ["steps"]),
+    (["train", "vae", "--workdir", "W", "--parallel", "spmd"], ["spmd", "pmap"]),
+    (["sample", "vae", "--workdir", "EMPTY"], ["config.json", "zoo train vae"]),
+    (["eval", "vae", "--workdir", "EMPTY"], ["config.json", "zoo train vae"]),
+    (["bench", "nosuchbench"], ["nosuchbench", "train_step"]),
+])
+def test_bad_input_is_one_line_status_2(argv, must_say, capsys, tmp_path):
+    argv = [str(tmp_path / a) if a in ("W", "EMPTY") else a for a in argv]
+    assert cli.main(argv) == 2
+    line = err_line(capsys)
+    for text in must_say:
+        assert text in line, line
+    assert not os.path.exists(tmp_path / "W" / "checkpoints")  # nothing half-made
+
+
+def test_nonfinite_loss_exits_1(monkeypatch, capsys, tmp_path):
+    from zoo.train import loop
+
+    def boom(*a, **k):
+        raise loop.NonFiniteLoss(7)
+
+    monkeypatch.setattr(loop, "train", boom)
+    assert cli.main(["train", "vae", "--workdir", str(tmp_path), *TINY]) == 1
+    assert err_line(capsys) == "error: non-finite loss at step 7"
+
+
+def test_train_sample_eval(tmp_path, capsys):
+    wd = str(tmp_path / "run")
+    assert cli.main(["train", "vae", "--workdir", wd, "--steps", "20", "--no-progress", *TINY]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 20 and summary["preempted"] is False
+    saved = json.load(open(os.path.join(wd, "config.json")))
+    assert saved["name"] == "vae" and saved["steps"] == 20 and saved["model"]["latent_dim"] == 4
+    rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20] and all("loss" in r for r in rows)
+
+    out = str(tmp_path / "grid.png")
+    assert cli.main(["sample", "vae", "--workdir", wd, "--n", "16", "--out", out]) == 0
+    from PIL import Image
+
+    img = Image.open(out)
+    assert img.size[0] > 4 * 8 and img.mode == "L"
+
+    assert cli.main(["eval", "vae", "--workdir", wd, "eval.max_examples=64"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["examples"] == 64 and ev["step"] == 20
+    assert ev["nll_iwae"] <= -ev["elbo"] + 1e-3  # the IWAE bound is the tighter one
+
+    # a second `train` with more steps resumes instead of starting over
+    assert cli.main(["train", "vae", "--workdir", wd, "--steps", "30", "--no-progress", *TINY]) == 0
+    rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+    # wrong model for the workdir
+    assert cli.main(["sample", "ae", "--workdir", wd]) == 2
+    assert "holds a 'vae' run" in err_line(capsys)
+
+
+def test_python_dash_m_zoo_runs():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "zoo", "list"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "vae" in res.stdout

@@ -1,0 +1,79 @@
+"""Benchmark harness: `zoo bench NAME [--quick] [--out FILE.json]`.
+
+A benchmark module defines `run(quick: bool) -> list[row]`, row = {"case", "impl", "value", "unit"}
+(extra keys allowed). `impl` starts with "zoo" for ours and names the peer otherwise. The harness
+adds the device, JAX version, git SHA and date, prints a table with each row's ratio to the
+case's first row, and writes the JSON the results folder keeps.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+from zoo.errors import ZooError, unknown
+
+BENCHMARKS = {
+    "train_step": "zoo.bench.train_step",
+}
+
+
+def median_seconds(fn: Callable[[], object], *, warmup: int = 2, iters: int = 10) -> float:
+    """Median wall time of fn(); fn must block until its result is ready (block_until_ready)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def git_sha() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def header(name: str) -> dict:
+    import jax
+
+    dev = jax.devices()[0]
+    return {"benchmark": name, "device": f"{dev.platform}:{dev.device_kind}", "device_count": jax.device_count(),
+            "jax": jax.__version__, "sha": git_sha(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+
+
+def table(rows: list[dict]) -> str:
+    firsts: dict[str, float] = {}
+    lines = [f"{'case':40s} {'impl':24s} {'value':>12s} {'unit':10s} {'ratio':>7s}"]
+    for r in rows:
+        base = firsts.setdefault(r["case"], r["value"])
+        ratio = r["value"] / base if base else float("nan")
+        lines.append(f"{r['case']:40s} {r['impl']:24s} {r['value']:12.4g} {r['unit']:10s} {ratio:7.3f}")
+    return "\n".join(lines)
+
+
+def run_benchmark(name: str, *, quick: bool = False, out: str | None = None) -> dict:
+    if name not in BENCHMARKS:
+        raise ZooError(unknown("benchmark", name, BENCHMARKS))
+    module = importlib.import_module(BENCHMARKS[name])
+    result = {**header(name), "quick": quick, "rows": module.run(quick)}
+    print(table(result["rows"]))
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        print(f"wrote {out}")
+    return result

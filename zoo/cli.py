@@ -1,0 +1,169 @@
+"""`zoo list | train | sample | eval | bench`.
+
+Bad input (unknown model, config key, value, data source, missing workdir file) exits with status 2
+and one `error: ...` line naming the valid choices; a non-finite loss exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+from zoo.errors import ZooError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, status 2, like ours
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="zoo", description="A JAX/Flax model zoo of generative models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("list", help="one line per registered model")
+
+    t = sub.add_parser("train", help="train a model (resumes when the workdir holds a checkpoint)")
+    t.add_argument("name")
+    t.add_argument("--workdir", required=True)
+    t.add_argument("--config", help="experiment file (Python) with get_config(); default: the model's")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--parallel", choices=("jit", "pmap", "fsdp"))
+    t.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0")
+    t.add_argument("--num-processes", type=int)
+    t.add_argument("--process-id", type=int)
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. optimizer.lr=3e-4")
+
+    s = sub.add_parser("sample", help="sample a trained model: a PNG grid, or text")
+    s.add_argument("name")
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--out", default=None, help="PNG path (default: WORKDIR/samples.png)")
+    s.add_argument("--seed", type=int, default=0)
+
+    e = sub.add_parser("eval", help="held-out metrics of a trained model as one JSON object")
+    e.add_argument("name")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("overrides", nargs="*", help="e.g. model.eval_k=100 eval.max_examples=100")
+
+    b = sub.add_parser("bench", help="run a benchmark; JSON to --out")
+    b.add_argument("name")
+    b.add_argument("--quick", action="store_true", help="the CPU set that finishes in minutes")
+    b.add_argument("--out", default=None)
+    return p
+
+
+def _experiment_config(path: str):
+    if not os.path.exists(path):
+        raise ZooError(f"missing config file {path}")
+    spec = importlib.util.spec_from_file_location("zoo_experiment", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not hasattr(mod, "get_config"):
+        raise ZooError(f"{path} defines no get_config()")
+    return mod.get_config()
+
+
+def cmd_list(args) -> int:
+    from zoo import registry
+
+    for name in registry.names():
+        print(f"{name:12s} {registry.get(name).description}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from zoo import registry
+    from zoo.train import sharding
+    from zoo.train.overrides import apply_overrides
+
+    entry = registry.get(args.name)
+    sharding.init_distributed(args.coordinator, args.num_processes, args.process_id)
+    config = _experiment_config(args.config) if args.config else entry.config()
+    with config.unlocked():
+        config.name = args.name
+        for flag in ("steps", "seed", "parallel"):
+            if getattr(args, flag) is not None:
+                config[flag] = getattr(args, flag)
+    apply_overrides(config, args.overrides)
+
+    from zoo.train.loop import train
+    from zoo.train.workdir import build
+
+    model_def, source = build(config)
+    result = train(model_def, config, source, workdir=args.workdir, show_progress=not args.no_progress)
+    summary = {"step": result.step, "preempted": result.preempted, **result.metrics}
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import jax
+    import numpy as np
+
+    from zoo.images import save_png
+    from zoo.train.workdir import build, load_config, restore_params
+
+    config = load_config(args.workdir, args.name)
+    model_def, source = build(config)
+    if model_def.sample is None:
+        raise ZooError(f"model {args.name!r} has no sampler")
+    params, _ = restore_params(args.workdir, config, model_def, source)
+    x = np.asarray(jax.jit(model_def.sample, static_argnums=2)(params, jax.random.PRNGKey(args.seed), args.n))
+    if source.info.get("kind") == "text":
+        for row in x:
+            print(bytes(int(b) for b in row).decode("utf-8", errors="replace"))
+        return 0
+    out = args.out or os.path.join(args.workdir, "samples.png")
+    save_png(out, x)
+    print(out)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from zoo.eval.run import evaluate_workdir
+
+    print(json.dumps(evaluate_workdir(args.name, args.workdir, seed=args.seed, overrides=args.overrides)))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from zoo.bench import run_benchmark
+
+    run_benchmark(args.name, quick=args.quick, out=args.out)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    # overrides may come before or after flags: argparse leaves the later ones unparsed
+    try:
+        args, rest = parser.parse_known_args(argv)
+        bad = [r for r in rest if r.startswith("-") or not hasattr(args, "overrides")]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed)
+        return int(e.code or 0)
+    if rest:
+        args.overrides = list(args.overrides) + rest
+    from zoo.train.loop import NonFiniteLoss
+
+    try:
+        return {"list": cmd_list, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
+                "bench": cmd_bench}[args.command](args)
+    except ZooError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

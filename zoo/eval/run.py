@@ -1,0 +1,42 @@
+"""`zoo eval`: a trained model's held-out metrics, averaged over the test split."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from zoo.data import eval_batches
+from zoo.errors import ZooError
+
+
+def evaluate(model_def, params, source, *, batch_size: int, seed: int = 0, max_examples: int = 0) -> dict:
+    """Mean of each per-example metric of `model_def.evaluate` over `source` (in order)."""
+    if model_def.evaluate is None:
+        raise ZooError("this model defines no held-out metrics")
+    fn = jax.jit(model_def.evaluate)
+    key = jax.random.PRNGKey(seed)
+    sums, n = {}, 0
+    for i, batch in enumerate(eval_batches(source, batch_size)):
+        if max_examples and n >= max_examples:
+            break
+        if max_examples:
+            batch = {k: v[: max_examples - n] for k, v in batch.items()}
+        # per-example keys fold the idx, so give every example a distinct global index
+        batch = dict(batch, idx=np.arange(n, n + len(batch["idx"]), dtype=np.int32))
+        out = jax.device_get(fn(params, key, batch))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(np.sum(np.asarray(v, np.float64)))
+        n += len(batch["idx"])
+    return {"examples": n, **{k: v / n for k, v in sums.items()}}
+
+
+def evaluate_workdir(name: str, workdir: str, *, seed: int = 0, overrides=()) -> dict:
+    from zoo.train.overrides import apply_overrides
+    from zoo.train.workdir import build, load_config, restore_params
+
+    config = apply_overrides(load_config(workdir, name), list(overrides))
+    model_def, test = build(config, "test")
+    params, step = restore_params(workdir, config, model_def, test)
+    out = evaluate(model_def, params, test, batch_size=int(config.eval.batch_size), seed=seed,
+                   max_examples=int(config.eval.max_examples))
+    return {"model": name, "step": step, **out}

@@ -1,0 +1,3 @@
+"""Model families; importing one registers it (zoo.registry). Add a line per new family file."""
+
+import zoo.models.vae  # noqa: F401

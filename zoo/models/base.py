@@ -1,0 +1,36 @@
+"""The model contract: a NamedTuple of pure functions (in the spirit of optax.GradientTransformation).
+
+Shapes: B batch, the rest per model. `Batch` is a dict of arrays with leading dim B; the loaders add
+`idx` (int32 [B]): each example's position in the *global* batch, so per-example randomness drawn
+with `zoo.ops.random.example_keys(key, batch["idx"])` is the same on one device, many, or pmap.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+
+Array = jax.Array
+PRNGKey = jax.Array
+Params = Any
+Batch = dict[str, Array]
+Metrics = dict[str, Array]
+
+
+class ModelDef(NamedTuple):
+    """What the loop, `zoo sample` and `zoo eval` need from a model.
+
+    init(key, batch) -> params
+    loss(params, key, batch) -> (scalar loss, {name: scalar})     the loop minimises the scalar
+    sample(params, key, n) -> array                               n is static
+    step(state, key, batch) -> (state, metrics)                   only for non-gradient updates
+    evaluate(params, key, batch) -> {name: [B] per-example value} held-out metrics; `zoo eval`
+                                                                  averages them over the test split
+    """
+
+    init: Callable[[PRNGKey, Batch], Params]
+    loss: Callable[[Params, PRNGKey, Batch], tuple[Array, Metrics]]
+    sample: Callable[[Params, PRNGKey, int], Array] | None = None
+    step: Callable[[Any, PRNGKey, Batch], tuple[Any, Metrics]] | None = None
+    evaluate: Callable[[Params, PRNGKey, Batch], Metrics] | None = None

@@ -1,0 +1,84 @@
+"""Orbax checkpoints: the TrainState plus a JSON record (config, data position) under one step.
+
+Saving is asynchronous (the device-to-host copy blocks, the write does not). Restoring tries the
+newest step first; a corrupt or partial one is reported and the next older one is tried, so a run
+killed mid-write, or a damaged file, loses at most `ckpt_every` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+
+import orbax.checkpoint as ocp
+
+from zoo.errors import ZooError
+
+log = logging.getLogger("zoo")
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "meta"))
+
+    def steps(self) -> list[int]:
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, meta: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, abstract_state, step: int | None = None):
+        """-> (state, meta, step) from the newest readable checkpoint, or None when there is none.
+
+        With `step`, restore exactly that one (an error if it is unreadable).
+        """
+        steps = self.steps()
+        if step is not None:
+            if step not in steps:
+                raise ZooError(f"no checkpoint at step {step} in {self.directory}; have: {steps}")
+            steps = [step]
+        errors = []
+        for s in reversed(steps):
+            try:
+                out = self.manager.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                if errors:
+                    moved = self._set_aside([t for t in steps if t > s])
+                    print(f"warning: {errors[-1]}; resumed from step {s} instead (moved the unreadable "
+                          f"checkpoints to {moved})", file=sys.stderr)
+                return out.state, out.meta, s
+            except Exception as e:  # orbax raises many types for damaged files
+                errors.append(f"checkpoint at step {s} in {self.directory} is corrupt or partial "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+        if errors:
+            raise ZooError("; ".join(errors) + "; no readable checkpoint left")
+        return None
+
+    def _set_aside(self, steps: list[int]) -> str:
+        """Move unreadable checkpoints out of the way (kept, not deleted) so their steps can be redone."""
+        import jax
+
+        target = self.directory + "-unreadable"
+        if jax.process_index() == 0:
+            os.makedirs(target, exist_ok=True)
+            for t in steps:
+                dest = os.path.join(target, f"{t}-{int(time.time())}")
+                shutil.move(os.path.join(self.directory, str(t)), dest)
+        self.manager.reload()
+        return target
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

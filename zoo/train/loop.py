@@ -1,0 +1,167 @@
+"""The one training loop: every model in the zoo trains through `train`.
+
+Per step: the loader gives this process its slice of the global batch for step s (a pure function
+of seed and s, so resume is exact), the jitted step folds s into the key, updates the state
+(donated) and returns scalar metrics. Step s's metrics are read after step s+1 is dispatched;
+that read is the loop's one sync per step (on 2-core CPU hosts, ~100 queued collective steps
+without a sync can deadlock). Checkpoints: every `ckpt_every` steps, at the end, on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+
+import jax
+import ml_collections
+
+from zoo.data import Loader, Source
+from zoo.errors import ConfigError
+from zoo.models.base import ModelDef
+from zoo.train import sharding
+from zoo.train.checkpoint import Checkpointer
+from zoo.train.metrics import MetricsWriter, is_finite, progress
+from zoo.train.state import make_optimizer
+from zoo.train.strategy import host_metrics, make_strategy
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int):
+        super().__init__(f"non-finite loss at step {step}")
+        self.step = step
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: object            # canonical (unreplicated) TrainState
+    step: int                # steps done
+    metrics: dict            # last step's metrics
+    steps_per_sec: float     # after the first two (compiling) steps; nan if too few
+    preempted: bool = False  # stopped by SIGTERM after saving
+
+
+def keys(seed: int):
+    """(init key, step key): the step key is folded with the step number inside the step."""
+    init_key, step_key = jax.random.split(jax.random.PRNGKey(seed))
+    return init_key, step_key
+
+
+class _Sigterm:
+    """Turns SIGTERM into a flag the loop checks once per step (main thread only)."""
+
+    def __init__(self):
+        self.hit, self.old = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, *_):
+        self.hit = True
+
+    def __exit__(self, *_):
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def _validate(config) -> None:
+    for name in ("steps", "batch_size", "log_every", "ckpt_every"):
+        if int(config[name]) <= 0:
+            raise ConfigError(f"{name} must be > 0, got {config[name]}")
+    if not 0.0 <= float(config.ema_decay) < 1.0:
+        raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+    sharding.check_batch_size(int(config.batch_size))
+
+
+def train(model_def: ModelDef, config: ml_collections.ConfigDict, data: Source, *,
+          workdir: str | None = None, show_progress: bool = True, devices=None) -> TrainResult:
+    """Train `model_def` on `data` (a train-split Source) as `config` says; resume from workdir."""
+    _validate(config)
+    total = int(config.steps)
+    tx = make_optimizer(config.optimizer, total)
+    strategy = make_strategy(config.parallel, model_def, tx, float(config.ema_decay),
+                             min_size=int(config.fsdp_min_size), devices=devices)
+    loader = Loader(data, int(config.batch_size), int(config.seed),
+                    jax.process_index(), jax.process_count())
+    init_key, step_key = keys(int(config.seed))
+    first = strategy.put_batch(loader.batch(0))
+
+    ckpt, state, start = None, None, 0
+    if workdir is not None:
+        write_config(workdir, config)
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.keep_checkpoints))
+        restored = ckpt.restore(strategy.abstract_state(init_key, first))
+        if restored is not None:
+            state, _, start = restored
+            state = strategy.place(state)
+    if state is None:
+        state = strategy.init(init_key, first)
+    writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl") if workdir else None, start,
+                           enabled=jax.process_index() == 0)
+    try:
+        return _run(strategy, state, step_key, loader, config, ckpt, writer, start, total,
+                    show_progress)
+    finally:
+        writer.close()
+        if ckpt is not None:
+            ckpt.close()
+
+
+def _run(strategy, state, step_key, loader, config, ckpt, writer, start, total, show_progress):
+    log_every, ckpt_every = int(config.log_every), int(config.ckpt_every)
+    bar = progress(total, start, show_progress and jax.process_index() == 0)
+    last, pending, t0, t0_step = {}, None, None, None
+
+    def consume(done: int, metrics) -> dict:
+        host = host_metrics(metrics)
+        if not is_finite(host["loss"]):
+            raise NonFiniteLoss(done)
+        if done % log_every == 0 or done == total:
+            writer.write(done, host)
+            bar.set_postfix(loss=f"{host['loss']:.4g}", refresh=False)
+        bar.update(1)
+        return host
+
+    def save(done: int, state) -> None:
+        if ckpt is not None:
+            ckpt.save(done, strategy.canonical(state),
+                      {"step": done, "data_position": done * int(config.batch_size),
+                       "seed": int(config.seed)})
+
+    with _Sigterm() as sigterm:
+        for s in range(start, total):
+            state, metrics = strategy.step(state, step_key, strategy.put_batch(loader.batch(s)))
+            if pending is not None:
+                last = consume(*pending)
+            pending = (s + 1, metrics)
+            if s + 1 == start + 2:
+                t0, t0_step = time.perf_counter(), s + 1
+            if (s + 1) % ckpt_every == 0 or s + 1 == total or sigterm.hit:
+                last, pending = consume(*pending), None
+                save(s + 1, state)
+            if sigterm.hit:
+                bar.close()
+                return TrainResult(strategy.canonical(state), s + 1, last, float("nan"), True)
+        if pending is not None:
+            last = consume(*pending)
+    bar.close()
+    done = max(total, start)
+    rate = (done - t0_step) / (time.perf_counter() - t0) if t0 and done > t0_step else float("nan")
+    return TrainResult(strategy.canonical(state), done, last, rate)
+
+
+def load_config_json(workdir: str) -> dict:
+    with open(os.path.join(workdir, "config.json")) as f:
+        return json.load(f)
