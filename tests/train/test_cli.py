@@ -91,6 +91,13 @@ def test_train_sample_eval(tmp_path, capsys):
     # wrong model for the workdir
     assert cli.main(["sample", "ae", "--workdir", wd]) == 2
     assert "holds a 'vae' run" in err_line(capsys)
+    # resuming with another model or model config is refused, and the run is left as it was
+    before = open(os.path.join(wd, "config.json")).read()
+    assert cli.main(["train", "vae", "--workdir", wd, "--steps", "40", *TINY, "model.latent_dim=8"]) == 2
+    assert "different model" in err_line(capsys)
+    assert cli.main(["train", "ae", "--workdir", wd, "--steps", "40"]) == 2
+    assert "different name" in err_line(capsys)
+    assert open(os.path.join(wd, "config.json")).read() == before
 
 
 def test_python_dash_m_zoo_runs():

@@ -32,10 +32,13 @@ def test_resume_is_bitwise(straight, tmp_path):
     np.testing.assert_array_equal(flat(result.state.opt_state), straight[2])
 
 
-def test_corrupt_latest_checkpoint_falls_back(straight, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["garbage", "partial"])
+def test_corrupt_latest_checkpoint_falls_back(straight, tmp_path, capsys, damage):
     run(tiny_vae_config(steps=40, ckpt_every=10), tmp_path)
     latest = tmp_path / "checkpoints" / "40"
     assert latest.exists()
+    if damage == "partial":  # a write that died half way: the state's files are gone
+        shutil.rmtree(latest / "state")
     for root, _, files in os.walk(latest / "state"):
         for name in files:
             with open(os.path.join(root, name), "wb") as f:
@@ -45,6 +48,7 @@ def test_corrupt_latest_checkpoint_falls_back(straight, tmp_path, capsys):
     assert "checkpoint at step 40" in err and "corrupt or partial" in err and "step 30" in err
     np.testing.assert_array_equal(flat(result.state.params), straight[1])
     np.testing.assert_array_equal(losses(tmp_path), straight[0])
+    assert len(os.listdir(str(tmp_path / "checkpoints") + "-unreadable")) == 1  # kept, not deleted
 
 
 def _diverging_model() -> ModelDef:

@@ -130,13 +130,11 @@ class Loader:
             raise DataError(f"step must be >= 0, got {step}")
         n, b = len(self.src), self.batch_size // self.process_count
         start = step * self.batch_size + self.process_index * b
-        pos = np.arange(start, start + b, dtype=np.int64)  # positions in the global stream
-        epoch, within = pos // n, pos % n
-        out = np.empty(b, np.int64)
-        for e in np.unique(epoch):
-            sel = epoch == e
-            out[sel] = self._perm(int(e))[within[sel]]
-        return out
+        parts = []
+        for e in range(start // n, (start + b - 1) // n + 1):  # the epochs this slice touches
+            lo, hi = max(start, e * n), min(start + b, (e + 1) * n)
+            parts.append(self._perm(e)[lo - e * n: hi - e * n])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's slice of the global batch for optimizer step `step`."""

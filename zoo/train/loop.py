@@ -69,11 +69,28 @@ class _Sigterm:
             signal.signal(signal.SIGTERM, self.old)
 
 
+def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """A workdir holds one run: refuse to resume it with another model, model config or data."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    new = json.loads(config.to_json_best_effort())
+    for key in ("name", "model", "data"):
+        if saved.get(key) != new.get(key):
+            raise ConfigError(f"{workdir} holds a run with a different {key} ({saved.get(key)} vs "
+                              f"{new.get(key)}); use a new --workdir")
+
+
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    check_same_run(workdir, config)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        path = os.path.join(workdir, "config.json")
+        with open(path + ".tmp", "w") as f:  # atomic: other processes may be reading it
             f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        os.replace(path + ".tmp", path)
 
 
 def _validate(config) -> None:

@@ -77,6 +77,12 @@ def check_batch_size(batch_size: int) -> None:
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:
-    """This process's slice of the batch -> global jax.Arrays sharded on "data"."""
+    """This process's slice of the batch -> global jax.Arrays sharded on "data".
+
+    One process: the numpy arrays themselves; jit's in_shardings moves them in its C++ dispatch
+    path, ~4x cheaper per step on CPU than a Python-side device_put.
+    """
+    if jax.process_count() == 1:
+        return {k: np.asarray(v) for k, v in local.items()}
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
