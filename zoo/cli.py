@@ -116,6 +116,11 @@ def cmd_sample(args) -> int:
         raise ZooError(f"model {args.name!r} has no sampler")
     params, _ = restore_params(args.workdir, config, model_def, source)
     x = np.asarray(jax.jit(model_def.sample, static_argnums=2)(params, jax.random.PRNGKey(args.seed), args.n))
+    if source.info.get("kind") == "bow":  # topic models: top word ids per topic [K, n]
+        vocab = source.info["vocab"]
+        for k, row in enumerate(x):
+            print(f"topic {k}: " + " ".join(vocab[int(i)] for i in row))
+        return 0
     if source.info.get("kind") == "text":
         for row in x:
             print(bytes(int(b) for b in row).decode("utf-8", errors="replace"))

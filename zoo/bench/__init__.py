@@ -21,6 +21,7 @@ from zoo.errors import ZooError, unknown
 
 BENCHMARKS = {
     "train_step": "zoo.bench.train_step",
+    "gibbs": "zoo.bench.gibbs",
 }
 
 

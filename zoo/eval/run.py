@@ -27,7 +27,10 @@ def evaluate(model_def, params, source, *, batch_size: int, seed: int = 0, max_e
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(np.sum(np.asarray(v, np.float64)))
         n += len(batch["idx"])
-    return {"examples": n, **{k: v / n for k, v in sums.items()}}
+    out = {"examples": n, **{k: v / n for k, v in sums.items()}}
+    if "neg_bound" in out and "words" in out:  # topic models: per-word perplexity over the split
+        out["perplexity"] = float(np.exp(sums["neg_bound"] / sums["words"]))
+    return out
 
 
 def evaluate_workdir(name: str, workdir: str, *, seed: int = 0, overrides=()) -> dict:

@@ -27,6 +27,12 @@ class ModelDef(NamedTuple):
     step(state, key, batch) -> (state, metrics)                   only for non-gradient updates
     evaluate(params, key, batch) -> {name: [B] per-example value} held-out metrics; `zoo eval`
                                                                   averages them over the test split
+    init_extra(key, batch) -> extra                               model-owned state kept in
+                                                                  TrainState.extra (PCD chains, ...)
+
+    With `init_extra`, the loss is stateful: loss(params, key, batch, extra) ->
+    (scalar, (metrics, new_extra)); the loop differentiates the scalar w.r.t. params only and
+    carries new_extra to the next step (and into checkpoints).
     """
 
     init: Callable[[PRNGKey, Batch], Params]
@@ -34,3 +40,4 @@ class ModelDef(NamedTuple):
     sample: Callable[[Params, PRNGKey, int], Array] | None = None
     step: Callable[[Any, PRNGKey, Batch], tuple[Any, Metrics]] | None = None
     evaluate: Callable[[Params, PRNGKey, Batch], Metrics] | None = None
+    init_extra: Callable[[PRNGKey, Batch], Any] | None = None

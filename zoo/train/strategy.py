@@ -35,8 +35,13 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation, ema_d
         if model_def.step is not None:
             state, metrics = model_def.step(state, key, batch)
             return state.replace(step=state.step + 1), reduce(metrics)
-        (loss, metrics), grads = jax.value_and_grad(model_def.loss, has_aux=True)(
-            state.params, key, batch)
+        extra = state.extra
+        if model_def.init_extra is None:
+            (loss, metrics), grads = jax.value_and_grad(model_def.loss, has_aux=True)(
+                state.params, key, batch)
+        else:  # stateful loss: (scalar, (metrics, new_extra))
+            (loss, (metrics, extra)), grads = jax.value_and_grad(model_def.loss, has_aux=True)(
+                state.params, key, batch, state.extra)
         grads = reduce(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -46,13 +51,19 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation, ema_d
         metrics = reduce({**metrics, "loss": loss})
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                             ema_params=ema), metrics
+                             ema_params=ema, extra=extra), metrics
 
     return step
 
 
-def _init_fn(model_def, tx, ema_decay):
-    return lambda key, batch: init_state(model_def.init(key, batch), tx, ema_decay)
+def init_fn(model_def, tx, ema_decay):
+    def init(key, batch):
+        extra = None
+        if model_def.init_extra is not None:
+            extra = model_def.init_extra(jax.random.fold_in(key, 1), batch)
+        return init_state(model_def.init(key, batch), tx, ema_decay, extra)
+
+    return init
 
 
 class JitStrategy:
@@ -61,7 +72,7 @@ class JitStrategy:
     def __init__(self, model_def, tx, ema_decay, *, fsdp: bool = False, min_size: int = 2**16,
                  devices=None):
         self.mesh = sharding.make_mesh(devices)
-        self.init_fn = _init_fn(model_def, tx, ema_decay)
+        self.init_fn = init_fn(model_def, tx, ema_decay)
         self.fsdp, self.min_size = fsdp, min_size
         self.raw_step = make_train_step(model_def, tx, ema_decay)
         self._step = None
@@ -100,7 +111,7 @@ class PmapStrategy:
 
     def __init__(self, model_def, tx, ema_decay, **_):
         self.devices = jax.local_devices()
-        self.init_fn = _init_fn(model_def, tx, ema_decay)
+        self.init_fn = init_fn(model_def, tx, ema_decay)
         self._step = jax.pmap(make_train_step(model_def, tx, ema_decay, axis_name=sharding.DATA),
                               axis_name=sharding.DATA, in_axes=(0, None, 0), donate_argnums=(0,))
 
@@ -140,9 +151,10 @@ def make_strategy(parallel: str, model_def, tx, ema_decay, *, min_size: int, dev
     if parallel == "fsdp":
         return JitStrategy(model_def, tx, ema_decay, fsdp=True, min_size=min_size, devices=devices)
     if parallel == "pmap":
-        if model_def.step is not None:
-            raise ConfigError("parallel='pmap' runs gradient steps only; this model has a custom step: "
-                              "use jit or fsdp")
+        if model_def.step is not None or model_def.init_extra is not None:
+            # per-device copies of model-owned state (PCD chains, ...) would drift apart under pmap
+            raise ConfigError("parallel='pmap' runs stateless gradient steps only; this model has a "
+                              "custom step or model-owned state: use jit or fsdp")
         return PmapStrategy(model_def, tx, ema_decay)
     raise ConfigError(unknown("parallel", parallel, ("jit", "fsdp", "pmap")))
 

@@ -14,7 +14,8 @@ from zoo.errors import ZooError
 from zoo.models.base import ModelDef
 from zoo.train.checkpoint import Checkpointer
 from zoo.train.loop import keys
-from zoo.train.state import init_state, make_optimizer
+from zoo.train.state import make_optimizer
+from zoo.train.strategy import init_fn
 
 
 def build(config: ml_collections.ConfigDict, split: str = "train"):
@@ -57,10 +58,9 @@ def restore_params(workdir: str, config, model_def: ModelDef, source, *, ema: bo
         raise ZooError(f"no checkpoint in {ckpt_dir}: train first with "
                        f"`zoo train {config.name} --workdir {workdir}`")
     tx = make_optimizer(config.optimizer, int(config.steps))
-    batch = Loader(source, min(len(source), 2), 0).batch(0)
+    batch = Loader(source, int(config.batch_size), 0).batch(0)  # extra (e.g. PCD chains) may be batch-sized
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.eval_shape(lambda k, b: init_state(model_def.init(k, b), tx, float(config.ema_decay)),
-                              keys(0)[0], batch)
+    abstract = jax.eval_shape(init_fn(model_def, tx, float(config.ema_decay)), keys(0)[0], batch)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abstract)
     state, _, step = ckpt.restore(abstract)
     ckpt.close()
