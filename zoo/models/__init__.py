@@ -1,3 +1,4 @@
 """Model families; importing one registers it (zoo.registry). Add a line per new family file."""
 
 import zoo.models.vae  # noqa: F401
+import zoo.models.rbm  # noqa: F401
