@@ -77,3 +77,25 @@ def test_bad_config(bad):
         make_rbm(data_shape=(8, 8, 1), **bad)
     with pytest.raises(ConfigError, match="unknown model key"):
         registry.get("rbm").build(config(nosuch=1).model, {"shape": (8, 8, 1)})
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_grbm_learns_real_valued_digits(learn_sigma):
+    c = registry.get("grbm").config()
+    c.name, c.steps, c.log_every = "grbm", 300, 50
+    c.model.num_hidden, c.model.learn_sigma, c.model.sample_steps = 32, learn_sigma, 50
+    src, test = load("digits"), load("digits", "test")
+    tx = test[np.arange(len(test))]
+    model = registry.get("grbm").build(c.model, src.info)
+    result = train(model, c, src, show_progress=False)
+    err = float(np.mean(model.evaluate(result.state.params, jax.random.PRNGKey(0), tx)["recon_error"]))
+    xt = tx["x"].reshape(len(tx["x"]), -1)
+    mean_image = src[np.arange(len(src))]["x"].reshape(len(src), -1).mean(0)
+    baseline = float(np.mean(np.sum((xt - mean_image) ** 2, -1)))  # predict the mean digit
+    assert err < 0.5 * baseline, (err, baseline)
+    if learn_sigma:
+        assert not np.allclose(np.asarray(result.state.params["rbm"]["log_sigma"]), 0.0)
+    x = np.asarray(model.sample(result.state.params, jax.random.PRNGKey(0), 4))
+    assert x.shape == (4, 8, 8, 1) and x.min() >= 0 and x.max() <= 1 and x.std() > 0.05
+    with pytest.raises(ConfigError, match="does not apply"):
+        registry.get("grbm").build(config(persistent=True).model, src.info)

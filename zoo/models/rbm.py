@@ -118,9 +118,82 @@ def rbm_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _kwargs(model_cfg) -> dict:
+def make_grbm(*, data_shape, num_hidden=100, cd_k=1, learn_sigma=False, init_scale=0.01,
+               sample_steps=1000) -> ModelDef:
+    """Gaussian-Bernoulli RBM for real-valued images (Krizhevsky 2009; Cho et al. 2011).
+
+    Pixels are centred with the first batch's per-pixel mean and scaled by its overall std (kept in
+    params["norm"] behind stop_gradient, so they never train); sigma is 1 in those units or learned
+    per pixel.
+    """
+    cfg = RBMConfig(tuple(int(d) for d in data_shape), int(num_hidden), int(cd_k), False,
+                    float(init_scale), int(sample_steps))
+    V = math.prod(cfg.data_shape)
+
+    def init(key, batch):
+        x = _flat(cfg, batch["x"])
+        rbm = {"W": cfg.init_scale * jax.random.normal(key, (V, cfg.num_hidden)),
+               "b": jnp.zeros((V,)), "c": jnp.zeros((cfg.num_hidden,))}
+        if learn_sigma:
+            rbm["log_sigma"] = jnp.zeros((V,))
+        # one std for all pixels: per-pixel stds of near-constant border pixels blow up noise
+        mean = jnp.mean(x, 0)
+        return {"rbm": rbm, "norm": {"mean": mean, "std": jnp.sqrt(jnp.mean((x - mean) ** 2)) + 1e-3}}
+
+    def rbm_params(params):
+        """The RBM's params, sigma kept in [e^-1, e^1]: a sigma collapsing to 0 makes v / sigma^2
+        explode (learned-variance GRBMs are known to be unstable; Cho et al. 2011)."""
+        rbm = params["rbm"]
+        if "log_sigma" not in rbm:
+            return rbm
+        return dict(rbm, log_sigma=jnp.clip(rbm["log_sigma"], -1.0, 1.0))
+
+    def to_v(params, x):
+        norm = jax.lax.stop_gradient(params["norm"])
+        return (_flat(cfg, x) - norm["mean"]) / norm["std"]
+
+    def to_x(params, v):
+        return v * params["norm"]["std"] + params["norm"]["mean"]
+
+    def loss(params, key, batch):
+        v = to_v(params, batch["x"])
+        total, _ = gibbs.grbm_cd_loss(rbm_params(params), key, v, cfg.cd_k)
+        return total, {"loss": total, "recon_error": jnp.mean(recon_error(params, batch["x"]))}
+
+    def recon_error(params, x):
+        """Squared error per image, in pixel units, of the mean-field reconstruction."""
+        v = to_v(params, x)
+        h = gibbs.grbm_hidden_probs(rbm_params(params), v)
+        x_rec = to_x(params, gibbs.grbm_visible_mean(rbm_params(params), h))
+        return jnp.sum((x_rec - _flat(cfg, x)) ** 2, -1)
+
+    def sample(params, key, n):
+        k0, k1, k2 = jax.random.split(key, 3)
+        v = gibbs.grbm_run_chain(k1, rbm_params(params), jax.random.normal(k0, (n, V)), cfg.sample_steps)
+        h = (jax.random.uniform(k2, (n, cfg.num_hidden)) < gibbs.grbm_hidden_probs(rbm_params(params), v))
+        mean = gibbs.grbm_visible_mean(rbm_params(params), h.astype(jnp.float32))
+        return jnp.clip(to_x(params, mean), 0.0, 1.0).reshape(n, *cfg.data_shape)
+
+    def evaluate(params, key, batch):
+        v = to_v(params, batch["x"])
+        return {"recon_error": recon_error(params, batch["x"]),
+                "free_energy": gibbs.grbm_free_energy(rbm_params(params), v)}
+
+    return ModelDef(init=init, loss=loss, sample=sample, evaluate=evaluate)
+
+
+def grbm_config() -> ml_collections.ConfigDict:
+    c = rbm_config()
+    c.data.name = "digits"
+    c.optimizer.lr = 0.005      # Gaussian visibles want a far smaller step than binary ones
+    c.model = ml_collections.ConfigDict({
+        "num_hidden": 100, "cd_k": 1, "learn_sigma": False, "init_scale": 0.01, "sample_steps": 1000})
+    return c
+
+
+def _kwargs(model_cfg, extra_keys=()) -> dict:
     d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
-    valid = {f.name for f in dataclasses.fields(RBMConfig)} - {"data_shape"}
+    valid = ({f.name for f in dataclasses.fields(RBMConfig)} - {"data_shape"}) | set(extra_keys)
     bad = sorted(set(d) - valid)
     if bad:
         raise ConfigError(f"unknown model key {bad[0]!r}; valid: {', '.join(sorted(valid))}")
@@ -130,3 +203,13 @@ def _kwargs(model_cfg) -> dict:
 @register("rbm", "Bernoulli RBM, CD-k or PCD, AIS log-likelihood (Hinton 2002; Tieleman 2008)", rbm_config)
 def build_rbm(model_cfg, info) -> ModelDef:
     return make_rbm(data_shape=tuple(info["shape"]), **_kwargs(model_cfg))
+
+
+@register("grbm", "Gaussian-Bernoulli RBM for real-valued pixels, CD-k (Krizhevsky 2009; Cho et al. 2011)",
+          grbm_config)
+def build_grbm(model_cfg, info) -> ModelDef:
+    kw = _kwargs(model_cfg, ("learn_sigma",))
+    for k in ("persistent", "ais_chains", "ais_betas"):
+        if k in kw:
+            raise ConfigError(f"model.{k} does not apply to grbm")
+    return make_grbm(data_shape=tuple(info["shape"]), **kw)
