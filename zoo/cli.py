@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 
 from zoo.errors import ZooError
 
@@ -97,8 +98,11 @@ def cmd_train(args) -> int:
     from zoo.train.workdir import build
 
     model_def, source = build(config)
+    t = time.perf_counter()
     result = train(model_def, config, source, workdir=args.workdir, show_progress=not args.no_progress)
-    summary = {"step": result.step, "preempted": result.preempted, **result.metrics}
+    summary = {"step": result.step, "preempted": result.preempted,
+               "train_seconds": round(time.perf_counter() - t, 2),  # init, compile, steps, checkpoints
+               "steps_per_sec": round(result.steps_per_sec, 2), **result.metrics}
     print(json.dumps(summary))
     return 0
 

@@ -190,6 +190,12 @@ def _tfds(spec, arg, split, seq_len, *, data_dir=None, image_key="image", label_
     return TfdsSource(ds, spec, image_key, label_key)
 
 
+def _pydocs_bow(*args, **kwargs) -> Source:
+    from zoo.data.bow import load_pydocs_bow
+
+    return load_pydocs_bow(*args, **kwargs)
+
+
 Builder = Callable[..., Source]
 SOURCES: dict[str, tuple[str, Builder]] = {
     "digits": ("scikit-learn's 8x8 handwritten digits in [0,1], 10 classes", _digits),
@@ -197,6 +203,7 @@ SOURCES: dict[str, tuple[str, Builder]] = {
                       functools.partial(_digits, binary=True)),
     "toy2d": ("2-D points with known density: toy2d:moons|gaussians8|swissroll", _toy2d),
     "pydocs": ("the Python standard library's docstrings as bytes", _pydocs),
+    "pydocs_bow": ("the same docstrings as bag-of-words counts (train-split vocabulary)", _pydocs_bow),
     "text": ("a text file as bytes: text:PATH", _text),
     "npz": ("arrays x (and label) from an .npz file: npz:PATH", _npz),
     "tfds": ("a tensorflow-datasets image dataset: tfds:NAME (optional extra)", _tfds),

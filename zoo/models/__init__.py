@@ -2,3 +2,4 @@
 
 import zoo.models.vae  # noqa: F401
 import zoo.models.rbm  # noqa: F401
+import zoo.models.lda  # noqa: F401
