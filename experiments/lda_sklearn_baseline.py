@@ -4,10 +4,11 @@ Same vocabulary (train split, 2000 words), topics, priors (1/K), learning_offset
 batch size (256), passes (10: 130 batches), E-step limits (100 iterations, tol 1e-3); perplexity
 by scikit-learn's own `perplexity` on the same 179 held-out documents, and its fit wall time.
 
-    python experiments/lda_sklearn_baseline.py
+    python experiments/lda_sklearn_baseline.py [SEED]
 """
 
 import json
+import sys
 import time
 
 from sklearn.decomposition import LatentDirichletAllocation
@@ -31,4 +32,4 @@ def main(num_topics=20, passes=10, batch_size=256, vocab_size=2000, seed=0):
 
 
 if __name__ == "__main__":
-    main()
+    main(seed=int(sys.argv[1]) if len(sys.argv) > 1 else 0)

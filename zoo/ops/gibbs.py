@@ -116,12 +116,15 @@ def cd_loss(params, key, v_data_BxV, k: int = 1, v_chain=None, *, compute_dtype=
     Its gradient is -(<v h>_data - <v h>_k) etc. (positive minus negative statistics, negated).
     The chain starts at v_data (CD) or at v_chain (PCD), and v_k is returned so PCD can keep it.
     """
+    return _cd(free_energy, run_chain, params, key, v_data_BxV, k, v_chain, compute_dtype)
+
+
+def _cd(free_energy_fn, chain_fn, params, key, v_data, k, v_chain, compute_dtype):
     if k < 1:
         raise ValueError(f"CD needs k >= 1 Gibbs sweeps, got k={k}")
-    v0 = v_data_BxV if v_chain is None else v_chain
-    v_k = jax.lax.stop_gradient(run_chain(key, params, v0, k, compute_dtype=compute_dtype))
-    loss = jnp.mean(free_energy(params, v_data_BxV)) - jnp.mean(free_energy(params, v_k))
-    return loss, v_k
+    v0 = v_data if v_chain is None else v_chain
+    v_k = jax.lax.stop_gradient(chain_fn(key, params, v0, k, compute_dtype=compute_dtype))
+    return jnp.mean(free_energy_fn(params, v_data)) - jnp.mean(free_energy_fn(params, v_k)), v_k
 
 
 # ---- partition function ----
@@ -240,9 +243,4 @@ def grbm_run_chain(key, params, v0_BxV, num_steps: int, *, keep_history: bool = 
 
 def grbm_cd_loss(params, key, v_data_BxV, k: int = 1, v_chain=None, *, compute_dtype=None):
     """CD-k surrogate for the Gaussian-Bernoulli RBM -> (loss, v_k); see cd_loss."""
-    if k < 1:
-        raise ValueError(f"CD needs k >= 1 Gibbs sweeps, got k={k}")
-    v0 = v_data_BxV if v_chain is None else v_chain
-    v_k = jax.lax.stop_gradient(grbm_run_chain(key, params, v0, k, compute_dtype=compute_dtype))
-    loss = jnp.mean(grbm_free_energy(params, v_data_BxV)) - jnp.mean(grbm_free_energy(params, v_k))
-    return loss, v_k
+    return _cd(grbm_free_energy, grbm_run_chain, params, key, v_data_BxV, k, v_chain, compute_dtype)
