@@ -3,3 +3,4 @@
 import zoo.models.vae  # noqa: F401
 import zoo.models.rbm  # noqa: F401
 import zoo.models.lda  # noqa: F401
+import zoo.models.dbn  # noqa: F401
