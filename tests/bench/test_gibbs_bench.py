@@ -8,18 +8,34 @@ from zoo.bench import gibbs as bench
 from zoo.ops import gibbs
 
 
-def test_numpy_peer_matches_zoo_chain_statistics():
+def _tiny_params():
     r = np.random.default_rng(0)
-    params = {"W": r.normal(0, 0.3, (16, 12)).astype(np.float32), "b": r.normal(0, 0.5, 16).astype(np.float32),
-              "c": r.normal(0, 0.5, 12).astype(np.float32)}
+    return {"W": r.normal(0, 0.3, (16, 12)).astype(np.float32), "b": r.normal(0, 0.5, 16).astype(np.float32),
+            "c": r.normal(0, 0.5, 12).astype(np.float32)}
+
+
+def test_numpy_peer_matches_zoo_chain_statistics():
+    params = _tiny_params()
     v0 = np.zeros((20000, 16), np.float32)
-    ours = gibbs.run_chain(jax.random.PRNGKey(0), jax.tree.map(jnp.asarray, params), jnp.asarray(v0), 30)
     peer = bench.numpy_chain(params, v0, 30, np.random.default_rng(0))
-    np.testing.assert_allclose(np.asarray(ours).mean(0), peer.mean(0), atol=0.02)
+    for uniforms in gibbs.UNIFORMS:
+        ours = gibbs.run_chain(jax.random.PRNGKey(0), jax.tree.map(jnp.asarray, params), jnp.asarray(v0), 30,
+                               uniforms=uniforms)
+        np.testing.assert_allclose(np.asarray(ours).mean(0), peer.mean(0), atol=0.02)
+
+
+def test_sklearn_peer_matches_numpy_peer():
+    params = _tiny_params()
+    v0 = np.zeros((20000, 16), np.float32)
+    sk = bench.MAKERS["sklearn-BernoulliRBM.gibbs"](params, v0, 30)()
+    peer = bench.numpy_chain(params, v0, 30, np.random.default_rng(1))
+    np.testing.assert_allclose(sk.mean(0), peer.mean(0), atol=0.02)
 
 
 def test_rows_are_well_formed():
-    rows = bench.bench_case(8, 6, 16, 3, ("zoo-f32", "zoo-f32-u16", "matmul-ceiling", "numpy", "sklearn"), iters=2)
-    assert [r["impl"] for r in rows] == ["zoo-f32", "zoo-f32-u16", "matmul-ceiling", "numpy", "sklearn"]
+    impls = ("zoo-f32", "zoo-f32-threefry", "zoo-bf16", "matmul-ceiling", "numpy", "sklearn-BernoulliRBM.gibbs")
+    rows = bench.bench_case(8, 6, 16, 3, impls + ("torch-eager",), rounds=2)
+    assert [r["impl"] for r in rows][:len(impls)] == list(impls)  # torch-eager only when installed
     for r in rows:
+        assert set(r) == {"case", "impl", "value", "unit"}
         assert r["case"] == "8x6-B16-K3" and r["unit"] == "chain-steps/s" and r["value"] > 0

@@ -1,15 +1,24 @@
 """Gibbs-chain throughput: chain-steps/s (batch x sweeps / s) of `zoo.ops.gibbs.run_chain`.
 
-Ours: the whole K-sweep chain is one jitted lax.scan: f32 with exact 32-bit uniforms, and with
-16-bit uniforms (`uniform_bits=16`, bias < 2^-16) in f32 and with bf16 matmuls (f32 accumulation). Peers in the same process: scikit-learn's `BernoulliRBM.gibbs` called K times,
-a plain NumPy chain (matmul + uniform < p), PyTorch eager when installed, and a same-run
-ceiling: the chain's two matmuls per sweep with no sampling, jitted the same way.
-Quick (CPU): 784x500 B1024 K20 and 64x256 B4096 K50. Full (GPU): 784x500 B1024/B16384,
-784x4096 B16384, 4096x4096 B8192, K=100.
-Run numpy peers with OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unset (see benchmarks/results/README.md).
+Ours: the whole K-sweep chain is one jitted lax.scan. `zoo-f32`: f32 with the default hashed
+uniforms; `zoo-f32-threefry`: jax.random.uniform per half-sweep; `zoo-bf16`: bf16 matmuls with
+f32 accumulation (no native bf16 on AVX2 CPUs: slower there). Peers in the same process:
+scikit-learn's `BernoulliRBM.gibbs` called K times, a plain NumPy chain (matmul + uniform < p),
+PyTorch eager (matmul + bernoulli) when installed, and `matmul-ceiling`: the chain's two matmuls
+per sweep with only a `>= 0` threshold between them (binary inputs like the chain's, and no
+denormal decay), jitted as one lax.scan, in the same chain-steps/s.
+Implementations are timed in interleaved rounds (each round calls every implementation once, after
+a short pause that lets OpenBLAS's spinning threads go idle) so a drift in machine load hits all
+alike; the value is the median over rounds.
+Quick (CPU): 784x500 B1024 K20, 64x256 B4096 K50. Full (accelerator): 784x500 B1024/B16384,
+784x4096 B16384, 4096x4096 B8192, K=100; the CPU peers are skipped on an accelerator.
+Run with OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unset (they slow NumPy; see benchmarks/results/README.md).
 """
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +29,20 @@ from zoo.ops import gibbs
 
 QUICK = [(784, 500, 1024, 20), (64, 256, 4096, 50)]
 FULL = [(784, 500, 1024, 100), (784, 500, 16384, 100), (784, 4096, 16384, 100), (4096, 4096, 8192, 100)]
-IMPLS = ("zoo-f32", "zoo-f32-u16", "zoo-bf16-u16", "matmul-ceiling", "numpy", "sklearn", "torch-eager")
+IMPLS = ("zoo-f32", "zoo-f32-threefry", "zoo-bf16", "matmul-ceiling", "numpy", "sklearn-BernoulliRBM.gibbs",
+         "torch-eager")
+CPU_ONLY = ("numpy", "sklearn-BernoulliRBM.gibbs")
+PAUSE_S = 0.3
 
 
-def _params(V, H, seed=0):
+def make_params(V, H, seed=0):
     r = np.random.default_rng(seed)
-    return {"W": r.normal(0, 0.01, (V, H)).astype(np.float32), "b": np.zeros(V, np.float32),
-            "c": np.zeros(H, np.float32)}
+    return {"W": r.normal(0, 0.05, (V, H)).astype(np.float32), "b": r.normal(0, 0.1, V).astype(np.float32),
+            "c": r.normal(0, 0.1, H).astype(np.float32)}
 
 
 def numpy_chain(params, v, K, rng):
+    """The straightforward NumPy chain: K sweeps of matmul, sigmoid, uniform < p."""
     W, b, c = params["W"], params["b"], params["c"]
     for _ in range(K):
         h = (rng.random((len(v), W.shape[1]), dtype=np.float32) < 1 / (1 + np.exp(-(v @ W + c)))).astype(np.float32)
@@ -37,32 +50,35 @@ def numpy_chain(params, v, K, rng):
     return v
 
 
-def _zoo(params, v0, K, dtype, bits=32):
-    p = jax.tree.map(jnp.asarray, params)
-    v0 = jnp.asarray(v0)
-    f = jax.jit(lambda key, v: gibbs.run_chain(key, p, v, K, compute_dtype=dtype, uniform_bits=bits))
+def _zoo(params, v0, K, **opts):
+    p, v0 = jax.tree.map(jnp.asarray, params), jnp.asarray(v0)
+    f = jax.jit(lambda key, p, v: gibbs.run_chain(key, p, v, K, **opts))
     key = jax.random.PRNGKey(0)
-    return lambda: f(key, v0).block_until_ready()
+    return lambda: f(key, p, v0).block_until_ready()
 
 
 def _ceiling(params, v0, K):
-    W = jnp.asarray(params["W"])
-
-    def chain(v):
+    def chain(W, v):
         def body(v, _):
-            return (v @ W) @ W.T, None
+            h = (v @ W >= 0).astype(v.dtype)
+            return (h @ W.T >= 0).astype(v.dtype), None
         return jax.lax.scan(body, v, None, length=K)[0]
 
-    f, v0 = jax.jit(chain), jnp.asarray(v0)
-    return lambda: f(v0).block_until_ready()
+    f, W, v0 = jax.jit(chain), jnp.asarray(params["W"]), jnp.asarray(v0)
+    return lambda: f(W, v0).block_until_ready()
+
+
+def _numpy(params, v0, K):
+    rng = np.random.default_rng(0)
+    return lambda: numpy_chain(params, v0, K, rng)
 
 
 def _sklearn(params, v0, K):
     from sklearn.neural_network import BernoulliRBM
 
     rbm = BernoulliRBM(n_components=params["W"].shape[1])
-    rbm.components_, rbm.intercept_hidden_ = params["W"].T.copy(), params["c"]
-    rbm.intercept_visible_, rbm.random_state_ = params["b"], np.random.RandomState(0)
+    rbm.components_, rbm.intercept_hidden_ = params["W"].T.copy(), params["c"].copy()
+    rbm.intercept_visible_, rbm.random_state_ = params["b"].copy(), np.random.RandomState(0)
 
     def run():
         v = v0
@@ -92,35 +108,45 @@ def _torch(params, v0, K):
     return run
 
 
-def bench_case(V, H, B, K, impls=IMPLS, *, iters=5) -> list[dict]:
-    params = _params(V, H)
+MAKERS = {
+    "zoo-f32": lambda p, v0, K: _zoo(p, v0, K),
+    "zoo-f32-threefry": lambda p, v0, K: _zoo(p, v0, K, uniforms="threefry"),
+    "zoo-bf16": lambda p, v0, K: _zoo(p, v0, K, compute_dtype=jnp.bfloat16),
+    "matmul-ceiling": _ceiling,
+    "numpy": _numpy,
+    "sklearn-BernoulliRBM.gibbs": _sklearn,
+    "torch-eager": _torch,
+}
+
+
+def bench_case(V, H, B, K, impls=IMPLS, *, rounds: int = 7) -> list[dict]:
+    """Rows for one shape; `impls` may name a subset (unknown names raise KeyError)."""
+    params = make_params(V, H)
     v0 = (np.random.default_rng(1).random((B, V)) < 0.5).astype(np.float32)
-    makers = {
-        "zoo-f32": lambda: _zoo(params, v0, K, None),
-        "zoo-f32-u16": lambda: _zoo(params, v0, K, None, 16),
-        "zoo-bf16-u16": lambda: _zoo(params, v0, K, jnp.bfloat16, 16),
-        "matmul-ceiling": lambda: _ceiling(params, v0, K),
-        "numpy": lambda: (lambda rng: lambda: numpy_chain(params, v0, K, rng))(np.random.default_rng(0)),
-        "sklearn": lambda: _sklearn(params, v0, K),
-        "torch-eager": lambda: _torch(params, v0, K),
-    }
-    on_gpu = jax.default_backend() != "cpu"
-    rows = []
+    on_accelerator = jax.default_backend() != "cpu"
+    fns = {}
     for impl in impls:
-        if impl in ("numpy", "sklearn") and on_gpu:
+        if impl in CPU_ONLY and on_accelerator:
             continue  # CPU peers are not the comparison on an accelerator
         try:
-            fn = makers[impl]()
+            fns[impl] = MAKERS[impl](params, v0, K)
         except ImportError:
             continue  # an optional peer that is not installed
-        seconds = median_seconds(fn, warmup=1, iters=iters if impl.startswith(("zoo", "matmul")) else max(2, iters // 2))
-        rows.append({"case": f"{V}x{H}-B{B}-K{K}", "impl": impl, "value": B * K / seconds,
-                     "unit": "chain-steps/s"})
-    return rows
+        fns[impl]()  # compile / warm up
+    times = {impl: [] for impl in fns}
+    for _ in range(rounds):
+        for impl, fn in fns.items():
+            # OpenBLAS's worker threads spin for a while after a NumPy call; let them go idle so they
+            # do not steal the cores from whichever implementation runs next
+            time.sleep(PAUSE_S)
+            times[impl].append(median_seconds(fn, warmup=0, iters=1))
+    case = f"{V}x{H}-B{B}-K{K}"
+    return [{"case": case, "impl": impl, "value": B * K / statistics.median(t), "unit": "chain-steps/s"}
+            for impl, t in times.items()]
 
 
 def run(quick: bool) -> list[dict]:
     rows = []
     for V, H, B, K in (QUICK if quick else FULL):
-        rows += bench_case(V, H, B, K)
+        rows += bench_case(V, H, B, K, rounds=5)
     return rows
