@@ -100,3 +100,14 @@ def test_eval_batches_in_order():
     np.testing.assert_array_equal(xs, src[np.arange(360)]["x"])
     np.testing.assert_array_equal(batches[-1]["idx"], np.arange(60))
     assert batches[0]["label"].dtype == np.int32
+
+
+def test_unshuffled_loader_walks_the_source_in_order():
+    import numpy as np
+
+    from zoo.data.source import ArraySource, Loader
+
+    src = ArraySource({"x": np.arange(10, dtype=np.float32)[:, None]}, {"kind": "points", "name": "n"})
+    loader = Loader(src, 4, seed=3, shuffle=False)
+    got = np.concatenate([loader.batch(s)["x"][:, 0] for s in range(5)])
+    np.testing.assert_array_equal(got, np.arange(20) % 10)

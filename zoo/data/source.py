@@ -98,6 +98,7 @@ class Loader:
         process_index: int = 0,
         process_count: int = 1,
         drop_remainder: bool = True,
+        shuffle: bool = True,
     ):
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -113,15 +114,17 @@ class Loader:
         # boundaries), so every training batch is full and nothing is ever dropped.
         self.src, self.batch_size, self.seed = src, batch_size, seed
         self.process_index, self.process_count = process_index, process_count
-        self.drop_remainder = drop_remainder
+        self.drop_remainder, self.shuffle = drop_remainder, shuffle
         self._perms: dict[int, np.ndarray] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
             if len(self._perms) > 4:  # a batch spans few epochs; keep memory bounded
                 self._perms.clear()
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perms[epoch] = rng.permutation(len(self.src))
+            if not self.shuffle:  # corpus order every epoch (e.g. to match a peer that does not shuffle)
+                self._perms[epoch] = np.arange(len(self.src))
+            else:
+                self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.src))
         return self._perms[epoch]
 
     def indices(self, step: int) -> np.ndarray:

@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = "digits"      # a source from zoo.data (digits, digits_binary, toy2d:moons, ...)
     c.data.seq_len = 128        # text sources: bytes per example
+    c.data.shuffle = True       # a new order every epoch; False keeps the source's order
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adam"   # adam | adamw | sgd

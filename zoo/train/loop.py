@@ -111,7 +111,7 @@ def train(model_def: ModelDef, config: ml_collections.ConfigDict, data: Source, 
     strategy = make_strategy(config.parallel, model_def, tx, float(config.ema_decay),
                              min_size=int(config.fsdp_min_size), devices=devices)
     loader = Loader(data, int(config.batch_size), int(config.seed),
-                    jax.process_index(), jax.process_count())
+                    jax.process_index(), jax.process_count(), shuffle=bool(config.data.get("shuffle", True)))
     init_key, step_key = keys(int(config.seed))
     first = strategy.put_batch(loader.batch(0))
 

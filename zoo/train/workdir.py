@@ -22,6 +22,7 @@ def build(config: ml_collections.ConfigDict, split: str = "train"):
     """-> (ModelDef, Source) for config.name on config.data's `split`."""
     entry = registry.get(config.name)
     data_cfg = config.data.to_dict()
+    data_cfg.pop("shuffle", None)  # the loader's option, not the source's
     source = load(data_cfg.pop("name"), split, **data_cfg)
     return entry.build(config.model, source.info), source
 
