@@ -4,6 +4,7 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["ZOO_COMPILATION_CACHE"] = ""  # hermetic tests: no persistent XLA cache from the CLI
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

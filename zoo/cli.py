@@ -149,6 +149,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _compilation_cache() -> None:
+    """Persist compiled XLA programs across runs (ZOO_COMPILATION_CACHE=DIR; empty turns it off)."""
+    path = os.environ.get("ZOO_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "zoo", "xla"))
+    if path:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv=None) -> int:
     parser = _parser()
     # overrides may come before or after flags: argparse leaves the later ones unparsed
@@ -162,6 +172,8 @@ def main(argv=None) -> int:
     if rest:
         args.overrides = list(args.overrides) + rest
     from zoo.train.loop import NonFiniteLoss
+
+    _compilation_cache()
 
     try:
         return {"list": cmd_list, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
