@@ -1,0 +1,258 @@
+"""zoo.ops.attention against a NumPy softmax-attention written here, plus gradient agreement."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zoo.ops import attention as A
+
+IMPLS = ["reference", "xla", "chunked", None]  # None = auto
+BLOCK = 3  # small key blocks so "chunked" scans several blocks and pads the last one
+
+
+def np_attention(q, k, v, bias=None, mask=None, is_causal=False, window=None, scale=None):
+    """Float64 NumPy attention; query i aligned with key i; rows with no visible key give 0."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, T, N, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    scale = 1 / np.sqrt(D) if scale is None else scale
+    out = np.zeros((B, T, N, D))
+    for b in range(B):
+        for n in range(N):
+            kv = n // (N // K)
+            logits = q[b, :, n] @ k[b, :, kv].T * scale
+            if bias is not None:
+                logits = logits + np.broadcast_to(bias, (B, N, T, S))[b, n]
+            for t in range(T):
+                keys = [s for s in range(S)
+                        if (not is_causal or s <= t)
+                        and (window is None or t - window[0] <= s <= t + window[1])
+                        and (mask is None or np.broadcast_to(mask, (B, N, T, S))[b, n, t, s])]
+                if keys:
+                    w = np.exp(logits[t, keys] - logits[t, keys].max())
+                    out[b, t, n] = (w / w.sum()) @ v[b, keys, kv]
+    return out
+
+
+def _inputs(B=2, T=5, S=7, N=4, K=2, D=8, seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.normal(size=s).astype(np.float32) for s in ((B, T, N, D), (B, S, K, D), (B, S, K, D)))
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def _key_padding(B, S, lengths):
+    return (np.arange(S)[None, :] < np.asarray(lengths)[:, None])[:, None, None, :]
+
+
+# name -> (shape kwargs, attention kwargs built from the shapes)
+CASES = {
+    "plain": (dict(T=6, S=6), lambda B, T, S, N: {}),
+    "causal": (dict(T=6, S=6), lambda B, T, S, N: dict(is_causal=True)),
+    "window": (dict(T=7, S=7), lambda B, T, S, N: dict(window=(2, 1))),
+    "causal_window": (dict(T=7, S=7), lambda B, T, S, N: dict(is_causal=True, window=(2, 0))),
+    "gqa_causal": (dict(T=6, S=6, N=4, K=2), lambda B, T, S, N: dict(is_causal=True)),
+    "mqa": (dict(T=6, S=6, N=4, K=1), lambda B, T, S, N: dict(is_causal=True)),
+    "padding_with_empty_batch": (dict(T=4, S=7),
+                                 lambda B, T, S, N: dict(mask=_key_padding(B, S, [5, 0]))),
+    "bias": (dict(T=5, S=7), lambda B, T, S, N: dict(
+        bias=np.random.default_rng(1).normal(size=(B, N, T, S)).astype(np.float32))),
+    "bias_broadcast_mask": (dict(T=5, S=7), lambda B, T, S, N: dict(
+        bias=np.random.default_rng(2).normal(size=(1, N, 1, S)).astype(np.float32),
+        mask=np.random.default_rng(3).random((B, 1, T, S)) > 0.5)),
+    "t_ne_s_causal": (dict(T=3, S=7), lambda B, T, S, N: dict(is_causal=True)),
+    "t_gt_s_window_empty_rows": (dict(T=7, S=3), lambda B, T, S, N: dict(window=(0, 0))),
+    "random_mask_empty_rows": (dict(T=5, S=6), lambda B, T, S, N: dict(
+        mask=np.random.default_rng(4).random((B, N, T, S)) > 0.8, is_causal=True)),
+}
+
+
+def _case(name, dtype=jnp.float32):
+    shape, make = CASES[name]
+    q, k, v = _inputs(**shape, dtype=dtype)
+    B, T, N = q.shape[:3]
+    kw = make(B, T, k.shape[1], N)
+    return q, k, v, {n: (jnp.asarray(x) if isinstance(x, np.ndarray) else x) for n, x in kw.items()}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_numpy(name, impl):
+    q, k, v, kw = _case(name)
+    arrays = {n: x for n, x in kw.items() if hasattr(x, "shape")}
+    static = {n: x for n, x in kw.items() if n not in arrays}
+    attend = jax.jit(lambda q, k, v, arrays: A.dot_product_attention(
+        q, k, v, implementation=impl, block_size=BLOCK, **arrays, **static))
+    got = attend(q, k, v, arrays)
+    want = np_attention(q, k, v, **{n: np.asarray(x) if hasattr(x, "shape") else x for n, x in kw.items()})
+    assert got.shape == q.shape and np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _grads(impl, q, k, v, kw, dtype=jnp.float32):
+    w = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), dtype)  # random cotangent
+    has_bias = "bias" in kw
+
+    def loss(q, k, v, bias):
+        extra = dict(kw, bias=bias) if has_bias else kw
+        out = A.dot_product_attention(q, k, v, implementation=impl, block_size=BLOCK, **extra)
+        return jnp.sum(out.astype(jnp.float32) * w.astype(jnp.float32))
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3) if has_bias else (0, 1, 2))
+    return jax.jit(grad)(q, k, v, kw.get("bias"))  # one compile beats op-by-op dispatch
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("name", ["causal_window", "gqa_causal", "mqa", "padding_with_empty_batch",
+                                  "bias", "bias_broadcast_mask", "t_gt_s_window_empty_rows",
+                                  "random_mask_empty_rows"])
+def test_gradients_match_reference(name, impl):
+    q, k, v, kw = _case(name)
+    want = _grads("reference", q, k, v, kw)
+    got = _grads(impl, q, k, v, kw)
+    for g, r in zip(got, want):
+        assert g.shape == r.shape and np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_gradient_vanishes_for_future_and_masked_keys():
+    q, k, v, kw = _case("padding_with_empty_batch")
+    gq, gk, gv = _grads("reference", q, k, v, dict(kw, is_causal=True))
+    assert np.all(np.asarray(gk)[0, 5:] == 0) and np.all(np.asarray(gv)[1] == 0)
+    assert np.all(np.asarray(gq)[1] == 0)  # batch 1 sees no key: output 0, gradient 0
+
+
+def test_chunked_gradient_matches_finite_differences():
+    q, k, v = _inputs(B=1, T=3, S=5, N=2, K=1, D=4, seed=5)
+    bias = jnp.asarray(np.random.default_rng(6).normal(size=(1, 2, 3, 5)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(7).normal(size=q.shape), jnp.float32)
+    args = (q, k, v, bias)
+
+    @jax.jit
+    def loss(q, k, v, bias):
+        out = A.dot_product_attention(q, k, v, bias=bias, is_causal=True, implementation="chunked",
+                                      block_size=2)
+        return jnp.sum(out * w)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3))(*args)
+    rng, eps = np.random.default_rng(8), 1e-2
+    for i, g in enumerate(grads):
+        d = jnp.asarray(rng.normal(size=args[i].shape), jnp.float32)
+        plus = [a + eps * d if j == i else a for j, a in enumerate(args)]
+        minus = [a - eps * d if j == i else a for j, a in enumerate(args)]
+        fd = (loss(*plus) - loss(*minus)) / (2 * eps)  # exact for quadratics; O(eps^2) here
+        np.testing.assert_allclose(float(jnp.vdot(g, d)), float(fd), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_bfloat16_close_to_float32_reference(impl):
+    q, k, v, kw = _case("gqa_causal", dtype=jnp.bfloat16)
+    kw["bias"] = jnp.asarray(np.random.default_rng(1).normal(size=(1, 4, 6, 6)), jnp.bfloat16)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    kw32 = dict(kw, bias=kw["bias"].astype(jnp.float32))
+    attend = jax.jit(A.dot_product_attention, static_argnames=("implementation", "block_size", "is_causal"))
+    got = attend(q, k, v, implementation=impl, block_size=BLOCK, **kw)
+    assert got.dtype == jnp.bfloat16
+    want = attend(*f32, implementation="reference", **kw32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
+    for g, r in zip(_grads(impl, q, k, v, kw, jnp.bfloat16), _grads("reference", *f32, kw32)):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=2e-2,
+                                   atol=2e-2 * float(jnp.abs(r).max()))
+
+
+@pytest.mark.gpu
+def test_cudnn_matches_reference():
+    q, k, v = _inputs(B=2, T=128, S=128, N=4, K=2, D=64, dtype=jnp.bfloat16)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    for kw in (dict(is_causal=True), dict(is_causal=True, window=(16, 0)), dict(window=(8, 8))):
+        got = A.dot_product_attention(q, k, v, implementation="cudnn", **kw)
+        want = A.dot_product_attention(*f32, implementation="reference", **kw)
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
+        for g, r in zip(_grads("cudnn", q, k, v, kw, jnp.bfloat16), _grads("reference", *f32, kw)):
+            np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=2e-2,
+                                       atol=2e-2 * float(jnp.abs(r).max()))
+
+
+def test_cached_decoding_equals_full_causal_forward():
+    B, L, N, K, D, prefill = 2, 8, 4, 2, 8, 5
+    q, k, v = _inputs(B=B, T=L, S=L, N=N, K=K, D=D, seed=3)
+    full = jax.jit(A.dot_product_attention, static_argnames=("is_causal", "implementation"))(
+        q, k, v, is_causal=True, implementation="reference")
+
+    @jax.jit
+    def prefill_step(cache, q, k, v):  # auto implementation
+        cache = A.update_kv_cache(cache, k, v)
+        return cache, A.decode_attention(q, cache)
+
+    cache, row = prefill_step(A.init_kv_cache(B, 11, K, D, jnp.float32),
+                              q[:, :prefill], k[:, :prefill], v[:, :prefill])
+    rows = [row]
+
+    @jax.jit
+    def step(cache, q_t, k_t, v_t):
+        cache = A.update_kv_cache(cache, k_t, v_t)
+        return cache, A.decode_attention(q_t, cache, implementation="chunked")
+
+    for t in range(prefill, L):
+        cache, row = step(cache, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
+        rows.append(row)
+    assert int(cache.length) == L and cache.k.shape == (B, 11, K, D)
+    np.testing.assert_allclose(jnp.concatenate(rows, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def _np_softmax_attend(scores, keys, mask):
+    scores = np.where(mask, scores, -np.inf)
+    with np.errstate(invalid="ignore"):  # all-masked rows: nan -> 0
+        w = np.exp(scores - scores.max(-1, keepdims=True))
+        w = np.nan_to_num(w / w.sum(-1, keepdims=True))
+    return np.einsum("bs,bsh->bh", w, keys), w
+
+
+def test_additive_and_multiplicative_attention_match_numpy():
+    rng = np.random.default_rng(0)
+    B, S, Hq, Hk, Att = 3, 5, 4, 6, 7
+    query, keys = rng.normal(size=(B, Hq)), rng.normal(size=(B, S, Hk))
+    W_q, W_k, v_a, W = (rng.normal(size=s) for s in ((Hq, Att), (Hk, Att), (Att,), (Hq, Hk)))
+    mask = np.ones((B, S), bool)
+    mask[1, 3:] = False
+    mask[2] = False  # a row with nothing to attend: zero weights and context
+    f32 = lambda *xs: [jnp.asarray(x, jnp.float32) for x in xs]  # noqa: E731
+
+    scores = np.tanh((query @ W_q)[:, None, :] + keys @ W_k) @ v_a
+    ctx, w = A.additive_attention(*f32(query, keys, W_q, W_k, v_a), mask=jnp.asarray(mask))
+    want_ctx, want_w = _np_softmax_attend(scores, keys, mask)
+    np.testing.assert_allclose(ctx, want_ctx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-6)
+
+    ctx, w = A.multiplicative_attention(*f32(query, keys, W), mask=jnp.asarray(mask))
+    want_ctx, want_w = _np_softmax_attend(np.einsum("bh,hk,bsk->bs", query, W, keys), keys, mask)
+    np.testing.assert_allclose(ctx, want_ctx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-6)
+
+    ctx, w = A.multiplicative_attention(*f32(keys[:, 0], keys))  # "dot", no mask
+    want_ctx, want_w = _np_softmax_attend(np.einsum("bh,bsh->bs", keys[:, 0], keys), keys, True)
+    np.testing.assert_allclose(ctx, want_ctx, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="W=None"):
+        A.multiplicative_attention(*f32(query, keys))
+
+
+@pytest.mark.parametrize("shapes, kw, match", [
+    (((2, 5, 4, 8), (2, 7, 2, 8)), {}, None),  # the valid baseline
+    (((5, 4, 8), (2, 7, 2, 8)), {}, r"\(5, 4, 8\)"),
+    (((2, 5, 4, 8), (2, 7, 2, 6)), {}, r"D=8"),
+    (((2, 5, 4, 8), (2, 7, 3, 8)), {}, r"N=4 .* K=3"),
+    (((2, 5, 4, 8), (2, 7, 2, 8)), dict(mask=jnp.ones((2, 1, 5, 6), bool)), r"\(2, 1, 5, 6\)"),
+    (((2, 5, 4, 8), (2, 7, 2, 8)), dict(mask=jnp.ones((2, 1, 5, 7))), r"boolean"),
+    (((2, 5, 4, 8), (2, 7, 2, 8)), dict(bias=jnp.ones((3, 4, 5, 7))), r"\(3, 4, 5, 7\)"),
+    (((2, 5, 4, 8), (2, 7, 2, 8)), dict(window=(-1, 2)), r"window"),
+    (((2, 5, 4, 8), (2, 7, 2, 8)), dict(implementation="chunked", block_size=0), r"block_size"),
+    (((2, 5, 4, 8), (2, 7, 2, 8)), dict(implementation="flash"), r"'flash'.*reference, xla, cudnn, chunked"),
+])
+def test_bad_arguments_raise_clear_errors(shapes, kw, match):
+    q, k = jnp.zeros(shapes[0]), jnp.zeros(shapes[1])
+    if match is None:
+        assert A.dot_product_attention(q, k, k, **kw).shape == q.shape
+        return
+    with pytest.raises(ValueError, match=match):
+        A.dot_product_attention(q, k, k, **kw)

@@ -1,0 +1,396 @@
+"""Attention as pure functions: scaled dot-product (four implementations), KV-cache decoding, and
+the classic additive / multiplicative attention of RNN encoder-decoders.
+
+dot_product_attention computes softmax(q k^T * scale + bias, masked) v (Vaswani et al. 2017, eq. 1)
+with jax.nn.dot_product_attention's layout and grouped-query heads (query head n reads kv head
+n // (N // K)). Implementations, all giving the same values and gradients:
+  "reference"  the readable definition: full [T, S] logits, softmax in float32.
+  "xla"        jax.nn.dot_product_attention(implementation="xla").
+  "cudnn"      jax.nn.dot_product_attention(implementation="cudnn"): fused flash attention on GPU.
+  "chunked"    online softmax over key blocks in lax.scan (Rabe & Staats 2021, "Self-attention does
+               not need O(n^2) memory"; Dao et al. 2022, FlashAttention, Alg. 1), with a custom_vjp
+               backward that recomputes each block from the saved logsumexp (Dao et al. 2022, Alg. 2
+               / appendix B.2): memory O(T * block) instead of O(T * S), forward and backward.
+
+Conventions shared by every implementation:
+  * Causal and window masks align query i with key i (top-left), as jax.nn does for both "xla"
+    (tril(ones(T, S))) and "cudnn" (MaskType.CAUSAL): with T != S, query i sees keys j <= i, not
+    j <= i + S - T. For decoding with an offset use decode_attention, which aligns bottom-right.
+  * window=(left, right): query i sees keys j with i - left <= j <= i + right (jax.nn's
+    local_window_size); combined with is_causal, right is effectively 0.
+  * A query row with no visible key returns zeros (jax.nn alone would return the mean of v), and
+    its gradients are zero. Mask with `mask`, not with -inf in `bias`: bias must be finite.
+
+Classic attention for RNNs: additive (Bahdanau et al. 2015, eq. 6 and appendix A.1.2: score =
+v_a^T tanh(W_q q + W_k k)) and multiplicative (Luong et al. 2015, eq. 8: "general" q^T W k, "dot").
+
+Shape letters: B batch, T query length, S key length, N query heads, K kv heads (N % K == 0),
+G = N // K query heads per kv head, D head dim, H hidden size (RNN attention), A attention size.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLEMENTATIONS = ("reference", "xla", "cudnn", "chunked")
+
+
+# ----------------------------------------------------------------------------------- checks, masks
+
+
+def _check(q, k, v, bias, mask, window):
+    """Validate shapes; return (bias, mask) padded to 4D and the window as a (left, right) tuple."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, T, N, D], [B, S, K, D], [B, S, K, D]; got "
+                         f"{q.shape}, {k.shape}, {v.shape}")
+    (B, T, N, D), (_, S, K, _) = q.shape, k.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k and v must be [B={B}, S, K, D={D}] and equal; got q {q.shape}, "
+                         f"k {k.shape}, v {v.shape}")
+    if N % K:
+        raise ValueError(f"query heads N={N} must be a multiple of kv heads K={K} (q {q.shape}, k {k.shape})")
+    full = (B, N, T, S)
+
+    def to4d(x, name):
+        if x is None:
+            return None
+        x = jnp.asarray(x)
+        if x.ndim > 4 or any(d not in (1, f) for d, f in zip(x.shape[::-1], full[::-1])):
+            raise ValueError(f"{name} of shape {x.shape} does not broadcast to [B, N, T, S] = {full}")
+        return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+    bias, mask = to4d(bias, "bias"), to4d(mask, "mask")
+    if mask is not None and mask.dtype != jnp.bool_:
+        raise ValueError(f"mask must be boolean (True = attend); got {mask.dtype}")
+    if isinstance(window, int):
+        window = (window, window)
+    if window is not None and (len(window) != 2 or min(window) < 0):
+        raise ValueError(f"window must be (left, right) with non-negative ints; got {window}")
+    return bias, mask, None if window is None else (int(window[0]), int(window[1]))
+
+
+def _structural_mask(q_pos, k_pos, is_causal, window):
+    """[T', S'] bool from causal/window rules for query positions q_pos and key positions k_pos."""
+    allowed = jnp.ones((q_pos.shape[0], k_pos.shape[0]), bool)
+    d = q_pos[:, None] - k_pos[None, :]  # query pos minus key pos
+    if is_causal:
+        allowed &= d >= 0
+    if window is not None:
+        allowed &= (d <= window[0]) & (-d <= window[1])
+    return allowed
+
+
+def _rows_with_keys(mask, is_causal, window, T, S):
+    """[B|1, N|1, T] bool: which query rows see at least one key (others must output zeros)."""
+    if mask is None:  # closed form: the visible interval [lo, hi] of row i is non-empty
+        i = jnp.arange(T)
+        lo = jnp.maximum(0, i - window[0]) if window is not None else jnp.zeros_like(i)
+        hi = jnp.full_like(i, S - 1)
+        if window is not None:
+            hi = jnp.minimum(hi, i + window[1])
+        if is_causal:
+            hi = jnp.minimum(hi, i)
+        return (lo <= hi)[None, None]
+    mask = mask & _structural_mask(jnp.arange(T), jnp.arange(S), is_causal, window)
+    return jnp.any(jnp.broadcast_to(mask, mask.shape[:2] + (T, S)), axis=-1)
+
+
+def _zero_empty_rows(out_BxTxNxD, rows):
+    """Multiply rows with no visible key by zero ([B|1, N|1, T] -> [B|1, T, N|1, 1] broadcast)."""
+    keep = jnp.transpose(rows, (0, 2, 1))[..., None].astype(out_BxTxNxD.dtype)
+    return out_BxTxNxD * keep
+
+
+# ------------------------------------------------------------------------------------ reference
+
+
+def _masked_softmax(logits, valid):
+    """softmax over the last axis restricted to `valid`; all-invalid rows give zeros, not NaN."""
+    logits = jnp.where(valid, logits, -jnp.inf)
+    m = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # softmax is shift-invariant
+    e = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    return e / jnp.where(total > 0, total, 1.0)
+
+
+def _reference(q, k, v, bias, mask, is_causal, window, scale):
+    T, S, N, K = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    k, v = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)  # kv head n // G
+    logits_BxNxTxS = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits_BxNxTxS = logits_BxNxTxS + bias.astype(jnp.float32)
+    valid = _structural_mask(jnp.arange(T), jnp.arange(S), is_causal, window)[None, None]
+    if mask is not None:
+        valid = valid & mask
+    probs = _masked_softmax(logits_BxNxTxS, valid)
+    return jnp.einsum("bnts,bsnd->btnd", probs, v.astype(jnp.float32)).astype(q.dtype)
+
+
+# ------------------------------------------------------------------------------------ xla, cudnn
+
+
+def _jax_nn(q, k, v, bias, mask, is_causal, window, scale, implementation):
+    T, S = q.shape[1], k.shape[1]
+    if implementation == "cudnn" and window is not None and window[1] > 0 and not is_causal:
+        # cuDNN's sliding window is left-only; fold a two-sided window into the mask instead.
+        wmask = _structural_mask(jnp.arange(T), jnp.arange(S), False, window)[None, None]
+        mask, window = (wmask if mask is None else mask & wmask), None
+    if implementation == "cudnn":  # broadcast bias/mask over T and S: cuDNN wants full rows
+        B, N = q.shape[0], q.shape[2]
+        if bias is not None:
+            bias = jnp.broadcast_to(bias, bias.shape[:2] + (T, S)).astype(q.dtype)
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, (B, N, T, S))
+    out = jax.nn.dot_product_attention(q, k, v, bias, mask, scale=scale, is_causal=is_causal,
+                                       local_window_size=window, implementation=implementation)
+    if mask is None and not is_causal and window is None:
+        return out
+    return _zero_empty_rows(out, _rows_with_keys(mask, is_causal, window, T, S))
+
+
+def _cudnn_applies(q, k) -> bool:
+    """Shapes/dtypes cuDNN flash attention takes (fp16/bf16, D <= 128 and a multiple of 8)."""
+    D = q.shape[-1]
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and k.dtype == q.dtype and D <= 128 and D % 8 == 0)
+
+
+# --------------------------------------------------------------------------------------- chunked
+# Layout inside: q [B, T, K, G, D]; keys in blocks [nb, B, blk, K, D]; bias/mask in blocks
+# [nb, B|1, K|1, G|1, T|1, blk]. Padding, broadcasting and head grouping happen outside the
+# custom_vjp, so autodiff reduces the gradients of those reshapes for us.
+
+
+def _block_logits(q5, k_blk, bias_blk, mask_blk, j, cfg):
+    """Logits [B, K, G, T, blk] of block j and where they are visible."""
+    scale, is_causal, window, S, blk = cfg
+    s = jnp.einsum("btkgd,bskd->bkgts", q5, k_blk, preferred_element_type=jnp.float32) * scale
+    if bias_blk is not None:
+        s = s + bias_blk.astype(jnp.float32)
+    k_pos = j * blk + jnp.arange(blk)
+    valid = _structural_mask(jnp.arange(q5.shape[1]), k_pos, is_causal, window) & (k_pos < S)
+    valid = valid[None, None, None]
+    if mask_blk is not None:
+        valid = valid & mask_blk
+    return s, valid
+
+
+def _flash_fwd(cfg, q5, kb, vb, bb, mb):
+    B, T, K, G, D = q5.shape
+
+    def step(carry, xs):
+        m, l, acc = carry
+        k_blk, v_blk, b_blk, m_blk, j = xs
+        s, valid = _block_logits(q5, k_blk, b_blk, m_blk, j, cfg)
+        m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, -jnp.inf), axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all-masked so far: keep exp finite
+        p = jnp.where(valid, jnp.exp(s - m_safe[..., None]), 0.0)
+        corr = jnp.exp(m - m_safe)  # rescales the running sums to the new max (0 at the start)
+        pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v_blk.dtype), v_blk,
+                        preferred_element_type=jnp.float32)
+        return (m_new, l * corr + jnp.sum(p, -1), acc * corr[..., None] + pv), None
+
+    init = (jnp.full((B, K, G, T), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
+            jnp.zeros((B, K, G, T, D), jnp.float32))
+    (m, l, acc), _ = lax.scan(step, init, (kb, vb, bb, mb, jnp.arange(kb.shape[0])))
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # rows with no visible key stay 0
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)  # exp(s - inf) = 0
+    out5 = jnp.transpose(out, (0, 3, 1, 2, 4)).astype(q5.dtype)
+    return out5, (q5, kb, vb, bb, mb, out5, lse)
+
+
+def _sum_to(x, shape):
+    """Sum x over the axes where `shape` has a broadcast 1."""
+    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
+    return jnp.sum(x, axis=axes, keepdims=True)
+
+
+def _flash_bwd(cfg, res, dout5):
+    q5, kb, vb, bb, mb, out5, lse = res
+    scale = cfg[0]
+    dout5 = dout5.astype(jnp.float32)
+    delta = jnp.transpose(jnp.sum(dout5 * out5.astype(jnp.float32), -1), (0, 2, 3, 1))  # [B,K,G,T]
+
+    def step(dq, xs):
+        k_blk, v_blk, b_blk, m_blk, j = xs
+        s, valid = _block_logits(q5, k_blk, b_blk, m_blk, j, cfg)
+        p = jnp.where(valid, jnp.exp(s - lse[..., None]), 0.0)  # the forward's probabilities
+        dv = jnp.einsum("bkgts,btkgd->bskd", p, dout5)
+        dp = jnp.einsum("btkgd,bskd->bkgts", dout5, v_blk.astype(jnp.float32))
+        ds = p * (dp - delta[..., None])  # softmax backward, row by row
+        dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds, k_blk.astype(jnp.float32)) * scale
+        dk = jnp.einsum("bkgts,btkgd->bskd", ds, q5.astype(jnp.float32)) * scale
+        db = None if b_blk is None else _sum_to(ds, b_blk.shape).astype(b_blk.dtype)
+        return dq, (dk.astype(k_blk.dtype), dv.astype(v_blk.dtype), db)
+
+    dq, (dk, dv, db) = lax.scan(step, jnp.zeros(q5.shape, jnp.float32),
+                                (kb, vb, bb, mb, jnp.arange(kb.shape[0])))
+    return dq.astype(q5.dtype), dk, dv, db, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg, q5, kb, vb, bb, mb):
+    return _flash_fwd(cfg, q5, kb, vb, bb, mb)[0]
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _chunked(q, k, v, bias, mask, is_causal, window, scale, block_size):
+    (B, T, N, D), (_, S, K, _) = q.shape, k.shape
+    blk = min(block_size, S)
+    nb = -(-S // blk)
+    pad = nb * blk - S
+
+    def kv_blocks(x):  # [B, S, K, D] -> [nb, B, blk, K, D]
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        return jnp.moveaxis(x.reshape(B, nb, blk, K, D), 1, 0)
+
+    def logit_blocks(x, fill):  # [B|1, N|1, T|1, S|1] -> [nb, B|1, K|1, G|1, T|1, blk]
+        x = jnp.broadcast_to(x, x.shape[:3] + (S,))
+        x = jnp.pad(x, ((0, 0),) * 3 + ((0, pad),), constant_values=fill)
+        Kb, Gb = (K, N // K) if x.shape[1] == N else (1, 1)
+        return jnp.moveaxis(x.reshape(x.shape[0], Kb, Gb, x.shape[2], nb, blk), 4, 0)
+
+    bb = None if bias is None else logit_blocks(bias, 0)
+    mb = None if mask is None else logit_blocks(mask, False)
+    cfg = (float(scale), bool(is_causal), window, S, blk)
+    out5 = _flash(cfg, q.reshape(B, T, K, N // K, D), kv_blocks(k), kv_blocks(v), bb, mb)
+    return out5.reshape(B, T, N, D)
+
+
+# ---------------------------------------------------------------------------------------- public
+
+
+def _auto(q, k, bias, mask, is_causal, window):
+    """cuDNN where it applies; else "xla", or "chunked" once the full logits would be huge."""
+    if _cudnn_applies(q, k):
+        return "cudnn"
+    # Measured on a shared 2-core CPU, jax 0.10.2, B1 N8 D64 f32, T = S, jitted, median ms
+    # (fwd / fwd+bwd w.r.t. q, k, v):
+    #                       reference      xla          chunked(512)  chunked(1024)
+    #   S=1024              96 / 326       102 / 213    112 / 321     137 / 380
+    #   S=1024 causal      108 / 300        80 / 172    110 / 314     154 / 640
+    #   S=4096            1935 / 4542     1382 / 2948  1349 / 3551   1537 / 4561
+    #   S=4096 causal     1466 / 3677     1113 / 2898  1233 / 4038   1470 / 4081
+    # "xla" is fastest or tied everywhere; "chunked" matches its forward at S=4096 and is ~20-40%
+    # slower with the backward, so it is chosen only for memory: when the [B, N, T, S] float32
+    # logits (which xla and reference materialise, twice with the backward) pass 1 GiB.
+    B, T, N, _ = q.shape
+    return "chunked" if B * N * T * k.shape[1] * 4 > 2**30 else "xla"
+
+
+def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, window=None,
+                          scale=None, implementation=None, block_size=512):
+    """softmax(q k^T * scale + bias) v over visible keys: q [B,T,N,D], k/v [B,S,K,D] -> [B,T,N,D].
+
+    mask: bool, broadcastable to [B, N, T, S], True = attend (a key padding mask [B, S] is
+    mask[:, None, None, :]). bias: additive, broadcastable to [B, N, T, S]. window: (left, right)
+    or an int for both. scale defaults to 1/sqrt(D). implementation: one of IMPLEMENTATIONS or None
+    (auto: cuDNN on GPU for fp16/bf16, else "xla", or "chunked" when the [B, N, T, S] float32
+    logits would pass 1 GiB). block_size: keys per block for "chunked" (S need not divide it).
+    """
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; valid: "
+                         f"{', '.join(IMPLEMENTATIONS)} or None (auto)")
+    bias, mask, window = _check(q, k, v, bias, mask, window)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int; got {block_size!r}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    impl = implementation or _auto(q, k, bias, mask, is_causal, window)
+    if impl == "reference":
+        return _reference(q, k, v, bias, mask, is_causal, window, scale)
+    if impl == "chunked":
+        return _chunked(q, k, v, bias, mask, is_causal, window, scale, block_size)
+    return _jax_nn(q, k, v, bias, mask, is_causal, window, scale, impl)
+
+
+# -------------------------------------------------------------------------------- KV-cache decode
+
+
+class KVCache(NamedTuple):
+    """Fixed-size keys/values [B, max_len, K, D]; positions [0, length) are filled."""
+
+    k: jax.Array
+    v: jax.Array
+    length: jax.Array  # int32 scalar
+
+
+def init_kv_cache(batch, max_len, num_kv_heads, head_dim, dtype=jnp.float32) -> KVCache:
+    """An empty cache."""
+    zeros = jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
+    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
+
+
+def update_kv_cache(cache: KVCache, k_new, v_new) -> KVCache:
+    """Write k_new/v_new [B, T_new, K, D] at position `length`; the arrays keep their size.
+
+    Writing past max_len cannot raise under jit: dynamic_update_slice clamps the start, so size the
+    cache for the longest sequence.
+    """
+    if k_new.shape != v_new.shape or k_new.shape[::2] != cache.k.shape[::2] or k_new.ndim != 4:
+        raise ValueError(f"k_new/v_new must be [B, T_new, K, D] matching the cache {cache.k.shape}; "
+                         f"got {k_new.shape}, {v_new.shape}")
+    start = (0, cache.length, 0, 0)
+    return KVCache(lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), start),
+                   lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), start),
+                   cache.length + k_new.shape[1])
+
+
+def decode_attention(q, cache: KVCache, *, scale=None, implementation=None):
+    """Causal attention of q [B, T_new, N, D] to an updated cache -> [B, T_new, N, D].
+
+    Call after update_kv_cache with the same T_new tokens: query i sits at position
+    length - T_new + i and sees cache positions <= its own (bottom-right alignment), so a prefill
+    of T_new tokens and one-token steps both give the full causal forward's rows.
+    """
+    T_new, max_len = q.shape[1], cache.k.shape[1]
+    q_pos = cache.length - T_new + jnp.arange(T_new)
+    mask = (jnp.arange(max_len)[None, :] <= q_pos[:, None])[None, None]
+    return dot_product_attention(q, cache.k, cache.v, mask=mask, scale=scale,
+                                 implementation=implementation)
+
+
+# --------------------------------------------------------------------------------- RNN attention
+
+
+def _attend(scores_BxS, keys_BxSxH, mask):
+    """Softmax the scores over visible keys and average the keys: (context [B, H], weights [B, S])."""
+    valid = jnp.ones(scores_BxS.shape, bool) if mask is None else jnp.asarray(mask, bool)
+    weights_BxS = _masked_softmax(scores_BxS.astype(jnp.float32), valid)
+    context = jnp.einsum("bs,bsh->bh", weights_BxS, keys_BxSxH.astype(jnp.float32))
+    return context.astype(keys_BxSxH.dtype), weights_BxS
+
+
+def additive_attention(query_BxH, keys_BxSxH, W_q, W_k, v_a, *, mask=None):
+    """Bahdanau attention: score_s = v_a . tanh(query W_q + key_s W_k); W_q [Hq, A], W_k [Hk, A], v_a [A].
+
+    mask [B, S] bool, True = attend; a row with no visible key gets zero weights and context.
+    """
+    if query_BxH.ndim != 2 or keys_BxSxH.ndim != 3 or W_q.shape != (query_BxH.shape[1], v_a.shape[0]) \
+            or W_k.shape != (keys_BxSxH.shape[2], v_a.shape[0]):
+        raise ValueError(f"additive_attention wants query [B, Hq], keys [B, S, Hk], W_q [Hq, A], "
+                         f"W_k [Hk, A], v_a [A]; got {query_BxH.shape}, {keys_BxSxH.shape}, "
+                         f"{W_q.shape}, {W_k.shape}, {v_a.shape}")
+    hidden_BxSxA = jnp.tanh((query_BxH @ W_q)[:, None, :] + keys_BxSxH @ W_k)
+    return _attend(hidden_BxSxA @ v_a, keys_BxSxH, mask)
+
+
+def multiplicative_attention(query_BxH, keys_BxSxH, W=None, *, mask=None):
+    """Luong attention: score_s = query . W key_s ("general", W [Hq, Hk]) or query . key_s (W=None, "dot")."""
+    Hk = keys_BxSxH.shape[-1]
+    want = (query_BxH.shape[-1], Hk) if W is not None else None
+    if query_BxH.ndim != 2 or keys_BxSxH.ndim != 3 or (W is None and query_BxH.shape[-1] != Hk) \
+            or (W is not None and W.shape != want):
+        raise ValueError(f"multiplicative_attention wants query [B, Hq], keys [B, S, Hk], W [Hq, Hk] "
+                         f"(or W=None with Hq == Hk); got {query_BxH.shape}, {keys_BxSxH.shape}, "
+                         f"{None if W is None else W.shape}")
+    projected_BxHk = query_BxH if W is None else query_BxH @ W
+    return _attend(jnp.einsum("bh,bsh->bs", projected_BxHk, keys_BxSxH), keys_BxSxH, mask)
