@@ -114,18 +114,21 @@ def cmd_sample(args) -> int:
     from zoo.images import save_png
     from zoo.train.workdir import build, load_config, restore_params
 
+    from zoo import registry
+
     config = load_config(args.workdir, args.name)
     model_def, source = build(config)
+    kind = registry.get(args.name).samples or source.info.get("kind")
     if model_def.sample is None:
         raise ZooError(f"model {args.name!r} has no sampler")
     params, _ = restore_params(args.workdir, config, model_def, source)
     x = np.asarray(jax.jit(model_def.sample, static_argnums=2)(params, jax.random.PRNGKey(args.seed), args.n))
-    if source.info.get("kind") == "bow":  # topic models: top word ids per topic [K, n]
-        vocab = source.info["vocab"]
+    if kind == "topics":  # top word ids per topic [K, n]; ids themselves when the data has no vocabulary
+        vocab = source.info.get("vocab")
         for k, row in enumerate(x):
-            print(f"topic {k}: " + " ".join(vocab[int(i)] for i in row))
+            print(f"topic {k}: " + " ".join(vocab[int(i)] if vocab else str(int(i)) for i in row))
         return 0
-    if source.info.get("kind") == "text":
+    if kind == "text":
         for row in x:
             print(bytes(int(b) for b in row).decode("utf-8", errors="replace"))
         return 0
@@ -184,6 +187,9 @@ def main(argv=None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `zoo sample lda ... | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -27,15 +27,17 @@ class ModelEntry:
     description: str
     config: Callable[[], ml_collections.ConfigDict]
     build: Callable[[ml_collections.ConfigDict, dict[str, Any]], ModelDef]
+    samples: str | None = None   # what `sample` returns: "topics" (word ids per topic); None = like the data
 
 
-def register(name: str, description: str, config: Callable[[], ml_collections.ConfigDict]):
+def register(name: str, description: str, config: Callable[[], ml_collections.ConfigDict], *,
+             samples: str | None = None):
     """Decorator: register `build(model_cfg, info) -> ModelDef` under `name`."""
 
     def wrap(build):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelEntry(name, description, config, build)
+        _REGISTRY[name] = ModelEntry(name, description, config, build, samples)
         return build
 
     return wrap

@@ -106,3 +106,25 @@ def test_python_dash_m_zoo_runs():
 
     res = subprocess.run([sys.executable, "-m", "zoo", "list"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "vae" in res.stdout
+
+
+def test_lda_on_users_npz_counts_prints_topics_as_ids(tmp_path, capsys):
+    import numpy as np
+
+    r = np.random.default_rng(0)
+    x = np.zeros((64, 12), np.int64)  # two planted topics: words 0-5 and words 6-11
+    for d in range(64):
+        t = d % 2
+        x[d, 6 * t: 6 * t + 6] = r.multinomial(30, np.full(6, 1 / 6))
+    path = tmp_path / "counts.npz"
+    np.savez(path, x=x)
+    wd = str(tmp_path / "lda")
+    args = ["--workdir", wd, "--steps", "16", "--no-progress", f"data.name=npz:{path}", "batch_size=16",
+            "model.num_topics=2", "model.num_docs=57", "log_every=8", "ckpt_every=16"]
+    assert cli.main(["train", "lda", *args]) == 0
+    capsys.readouterr()
+    assert cli.main(["sample", "lda", "--workdir", wd, "--n", "6"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["topic 0", "topic 1"]
+    tops = sorted(sorted(int(i) // 6 for i in line.split(":")[1].split()) for line in lines)
+    assert tops == [[0] * 6, [1] * 6]  # each topic's six top words are one planted topic's

@@ -165,7 +165,8 @@ def lda_config() -> ml_collections.ConfigDict:
 _KEYS = tuple(f.name for f in dataclasses.fields(LDAConfig) if f.name != "vocab_size")
 
 
-@register("lda", "Latent Dirichlet Allocation, online variational Bayes (Hoffman et al. 2010)", lda_config)
+@register("lda", "Latent Dirichlet Allocation, online variational Bayes (Hoffman et al. 2010)", lda_config,
+          samples="topics")
 def build_lda(model_cfg, info) -> ModelDef:
     kw = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
     for k in kw:
