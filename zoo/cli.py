@@ -43,9 +43,18 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample a trained model: a PNG grid, or text")
     s.add_argument("name")
     s.add_argument("--workdir", required=True)
-    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--n", type=int, default=None, help="how many samples (default: 64 images, 4 texts)")
     s.add_argument("--out", default=None, help="PNG path (default: WORKDIR/samples.png)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--prompt", default=None, help="text models: the text to continue / translate")
+    s.add_argument("--max-new-tokens", type=int, default=None)
+    s.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--sampler", default=None, help="diffusion: ddpm | ddim | dpm")
+    s.add_argument("--steps", type=int, default=None, help="diffusion: sampler steps")
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    s.add_argument("--label", type=int, default=None, help="class to condition on")
 
     e = sub.add_parser("eval", help="held-out metrics of a trained model as one JSON object")
     e.add_argument("name")
@@ -107,6 +116,10 @@ def cmd_train(args) -> int:
     return 0
 
 
+SAMPLE_OPTIONS = ("n", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "sampler", "steps",
+                  "guidance", "label")
+
+
 def cmd_sample(args) -> int:
     import jax
     import numpy as np
@@ -119,10 +132,19 @@ def cmd_sample(args) -> int:
     config = load_config(args.workdir, args.name)
     model_def, source = build(config)
     kind = registry.get(args.name).samples or source.info.get("kind")
-    if model_def.sample is None:
+    if model_def.sample is None and model_def.generate is None:
         raise ZooError(f"model {args.name!r} has no sampler")
     params, _ = restore_params(args.workdir, config, model_def, source)
-    x = np.asarray(jax.jit(model_def.sample, static_argnums=2)(params, jax.random.PRNGKey(args.seed), args.n))
+    if model_def.generate is not None:
+        request = {k: getattr(args, k) for k in SAMPLE_OPTIONS}
+        out = model_def.generate(params, jax.random.PRNGKey(args.seed), request)
+        for text in out.get("text", ()):
+            print(text)
+        for name, images in out.get("images", {}).items():
+            path = args.out if (args.out and len(out["images"]) == 1) else os.path.join(args.workdir, f"{name}.png")
+            print(save_png(path, np.asarray(images)))
+        return 0
+    x = np.asarray(jax.jit(model_def.sample, static_argnums=2)(params, jax.random.PRNGKey(args.seed), args.n or 64))
     if kind == "topics":  # top word ids per topic [K, n]; ids themselves when the data has no vocabulary
         vocab = source.info.get("vocab")
         for k, row in enumerate(x):

@@ -72,3 +72,15 @@ def test_byte_windows(docs):
     for row, i in zip(x, (0, 10, len(src) - 1)):
         assert bytes(row.astype(np.uint8)) == data[i * 64 : i * 64 + 65]
     assert len(load("pydocs", "test", seq_len=64)) > 100
+
+
+def test_heldout_subset_halves_the_test_documents(docs):
+    tune, held = pydocs_documents("train", "heldout"), pydocs_documents("test", "heldout")
+    test_docs = pydocs_documents("test")
+    assert set(tune).isdisjoint(held) and set(tune) | set(held) == set(test_docs)
+    assert set(tune).isdisjoint(pydocs_documents("train"))  # a pretrained model never saw them
+    assert 0.3 < len(tune) / len(test_docs) < 0.7
+    src = load("pydocs:heldout", "train", seq_len=32)
+    assert len(src) == (len(SEPARATOR.join(tune).encode("utf-8")) - 1) // 32
+    with pytest.raises(ValueError, match="subset"):
+        pydocs_documents("train", "all-of-it")

@@ -64,8 +64,10 @@ def test_gaussians8_log_density_closed_form():
 
 
 def test_unknown_names_list_valid_ones():
-    with pytest.raises(DataError, match="unknown data source 'nope'; valid: digits, "):
+    with pytest.raises(DataError, match="unknown data source 'nope'; valid: .*digits, digits_binary, "):
         load("nope")
+    with pytest.raises(DataError, match="pydocs:heldout"):
+        load("pydocs:train")
     with pytest.raises(DataError) as e:
         load("toy2d:circle")
     assert all(n in str(e.value) for n in toy2d.NAMES)

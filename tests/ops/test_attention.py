@@ -7,8 +7,13 @@ import pytest
 
 from zoo.ops import attention as A
 
-IMPLS = ["reference", "xla", "chunked", None]  # None = auto
+IMPLS = ["reference", "xla", "chunked", "chunked_q", None]  # None = auto
 BLOCK = 3  # small key blocks so "chunked" scans several blocks and pads the last one
+
+
+def _impl(impl):
+    """"chunked_q": chunked with query blocks of 2 too (several blocks, the last one padded)."""
+    return dict(implementation="chunked", q_block_size=2) if impl == "chunked_q" else dict(implementation=impl)
 
 
 def np_attention(q, k, v, bias=None, mask=None, is_causal=False, window=None, scale=None):
@@ -82,7 +87,7 @@ def test_matches_numpy(name, impl):
     arrays = {n: x for n, x in kw.items() if hasattr(x, "shape")}
     static = {n: x for n, x in kw.items() if n not in arrays}
     attend = jax.jit(lambda q, k, v, arrays: A.dot_product_attention(
-        q, k, v, implementation=impl, block_size=BLOCK, **arrays, **static))
+        q, k, v, **_impl(impl), block_size=BLOCK, **arrays, **static))
     got = attend(q, k, v, arrays)
     want = np_attention(q, k, v, **{n: np.asarray(x) if hasattr(x, "shape") else x for n, x in kw.items()})
     assert got.shape == q.shape and np.isfinite(np.asarray(got)).all()
@@ -95,14 +100,14 @@ def _grads(impl, q, k, v, kw, dtype=jnp.float32):
 
     def loss(q, k, v, bias):
         extra = dict(kw, bias=bias) if has_bias else kw
-        out = A.dot_product_attention(q, k, v, implementation=impl, block_size=BLOCK, **extra)
+        out = A.dot_product_attention(q, k, v, **_impl(impl), block_size=BLOCK, **extra)
         return jnp.sum(out.astype(jnp.float32) * w.astype(jnp.float32))
 
     grad = jax.grad(loss, argnums=(0, 1, 2, 3) if has_bias else (0, 1, 2))
     return jax.jit(grad)(q, k, v, kw.get("bias"))  # one compile beats op-by-op dispatch
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("impl", ["xla", "chunked", "chunked_q"])
 @pytest.mark.parametrize("name", ["causal_window", "gqa_causal", "mqa", "padding_with_empty_batch",
                                   "bias", "bias_broadcast_mask", "t_gt_s_window_empty_rows",
                                   "random_mask_empty_rows"])

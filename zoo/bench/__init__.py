@@ -22,6 +22,7 @@ from zoo.errors import ZooError, unknown
 BENCHMARKS = {
     "train_step": "zoo.bench.train_step",
     "gibbs": "zoo.bench.gibbs",
+    "attention": "zoo.bench.attention",
 }
 
 

@@ -6,7 +6,9 @@ skipped. Module, class and function docstrings (`ast.get_docstring`, cleaned) of
 words are kept, in order of relative path then position in the file, first occurrence only.
 
 Split: a document is held out for test when `zlib.crc32(doc) % 20 == 0` (~5%), so the split of a
-document does not depend on what else is in the corpus. As bytes, documents are joined with
+document does not depend on what else is in the corpus. `pydocs:heldout` is a fine-tuning task made of
+the held-out documents only, halved by the same hash (crc32 % 40 == 0 trains, == 20 tests), so a
+model pretrained on `pydocs` has seen none of it. As bytes, documents are joined with
 "\n\n"; see `WindowSource` for the windowing.
 """
 
@@ -96,15 +98,26 @@ def is_test(doc: str) -> bool:
     return zlib.crc32(doc.encode("utf-8")) % 20 == 0
 
 
-def pydocs_documents(split: str = "train") -> list[str]:
-    """The corpus documents of `split` ("train" | "test"), in corpus order."""
+SUBSETS = ("all", "heldout")
+
+
+def pydocs_documents(split: str = "train", subset: str = "all") -> list[str]:
+    """The corpus documents of `split` ("train" | "test"), in corpus order.
+
+    subset "heldout": the test documents only, halved by hash into a fine-tuning train and test.
+    """
     check_split(split)
+    if subset not in SUBSETS:
+        raise ValueError(f"unknown pydocs subset {subset!r}; valid: {', '.join(SUBSETS)}")
     want_test = split == "test"
+    if subset == "heldout":
+        return [d for d in _all_documents() if is_test(d)
+                and (zlib.crc32(d.encode("utf-8")) % 40 == 20) == want_test]
     return [d for d in _all_documents() if is_test(d) == want_test]
 
 
 @functools.lru_cache(maxsize=None)
-def pydocs_bytes(split: str = "train") -> np.ndarray:
-    """The documents of `split` joined by "\\n\\n", as uint8 UTF-8 bytes (read-only)."""
-    data = np.frombuffer(SEPARATOR.join(pydocs_documents(split)).encode("utf-8"), np.uint8)
+def pydocs_bytes(split: str = "train", subset: str = "all") -> np.ndarray:
+    """The documents of `split` (and `subset`) joined by "\\n\\n", as uint8 UTF-8 bytes (read-only)."""
+    data = np.frombuffer(SEPARATOR.join(pydocs_documents(split, subset)).encode("utf-8"), np.uint8)
     return data

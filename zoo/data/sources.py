@@ -5,6 +5,7 @@ Fixed splits, so a test set never leaks into training whatever the seed:
   `default_rng(0).permutation(1797)`; the last 360 are test (1,437 train / 360 test).
 - toy2d:NAME: separate fixed-seed draws (see `zoo.data.toy2d`).
 - pydocs: ~1 document in 20 by a stable hash (see `zoo.data.pydocs`).
+- dates: ~10% of the dates 1950-2049 by a stable hash (see `zoo.data.dates`).
 - text:PATH: the last 5% of the file's bytes are test.
 - npz:PATH: `x_test`/`label_test` when present, else the last 10% of the rows of `x`/`label`.
 - tfds:NAME: the dataset's own "train"/"test" splits.
@@ -18,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from zoo.data import pydocs, toy2d
+from zoo.data import dates, pydocs, toy2d
 from zoo.data.source import ArraySource, Source, WindowSource, check_split
 from zoo.errors import DataError, unknown
 
@@ -67,8 +68,17 @@ def _toy2d(spec, arg, split, seq_len, **options) -> Source:
 
 
 def _pydocs(spec, arg, split, seq_len, **options) -> Source:
-    _no_arg("pydocs", arg, options)
-    return WindowSource(pydocs.pydocs_bytes(split), seq_len, {"name": spec})
+    _no_arg("pydocs", None, options)
+    if arg not in (None, "heldout"):
+        raise DataError(f"unknown pydocs subset {arg!r}: use pydocs (the corpus) or pydocs:heldout "
+                        "(the held-out documents, halved into a fine-tuning train/test)")
+    return WindowSource(pydocs.pydocs_bytes(split, arg or "all"), seq_len, {"name": spec})
+
+
+def _dates(spec, arg, split, seq_len, **options) -> Source:
+    _no_arg("dates", arg, options)
+    x, y = dates.arrays(split)
+    return ArraySource({"x": x, "y": y}, dates.info(spec))
 
 
 def _read(path: str, mode: str = "rb"):
@@ -202,8 +212,10 @@ SOURCES: dict[str, tuple[str, Builder]] = {
     "digits_binary": ("the digits thresholded at 0.5 to {0,1}",
                       functools.partial(_digits, binary=True)),
     "toy2d": ("2-D points with known density: toy2d:moons|gaussians8|swissroll", _toy2d),
-    "pydocs": ("the Python standard library's docstrings as bytes", _pydocs),
+    "pydocs": ("the Python standard library's docstrings as bytes (pydocs:heldout: the held-out "
+               "documents, halved into a fine-tuning train/test)", _pydocs),
     "pydocs_bow": ("the same docstrings as bag-of-words counts (train-split vocabulary)", _pydocs_bow),
+    "dates": ("human-written dates -> ISO YYYY-MM-DD as token ids x -> y (seq2seq, generated)", _dates),
     "text": ("a text file as bytes: text:PATH", _text),
     "npz": ("arrays x (and label) from an .npz file: npz:PATH", _npz),
     "tfds": ("a tensorflow-datasets image dataset: tfds:NAME (optional extra)", _tfds),

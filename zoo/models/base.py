@@ -29,6 +29,13 @@ class ModelDef(NamedTuple):
                                                                   averages them over the test split
     init_extra(key, batch) -> extra                               model-owned state kept in
                                                                   TrainState.extra (PCD chains, ...)
+    generate(params, key, request) -> {"text": [str], "images": {name: [N, H, W, C] in [0, 1]}}
+        what `zoo sample` runs when the model has it (host code; it jits what it needs). `request`
+        holds the CLI's sampling options, None where not given: n, prompt (str), max_new_tokens,
+        temperature, top_k, top_p, sampler, steps, guidance, label. Either key of the result may
+        be missing; `zoo sample` prints the texts and writes each image grid as WORKDIR/NAME.png.
+    trainable(params) -> pytree of bools                          only the True leaves are trained
+                                                                  (an optax mask: LoRA, soft prompts)
 
     With `init_extra`, the loss is stateful: loss(params, key, batch, extra) ->
     (scalar, (metrics, new_extra)); the loop differentiates the scalar w.r.t. params only and
@@ -41,3 +48,5 @@ class ModelDef(NamedTuple):
     step: Callable[[Any, PRNGKey, Batch], tuple[Any, Metrics]] | None = None
     evaluate: Callable[[Params, PRNGKey, Batch], Metrics] | None = None
     init_extra: Callable[[PRNGKey, Batch], Any] | None = None
+    generate: Callable[[Params, PRNGKey, dict], dict] | None = None
+    trainable: Callable[[Params], Any] | None = None

@@ -167,42 +167,58 @@ def _cudnn_applies(q, k) -> bool:
 # custom_vjp, so autodiff reduces the gradients of those reshapes for us.
 
 
-def _block_logits(q5, k_blk, bias_blk, mask_blk, j, cfg):
-    """Logits [B, K, G, T, blk] of block j and where they are visible."""
-    scale, is_causal, window, S, blk = cfg
+def _block_valid(q_pos, j, cfg):
+    """[T, blk] bool: the causal/window/padding rules for key block j and query positions q_pos."""
+    _, is_causal, window, S, blk = cfg
+    k_pos = j * blk + jnp.arange(blk)
+    return _structural_mask(q_pos, k_pos, is_causal, window) & (k_pos < S)
+
+
+def _block_needed(q_pos, j, cfg):
+    """Whether any query of the block may see key block j (else the block is skipped)."""
+    _, is_causal, window, S, blk = cfg
+    if not is_causal and window is None:
+        return jnp.bool_(True)
+    return jnp.any(_block_valid(q_pos, j, cfg))
+
+
+def _block_logits(q5, k_blk, bias_blk, mask_blk, j, q_pos, cfg):
+    """Logits [B, K, G, T, blk] of key block j for queries at q_pos, and where they are visible."""
+    scale = cfg[0]
     s = jnp.einsum("btkgd,bskd->bkgts", q5, k_blk, preferred_element_type=jnp.float32) * scale
     if bias_blk is not None:
         s = s + bias_blk.astype(jnp.float32)
-    k_pos = j * blk + jnp.arange(blk)
-    valid = _structural_mask(jnp.arange(q5.shape[1]), k_pos, is_causal, window) & (k_pos < S)
-    valid = valid[None, None, None]
+    valid = _block_valid(q_pos, j, cfg)[None, None, None]
     if mask_blk is not None:
         valid = valid & mask_blk
     return s, valid
 
 
-def _flash_fwd(cfg, q5, kb, vb, bb, mb):
+def _flash_fwd(cfg, q5, kb, vb, bb, mb, q_pos):
     B, T, K, G, D = q5.shape
 
     def step(carry, xs):
         m, l, acc = carry
         k_blk, v_blk, b_blk, m_blk, j = xs
-        s, valid = _block_logits(q5, k_blk, b_blk, m_blk, j, cfg)
+        s, valid = _block_logits(q5, k_blk, b_blk, m_blk, j, q_pos, cfg)
         m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, -jnp.inf), axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all-masked so far: keep exp finite
         p = jnp.where(valid, jnp.exp(s - m_safe[..., None]), 0.0)
         corr = jnp.exp(m - m_safe)  # rescales the running sums to the new max (0 at the start)
         pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v_blk.dtype), v_blk,
                         preferred_element_type=jnp.float32)
-        return (m_new, l * corr + jnp.sum(p, -1), acc * corr[..., None] + pv), None
+        return (m_new, l * corr + jnp.sum(p, -1), acc * corr[..., None] + pv)
+
+    def maybe(carry, xs):  # key blocks no query here can see (causal, window) cost nothing
+        return lax.cond(_block_needed(q_pos, xs[-1], cfg), step, lambda c, _: c, carry, xs), None
 
     init = (jnp.full((B, K, G, T), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
             jnp.zeros((B, K, G, T, D), jnp.float32))
-    (m, l, acc), _ = lax.scan(step, init, (kb, vb, bb, mb, jnp.arange(kb.shape[0])))
+    (m, l, acc), _ = lax.scan(maybe, init, (kb, vb, bb, mb, jnp.arange(kb.shape[0])))
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # rows with no visible key stay 0
     lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)  # exp(s - inf) = 0
     out5 = jnp.transpose(out, (0, 3, 1, 2, 4)).astype(q5.dtype)
-    return out5, (q5, kb, vb, bb, mb, out5, lse)
+    return out5, (q5, kb, vb, bb, mb, q_pos, out5, lse)
 
 
 def _sum_to(x, shape):
@@ -212,14 +228,14 @@ def _sum_to(x, shape):
 
 
 def _flash_bwd(cfg, res, dout5):
-    q5, kb, vb, bb, mb, out5, lse = res
+    q5, kb, vb, bb, mb, q_pos, out5, lse = res
     scale = cfg[0]
     dout5 = dout5.astype(jnp.float32)
     delta = jnp.transpose(jnp.sum(dout5 * out5.astype(jnp.float32), -1), (0, 2, 3, 1))  # [B,K,G,T]
 
     def step(dq, xs):
         k_blk, v_blk, b_blk, m_blk, j = xs
-        s, valid = _block_logits(q5, k_blk, b_blk, m_blk, j, cfg)
+        s, valid = _block_logits(q5, k_blk, b_blk, m_blk, j, q_pos, cfg)
         p = jnp.where(valid, jnp.exp(s - lse[..., None]), 0.0)  # the forward's probabilities
         dv = jnp.einsum("bkgts,btkgd->bskd", p, dout5)
         dp = jnp.einsum("btkgd,bskd->bkgts", dout5, v_blk.astype(jnp.float32))
@@ -229,86 +245,120 @@ def _flash_bwd(cfg, res, dout5):
         db = None if b_blk is None else _sum_to(ds, b_blk.shape).astype(b_blk.dtype)
         return dq, (dk.astype(k_blk.dtype), dv.astype(v_blk.dtype), db)
 
-    dq, (dk, dv, db) = lax.scan(step, jnp.zeros(q5.shape, jnp.float32),
+    def skip(dq, xs):
+        k_blk, v_blk, b_blk = xs[:3]
+        db = None if b_blk is None else jnp.zeros(b_blk.shape, b_blk.dtype)
+        return dq, (jnp.zeros(k_blk.shape, k_blk.dtype), jnp.zeros(v_blk.shape, v_blk.dtype), db)
+
+    def maybe(dq, xs):
+        return lax.cond(_block_needed(q_pos, xs[-1], cfg), step, skip, dq, xs)
+
+    dq, (dk, dv, db) = lax.scan(maybe, jnp.zeros(q5.shape, jnp.float32),
                                 (kb, vb, bb, mb, jnp.arange(kb.shape[0])))
-    return dq.astype(q5.dtype), dk, dv, db, None
+    return dq.astype(q5.dtype), dk, dv, db, None, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q5, kb, vb, bb, mb):
-    return _flash_fwd(cfg, q5, kb, vb, bb, mb)[0]
+def _flash(cfg, q5, kb, vb, bb, mb, q_pos):
+    return _flash_fwd(cfg, q5, kb, vb, bb, mb, q_pos)[0]
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _chunked(q, k, v, bias, mask, is_causal, window, scale, block_size):
+def _chunked(q, k, v, bias, mask, is_causal, window, scale, block_size, q_block_size=None):
+    """Online softmax over key blocks of `block_size`; with q_block_size, also one query block at
+    a time (lax.map), so each block's logits [B, K, G, q_block, block] stay in cache (CPU)."""
     (B, T, N, D), (_, S, K, _) = q.shape, k.shape
+    G = N // K
     blk = min(block_size, S)
     nb = -(-S // blk)
     pad = nb * blk - S
+    tq = T if not q_block_size or q_block_size >= T else q_block_size
+    nq = -(-T // tq)
+    qpad = nq * tq - T
 
     def kv_blocks(x):  # [B, S, K, D] -> [nb, B, blk, K, D]
         x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
         return jnp.moveaxis(x.reshape(B, nb, blk, K, D), 1, 0)
 
-    def logit_blocks(x, fill):  # [B|1, N|1, T|1, S|1] -> [nb, B|1, K|1, G|1, T|1, blk]
+    def logit_blocks(x, fill):  # [B|1, N|1, T|1, S|1] -> [nq, nb, B|1, K|1, G|1, tq|1, blk]
         x = jnp.broadcast_to(x, x.shape[:3] + (S,))
-        x = jnp.pad(x, ((0, 0),) * 3 + ((0, pad),), constant_values=fill)
-        Kb, Gb = (K, N // K) if x.shape[1] == N else (1, 1)
-        return jnp.moveaxis(x.reshape(x.shape[0], Kb, Gb, x.shape[2], nb, blk), 4, 0)
+        Tx = x.shape[2]
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, qpad if Tx > 1 else 0), (0, pad)), constant_values=fill)
+        Kb, Gb = (K, G) if x.shape[1] == N else (1, 1)
+        x = x.reshape(x.shape[0], Kb, Gb, nq if Tx > 1 else 1, tq if Tx > 1 else 1, nb, blk)
+        x = jnp.moveaxis(jnp.moveaxis(x, 5, 0), 4, 0)  # [nq|1, nb, B, Kb, Gb, tq|1, blk]
+        return jnp.broadcast_to(x, (nq,) + x.shape[1:])
 
     bb = None if bias is None else logit_blocks(bias, 0)
     mb = None if mask is None else logit_blocks(mask, False)
     cfg = (float(scale), bool(is_causal), window, S, blk)
-    out5 = _flash(cfg, q.reshape(B, T, K, N // K, D), kv_blocks(k), kv_blocks(v), bb, mb)
-    return out5.reshape(B, T, N, D)
+    kb, vb = kv_blocks(k), kv_blocks(v)
+    q5 = jnp.pad(q, ((0, 0), (0, qpad), (0, 0), (0, 0))).reshape(B, nq, tq, K, G, D)
+    if nq == 1:
+        out5 = _flash(cfg, q5[:, 0], kb, vb, None if bb is None else bb[0], None if mb is None else mb[0],
+                      jnp.arange(T))
+        return out5.reshape(B, T, N, D)
+
+    def one(xs):
+        q_blk, b_q, m_q, i = xs
+        return _flash(cfg, q_blk, kb, vb, b_q, m_q, i * tq + jnp.arange(tq))
+
+    out = lax.map(one, (jnp.moveaxis(q5, 1, 0), bb, mb, jnp.arange(nq)))  # [nq, B, tq, K, G, D]
+    return jnp.moveaxis(out, 0, 1).reshape(B, nq * tq, N, D)[:, :T]
 
 
 # ---------------------------------------------------------------------------------------- public
 
 
+CPU_BLOCKS = (128, 1024)  # auto on CPU: (query block, key block) of "chunked"
+
+
 def _auto(q, k, bias, mask, is_causal, window):
-    """cuDNN where it applies; else "xla", or "chunked" once the full logits would be huge."""
+    """cuDNN where it applies; on CPU "chunked" with query blocks once the logits outgrow the
+    caches; else "xla", or "chunked" once the full logits would be huge."""
     if _cudnn_applies(q, k):
         return "cudnn"
-    # Measured on a shared 2-core CPU, jax 0.10.2, B1 N8 D64 f32, T = S, jitted, median ms
-    # (fwd / fwd+bwd w.r.t. q, k, v):
-    #                       reference      xla          chunked(512)  chunked(1024)
-    #   S=1024              96 / 326       102 / 213    112 / 321     137 / 380
-    #   S=1024 causal      108 / 300        80 / 172    110 / 314     154 / 640
-    #   S=4096            1935 / 4542     1382 / 2948  1349 / 3551   1537 / 4561
-    #   S=4096 causal     1466 / 3677     1113 / 2898  1233 / 4038   1470 / 4081
-    # "xla" is fastest or tied everywhere; "chunked" matches its forward at S=4096 and is ~20-40%
-    # slower with the backward, so it is chosen only for memory: when the [B, N, T, S] float32
-    # logits (which xla and reference materialise, twice with the backward) pass 1 GiB.
     B, T, N, _ = q.shape
-    return "chunked" if B * N * T * k.shape[1] * 4 > 2**30 else "xla"
+    S = k.shape[1]
+    # On CPU, XLA runs each op of "xla" over the whole [B, N, T, S] logits: the matmul writes them
+    # to memory and softmax's passes read them back (an elementwise pass over 32 MiB costs as much
+    # as the matmul, see benchmarks/results/README.md). Query blocks of 128 against key blocks of
+    # 1024 keep each step's logits in cache: 2x "xla" at S = 1024 and 4096 (B1 N8 D64 f32).
+    if jax.default_backend() == "cpu" and T >= 2 * CPU_BLOCKS[0] and S >= 256:
+        return "chunked-cpu"
+    return "chunked" if B * N * T * S * 4 > 2**30 else "xla"
 
 
 def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, window=None,
-                          scale=None, implementation=None, block_size=512):
+                          scale=None, implementation=None, block_size=512, q_block_size=None):
     """softmax(q k^T * scale + bias) v over visible keys: q [B,T,N,D], k/v [B,S,K,D] -> [B,T,N,D].
 
     mask: bool, broadcastable to [B, N, T, S], True = attend (a key padding mask [B, S] is
     mask[:, None, None, :]). bias: additive, broadcastable to [B, N, T, S]. window: (left, right)
     or an int for both. scale defaults to 1/sqrt(D). implementation: one of IMPLEMENTATIONS or None
-    (auto: cuDNN on GPU for fp16/bf16, else "xla", or "chunked" when the [B, N, T, S] float32
-    logits would pass 1 GiB). block_size: keys per block for "chunked" (S need not divide it).
+    (auto: cuDNN on GPU for fp16/bf16; on CPU "chunked" with query blocks when T, S >= 256; else
+    "xla", or "chunked" when the [B, N, T, S] float32 logits would pass 1 GiB). block_size: keys
+    per block for "chunked" (S need not divide it); q_block_size: queries per block (None: all).
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; valid: "
                          f"{', '.join(IMPLEMENTATIONS)} or None (auto)")
     bias, mask, window = _check(q, k, v, bias, mask, window)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int; got {block_size!r}")
+    for name, size in (("block_size", block_size), ("q_block_size", q_block_size)):
+        if (size is not None or name == "block_size") and (
+                isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"{name} must be a positive int; got {size!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     impl = implementation or _auto(q, k, bias, mask, is_causal, window)
+    if impl == "chunked-cpu":
+        return _chunked(q, k, v, bias, mask, is_causal, window, scale, CPU_BLOCKS[1], CPU_BLOCKS[0])
     if impl == "reference":
         return _reference(q, k, v, bias, mask, is_causal, window, scale)
     if impl == "chunked":
-        return _chunked(q, k, v, bias, mask, is_causal, window, scale, block_size)
+        return _chunked(q, k, v, bias, mask, is_causal, window, scale, block_size, q_block_size)
     return _jax_nn(q, k, v, bias, mask, is_causal, window, scale, impl)
 
 

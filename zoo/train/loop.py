@@ -107,7 +107,7 @@ def train(model_def: ModelDef, config: ml_collections.ConfigDict, data: Source, 
     """Train `model_def` on `data` (a train-split Source) as `config` says; resume from workdir."""
     _validate(config)
     total = int(config.steps)
-    tx = make_optimizer(config.optimizer, total)
+    tx = make_optimizer(config.optimizer, total, model_def.trainable)
     strategy = make_strategy(config.parallel, model_def, tx, float(config.ema_decay),
                              min_size=int(config.fsdp_min_size), devices=devices)
     loader = Loader(data, int(config.batch_size), int(config.seed),

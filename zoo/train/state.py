@@ -43,8 +43,13 @@ def make_lr_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.
     return optax.constant_schedule(opt.lr)
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """optax transform from the `optimizer` config block; bad names name the valid ones."""
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int,
+                   trainable=None) -> optax.GradientTransformation:
+    """optax transform from the `optimizer` config block; bad names name the valid ones.
+
+    trainable(params) -> pytree of bools (ModelDef.trainable): the optimizer updates only the True
+    leaves; the others get zero updates and keep no optimizer state (LoRA, soft prompts).
+    """
     if opt.name not in OPTIMIZERS:
         raise ConfigError(unknown("optimizer.name", opt.name, OPTIMIZERS))
     lr = make_lr_schedule(opt, total_steps)
@@ -56,6 +61,9 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
         tx = optax.sgd(lr, momentum=opt.momentum or None)
     if opt.grad_clip and opt.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
+    if trainable is not None:
+        labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable(params))
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx
 
 

@@ -58,7 +58,7 @@ def restore_params(workdir: str, config, model_def: ModelDef, source, *, ema: bo
     if not ckpt.steps():
         raise ZooError(f"no checkpoint in {ckpt_dir}: train first with "
                        f"`zoo train {config.name} --workdir {workdir}`")
-    tx = make_optimizer(config.optimizer, int(config.steps))
+    tx = make_optimizer(config.optimizer, int(config.steps), model_def.trainable)
     batch = Loader(source, int(config.batch_size), 0).batch(0)  # extra (e.g. PCD chains) may be batch-sized
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.eval_shape(init_fn(model_def, tx, float(config.ema_decay)), keys(0)[0], batch)

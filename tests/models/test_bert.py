@@ -1,0 +1,96 @@
+"""BERT: the 80/10/10 masking, the MLM loss against NumPy, bidirectionality, training, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zoo.errors import ConfigError, DataError
+from zoo.models.bert import BERT, BERTConfig, make_bert, mask_tokens
+
+TINY = BERTConfig(max_len=32, num_layers=1, hidden=16, num_heads=2)
+
+
+def _batch(b, t, seed=0, start=0):
+    x = np.random.default_rng(seed).integers(0, 256, (b, t + 1)).astype(np.int32)
+    return {"x": jnp.asarray(x), "idx": jnp.arange(start, start + b, dtype=jnp.int32)}
+
+
+def test_masking_proportions_and_per_example_determinism():
+    cfg = BERTConfig(max_len=100)
+    batch = _batch(2000, 100)
+    tokens = batch["x"][:, :-1]
+    inputs, pos = mask_tokens(cfg, jax.random.key(0), tokens, batch["idx"])
+    inputs, pos, tokens = map(np.asarray, (inputs, pos, tokens))
+    M = cfg.num_masked(100)
+    assert pos.shape == (2000, M) == (2000, 15)
+    assert all(len(set(row)) == M for row in pos)  # distinct positions
+    untouched = np.ones_like(tokens, bool)
+    np.put_along_axis(untouched, pos, False, axis=1)
+    np.testing.assert_array_equal(inputs[untouched], tokens[untouched])  # only chosen positions change
+    chosen_in, chosen_tok = np.take_along_axis(inputs, pos, 1), np.take_along_axis(tokens, pos, 1)
+    n = chosen_in.size
+    frac_mask = (chosen_in == cfg.mask_id).mean()
+    frac_same = (chosen_in == chosen_tok).mean()
+    assert abs(frac_mask - 0.8) < 0.01
+    # 10% kept, plus 1/256 of the random 10% that redraws the same byte
+    assert abs(frac_same - (0.1 + 0.1 / 256)) < 0.006, (frac_same, n)
+    # the same example (same global idx) gets the same corruption wherever it sits in the batch
+    sub = {"x": batch["x"][5:9], "idx": batch["idx"][5:9]}
+    again, pos2 = mask_tokens(cfg, jax.random.key(0), sub["x"][:, :-1], sub["idx"])
+    np.testing.assert_array_equal(np.asarray(again), inputs[5:9])
+    np.testing.assert_array_equal(np.asarray(pos2), pos[5:9])
+
+
+def test_loss_is_cross_entropy_at_masked_positions():
+    md = make_bert(TINY)
+    batch = _batch(3, 20, seed=1)
+    params = md.init(jax.random.key(0), batch)
+    key = jax.random.key(7)
+    loss, metrics = md.loss(params, key, batch)
+    k_mask, _ = jax.random.split(key)
+    inputs, pos = mask_tokens(TINY, k_mask, batch["x"][:, :-1], batch["idx"])
+    logits = np.asarray(BERT(TINY).apply({"params": params}, inputs), np.float64)
+    lp = logits - logits.max(-1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+    tok = np.asarray(batch["x"][:, :-1])
+    pos = np.asarray(pos)
+    nll = [-lp[b, p, tok[b, p]] for b in range(3) for p in pos[b]]
+    np.testing.assert_allclose(float(loss), np.mean(nll), rtol=1e-5)
+    acc = np.mean([lp[b, p].argmax() == tok[b, p] for b in range(3) for p in pos[b]])
+    np.testing.assert_allclose(float(metrics["masked_accuracy"]), acc)
+
+
+def test_encoder_sees_both_directions():
+    params = make_bert(TINY).init(jax.random.key(0), _batch(1, 10))
+    x = _batch(1, 10, seed=2)["x"][:, :-1]
+    a = BERT(TINY).apply({"params": params}, x)
+    b = BERT(TINY).apply({"params": params}, x.at[0, 9].set((x[0, 9] + 1) % 256))
+    assert np.abs(np.asarray(a[0, 0] - b[0, 0])).max() > 1e-6  # position 0 reads position 9
+
+
+def test_training_lowers_the_masked_loss(tmp_path):
+    from zoo.cli import main
+    from zoo.train.metrics import read_metrics
+
+    wd = tmp_path / "bert"
+    assert main(["train", "bert", "--workdir", str(wd), "--steps", "40", "--no-progress", "batch_size=16",
+                 "model.hidden=32", "model.num_heads=2", "model.num_layers=1", "data.seq_len=32",
+                 "model.max_len=32", "log_every=5", "optimizer.warmup_steps=0", "optimizer.lr=3e-3"]) == 0
+    losses = [m["loss"] for m in read_metrics(str(wd / "metrics.jsonl"))]
+    assert np.mean(losses[-2:]) < 0.85 * losses[0]
+    assert main(["eval", "bert", "--workdir", str(wd), "eval.max_examples=64"]) == 0
+
+
+@pytest.mark.parametrize("bad, match", [(dict(hidden=30, num_heads=4), "multiple"),
+                                         (dict(mask_rate=0.0), "mask_rate"), (dict(num_layers=0), "num_layers")])
+def test_bad_config(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        BERTConfig(**bad)
+
+
+def test_wrong_data_kind():
+    from zoo import registry
+
+    with pytest.raises(DataError, match="text source"):
+        registry.get("bert").build(registry.get("bert").config().model, {"kind": "image", "shape": (8, 8, 1)})

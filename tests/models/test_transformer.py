@@ -1,0 +1,97 @@
+"""Encoder-decoder Transformer: padding and causality invariances, greedy decoding against a
+teacher-forced re-run, cross-attention maps, the masked loss against NumPy, config errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zoo.errors import ConfigError, DataError
+from zoo.models.seq2seq import BOS, EOS, PAD
+from zoo.models.transformer import TransformerConfig, make_transformer, make_transformer_fns
+
+CFG = TransformerConfig(vocab_size=20, hidden=16, num_heads=2, encoder_layers=1, decoder_layers=2)
+FNS = make_transformer_fns(CFG)
+
+
+def _batch(seed=0, B=3, S=7, T=5):
+    r = np.random.default_rng(seed)
+    x = r.integers(3, 20, (B, S)).astype(np.int32)
+    x[0, 5:] = PAD  # a padded input
+    y = np.concatenate([np.full((B, 1), BOS), r.integers(3, 20, (B, T)), np.full((B, 1), EOS)], 1).astype(np.int32)
+    y[1, -2:] = PAD
+    return {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+
+
+@pytest.fixture(scope="module")
+def params():
+    params = FNS.init(jax.random.key(0), _batch()["x"])
+    leaves, tree = jax.tree.flatten(params)  # spread the weights so greedy paths vary
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree.unflatten(tree, [p + 0.5 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def test_padding_does_not_change_the_output(params):
+    b = _batch()
+    x_more_pad = jnp.concatenate([b["x"], jnp.zeros((3, 4), jnp.int32)], 1)
+    a, _ = FNS.run_teacher_forced(params, b["x"], b["y"][:, :-1])
+    c, _ = FNS.run_teacher_forced(params, x_more_pad, b["y"][:, :-1])
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5)
+
+
+def test_decoder_is_causal(params):
+    b = _batch()
+    y = b["y"][:, :-1]
+    a, _ = FNS.run_teacher_forced(params, b["x"], y)
+    c, _ = FNS.run_teacher_forced(params, b["x"], y.at[:, 4].set(7))
+    np.testing.assert_allclose(np.asarray(a[:, :4]), np.asarray(c[:, :4]), atol=1e-6)
+    assert np.abs(np.asarray(a[:, 4:] - c[:, 4:])).max() > 1e-4
+
+
+def test_cross_attention_weights_are_distributions_over_real_inputs(params):
+    b = _batch()
+    _, w = FNS.run_teacher_forced(params, b["x"], b["y"][:, :-1])
+    w = np.asarray(w)
+    assert w.shape == (3, 6, 7)
+    np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+    assert np.all(w[0, :, 5:] == 0.0)
+
+
+def test_greedy_equals_teacher_forcing_on_its_own_output(params):
+    b = _batch(seed=1)
+    toks, _ = jax.jit(FNS.run_greedy, static_argnums=2)(params, b["x"], 6)
+    y_in = jnp.concatenate([jnp.full((3, 1), BOS, jnp.int32), toks[:, :-1]], 1)
+    logits, _ = FNS.run_teacher_forced(params, b["x"], y_in)
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1)), np.asarray(toks))
+    assert len(set(np.asarray(toks).ravel().tolist())) > 1
+
+
+def test_loss_is_masked_cross_entropy(params):
+    b = _batch(seed=2)
+    md = make_transformer(CFG)
+    loss, _ = md.loss(params, jax.random.key(0), b)
+    logits, _ = FNS.run_teacher_forced(params, b["x"], b["y"][:, :-1])
+    lg = np.asarray(logits, np.float64)
+    lp = lg - lg.max(-1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+    tgt = np.asarray(b["y"][:, 1:])
+    per = [np.mean([-lp[i, t, tgt[i, t]] for t in range(tgt.shape[1]) if tgt[i, t] != PAD]) for i in range(3)]
+    np.testing.assert_allclose(float(loss), np.mean(per), rtol=1e-5)
+    out = md.evaluate(params, jax.random.key(0), b)
+    assert set(out) == {"exact_match", "token_accuracy", "nll"}
+    np.testing.assert_allclose(np.asarray(out["nll"]), per, rtol=1e-5)
+
+
+def test_bad_config_and_data():
+    with pytest.raises(ConfigError, match="head size"):
+        TransformerConfig(vocab_size=10, hidden=30, num_heads=4)
+    from zoo import registry
+
+    entry = registry.get("transformer")
+    with pytest.raises(DataError, match="seq2seq data source"):
+        entry.build(entry.config().model, {"kind": "text", "name": "pydocs"})
+    bad = entry.config().model
+    with bad.unlocked():
+        bad.attention = "bahdanau"  # a seq2seq key the Transformer does not have
+    with pytest.raises(ConfigError, match="model key"):
+        entry.build(bad, {"kind": "seq2seq", "vocab_size": 10, "shape": (8,)})

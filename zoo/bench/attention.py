@@ -1,0 +1,164 @@
+"""Attention throughput: FLOP/s of `zoo.ops.attention.dot_product_attention`, forward and
+forward+backward, for each implementation, beside PyTorch `scaled_dot_product_attention` and a
+same-run matmul ceiling.
+
+FLOPs (the FlashAttention papers' count): forward 4 * B * N * T * S * D (q k^T and p v), halved
+when causal; forward+backward 3.5x the forward (the backward's five matmuls). GFLOP/s on a CPU,
+TFLOP/s on an accelerator (the unit says which).
+
+Implementations: `zoo-auto` (implementation=None: what users get), `zoo-xla`, `zoo-chunked`,
+`zoo-reference`, `zoo-cudnn` (GPU only). Peers, when torch is installed: `torch-sdpa` (PyTorch's
+own dispatch) and, on CUDA, `torch-sdpa-flash|efficient|cudnn|math`, each only where it applies.
+`matmul-ceiling`: the forward's two matmuls ([T, D] x [D, S] and [T, S] x [S, D] per head) with
+no softmax between them, jitted, counted with the same FLOPs (for causal cases, the full matmuls
+count half, like the attention they bound). Implementations are timed in interleaved rounds so a
+drift in machine load hits all alike; the value is the median over rounds.
+
+Quick (CPU): B1 N8 D64, S = T in {1024, 4096}, causal and not, float32.
+Full (accelerator): B4 N16 D128, S in {1k, 4k, 8k, 16k}, causal and not, bfloat16.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo.bench import median_seconds
+from zoo.ops.attention import dot_product_attention
+
+QUICK = dict(B=1, N=8, D=64, lengths=(1024, 4096), dtype="float32")
+FULL = dict(B=4, N=16, D=128, lengths=(1024, 4096, 8192, 16384), dtype="bfloat16")
+ZOO_IMPLS = ("zoo-auto", "zoo-xla", "zoo-chunked", "zoo-reference", "zoo-cudnn")
+TORCH_BACKENDS = ("flash", "efficient", "cudnn", "math")
+REFERENCE_MAX_S = 4096  # the reference materialises [B, N, T, S] logits twice with the backward
+
+
+def attention_flops(B, N, T, S, D, causal, backward):
+    f = 4.0 * B * N * T * S * D * (0.5 if causal else 1.0)
+    return f * 3.5 if backward else f
+
+
+def _inputs(B, N, S, D, dtype, seed=0):
+    r = np.random.default_rng(seed)
+    return [r.standard_normal((B, S, N, D)).astype(np.float32) for _ in range(4)]  # q, k, v, dout
+
+
+def _zoo(impl, arrays, causal, backward, dtype):
+    q, k, v, do = (jnp.asarray(a, dtype) for a in arrays)
+    name = None if impl == "zoo-auto" else impl[len("zoo-"):]
+    attn = lambda q, k, v: dot_product_attention(q, k, v, is_causal=causal, implementation=name)
+    if backward:
+        f = jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))
+    else:
+        f = jax.jit(lambda q, k, v, do: attn(q, k, v))
+    return lambda: jax.block_until_ready(f(q, k, v, do))
+
+
+def _ceiling(arrays, causal, backward, dtype):
+    q, k, v, _ = (jnp.asarray(a, dtype) for a in arrays)
+
+    def two_matmuls(q, k, v):
+        s = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
+        return jnp.einsum("bnts,bsnd->btnd", s.astype(dtype), v)
+
+    f = jax.jit(two_matmuls)
+    return lambda: f(q, k, v).block_until_ready()
+
+
+def _torch(backend, arrays, causal, backward, dtype):
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tdtype = getattr(torch, dtype)
+    # torch's layout is [B, N, S, D]
+    q, k, v, do = (torch.as_tensor(a, device=dev).to(tdtype).transpose(1, 2).contiguous() for a in arrays)
+    if backward:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    ctx = (lambda: sdpa_kernel(getattr(SDPBackend, {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                                                    "cudnn": "CUDNN_ATTENTION", "math": "MATH"}[backend]))
+           ) if backend else None
+
+    def call():
+        out = sdpa(q, k, v, is_causal=causal)
+        if backward:
+            out.backward(do)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    def run():
+        if ctx is None:
+            return call()
+        with ctx():
+            return call()
+
+    return run
+
+
+def _makers(on_gpu, S):
+    makers = {}
+    for impl in ZOO_IMPLS:
+        if impl == "zoo-cudnn" and not on_gpu:
+            continue
+        if impl == "zoo-reference" and S > REFERENCE_MAX_S:
+            continue
+        makers[impl] = lambda a, c, b, d, impl=impl: _zoo(impl, a, c, b, d)
+    try:
+        import torch  # noqa: F401
+
+        makers["torch-sdpa"] = lambda a, c, b, d: _torch(None, a, c, b, d)
+        if on_gpu:
+            for backend in TORCH_BACKENDS:
+                makers[f"torch-sdpa-{backend}"] = lambda a, c, b, d, backend=backend: _torch(backend, a, c, b, d)
+    except ImportError:
+        pass
+    makers["matmul-ceiling"] = lambda a, c, b, d: _ceiling(a, c, b, d)
+    return makers
+
+
+def bench_case(B, N, S, D, causal, backward, dtype, *, rounds=5, impls=None) -> list[dict]:
+    on_gpu = jax.default_backend() == "gpu"
+    arrays = _inputs(B, N, S, D, dtype)
+    fns = {}
+    for impl, make in _makers(on_gpu, S).items():
+        if impls is not None and impl not in impls:
+            continue
+        try:  # the ceiling is a forward; its FLOP/s bounds both directions
+            fn = make(arrays, causal, backward and impl != "matmul-ceiling", dtype)
+            fn()  # compile / warm up; an implementation that does not apply here is skipped
+        except Exception as e:  # noqa: BLE001 (a peer backend that does not apply, or out of memory)
+            print(f"  skip {impl}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            continue
+        fns[impl] = fn
+    times = {impl: [] for impl in fns}
+    for _ in range(rounds):
+        for impl, fn in fns.items():
+            time.sleep(0.05)
+            times[impl].append(median_seconds(fn, warmup=0, iters=1))
+    scale, unit = (1e12, "TFLOP/s") if on_gpu else (1e9, "GFLOP/s")
+    case = f"B{B}-N{N}-S{S}-D{D}-{dtype}-{'causal' if causal else 'full'}-{'fwd+bwd' if backward else 'fwd'}"
+    rows = []
+    for impl, t in times.items():
+        flops = attention_flops(B, N, S, S, D, causal, backward and impl != "matmul-ceiling")
+        rows.append({"case": case, "impl": impl, "value": flops / statistics.median(t) / scale, "unit": unit,
+                     "median_s": statistics.median(t)})
+    return rows
+
+
+def run(quick: bool) -> list[dict]:
+    spec = QUICK if quick else FULL
+    rows = []
+    for S in spec["lengths"]:
+        for causal in (False, True):
+            for backward in (False, True):
+                rows += bench_case(spec["B"], spec["N"], S, spec["D"], causal, backward, spec["dtype"],
+                                   rounds=3 if quick and S > 2048 else 5)
+                print(f"  done S={S} causal={causal} backward={backward}", flush=True)
+    return rows

@@ -1,0 +1,163 @@
+"""BERT: masked-language-model pretraining of a bidirectional Transformer encoder (Devlin et al.
+2019, Sec. 3.1 "Task #1: Masked LM"), byte-level on `pydocs` by default.
+
+Masking (Devlin et al. 2019, Sec. 3.1 and App. A.1): exactly round(mask_rate * T) positions per
+sequence are chosen; of those, 80% become [MASK], 10% a random byte and 10% stay as they are; the
+loss is the cross-entropy at the chosen positions only. The choice is drawn per example from
+(key, batch["idx"]) (zoo.ops.random), so it is the same on any device count; `evaluate` draws it
+from a fixed key, so held-out masked-token accuracy is reproducible.
+
+Architecture: token + learned position embeddings, pre-LN encoder blocks (zoo.nn.transformer;
+the original is post-LN), then the MLM head of the original: Dense -> GELU -> LayerNorm -> output
+layer tied to the token embedding, plus an output bias.
+
+Shape letters: B batch, T tokens, H hidden, V vocabulary (bytes + [MASK]), M masked per sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from zoo.errors import ConfigError, DataError
+from zoo.models.base import ModelDef
+from zoo.nn.transformer import INIT_STD, Stack
+from zoo.ops.random import example_keys
+from zoo.registry import register
+from zoo.train.config import base_config
+
+
+@dataclasses.dataclass(frozen=True)
+class BERTConfig:
+    vocab_size: int = 256          # data tokens; [MASK] is id vocab_size
+    max_len: int = 128
+    num_layers: int = 4
+    hidden: int = 128
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    mask_rate: float = 0.15
+    implementation: str = ""
+
+    def __post_init__(self):
+        for name in ("vocab_size", "max_len", "num_layers", "hidden", "num_heads"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.hidden % self.num_heads:
+            raise ConfigError(f"model.hidden={self.hidden} must be a multiple of num_heads={self.num_heads}")
+        if not 0.0 < self.mask_rate < 1.0:
+            raise ConfigError(f"model.mask_rate must be in (0, 1), got {self.mask_rate}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+    def num_masked(self, T: int) -> int:
+        return max(1, round(self.mask_rate * T))
+
+
+class BERT(nn.Module):
+    """tokens [B, T] (may hold mask_id) -> MLM logits over the data vocabulary [B, T, V]."""
+
+    cfg: BERTConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT, *, deterministic: bool = True):
+        c = self.cfg
+        wte = nn.Embed(c.vocab_size + 1, c.hidden, embedding_init=nn.initializers.normal(INIT_STD), name="wte")
+        wpe = self.param("wpe", nn.initializers.normal(INIT_STD), (c.max_len, c.hidden))
+        x = wte(tokens_BxT) + wpe[: tokens_BxT.shape[1]]
+        x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
+        x, _ = Stack(c.num_layers, c.num_heads, c.num_heads, c.mlp_ratio, dropout=c.dropout,
+                     implementation=c.implementation or None, name="encoder")(x, deterministic=deterministic)
+        h = nn.LayerNorm(1e-5, name="head_ln")(nn.gelu(nn.Dense(c.hidden, name="head_dense")(x)))
+        bias = self.param("head_bias", nn.initializers.zeros, (c.vocab_size,))
+        return h @ wte.embedding[: c.vocab_size].T + bias
+
+
+def mask_tokens(cfg: BERTConfig, key, tokens_BxT, idx_B):
+    """(inputs [B, T], positions [B, M] of the predicted tokens): the 80/10/10 corruption."""
+    B, T = tokens_BxT.shape
+    M = cfg.num_masked(T)
+
+    def one(key, tokens_T):
+        k_pos, k_kind, k_rand = jax.random.split(key, 3)
+        pos_M = jax.random.permutation(k_pos, T)[:M]
+        u_M = jax.random.uniform(k_kind, (M,))
+        rand_M = jax.random.randint(k_rand, (M,), 0, cfg.vocab_size)
+        new_M = jnp.where(u_M < 0.8, cfg.mask_id, jnp.where(u_M < 0.9, rand_M, tokens_T[pos_M]))
+        return tokens_T.at[pos_M].set(new_M.astype(tokens_T.dtype)), pos_M
+
+    return jax.vmap(one)(example_keys(key, idx_B), tokens_BxT)
+
+
+def make_bert(cfg: BERTConfig) -> ModelDef:
+    model = BERT(cfg)
+
+    def init(key, batch):
+        return model.init({"params": key}, batch["x"][:1, :-1])["params"]
+
+    def predictions(params, key, batch, dropout_key=None):
+        tokens = batch["x"][:, :-1]  # windows carry a next-byte target column; MLM does not need it
+        inputs, pos_BxM = mask_tokens(cfg, key, tokens, batch["idx"])
+        train = dropout_key is not None and cfg.dropout > 0
+        logits = model.apply({"params": params}, inputs, deterministic=not train,
+                             rngs={"dropout": dropout_key} if train else None)
+        logits_BxMxV = jnp.take_along_axis(logits, pos_BxM[..., None], axis=1)
+        return logits_BxMxV, jnp.take_along_axis(tokens, pos_BxM, axis=1)
+
+    def loss(params, key, batch):
+        k_mask, k_drop = jax.random.split(key)
+        logits, targets = predictions(params, k_mask, batch, k_drop)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        acc = (jnp.argmax(logits, -1) == targets).mean()
+        return nll, {"masked_accuracy": acc}
+
+    def evaluate(params, key, batch):
+        logits, targets = predictions(params, jax.random.PRNGKey(1234), batch)  # fixed masks
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return {"masked_accuracy": (jnp.argmax(logits, -1) == targets).mean(-1), "masked_nll": nll.mean(-1)}
+
+    return ModelDef(init=init, loss=loss, evaluate=evaluate)
+
+
+def bert_config() -> ml_collections.ConfigDict:
+    c = base_config()
+    c.data.name = "pydocs"
+    c.data.seq_len = 128
+    c.steps = 2000
+    c.batch_size = 32
+    c.log_every = 50
+    c.ckpt_every = 1000
+    c.optimizer.name = "adamw"
+    c.optimizer.lr = 1e-3
+    c.optimizer.b2 = 0.99
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_steps = 200
+    c.optimizer.grad_clip = 1.0
+    c.eval.batch_size = 64
+    d = BERTConfig()
+    c.model = ml_collections.ConfigDict({f.name: getattr(d, f.name) for f in dataclasses.fields(d)})
+    return c
+
+
+@register("bert", "BERT masked-language-model pretraining (bidirectional Transformer encoder), bytes",
+          bert_config)
+def build(model_cfg: ml_collections.ConfigDict, info: dict[str, Any]) -> ModelDef:
+    if info.get("kind") != "text":
+        raise DataError(f"bert needs a text source (pydocs, text:PATH), got {info.get('name')!r}")
+    cfg = BERTConfig(**model_cfg.to_dict())
+    if info.get("vocab_size", 256) > cfg.vocab_size:
+        raise DataError(f"data has vocab_size {info.get('vocab_size')} > model.vocab_size {cfg.vocab_size}")
+    if info["shape"][0] - 1 > cfg.max_len:
+        raise ConfigError(f"data.seq_len={info['shape'][0] - 1} exceeds model.max_len={cfg.max_len}")
+    return make_bert(cfg)

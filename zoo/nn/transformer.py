@@ -1,0 +1,218 @@
+"""Transformer layers (Vaswani et al. 2017) in the pre-LayerNorm arrangement of GPT-2 (Radford et
+al. 2019, Sec. 2.3), on top of zoo.ops.attention: multi-head / grouped-query attention with an
+optional KV cache, the GELU MLP, the block (self-attention, optional cross-attention, MLP) and a
+stack of blocks. Every projection is a `LoRADense`, so LoRA adapters (zoo.ops.lora) are a config
+switch (`lora_rank`) on any model built from these layers.
+
+The KV cache is an explicit argument and result (a zoo.ops.attention.KVCache per block), not a
+Flax mutable collection: `params` stays the only variable collection, and a decode step is a pure
+function of (params, cache, tokens).
+
+Shape letters: B batch, T query length, S key/memory length, H hidden size, N query heads,
+K kv heads, D head dim, F MLP width, I/O a dense layer's input/output features, r LoRA rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from zoo.ops.attention import (KVCache, decode_attention, dot_product_attention, init_kv_cache,
+                               update_kv_cache)
+
+INIT_STD = 0.02  # GPT-2 / BERT initialiser scale
+
+
+class LoRADense(nn.Module):
+    """x @ kernel + bias, plus (alpha / r) * (x @ lora_a) @ lora_b when rank r > 0 (Hu et al. 2021).
+
+    lora_a starts Gaussian and lora_b at zero, so adapters start as the identity update.
+    """
+
+    features: int
+    rank: int = 0
+    alpha: float = 16.0
+    use_bias: bool = True
+    kernel_std: float = INIT_STD
+    dtype: Any = None  # compute dtype (params stay float32)
+
+    @nn.compact
+    def __call__(self, x_BxI):
+        I = x_BxI.shape[-1]
+        kernel = self.param("kernel", nn.initializers.normal(self.kernel_std), (I, self.features))
+        dtype = self.dtype or x_BxI.dtype
+        x = x_BxI.astype(dtype)
+        y = x @ kernel.astype(dtype)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
+        if self.rank:
+            a = self.param("lora_a", nn.initializers.normal(1.0 / self.rank), (I, self.rank))
+            b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features))
+            y = y + (self.alpha / self.rank) * ((x @ a.astype(dtype)) @ b.astype(dtype))
+        return y
+
+
+class Attention(nn.Module):
+    """Multi-head attention with K <= N kv heads. Returns (out [B, T, H], cache or None).
+
+    With `cache`, the new keys/values are written at the cache's length and the queries attend
+    causally to everything cached (zoo.ops.attention.decode_attention); `is_causal`/`mask` apply
+    only without a cache. `memory` [B, S, H'] makes it cross-attention (keys/values from memory).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    implementation: str | None = None
+    out_std: float = INIT_STD
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x_BxTxH, memory_BxSxH=None, *, mask=None, is_causal=False,
+                 cache: KVCache | None = None):
+        B, T, H = x_BxTxH.shape
+        N, K, D = self.num_heads, self.num_kv_heads, self.head_dim
+        dense = lambda f, name, std=INIT_STD: LoRADense(f, self.lora_rank, self.lora_alpha,
+                                                         kernel_std=std, dtype=self.dtype, name=name)
+        src = x_BxTxH if memory_BxSxH is None else memory_BxSxH
+        q = dense(N * D, "query")(x_BxTxH).reshape(B, T, N, D)
+        k = dense(K * D, "key")(src).reshape(B, src.shape[1], K, D)
+        v = dense(K * D, "value")(src).reshape(B, src.shape[1], K, D)
+        if cache is not None:
+            cache = KVCache(*cache)
+            cache = cache._replace(k=cache.k.astype(k.dtype), v=cache.v.astype(v.dtype))
+            cache = update_kv_cache(cache, k, v)
+            out = decode_attention(q, cache, implementation=self.implementation)
+        else:
+            out = dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                        implementation=self.implementation)
+            if self.is_mutable_collection("intermediates"):  # attention maps, only when asked for
+                self.sow("intermediates", "weights", attention_weights(q, k, mask, is_causal).mean(1))
+        return dense(H, "out", self.out_std)(out.reshape(B, T, N * D)), cache
+
+
+class MLP(nn.Module):
+    """Dense(F) -> GELU (tanh approximation, as GPT-2) -> Dense(H)."""
+
+    width: int
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    out_std: float = INIT_STD
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x_BxTxH):
+        h = LoRADense(self.width, self.lora_rank, self.lora_alpha, dtype=self.dtype, name="fc")(x_BxTxH)
+        h = nn.gelu(h, approximate=True)
+        return LoRADense(x_BxTxH.shape[-1], self.lora_rank, self.lora_alpha, kernel_std=self.out_std,
+                         dtype=self.dtype, name="proj")(h)
+
+
+class Block(nn.Module):
+    """x + attn(LN(x)) [+ cross(LN(x), memory)] + mlp(LN(x)), each residual branch with dropout.
+
+    Residual projections start at INIT_STD / sqrt(2 * num_layers) (GPT-2, Sec. 2.3).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    mlp_ratio: float = 4.0
+    num_layers: int = 1           # of the stack: scales the residual projections' init
+    causal: bool = False
+    cross_attention: bool = False
+    dropout: float = 0.0
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    implementation: str | None = None
+    ln_eps: float = 1e-5
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x_BxTxH, *, mask=None, memory=None, memory_mask=None, cache=None,
+                 deterministic: bool = True):
+        H = x_BxTxH.shape[-1]
+        if H % self.num_heads:
+            raise ValueError(f"hidden size {H} is not a multiple of num_heads {self.num_heads}")
+        out_std = INIT_STD / (2 * self.num_layers) ** 0.5
+        kw = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=H // self.num_heads,
+                  lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, implementation=self.implementation,
+                  out_std=out_std, dtype=self.dtype)
+        drop = nn.Dropout(self.dropout)
+        ln = lambda name: nn.LayerNorm(self.ln_eps, dtype=self.dtype, name=name)
+        h, cache = Attention(**kw, name="attn")(ln("ln_1")(x_BxTxH), mask=mask, is_causal=self.causal,
+                                                 cache=cache)
+        x = x_BxTxH + drop(h, deterministic=deterministic)
+        if self.cross_attention:
+            cross_mask = None if memory_mask is None else memory_mask[:, None, None, :]
+            h, _ = Attention(**kw, name="cross_attn")(ln("ln_cross")(x), memory, mask=cross_mask)
+            x = x + drop(h, deterministic=deterministic)
+        h = MLP(int(H * self.mlp_ratio), self.lora_rank, self.lora_alpha, out_std, self.dtype,
+                name="mlp")(ln("ln_2")(x))
+        return x + drop(h, deterministic=deterministic), cache
+
+
+class Stack(nn.Module):
+    """`num_layers` Blocks then a final LayerNorm. caches: a list with one KVCache per block, or None."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_ratio: float = 4.0
+    causal: bool = False
+    cross_attention: bool = False
+    dropout: float = 0.0
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    implementation: str | None = None
+    ln_eps: float = 1e-5
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x_BxTxH, *, mask=None, memory=None, memory_mask=None,
+                 caches: Sequence[KVCache] | None = None, deterministic: bool = True):
+        new_caches = []
+        for i in range(self.num_layers):
+            x_BxTxH, c = Block(self.num_heads, self.num_kv_heads, self.mlp_ratio, self.num_layers,
+                               self.causal, self.cross_attention, self.dropout, self.lora_rank,
+                               self.lora_alpha, self.implementation, self.ln_eps, self.dtype,
+                               name=f"block_{i}")(
+                x_BxTxH, mask=mask, memory=memory, memory_mask=memory_mask,
+                cache=None if caches is None else caches[i], deterministic=deterministic)
+            new_caches.append(c)
+        x_BxTxH = nn.LayerNorm(self.ln_eps, dtype=self.dtype, name="ln_f")(x_BxTxH)
+        return x_BxTxH, (None if caches is None else new_caches)
+
+
+def attention_weights(q, k, mask=None, is_causal=False):
+    """softmax(q k^T / sqrt(D)) over visible keys: [B, N, T, S] (for plots; not the fast path)."""
+    B, T, N, D = q.shape
+    k = jnp.repeat(k, N // k.shape[2], axis=2)
+    s = jnp.einsum("btnd,bsnd->bnts", q, k).astype(jnp.float32) / jnp.sqrt(D).astype(jnp.float32)
+    valid = jnp.ones(s.shape, bool)
+    if mask is not None:
+        valid = valid & mask
+    if is_causal:
+        valid = valid & jnp.tril(jnp.ones((T, k.shape[1]), bool))
+    m = jnp.max(jnp.where(valid, s, -jnp.inf), -1, keepdims=True)
+    w = jnp.where(valid, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)  # no key: all zeros
+    return w / jnp.maximum(w.sum(-1, keepdims=True), 1e-30)
+
+
+def init_caches(num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+                dtype=jnp.float32) -> list[KVCache]:
+    """One empty KVCache per block."""
+    return [init_kv_cache(batch, max_len, num_kv_heads, head_dim, dtype) for _ in range(num_layers)]
+
+
+def sinusoidal_positions(length: int, dim: int) -> jax.Array:
+    """The fixed position encoding of Vaswani et al. 2017, Sec. 3.5: [length, dim]."""
+    pos = jnp.arange(length, dtype=jnp.float32)[:, None]
+    freq = jnp.exp(-jnp.log(10000.0) * jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    enc = jnp.zeros((length, dim), jnp.float32)
+    enc = enc.at[:, 0::2].set(jnp.sin(pos * freq))
+    return enc.at[:, 1::2].set(jnp.cos(pos * freq[: dim // 2]))
