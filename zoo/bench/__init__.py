@@ -23,6 +23,7 @@ BENCHMARKS = {
     "train_step": "zoo.bench.train_step",
     "gibbs": "zoo.bench.gibbs",
     "attention": "zoo.bench.attention",
+    "gpt_step": "zoo.bench.gpt_step",
 }
 
 

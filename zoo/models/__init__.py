@@ -4,6 +4,7 @@ import zoo.models.vae  # noqa: F401
 import zoo.models.rbm  # noqa: F401
 import zoo.models.lda  # noqa: F401
 import zoo.models.dbn  # noqa: F401
+import zoo.models.vit  # noqa: F401
 import zoo.models.gpt  # noqa: F401
 import zoo.models.seq2seq  # noqa: F401
 import zoo.models.bert  # noqa: F401

@@ -10,8 +10,8 @@ Generation (`generate_tokens`): one prefill of the prompt into fixed-size per-bl
 then one `lax.scan` over new tokens, each step a one-token forward against the caches; with
 temperature 0 it equals re-running the full causal forward on the growing sequence (tested).
 
-Fine-tuning (`model.finetune`, with `model.init_from=WORKDIR` of a trained `gpt` run; the
-architecture then comes from that run):
+Fine-tuning (`model.init_from=WORKDIR` of a trained `gpt` run, whose architecture is then used;
+alone it fine-tunes every weight; `model.finetune` picks a parameter-efficient method):
   "lora"    rank-r adapters on every attention and MLP projection; only adapters train (an optax
             mask, ModelDef.trainable); zoo.ops.lora.merge_lora folds them into plain GPT params.
   "prompt"  `prompt_len` learned embeddings prepended to the input (no position embedding: the
@@ -216,6 +216,8 @@ def make_gpt(cfg: GPTConfig, pretrained=None) -> ModelDef:
             # Lester et al. 2021, Sec. 3.2: start the prompt from embeddings of real tokens
             ids = jax.random.randint(key, (cfg.prompt_len,), 0, cfg.vocab_size)
             return {"gpt": pretrained, "soft_prompt": jnp.asarray(pretrained["wte"]["embedding"])[ids]}
+        if pretrained is not None and not cfg.finetune:  # full fine-tuning
+            return jax.tree.map(jnp.asarray, pretrained)
         params = GPT(cfg).init({"params": key}, x[:1])["params"]
         if cfg.finetune == "lora":  # pretrained kernels and biases, fresh adapters
             mask = lora_mask(params)

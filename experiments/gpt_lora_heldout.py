@@ -1,0 +1,21 @@
+"""Fine-tune the pretrained byte-level gpt (runs/gpt) on pydocs:heldout (lora).
+
+    zoo train gpt --config experiments/gpt_lora_heldout.py --workdir runs/gpt_lora
+    zoo eval gpt --workdir runs/gpt_lora
+"""
+
+from zoo import registry
+
+
+def get_config():
+    c = registry.get("gpt").config()
+    c.data.name = "pydocs:heldout"    # held-out documents the pretrained model never saw, halved
+    c.model.init_from = "runs/gpt"    # the pretrained run (its architecture is used)
+    c.model.finetune = "lora"
+    c.steps = 300
+    c.log_every = 25
+    c.ckpt_every = 300
+    c.optimizer.warmup_steps = 20
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.lr = 2e-3
+    return c

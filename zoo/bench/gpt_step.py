@@ -1,0 +1,97 @@
+"""GPT train-step throughput: tokens/s and model-FLOPs utilisation (MFU) of the loop's own jitted
+train step (forward, backward, AdamW) on a device-resident batch of random tokens.
+
+Model FLOPs per token (Kaplan et al. 2020, Table 1; the PaLM paper's MFU, App. B):
+6 * N + 12 * L * H * T, with N the non-embedding parameters plus the tied output layer
+(V * H, a real matmul) and T the sequence length; counted for T-length causal attention in full,
+as PaLM does. MFU = model FLOPs/s over the device's peak: H100 SXM 989 TFLOP/s dense bf16, H200
+the same, A100 312 (table below). On a CPU there is no spec-sheet peak worth quoting, so the row
+`matmul-ceiling` measures one in the same run: a square float32 matmul of the model's width
+class, and `mfu` is model FLOP/s over that.
+
+Full (accelerator): GPT-2 124M (L12 H768 12 heads, V 50304 = 50257 padded to a multiple of 64,
+T 1024), batch 16, bf16 compute with float32 params. Quick (CPU): L4 H256 8 heads, V 256, T 256,
+batch 8, float32.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo.bench import median_seconds
+from zoo.models.gpt import GPTConfig, make_gpt
+from zoo.train.state import init_state
+from zoo.train.strategy import make_train_step
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
+FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=768, num_heads=12,
+                          dtype="bfloat16"), batch=16)
+QUICK = dict(cfg=GPTConfig(vocab_size=256, max_len=256, num_layers=4, hidden=256, num_heads=8), batch=8)
+
+
+def model_flops_per_token(cfg: GPTConfig, T: int) -> float:
+    H, L = cfg.hidden, cfg.num_layers
+    per_layer = 4 * H * H + 2 * H * int(H * cfg.mlp_ratio)  # q, k, v, out + MLP (kv = heads here)
+    n = L * per_layer + cfg.vocab_size * H  # + the tied output layer
+    return 6.0 * n + 12.0 * L * H * T
+
+
+def _peak(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    for name, tflops in PEAK_TFLOPS.items():
+        if name in kind:
+            return tflops * 1e12
+    return None
+
+
+def _matmul_ceiling(H: int) -> float:
+    n = max(1024, 4 * H)
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    return 2.0 * n**3 / median_seconds(lambda: f(a).block_until_ready(), iters=7)
+
+
+def run(quick: bool) -> list[dict]:
+    import optax
+
+    spec = QUICK if quick else FULL
+    cfg, B = spec["cfg"], spec["batch"]
+    T = cfg.max_len
+    md = make_gpt(cfg)
+    tx = optax.adamw(3e-4, weight_decay=0.1)
+    x = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1)), jnp.int32)
+    batch = {"x": x, "idx": jnp.arange(B, dtype=jnp.int32)}
+    state = jax.jit(lambda k: init_state(md.init(k, batch), tx, 0.0))(jax.random.PRNGKey(0))
+    step = jax.jit(make_train_step(md, tx, 0.0), donate_argnums=(0,))
+    key = jax.random.PRNGKey(1)
+    for _ in range(3):
+        state, metrics = step(state, key, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(10 if quick else 20):
+        t = time.perf_counter()
+        state, metrics = step(state, key, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    sec = statistics.median(times)
+    tokens = B * T / sec
+    flops = model_flops_per_token(cfg, T) * tokens
+    dev = jax.devices()[0]
+    peak = _peak(dev)
+    case = f"gpt-L{cfg.num_layers}-H{cfg.hidden}-T{T}-B{B}-{cfg.dtype}"
+    rows = [{"case": case, "impl": "zoo-train-step", "value": tokens, "unit": "tokens/s",
+             "model_tflops": flops / 1e12, "step_s": sec}]
+    if peak is None:
+        ceiling = _matmul_ceiling(cfg.hidden)
+        rows.append({"case": case, "impl": "matmul-ceiling", "value": ceiling / 1e9, "unit": "GFLOP/s"})
+        rows[0]["mfu"] = flops / ceiling
+        rows[0]["mfu_of"] = "same-run float32 matmul"
+    else:
+        rows[0]["mfu"] = flops / peak
+        rows[0]["mfu_of"] = f"{peak / 1e12:.0f} TFLOP/s bf16 spec peak"
+    return rows
