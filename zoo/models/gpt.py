@@ -204,8 +204,11 @@ def _encode(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
 
 
-def make_gpt(cfg: GPTConfig, pretrained=None) -> ModelDef:
-    """ModelDef for a GPT; `pretrained`: GPT params (no adapters) that fine-tuning starts from."""
+def make_gpt(cfg: GPTConfig, pretrained=None, context: int | None = None) -> ModelDef:
+    """ModelDef for a GPT; `pretrained`: GPT params (no adapters) that fine-tuning starts from;
+    `context`: the sequence length it trains on (positions past it are untrained, so `generate`
+    stops there unless asked for more, up to max_len)."""
+    context = min(context or cfg.max_len, cfg.max_len)
     if cfg.finetune and pretrained is None:
         raise ConfigError(f"model.finetune={cfg.finetune} needs model.init_from=WORKDIR of a trained gpt")
     ln2 = math.log(2.0)
@@ -247,7 +250,7 @@ def make_gpt(cfg: GPTConfig, pretrained=None) -> ModelDef:
         text = "\n\n" if not text else text
         prompt = _encode(text)
         n = request.get("n") or 4
-        max_new = request.get("max_new_tokens") or min(200, cfg.max_len - len(prompt))
+        max_new = request.get("max_new_tokens") or max(1, context - len(prompt))
         if len(prompt) + max_new > cfg.max_len:
             raise DataError(f"prompt ({len(prompt)} bytes) + max_new_tokens ({max_new}) exceed the model's "
                             f"max_len={cfg.max_len}")
@@ -289,7 +292,7 @@ def gpt_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict({f.name: getattr(d, f.name) for f in dataclasses.fields(d)})
     c.model.hidden = 128
     c.model.num_heads = 4
-    c.model.max_len = 256
+    c.model.max_len = 128         # = data.seq_len: positions past the training length stay untrained
     c.model.init_from = ""        # fine-tuning: the workdir of a trained gpt (its architecture is used)
     return c
 
@@ -324,4 +327,4 @@ def build(model_cfg: ml_collections.ConfigDict, info: dict[str, Any]) -> ModelDe
         raise DataError(f"data has vocab_size {info.get('vocab_size')} > model.vocab_size {cfg.vocab_size}")
     if info["shape"][0] - 1 > cfg.max_len:
         raise ConfigError(f"data.seq_len={info['shape'][0] - 1} exceeds model.max_len={cfg.max_len}")
-    return make_gpt(cfg, pretrained)
+    return make_gpt(cfg, pretrained, context=info["shape"][0] - 1)
