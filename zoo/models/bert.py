@@ -30,7 +30,7 @@ from zoo.models.base import ModelDef
 from zoo.nn.transformer import INIT_STD, Stack
 from zoo.ops.random import example_keys
 from zoo.registry import register
-from zoo.train.config import base_config
+from zoo.train.config import base_config, transformer_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,13 +137,7 @@ def bert_config() -> ml_collections.ConfigDict:
     c.batch_size = 32
     c.log_every = 50
     c.ckpt_every = 1000
-    c.optimizer.name = "adamw"
-    c.optimizer.lr = 2e-3
-    c.optimizer.b2 = 0.99
-    c.optimizer.weight_decay = 0.01
-    c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 200
-    c.optimizer.grad_clip = 1.0
+    transformer_optimizer(c, lr=2e-3, warmup_steps=200, weight_decay=0.01, b2=0.99)
     c.eval.batch_size = 64
     d = BERTConfig()
     c.model = ml_collections.ConfigDict({f.name: getattr(d, f.name) for f in dataclasses.fields(d)})

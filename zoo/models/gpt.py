@@ -40,7 +40,7 @@ from zoo.ops import sampling
 from zoo.ops.attention import IMPLEMENTATIONS
 from zoo.ops.lora import lora_mask
 from zoo.registry import register
-from zoo.train.config import base_config
+from zoo.train.config import base_config, transformer_optimizer
 
 FINETUNE = ("", "lora", "prompt")
 DTYPES = ("float32", "bfloat16")
@@ -280,13 +280,7 @@ def gpt_config() -> ml_collections.ConfigDict:
     c.batch_size = 32
     c.log_every = 50
     c.ckpt_every = 1000
-    c.optimizer.name = "adamw"
-    c.optimizer.lr = 2e-3
-    c.optimizer.b2 = 0.99
-    c.optimizer.weight_decay = 0.1
-    c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 100
-    c.optimizer.grad_clip = 1.0
+    transformer_optimizer(c, lr=2e-3, warmup_steps=100, weight_decay=0.1, b2=0.99)
     c.eval.batch_size = 64
     d = GPTConfig()
     c.model = ml_collections.ConfigDict({f.name: getattr(d, f.name) for f in dataclasses.fields(d)})

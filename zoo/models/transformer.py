@@ -28,7 +28,7 @@ from zoo.models.base import ModelDef
 from zoo.models.seq2seq import BOS, PAD, Seq2SeqFns, _check_batch, _make_generate, _nll_B
 from zoo.nn.transformer import INIT_STD, Stack, sinusoidal_positions
 from zoo.registry import register
-from zoo.train.config import base_config
+from zoo.train.config import base_config, transformer_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,13 +155,7 @@ def transformer_config() -> ml_collections.ConfigDict:
     c.data.name = "dates"
     c.batch_size = 128
     c.steps = 1500
-    c.optimizer.name = "adamw"
-    c.optimizer.lr = 1e-3
-    c.optimizer.b2 = 0.98
-    c.optimizer.weight_decay = 0.01
-    c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 150
-    c.optimizer.grad_clip = 1.0
+    transformer_optimizer(c, lr=1e-3, warmup_steps=150, weight_decay=0.01, b2=0.98)
     c.log_every = 50
     c.ckpt_every = 1000
     c.eval.batch_size = 500

@@ -31,7 +31,7 @@ from zoo.nn.transformer import INIT_STD, Stack
 from zoo.ops import losses
 from zoo.ops.random import example_keys
 from zoo.registry import register
-from zoo.train.config import base_config
+from zoo.train.config import base_config, transformer_optimizer
 
 
 def patchify(x_BxYxXxC: jax.Array, p: int) -> jax.Array:
@@ -188,12 +188,7 @@ def vit_config() -> ml_collections.ConfigDict:
     c.data.name = "digits"
     c.batch_size = 128
     c.steps = 4000                 # ~360 epochs of the 1,437 training digits; ~2.5 CPU minutes
-    c.optimizer.name = "adamw"
-    c.optimizer.lr = 3e-3
-    c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 200
-    c.optimizer.weight_decay = 0.05
-    c.optimizer.grad_clip = 1.0
+    transformer_optimizer(c, lr=3e-3, warmup_steps=200, weight_decay=0.05)
     c.log_every = 50
     c.ckpt_every = 2000
     c.model = ml_collections.ConfigDict({

@@ -41,3 +41,15 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()  # the model's own hyperparameters (see its make_ fn)
     return c
+
+
+def transformer_optimizer(c: ml_collections.ConfigDict, *, lr: float, warmup_steps: int,
+                          weight_decay: float, b2: float = 0.999, grad_clip: float = 1.0) -> None:
+    """The usual Transformer recipe in `c.optimizer`: AdamW, linear warmup, cosine decay, clipping."""
+    c.optimizer.name = "adamw"
+    c.optimizer.lr = lr
+    c.optimizer.b2 = b2
+    c.optimizer.weight_decay = weight_decay
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_steps = warmup_steps
+    c.optimizer.grad_clip = grad_clip
