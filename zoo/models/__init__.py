@@ -9,3 +9,6 @@ import zoo.models.gpt  # noqa: F401
 import zoo.models.seq2seq  # noqa: F401
 import zoo.models.bert  # noqa: F401
 import zoo.models.transformer  # noqa: F401
+import zoo.models.score2d  # noqa: F401
+import zoo.models.ddpm  # noqa: F401
+import zoo.models.dit  # noqa: F401
