@@ -261,3 +261,17 @@ def test_bad_arguments_raise_clear_errors(shapes, kw, match):
         return
     with pytest.raises(ValueError, match=match):
         A.dot_product_attention(q, k, k, **kw)
+
+
+def test_cpu_per_example_path_for_narrow_unmasked_heads():
+    """Auto on CPU sends narrow, unmasked heads one example at a time (the UNet's attention):
+    values against NumPy, gradients against "reference", and masks / wide heads go elsewhere."""
+    q, k, v = _inputs(B=3, T=5, S=7, N=4, K=2, D=8)
+    assert A._auto(q, k, None, None, False, None) == "per-example-cpu"
+    assert A._auto(q, k, None, None, True, None) != "per-example-cpu"
+    wide = _inputs(B=1, T=5, S=7, N=2, K=2, D=32)
+    assert A._auto(wide[0], wide[1], None, None, False, None) != "per-example-cpu"
+    got = jax.jit(A.dot_product_attention)(q, k, v)
+    np.testing.assert_allclose(got, np_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    for g, r in zip(_grads(None, q, k, v, {}), _grads("reference", q, k, v, {})):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

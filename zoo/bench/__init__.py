@@ -24,6 +24,7 @@ BENCHMARKS = {
     "gibbs": "zoo.bench.gibbs",
     "attention": "zoo.bench.attention",
     "gpt_step": "zoo.bench.gpt_step",
+    "diffusion": "zoo.bench.diffusion",
 }
 
 

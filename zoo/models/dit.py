@@ -39,19 +39,20 @@ def make_dit(dcfg: DiffusionConfig, *, patch_size=2, width=128, depth=6, num_hea
 
 
 def dit_config() -> ml_collections.ConfigDict:
+    # Sized for the 8x8 digits on a CPU: 0.33M parameters, ~0.15 s per step of 64 on 2 cores.
     c = base_config()
     c.data.name = "digits"
-    c.batch_size = 128
-    c.steps = 6000
+    c.batch_size = 64
+    c.steps = 4000
     transformer_optimizer(c, lr=1e-3, warmup_steps=200, weight_decay=0.0)
     c.optimizer.schedule = "constant"   # DiT trains at a constant rate (the paper: 1e-4, no decay)
     c.ema_decay = 0.999
     c.log_every = 50
-    c.ckpt_every = 2000
+    c.ckpt_every = 1000
     c.model = ml_collections.ConfigDict(dict(diffusion_defaults(), **{
         "patch_size": 2,       # p: 8x8 digits -> 16 tokens
-        "width": 128,          # D
-        "depth": 6,            # DiT blocks
+        "width": 64,           # D
+        "depth": 4,            # DiT blocks
         "num_heads": 4,        # attention heads
         "mlp_ratio": 4.0,      # MLP width / D
         "dtype": "float32",    # compute dtype: float32 | bfloat16 (params stay f32)

@@ -313,6 +313,31 @@ def _chunked(q, k, v, bias, mask, is_causal, window, scale, block_size, q_block_
 
 
 CPU_BLOCKS = (128, 1024)  # auto on CPU: (query block, key block) of "chunked"
+CPU_NARROW_HEAD = 16      # auto on CPU: heads this narrow, unmasked, go one example at a time
+CPU_NARROW_LOGITS = 2**22  # ... when one example's [N, T, S] float32 logits fit in 16 MiB
+
+
+def _per_example(q, k, v, scale):
+    """Unmasked attention for narrow heads on CPU: one batch element per lax.map step, softmax
+    normalised after the second matmul (a divide over [T, N, D], not over [N, T, S]).
+
+    With D = 8 (the UNet's heads) the [N, T, S] weights dwarf q, k and v, so every elementwise pass
+    over them is a pass through memory: per example they stay in cache, and deferring the division
+    saves one pass. B8 T256 N8 D8 f32 on 2 cores: 13-15 ms vs 55-65 ms for "xla" and 18-25 ms for
+    PyTorch's SDPA (benchmarks/results/README.md, zoo bench diffusion).
+    """
+    N, K = q.shape[2], k.shape[2]
+    k, v = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
+
+    def one(qkv):
+        q_TxNxD, k_SxNxD, v_SxNxD = qkv
+        s_NxTxS = jnp.einsum("tnd,snd->nts", q_TxNxD, k_SxNxD, preferred_element_type=jnp.float32) * scale
+        e_NxTxS = jnp.exp(s_NxTxS - s_NxTxS.max(-1, keepdims=True))
+        o_NxTxD = jnp.einsum("nts,snd->ntd", e_NxTxS.astype(v_SxNxD.dtype), v_SxNxD,
+                             preferred_element_type=jnp.float32) / e_NxTxS.sum(-1)[..., None]
+        return o_NxTxD.transpose(1, 0, 2).astype(q_TxNxD.dtype)
+
+    return lax.map(one, (q, k, v))
 
 
 def _auto(q, k, bias, mask, is_causal, window):
@@ -326,8 +351,11 @@ def _auto(q, k, bias, mask, is_causal, window):
     # to memory and softmax's passes read them back (an elementwise pass over 32 MiB costs as much
     # as the matmul, see benchmarks/results/README.md). Query blocks of 128 against key blocks of
     # 1024 keep each step's logits in cache: 2x "xla" at S = 1024 and 4096 (B1 N8 D64 f32).
-    if jax.default_backend() == "cpu" and T >= 2 * CPU_BLOCKS[0] and S >= 256:
+    if jax.default_backend() == "cpu" and T >= 2 * CPU_BLOCKS[0] and S >= 256 and q.shape[-1] > CPU_NARROW_HEAD:
         return "chunked-cpu"
+    if (jax.default_backend() == "cpu" and q.shape[-1] <= CPU_NARROW_HEAD and N * T * S <= CPU_NARROW_LOGITS
+            and bias is None and mask is None and not is_causal and window is None):
+        return "per-example-cpu"
     return "chunked" if B * N * T * S * 4 > 2**30 else "xla"
 
 
@@ -338,7 +366,8 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
     mask: bool, broadcastable to [B, N, T, S], True = attend (a key padding mask [B, S] is
     mask[:, None, None, :]). bias: additive, broadcastable to [B, N, T, S]. window: (left, right)
     or an int for both. scale defaults to 1/sqrt(D). implementation: one of IMPLEMENTATIONS or None
-    (auto: cuDNN on GPU for fp16/bf16; on CPU "chunked" with query blocks when T, S >= 256; else
+    (auto: cuDNN on GPU for fp16/bf16; on CPU one example at a time for unmasked heads of D <= 16,
+    "chunked" with query blocks when T, S >= 256; else
     "xla", or "chunked" when the [B, N, T, S] float32 logits would pass 1 GiB). block_size: keys
     per block for "chunked" (S need not divide it); q_block_size: queries per block (None: all).
     """
@@ -353,6 +382,8 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
             raise ValueError(f"{name} must be a positive int; got {size!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     impl = implementation or _auto(q, k, bias, mask, is_causal, window)
+    if impl == "per-example-cpu":
+        return _per_example(q, k, v, scale)
     if impl == "chunked-cpu":
         return _chunked(q, k, v, bias, mask, is_causal, window, scale, CPU_BLOCKS[1], CPU_BLOCKS[0])
     if impl == "reference":
