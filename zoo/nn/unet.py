@@ -100,9 +100,11 @@ DDPM_CIFAR10 = UNetConfig(in_channels=3, block_out_channels=(128, 256, 256, 256)
 
 
 def _norm(cfg: UNetConfig, name: str) -> nn.GroupNorm:
-    # two-pass variance (not E[x^2] - E[x]^2), as torch computes it
+    # One-pass statistics (E[x^2] - E[x]^2, in float32): on CPU the two-pass variance costs a third
+    # of the UNet's forward (unet-small32 B8: 208 -> 155 ms; no norm at all: 142 ms). torch uses
+    # two passes; the outputs differ by ~3e-6 here, far inside the ported-weights tolerance (1e-4).
     return nn.GroupNorm(num_groups=cfg.norm_num_groups, epsilon=NORM_EPS, dtype=cfg.dtype,
-                        use_fast_variance=False, name=name)
+                        use_fast_variance=True, name=name)
 
 
 def _conv(features: int, size: int, cfg: UNetConfig, name: str, stride: int = 1) -> nn.Conv:
