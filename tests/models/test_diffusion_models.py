@@ -116,7 +116,7 @@ def test_registry_config_errors():
         with pytest.raises(ConfigError, match="valid: eps, v"):
             entry.build(c, img)
     c = registry.get("ddpm").config().model
-    c.block_out_channels = (48, 64)   # GroupNorm(32) cannot split 48 channels
+    c.block_out_channels = (36, 64)   # GroupNorm(8) cannot split 36 channels
     with pytest.raises(ConfigError):
         registry.get("ddpm").build(c, img)
     with pytest.raises(ConfigError, match="score2d needs 2-D points"):
