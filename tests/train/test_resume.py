@@ -80,7 +80,7 @@ def _cli(*args, env=None):
 
 
 def test_sigterm_saves_and_resume_matches(straight, tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ)  # conftest's XLA_FLAGS: 8 devices and the same codegen as `straight`
     common = ["--workdir", str(tmp_path), "--no-progress", "batch_size=32", "log_every=1",
               "ckpt_every=1000", "model.hidden=(32,)", "model.latent_dim=4", "model.eval_k=8",
               "fsdp_min_size=64"]
