@@ -124,7 +124,7 @@ def cmd_sample(args) -> int:
     import jax
     import numpy as np
 
-    from zoo.images import save_png
+    from zoo.images import points_image, save_png
     from zoo.train.workdir import build, load_config, restore_params
 
     from zoo import registry
@@ -155,6 +155,9 @@ def cmd_sample(args) -> int:
             print(bytes(int(b) for b in row).decode("utf-8", errors="replace"))
         return 0
     out = args.out or os.path.join(args.workdir, "samples.png")
+    if kind == "points":  # [n, 2]: the points themselves as .npy, and their density as the PNG
+        np.save(os.path.splitext(out)[0] + ".npy", x)
+        x = points_image(x)
     save_png(out, x)
     print(out)
     return 0

@@ -1,4 +1,5 @@
-"""Image grids as PNG (what `zoo sample` writes for image models)."""
+"""Image grids as PNG (what `zoo sample` writes for image models), and 2-D point sets drawn as a
+density image (for models of `toy2d` points)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,16 @@ def save_png(path: str, x_NxHxWxC: np.ndarray, **kw) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
     return path
+
+
+def points_image(x_Nx2: np.ndarray, *, size: int = 256, lim: float | None = None) -> np.ndarray:
+    """2-D points -> one [1, size, size, 1] image in [0, 1]: a histogram over the square
+    [-lim, lim]^2 (default: the points' largest |coordinate|), square-root scaled so that sparse
+    regions show, y up."""
+    x = np.asarray(x_Nx2, np.float64)
+    if x.ndim != 2 or x.shape[1] != 2 or not np.isfinite(x).all():
+        raise ValueError(f"points_image wants finite points [N, 2], got shape {x.shape}")
+    lim = float(lim or max(np.abs(x).max(), 1e-6) * 1.05)
+    h, _, _ = np.histogram2d(x[:, 1], x[:, 0], bins=size, range=[[-lim, lim], [-lim, lim]])
+    img = np.sqrt(h[::-1] / max(h.max(), 1.0))
+    return img[None, :, :, None]

@@ -174,3 +174,18 @@ def test_score2d_learns_and_reports_the_true_density():
     np.testing.assert_allclose(ev["true_nll"], -toy2d.log_density("gaussians8", x), rtol=1e-5)
     # the model's exact NLL is a real density: finite, and no better than the truth on average by much
     assert np.all(np.isfinite(ev["nll"])) and float(np.mean(ev["nll"])) > float(np.mean(ev["true_nll"])) - 0.3
+
+
+def test_points_image_puts_each_point_in_its_cell():
+    """`zoo sample score2d` draws its [n, 2] points as a density image: check cells by hand."""
+    from zoo.images import points_image
+
+    pts = np.array([[-0.9, -0.9], [0.9, 0.9], [0.9, 0.9], [0.9, 0.9], [0.1, -0.6]])
+    img = points_image(pts, size=4, lim=1.0)[0, :, :, 0]
+    want = np.zeros((4, 4))
+    want[0, 3] = 1.0               # (0.9, 0.9): right column, top row (y up), the densest cell
+    want[3, 0] = np.sqrt(1 / 3)    # (-0.9, -0.9): bottom left, one third of the peak count
+    want[3, 2] = np.sqrt(1 / 3)    # (0.1, -0.6): x in [0, 0.5), y in [-1, -0.5)
+    np.testing.assert_allclose(img, want)
+    with pytest.raises(ValueError, match=r"\[N, 2\]"):
+        points_image(np.zeros((3, 3)))
