@@ -12,8 +12,16 @@ BLOCK = 3  # small key blocks so "chunked" scans several blocks and pads the las
 
 
 def _impl(impl):
-    """"chunked_q": chunked with query blocks of 2 too (several blocks, the last one padded)."""
-    return dict(implementation="chunked", q_block_size=2) if impl == "chunked_q" else dict(implementation=impl)
+    """"chunked_q": chunked with query blocks of 2 too (several blocks, the last one padded);
+    "blocked_q": blocked with query blocks of 2 (and key blocks of BLOCK), "blocked" with its own
+    default blocks (one block pair per head at these sizes)."""
+    if impl == "chunked_q":
+        return dict(implementation="chunked", q_block_size=2, block_size=BLOCK)
+    if impl == "blocked_q":
+        return dict(implementation="blocked", q_block_size=2, block_size=BLOCK)
+    if impl == "blocked":
+        return dict(implementation="blocked")
+    return dict(implementation=impl, block_size=BLOCK)
 
 
 def np_attention(q, k, v, bias=None, mask=None, is_causal=False, window=None, scale=None):
@@ -80,14 +88,27 @@ def _case(name, dtype=jnp.float32):
     return q, k, v, {n: (jnp.asarray(x) if isinstance(x, np.ndarray) else x) for n, x in kw.items()}
 
 
+NO_BIAS_OR_MASK = [n for n in CASES if not {"bias", "mask"} & set(CASES[n][1](2, 6, 6, 4))]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_numpy(name, impl):
+    _check_numpy(name, impl)
+
+
+@pytest.mark.parametrize("impl", ["blocked", "blocked_q"])
+@pytest.mark.parametrize("name", NO_BIAS_OR_MASK)
+def test_blocked_matches_numpy(name, impl):
+    _check_numpy(name, impl)
+
+
+def _check_numpy(name, impl):
     q, k, v, kw = _case(name)
     arrays = {n: x for n, x in kw.items() if hasattr(x, "shape")}
     static = {n: x for n, x in kw.items() if n not in arrays}
     attend = jax.jit(lambda q, k, v, arrays: A.dot_product_attention(
-        q, k, v, **_impl(impl), block_size=BLOCK, **arrays, **static))
+        q, k, v, **_impl(impl), **arrays, **static))
     got = attend(q, k, v, arrays)
     want = np_attention(q, k, v, **{n: np.asarray(x) if hasattr(x, "shape") else x for n, x in kw.items()})
     assert got.shape == q.shape and np.isfinite(np.asarray(got)).all()
@@ -100,7 +121,7 @@ def _grads(impl, q, k, v, kw, dtype=jnp.float32):
 
     def loss(q, k, v, bias):
         extra = dict(kw, bias=bias) if has_bias else kw
-        out = A.dot_product_attention(q, k, v, **_impl(impl), block_size=BLOCK, **extra)
+        out = A.dot_product_attention(q, k, v, **_impl(impl), **extra)
         return jnp.sum(out.astype(jnp.float32) * w.astype(jnp.float32))
 
     grad = jax.grad(loss, argnums=(0, 1, 2, 3) if has_bias else (0, 1, 2))
@@ -118,6 +139,42 @@ def test_gradients_match_reference(name, impl):
     for g, r in zip(got, want):
         assert g.shape == r.shape and np.isfinite(np.asarray(g)).all()
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["blocked", "blocked_q"])
+@pytest.mark.parametrize("name", NO_BIAS_OR_MASK)
+def test_blocked_gradients_match_reference(name, impl):
+    q, k, v, kw = _case(name)
+    for g, r in zip(_grads(impl, q, k, v, kw), _grads("reference", q, k, v, kw)):
+        assert g.shape == r.shape and np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T,S,tq,tk,causal,window", [
+    (9, 9, 2, 3, True, None), (7, 11, 3, 4, False, (2, 1)), (8, 5, 3, 2, True, (1, 0)),
+    (6, 6, 4, 100, True, None), (5, 7, 5, 7, False, None)])
+def test_blocked_plan_covers_exactly_the_visible_keys(T, S, tq, tk, causal, window):
+    """Every visible (query, key) pair lies in exactly one planned block, blocks without a mask
+    hold only visible pairs, and no block holds only invisible ones (checked by enumeration)."""
+    visible = np.array([[(not causal or j <= i) and (window is None or i - window[0] <= j <= i + window[1])
+                         for j in range(S)] for i in range(T)])
+    covered = np.zeros((T, S), int)
+    for a, b, kbs in A._plan(T, S, tq, tk, causal, window):
+        assert b - a <= tq
+        for lo, hi, masked in kbs:
+            assert 0 < hi - lo <= tk
+            block = visible[a:b, lo:hi]
+            assert block.any() and (masked or block.all()) and (not masked or not block.all())
+            covered[a:b, lo:hi] += 1
+    assert covered.max() <= 1 and (covered[visible] == 1).all()
+
+
+def test_cpu_auto_picks_blocked_without_bias_or_mask():
+    q = jnp.zeros((1, 512, 2, 32))
+    assert A._auto(q, q, None, None, True, None) == "blocked"
+    assert A._auto(q, q, None, jnp.ones((1, 1, 512, 512), bool), False, None) == "chunked-cpu"
+    long = jnp.zeros((1, 16384, 2, 32))  # too many block pairs to unroll: chunked instead
+    assert A._auto(long, long, None, None, False, None) == "chunked-cpu"
 
 
 def test_reference_gradient_vanishes_for_future_and_masked_keys():
@@ -149,14 +206,16 @@ def test_chunked_gradient_matches_finite_differences():
         np.testing.assert_allclose(float(jnp.vdot(g, d)), float(fd), rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("impl", ["xla", "chunked", "blocked_q"])
 def test_bfloat16_close_to_float32_reference(impl):
     q, k, v, kw = _case("gqa_causal", dtype=jnp.bfloat16)
-    kw["bias"] = jnp.asarray(np.random.default_rng(1).normal(size=(1, 4, 6, 6)), jnp.bfloat16)
+    if impl != "blocked_q":
+        kw["bias"] = jnp.asarray(np.random.default_rng(1).normal(size=(1, 4, 6, 6)), jnp.bfloat16)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    kw32 = dict(kw, bias=kw["bias"].astype(jnp.float32))
-    attend = jax.jit(A.dot_product_attention, static_argnames=("implementation", "block_size", "is_causal"))
-    got = attend(q, k, v, implementation=impl, block_size=BLOCK, **kw)
+    kw32 = dict(kw, bias=kw["bias"].astype(jnp.float32)) if "bias" in kw else kw
+    attend = jax.jit(A.dot_product_attention,
+                     static_argnames=("implementation", "block_size", "q_block_size", "is_causal"))
+    got = attend(q, k, v, **_impl(impl), **kw)
     assert got.dtype == jnp.bfloat16
     want = attend(*f32, implementation="reference", **kw32)
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
@@ -252,7 +311,8 @@ def test_additive_and_multiplicative_attention_match_numpy():
     (((2, 5, 4, 8), (2, 7, 2, 8)), dict(bias=jnp.ones((3, 4, 5, 7))), r"\(3, 4, 5, 7\)"),
     (((2, 5, 4, 8), (2, 7, 2, 8)), dict(window=(-1, 2)), r"window"),
     (((2, 5, 4, 8), (2, 7, 2, 8)), dict(implementation="chunked", block_size=0), r"block_size"),
-    (((2, 5, 4, 8), (2, 7, 2, 8)), dict(implementation="flash"), r"'flash'.*reference, xla, cudnn, chunked"),
+    (((2, 5, 4, 8), (2, 7, 2, 8)), dict(implementation="flash"), r"'flash'.*reference, xla, cudnn, chunked, blocked"),
+    (((2, 5, 4, 8), (2, 7, 2, 8)), dict(implementation="blocked", bias=jnp.zeros((5, 7))), r"blocked.*not bias or mask"),
 ])
 def test_bad_arguments_raise_clear_errors(shapes, kw, match):
     q, k = jnp.zeros(shapes[0]), jnp.zeros(shapes[1])

@@ -7,14 +7,14 @@ when causal; forward+backward 3.5x the forward (the backward's five matmuls). GF
 TFLOP/s on an accelerator (the unit says which).
 
 Implementations: `zoo-auto` (implementation=None: what users get), `zoo-xla`, `zoo-chunked`,
-`zoo-reference`, `zoo-cudnn` (GPU only). Peers, when torch is installed: `torch-sdpa` (PyTorch's
+`zoo-blocked` (CPU only), `zoo-reference`, `zoo-cudnn` (GPU only). Peers, when torch is installed: `torch-sdpa` (PyTorch's
 own dispatch) and, on CUDA, `torch-sdpa-flash|efficient|cudnn|math`, each only where it applies.
-`matmul-ceiling`: the forward's two matmuls ([T, D] x [D, S] and [T, S] x [S, D] per head) with
-no softmax between them, jitted, counted with the same FLOPs (for causal cases, the full matmuls
-count half, like the attention they bound). Implementations are timed in interleaved rounds so a
+`matmul-ceiling`: the forward's two matmuls with no softmax between them, per head and per block
+of "blocked"'s forward plan (causal: the blocks on or below the diagonal), jitted, counted with
+the same FLOPs as the attention they bound. Implementations are timed in interleaved rounds so a
 drift in machine load hits all alike; the value is the median over rounds.
 
-Quick (CPU): B1 N8 D64, S = T in {1024, 4096}, causal and not, float32.
+Quick (CPU): B1 N8 D64, S = T in {1024, 4096}, causal and not, float32 (zoo-reference at S1024 only).
 Full (accelerator): B4 N16 D128, S in {1k, 4k, 8k, 16k}, causal and not, bfloat16.
 """
 
@@ -28,11 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.bench import median_seconds
-from zoo.ops.attention import dot_product_attention
+from zoo.ops.attention import _blocked_cfg, dot_product_attention
 
 QUICK = dict(B=1, N=8, D=64, lengths=(1024, 4096), dtype="float32")
 FULL = dict(B=4, N=16, D=128, lengths=(1024, 4096, 8192, 16384), dtype="bfloat16")
-ZOO_IMPLS = ("zoo-auto", "zoo-xla", "zoo-chunked", "zoo-reference", "zoo-cudnn")
+ZOO_IMPLS = ("zoo-auto", "zoo-xla", "zoo-chunked", "zoo-blocked", "zoo-reference", "zoo-cudnn")
 TORCH_BACKENDS = ("flash", "efficient", "cudnn", "math")
 REFERENCE_MAX_S = 4096  # the reference materialises [B, N, T, S] logits twice with the backward
 
@@ -59,11 +59,26 @@ def _zoo(impl, arrays, causal, backward, dtype):
 
 
 def _ceiling(arrays, causal, backward, dtype):
+    """The forward's two matmuls per (query block, key block) of "blocked"'s plan, one head per
+    lax.map step, nothing between them: what the matmuls alone cost at attention's shapes."""
     q, k, v, _ = (jnp.asarray(a, dtype) for a in arrays)
+    T, S = q.shape[1], k.shape[1]
+    plan = _blocked_cfg(T, S, causal, None)[2]
+
+    def head(qkv):
+        q_TxD, k_SxD, v_SxD = qkv
+        outs = []
+        for a, b, kbs in plan:
+            o = 0.0
+            for lo, hi, _ in kbs:
+                s = jnp.dot(q_TxD[a:b], k_SxD[lo:hi].T, preferred_element_type=jnp.float32)
+                o = o + jnp.dot(s.astype(dtype), v_SxD[lo:hi], preferred_element_type=jnp.float32)
+            outs.append(o)
+        return jnp.concatenate(outs, 0)
 
     def two_matmuls(q, k, v):
-        s = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
-        return jnp.einsum("bnts,bsnd->btnd", s.astype(dtype), v)
+        heads = [x.transpose(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3]) for x in (q, k, v)]
+        return jax.lax.map(head, tuple(heads))
 
     f = jax.jit(two_matmuls)
     return lambda: f(q, k, v).block_until_ready()
@@ -105,8 +120,8 @@ def _torch(backend, arrays, causal, backward, dtype):
 def _makers(on_gpu, S):
     makers = {}
     for impl in ZOO_IMPLS:
-        if impl == "zoo-cudnn" and not on_gpu:
-            continue
+        if (impl == "zoo-cudnn" and not on_gpu) or (impl == "zoo-blocked" and on_gpu):
+            continue  # "blocked" is the CPU path: on a GPU it would only time XLA's unrolled loops
         if impl == "zoo-reference" and S > REFERENCE_MAX_S:
             continue
         makers[impl] = lambda a, c, b, d, impl=impl: _zoo(impl, a, c, b, d)
@@ -158,7 +173,10 @@ def run(quick: bool) -> list[dict]:
     for S in spec["lengths"]:
         for causal in (False, True):
             for backward in (False, True):
+                # quick: the reference (full logits, ~10 GFLOP/s on CPU) only at the short length
+                skip = {"zoo-reference"} if quick and S > QUICK["lengths"][0] else set()
+                impls = [i for i in _makers(jax.default_backend() == "gpu", S) if i not in skip]
                 rows += bench_case(spec["B"], spec["N"], S, spec["D"], causal, backward, spec["dtype"],
-                                   rounds=3 if quick and S > 2048 else 5)
+                                   rounds=3 if quick and S > 2048 else 5, impls=impls)
                 print(f"  done S={S} causal={causal} backward={backward}", flush=True)
     return rows

@@ -11,6 +11,12 @@ n // (N // K)). Implementations, all giving the same values and gradients:
                not need O(n^2) memory"; Dao et al. 2022, FlashAttention, Alg. 1), with a custom_vjp
                backward that recomputes each block from the saved logsumexp (Dao et al. 2022, Alg. 2
                / appendix B.2): memory O(T * block) instead of O(T * S), forward and backward.
+  "blocked"    the CPU path (no bias or mask): one kv head per lax.map step, a static plan of
+               (query block, key block) pairs, each two 2D matmuls with the softmax between them
+               (causal / window blocks nobody sees are left out, fully visible ones go unmasked),
+               and FlashAttention's backward per block from the saved logsumexp, in the
+               transposed frame. XLA's CPU dots reach ~2x the throughput on these 2D shapes that
+               they do on "xla"'s batched [B, N, T, S] einsums, and each block stays in cache.
 
 Conventions shared by every implementation:
   * Causal and window masks align query i with key i (top-left), as jax.nn does for both "xla"
@@ -36,9 +42,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-IMPLEMENTATIONS = ("reference", "xla", "cudnn", "chunked")
+IMPLEMENTATIONS = ("reference", "xla", "cudnn", "chunked", "blocked")
 
 
 # ----------------------------------------------------------------------------------- checks, masks
@@ -309,6 +316,154 @@ def _chunked(q, k, v, bias, mask, is_causal, window, scale, block_size, q_block_
     return jnp.moveaxis(out, 0, 1).reshape(B, nq * tq, N, D)[:, :T]
 
 
+# --------------------------------------------------------------------------------------- blocked
+# One kv head (with its G query heads) per lax.map step; inside it a static plan of (query block,
+# key block) pairs, each two plain 2D matmuls with the softmax between them. Causal / window masks
+# are resolved when tracing: key blocks no query of a block sees are left out, blocks every query
+# sees get no mask, and only the blocks on the mask's edge pay for a `where`.
+
+
+def _visible(a, b, lo, hi, is_causal, window, xp=np):
+    """[b - a, hi - lo] bool: which keys lo..hi-1 the queries a..b-1 see (top-left alignment)."""
+    d = xp.arange(a, b)[:, None] - xp.arange(lo, hi)[None, :]
+    ok = xp.ones(d.shape, bool)
+    if is_causal:
+        ok &= d >= 0
+    if window is not None:
+        ok &= (d <= window[0]) & (-d <= window[1])
+    return ok
+
+
+def _plan(T, S, tq, tk, is_causal, window):
+    """Per query block [a, b): key blocks (lo, hi, masked) covering the keys some query of the
+    block sees, cut where the mask's status changes (every query sees the key / some do) and at tk."""
+    plan = []
+    for a in range(0, T, tq):
+        b = min(T, a + tq)
+        ok = _visible(a, b, 0, S, is_causal, window)
+        status = np.where(ok.all(0), 2, np.where(ok.any(0), 1, 0))
+        cuts = np.flatnonzero(np.diff(status)) + 1
+        kbs = []
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, S]):
+            for l0 in range(int(lo), int(hi), tk):
+                if status[lo]:
+                    kbs.append((l0, min(int(hi), l0 + tk), bool(status[lo] == 1)))
+        plan.append((a, b, tuple(kbs)))
+    return tuple(plan)
+
+
+def _block_mask(a, b, lo, hi, G, is_causal, window):
+    return jnp.tile(_visible(a, b, lo, hi, is_causal, window, jnp), (G, 1))  # rows (g, t)
+
+
+def _blocked_fwd_head(cfg, q_GxTxD, k_SxD, v_SxD):
+    """Each (query block, key block) normalised by its own row max m_j, then the blocks combined
+    with weights exp(m_j - max_j m_j): no running rescale, so the blocks are independent."""
+    is_causal, window, plan, _ = cfg
+    G, _, D = q_GxTxD.shape
+    outs, lses = [], []
+    for a, b, kbs in plan:
+        n = G * (b - a)
+        if not kbs:
+            outs.append(jnp.zeros((G, b - a, D), jnp.float32))
+            lses.append(jnp.full((G, b - a), jnp.inf))  # exp(s - inf) = 0: no gradient either
+            continue
+        q_nxD = q_GxTxD[:, a:b].reshape(n, D)
+        ms, ls, pvs = [], [], []
+        for lo, hi, masked in kbs:
+            s = jnp.dot(q_nxD, k_SxD[lo:hi].T, preferred_element_type=jnp.float32)
+            if masked:
+                s = jnp.where(_block_mask(a, b, lo, hi, G, is_causal, window), s, -jnp.inf)
+            m = s.max(-1)
+            e = jnp.exp(s - (jnp.where(jnp.isfinite(m), m, 0.0) if masked else m)[:, None])
+            ms.append(m)
+            ls.append(e.sum(-1))
+            pvs.append(jnp.dot(e.astype(v_SxD.dtype), v_SxD[lo:hi], preferred_element_type=jnp.float32))
+        M = functools.reduce(jnp.maximum, ms)
+        M = jnp.where(jnp.isfinite(M), M, 0.0)
+        w = [jnp.exp(m - M) for m in ms] if len(kbs) > 1 else [None]
+        o = pvs[0] if w[0] is None else sum(wj[:, None] * pv for wj, pv in zip(w, pvs))
+        l = ls[0] if w[0] is None else sum(wj * lj for wj, lj in zip(w, ls))
+        seen = l > 0
+        l = jnp.where(seen, l, 1.0)
+        outs.append((o / l[:, None]).reshape(G, b - a, D))
+        lses.append(jnp.where(seen, M + jnp.log(l), jnp.inf).reshape(G, b - a))
+    return jnp.concatenate(outs, 1), jnp.concatenate(lses, 1)
+
+
+def _blocked_bwd_head(cfg, q_GxTxD, k_SxD, v_SxD, o_GxTxD, lse_GxT, do_GxTxD):
+    """FlashAttention's backward per block, in the transposed frame ([keys, rows]), so dk and dv
+    are plain matmuls and only dq's needs a transposed operand."""
+    is_causal, window, _, plan = cfg
+    G, _, D = q_GxTxD.shape
+    f32 = jnp.float32
+    delta_GxT = jnp.sum(do_GxTxD.astype(f32) * o_GxTxD.astype(f32), -1)
+    dk, dv, dqs = jnp.zeros(k_SxD.shape, f32), jnp.zeros(v_SxD.shape, f32), []
+    for a, b, kbs in plan:
+        n = G * (b - a)
+        q_nxD, do_nxD = q_GxTxD[:, a:b].reshape(n, D), do_GxTxD[:, a:b].reshape(n, D)
+        lse, delta = lse_GxT[:, a:b].reshape(n), delta_GxT[:, a:b].reshape(n)
+        dq = jnp.zeros((n, D), f32)
+        for lo, hi, masked in kbs:
+            k_blk, v_blk = k_SxD[lo:hi], v_SxD[lo:hi]
+            pT = jnp.exp(jnp.dot(k_blk, q_nxD.T, preferred_element_type=f32) - lse[None])
+            if masked:
+                pT = jnp.where(_block_mask(a, b, lo, hi, G, is_causal, window).T, pT, 0.0)
+            dv = dv.at[lo:hi].add(jnp.dot(pT.astype(do_nxD.dtype), do_nxD, preferred_element_type=f32))
+            dsT = pT * (jnp.dot(v_blk, do_nxD.T, preferred_element_type=f32) - delta[None])
+            dk = dk.at[lo:hi].add(jnp.dot(dsT.astype(q_nxD.dtype), q_nxD, preferred_element_type=f32))
+            dq = dq + jnp.dot(dsT.T.astype(k_blk.dtype), k_blk, preferred_element_type=f32)
+        dqs.append(dq.reshape(G, b - a, D))
+    return jnp.concatenate(dqs, 1), dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blocked_heads(cfg, q_HxGxTxD, k_HxSxD, v_HxSxD):
+    return _blocked_heads_fwd(cfg, q_HxGxTxD, k_HxSxD, v_HxSxD)[0]
+
+
+def _blocked_heads_fwd(cfg, q, k, v):
+    o, lse = lax.map(lambda x: _blocked_fwd_head(cfg, *x), (q, k, v))
+    o = o.astype(q.dtype)
+    return o, (q, k, v, o, lse)
+
+
+def _blocked_heads_bwd(cfg, res, do):
+    q, k, v, o, lse = res
+    dq, dk, dv = lax.map(lambda x: _blocked_bwd_head(cfg, *x), (q, k, v, o, lse, do))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_blocked_heads.defvjp(_blocked_heads_fwd, _blocked_heads_bwd)
+
+# (query, key) block sizes of "blocked" when not given, measured on 2 CPU cores (zoo bench
+# attention --quick): the forward wants big square blocks, the backward smaller query blocks, and a
+# causal forward small query blocks (less of the diagonal is masked work). Query blocks grow past
+# T / 16 so long sequences do not unroll into hundreds of blocks.
+BLOCKED_FWD, BLOCKED_FWD_CAUSAL, BLOCKED_BWD = (1024, 1024), (128, 2048), (256, 1024)
+BLOCKED_AUTO_MAX_BLOCKS = 128  # auto on CPU uses "blocked" while a plan has <= 128 block pairs per head
+
+
+def _blocked_cfg(T, S, is_causal, window, q_block_size=None, block_size=None):
+    structured = is_causal or window is not None
+    fwd = BLOCKED_FWD_CAUSAL if structured else BLOCKED_FWD
+    grow = lambda tq: max(tq, -(-T // 16))
+    fwd_q, fwd_k = q_block_size or grow(fwd[0]), block_size or fwd[1]
+    bwd_q, bwd_k = q_block_size or grow(BLOCKED_BWD[0]), block_size or BLOCKED_BWD[1]
+    return (is_causal, window, _plan(T, S, min(fwd_q, T), min(fwd_k, S), is_causal, window),
+            _plan(T, S, min(bwd_q, T), min(bwd_k, S), is_causal, window))
+
+
+def _blocked(q, k, v, is_causal, window, scale, q_block_size=None, block_size=None):
+    (B, T, N, D), (S, K) = q.shape, k.shape[1:3]
+    G = N // K
+    cfg = _blocked_cfg(T, S, is_causal, window, q_block_size, block_size)
+    qh = (q * jnp.asarray(scale, q.dtype)).reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4)
+    kh, vh = (x.transpose(0, 2, 1, 3).reshape(B * K, S, D) for x in (k, v))
+    o = _blocked_heads(cfg, qh.reshape(B * K, G, T, D), kh, vh)
+    return o.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, N, D)
+
+
 # ---------------------------------------------------------------------------------------- public
 
 
@@ -341,17 +496,23 @@ def _per_example(q, k, v, scale):
 
 
 def _auto(q, k, bias, mask, is_causal, window):
-    """cuDNN where it applies; on CPU "chunked" with query blocks once the logits outgrow the
-    caches; else "xla", or "chunked" once the full logits would be huge."""
+    """cuDNN where it applies; on CPU "blocked" (or "chunked" with query blocks when there is a
+    bias or mask) once the logits outgrow the caches; else "xla", or "chunked" once the full
+    logits would be huge."""
     if _cudnn_applies(q, k):
         return "cudnn"
     B, T, N, _ = q.shape
     S = k.shape[1]
     # On CPU, XLA runs each op of "xla" over the whole [B, N, T, S] logits: the matmul writes them
     # to memory and softmax's passes read them back (an elementwise pass over 32 MiB costs as much
-    # as the matmul, see benchmarks/results/README.md). Query blocks of 128 against key blocks of
-    # 1024 keep each step's logits in cache: 2x "xla" at S = 1024 and 4096 (B1 N8 D64 f32).
+    # as the matmul, see benchmarks/results/README.md). "blocked" runs one head at a time through
+    # 2D matmuls on cache-sized blocks: 2-3x "chunked" and ~0.8x PyTorch's flash kernel at
+    # B1 N8 D64 S1024-4096 f32.
     if jax.default_backend() == "cpu" and T >= 2 * CPU_BLOCKS[0] and S >= 256 and q.shape[-1] > CPU_NARROW_HEAD:
+        if bias is None and mask is None:
+            plans = _blocked_cfg(T, S, is_causal, window)[2:]
+            if max(sum(len(kbs) for _, _, kbs in plan) for plan in plans) <= BLOCKED_AUTO_MAX_BLOCKS:
+                return "blocked"
         return "chunked-cpu"
     if (jax.default_backend() == "cpu" and q.shape[-1] <= CPU_NARROW_HEAD and N * T * S <= CPU_NARROW_LOGITS
             and bias is None and mask is None and not is_causal and window is None):
@@ -360,16 +521,17 @@ def _auto(q, k, bias, mask, is_causal, window):
 
 
 def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, window=None,
-                          scale=None, implementation=None, block_size=512, q_block_size=None):
+                          scale=None, implementation=None, block_size=None, q_block_size=None):
     """softmax(q k^T * scale + bias) v over visible keys: q [B,T,N,D], k/v [B,S,K,D] -> [B,T,N,D].
 
     mask: bool, broadcastable to [B, N, T, S], True = attend (a key padding mask [B, S] is
     mask[:, None, None, :]). bias: additive, broadcastable to [B, N, T, S]. window: (left, right)
     or an int for both. scale defaults to 1/sqrt(D). implementation: one of IMPLEMENTATIONS or None
     (auto: cuDNN on GPU for fp16/bf16; on CPU one example at a time for unmasked heads of D <= 16,
-    "chunked" with query blocks when T, S >= 256; else
-    "xla", or "chunked" when the [B, N, T, S] float32 logits would pass 1 GiB). block_size: keys
-    per block for "chunked" (S need not divide it); q_block_size: queries per block (None: all).
+    and when T, S >= 256 "blocked" (no bias or mask) or "chunked" with query blocks; else "xla",
+    or "chunked" when the [B, N, T, S] float32 logits would pass 1 GiB). block_size: keys per
+    block for "chunked" (default 512; S need not divide it) and "blocked" (default: the measured
+    BLOCKED_* sizes); q_block_size: queries per block (chunked's default: all).
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     if implementation is not None and implementation not in IMPLEMENTATIONS:
@@ -377,8 +539,7 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
                          f"{', '.join(IMPLEMENTATIONS)} or None (auto)")
     bias, mask, window = _check(q, k, v, bias, mask, window)
     for name, size in (("block_size", block_size), ("q_block_size", q_block_size)):
-        if (size is not None or name == "block_size") and (
-                isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ValueError(f"{name} must be a positive int; got {size!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     impl = implementation or _auto(q, k, bias, mask, is_causal, window)
@@ -386,10 +547,16 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
         return _per_example(q, k, v, scale)
     if impl == "chunked-cpu":
         return _chunked(q, k, v, bias, mask, is_causal, window, scale, CPU_BLOCKS[1], CPU_BLOCKS[0])
+    if impl == "blocked":
+        if bias is not None or mask is not None:
+            raise ValueError('implementation "blocked" takes is_causal and window only, not bias or '
+                             'mask; use "chunked" (or None) for those')
+        sizes = (q_block_size, block_size) if implementation else (None, None)  # auto: measured sizes
+        return _blocked(q, k, v, is_causal, window, scale, *sizes)
     if impl == "reference":
         return _reference(q, k, v, bias, mask, is_causal, window, scale)
     if impl == "chunked":
-        return _chunked(q, k, v, bias, mask, is_causal, window, scale, block_size, q_block_size)
+        return _chunked(q, k, v, bias, mask, is_causal, window, scale, block_size or 512, q_block_size)
     return _jax_nn(q, k, v, bias, mask, is_causal, window, scale, impl)
 
 
