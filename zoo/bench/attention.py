@@ -152,11 +152,14 @@ def bench_case(B, N, S, D, causal, backward, dtype, *, rounds=5, impls=None) -> 
             print(f"  skip {impl}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
         fns[impl] = fn
+    # After the first round, a call shorter than 0.25 s is timed right after an untimed one:
+    # otherwise it pays for waking the idle thread pools (XLA's and torch's) at its start.
     times = {impl: [] for impl in fns}
-    for _ in range(rounds):
+    for r in range(rounds):
         for impl, fn in fns.items():
             time.sleep(0.05)
-            times[impl].append(median_seconds(fn, warmup=0, iters=1))
+            warm = r > 0 and min(times[impl]) < 0.25
+            times[impl].append(median_seconds(fn, warmup=int(warm), iters=1))
     scale, unit = (1e12, "TFLOP/s") if on_gpu else (1e9, "GFLOP/s")
     case = f"B{B}-N{N}-S{S}-D{D}-{dtype}-{'causal' if causal else 'full'}-{'fwd+bwd' if backward else 'fwd'}"
     rows = []
