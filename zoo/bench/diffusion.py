@@ -17,8 +17,9 @@ T = 1000, final alpha 1): `zoo-ddim50-scan`, one jitted scan of 50 evaluations, 
 `diffusers-ddim50-loop`, the standard `for t in scheduler.timesteps` loop over the eager model;
 the sampler state is float32 on both sides, the network runs in the case's dtype.
 Implementations are timed in interleaved rounds (every one once per round, after a short pause
-on CPU so that OpenMP threads still spinning from the previous call go idle) and the value is the
-median over rounds. On CPU torch gets as many threads as XLA's pool has cores (reported per row)
+on CPU so that OpenMP threads still spinning from the previous call go idle; from the second round
+on, calls under 0.25 s follow an untimed call so they do not pay for waking the thread pools) and
+the value is the median over rounds. On CPU torch gets as many threads as XLA's pool has cores (reported per row)
 and OMP_WAIT_POLICY=PASSIVE unless the caller sets it (see `run`).
 
 Quick (CPU): `unet-small32` (32x32x3, channels 32/64/64, two ResNets per level, attention at
@@ -271,12 +272,16 @@ def _interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    # After the first round, a call shorter than 0.25 s is timed right after an untimed one:
+    # otherwise it pays for waking the idle thread pools after the pause (XLA's and torch's), and
+    # a loop of back-to-back calls (DDIM) would run faster per call than its own denoiser figure.
     times = {impl: [] for impl in fns}
-    for _ in range(rounds):
+    for r in range(rounds):
         for impl, fn in fns.items():
             if _on_cpu():
                 time.sleep(PAUSE_S)
-            times[impl].append(median_seconds(fn, warmup=0, iters=1))
+            warm = r > 0 and min(times[impl]) < 0.25
+            times[impl].append(median_seconds(fn, warmup=int(warm), iters=1))
     return {impl: statistics.median(t) for impl, t in times.items()}
 
 
