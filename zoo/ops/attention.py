@@ -509,7 +509,7 @@ def _auto(q, k, bias, mask, is_causal, window):
     # 2D matmuls on cache-sized blocks: 2-3x "chunked" and ~0.8x PyTorch's flash kernel at
     # B1 N8 D64 S1024-4096 f32.
     if jax.default_backend() == "cpu" and T >= 2 * CPU_BLOCKS[0] and S >= 256 and q.shape[-1] > CPU_NARROW_HEAD:
-        if bias is None and mask is None:
+        if bias is None and mask is None and T * S <= 2**26:  # longer: too many blocks to unroll
             plans = _blocked_cfg(T, S, is_causal, window)[2:]
             if max(sum(len(kbs) for _, _, kbs in plan) for plan in plans) <= BLOCKED_AUTO_MAX_BLOCKS:
                 return "blocked"
