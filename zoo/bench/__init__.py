@@ -40,6 +40,23 @@ def median_seconds(fn: Callable[[], object], *, warmup: int = 2, iters: int = 10
     return statistics.median(times)
 
 
+def interleaved_times(fns: dict, rounds: int, *, pause_s: float = 0.0,
+                      warm_below_s: float = 0.0) -> dict:
+    """{impl: [seconds of one call per round]}: every implementation once per round, in turn, so a
+    drift in machine load hits all alike. Each call follows a pause of pause_s (threads still
+    spinning from the previous implementation go idle); from the second round on, an
+    implementation whose fastest call so far is under warm_below_s is timed right after an untimed
+    call, so a short call does not pay for waking the idle thread pools after the pause."""
+    times = {impl: [] for impl in fns}
+    for r in range(rounds):
+        for impl, fn in fns.items():
+            if pause_s:
+                time.sleep(pause_s)
+            warm = r > 0 and min(times[impl]) < warm_below_s
+            times[impl].append(median_seconds(fn, warmup=int(warm), iters=1))
+    return times
+
+
 def git_sha() -> str:
     try:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

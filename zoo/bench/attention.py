@@ -21,13 +21,12 @@ Full (accelerator): B4 N16 D128, S in {1k, 4k, 8k, 16k}, causal and not, bfloat1
 from __future__ import annotations
 
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.bench import median_seconds
+from zoo.bench import interleaved_times
 from zoo.ops.attention import _blocked_cfg, dot_product_attention
 
 QUICK = dict(B=1, N=8, D=64, lengths=(1024, 4096), dtype="float32")
@@ -152,14 +151,7 @@ def bench_case(B, N, S, D, causal, backward, dtype, *, rounds=5, impls=None) -> 
             print(f"  skip {impl}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
         fns[impl] = fn
-    # After the first round, a call shorter than 0.25 s is timed right after an untimed one:
-    # otherwise it pays for waking the idle thread pools (XLA's and torch's) at its start.
-    times = {impl: [] for impl in fns}
-    for r in range(rounds):
-        for impl, fn in fns.items():
-            time.sleep(0.05)
-            warm = r > 0 and min(times[impl]) < 0.25
-            times[impl].append(median_seconds(fn, warmup=int(warm), iters=1))
+    times = interleaved_times(fns, rounds, pause_s=0.05, warm_below_s=0.25)
     scale, unit = (1e12, "TFLOP/s") if on_gpu else (1e9, "GFLOP/s")
     case = f"B{B}-N{N}-S{S}-D{D}-{dtype}-{'causal' if causal else 'full'}-{'fwd+bwd' if backward else 'fwd'}"
     rows = []

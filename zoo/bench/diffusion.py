@@ -36,13 +36,12 @@ import dataclasses
 import functools
 import os
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.bench import median_seconds
+from zoo.bench import interleaved_times
 from zoo.nn.unet import DDPM_CIFAR10, UNet, UNetConfig, diffusers_kwargs, from_diffusers, param_shapes
 from zoo.ops.diffusion import ddim_sample, linear_schedule
 from zoo.ops.lora import count_params
@@ -272,16 +271,9 @@ def _interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    # After the first round, a call shorter than 0.25 s is timed right after an untimed one:
-    # otherwise it pays for waking the idle thread pools after the pause (XLA's and torch's), and
-    # a loop of back-to-back calls (DDIM) would run faster per call than its own denoiser figure.
-    times = {impl: [] for impl in fns}
-    for r in range(rounds):
-        for impl, fn in fns.items():
-            if _on_cpu():
-                time.sleep(PAUSE_S)
-            warm = r > 0 and min(times[impl]) < 0.25
-            times[impl].append(median_seconds(fn, warmup=int(warm), iters=1))
+    # warm_below_s: without it, single short calls after the pause paid for waking the thread
+    # pools and a loop of back-to-back calls (DDIM) ran faster per call than its denoiser figure
+    times = interleaved_times(fns, rounds, pause_s=PAUSE_S if _on_cpu() else 0.0, warm_below_s=0.25)
     return {impl: statistics.median(t) for impl, t in times.items()}
 
 

@@ -18,13 +18,12 @@ Run with OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unset (they slow NumPy; see benchmar
 from __future__ import annotations
 
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.bench import median_seconds
+from zoo.bench import interleaved_times
 from zoo.ops import gibbs
 
 QUICK = [(784, 500, 1024, 20), (64, 256, 4096, 50)]
@@ -133,13 +132,9 @@ def bench_case(V, H, B, K, impls=IMPLS, *, rounds: int = 7) -> list[dict]:
         except ImportError:
             continue  # an optional peer that is not installed
         fns[impl]()  # compile / warm up
-    times = {impl: [] for impl in fns}
-    for _ in range(rounds):
-        for impl, fn in fns.items():
-            # OpenBLAS's worker threads spin for a while after a NumPy call; let them go idle so they
-            # do not steal the cores from whichever implementation runs next
-            time.sleep(PAUSE_S)
-            times[impl].append(median_seconds(fn, warmup=0, iters=1))
+    # OpenBLAS's worker threads spin for a while after a NumPy call; the pause lets them go idle so
+    # they do not steal the cores from whichever implementation runs next
+    times = interleaved_times(fns, rounds, pause_s=PAUSE_S)
     case = f"{V}x{H}-B{B}-K{K}"
     return [{"case": case, "impl": impl, "value": B * K / statistics.median(t), "unit": "chain-steps/s"}
             for impl, t in times.items()]

@@ -1,0 +1,26 @@
+"""zoo.bench.interleaved_times: the interleaving and the warm-call rule, counted by call."""
+
+import time
+
+from zoo.bench import interleaved_times
+
+
+def test_interleaved_times_warms_only_short_calls_after_the_first_round():
+    order = []
+
+    def make(name, seconds):
+        def fn():
+            order.append(name)
+            time.sleep(seconds)
+        return fn
+
+    fns = {"short": make("short", 0.001), "long": make("long", 0.03)}
+    times = interleaved_times(fns, 3, warm_below_s=0.01)
+    assert {k: len(v) for k, v in times.items()} == {"short": 3, "long": 3}
+    # round 1: one call each; rounds 2-3: "short" gets an untimed call before its timed one
+    assert order == ["short", "long", "short", "short", "long", "short", "short", "long"]
+    assert min(times["long"]) >= 0.03 and max(times["short"]) < 0.03
+
+    order.clear()
+    interleaved_times(fns, 2)  # warm_below_s = 0: no extra calls
+    assert order == ["short", "long", "short", "long"]
