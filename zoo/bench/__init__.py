@@ -58,6 +58,9 @@ def interleaved_times(fns: dict, rounds: int, *, pause_s: float = 0.0,
 
 
 def git_sha() -> str:
+    """The checkout's short SHA; ZOO_GIT_SHA wins (a copied tree without .git, as on a lent GPU)."""
+    if os.environ.get("ZOO_GIT_SHA"):
+        return os.environ["ZOO_GIT_SHA"]
     try:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
@@ -83,6 +86,14 @@ def table(rows: list[dict]) -> str:
         ratio = r["value"] / base if base else float("nan")
         lines.append(f"{r['case']:40s} {r['impl']:24s} {r['value']:12.4g} {r['unit']:10s} {ratio:7.3f}")
     return "\n".join(lines)
+
+
+def emit(rows: list[dict]) -> list[dict]:
+    """Print rows as soon as a case is measured (flushed), so a run cut off by a time limit still
+    leaves every finished case in its log; returns rows."""
+    for r in rows:
+        print(f"  {r['case']:40s} {r['impl']:24s} {r['value']:12.4g} {r['unit']}", flush=True)
+    return rows
 
 
 def run_benchmark(name: str, *, quick: bool = False, out: str | None = None) -> dict:

@@ -9,9 +9,11 @@ TFLOP/s on an accelerator (the unit says which).
 Implementations: `zoo-auto` (implementation=None: what users get), `zoo-xla`, `zoo-chunked`,
 `zoo-blocked` (CPU only), `zoo-reference`, `zoo-cudnn` (GPU only). Peers, when torch is installed: `torch-sdpa` (PyTorch's
 own dispatch) and, on CUDA, `torch-sdpa-flash|efficient|cudnn|math`, each only where it applies.
-`matmul-ceiling`: the forward's two matmuls with no softmax between them, per head and per block
-of "blocked"'s forward plan (causal: the blocks on or below the diagonal), jitted, counted with
-the same FLOPs as the attention they bound. Implementations are timed in interleaved rounds so a
+`matmul-ceiling`: the forward's two matmuls with no softmax between them, jitted; on CPU per head
+and per block of "blocked"'s forward plan (causal: the blocks on or below the diagonal), counted
+with the same FLOPs as the attention they bound; on a GPU as batched matmuls over all heads, full
+(not causal), counted with the full FLOPs. On a GPU a timed call dispatches the same kernel
+`reps` times back to back (about 25 ms in all) and waits once; the row's value is per kernel. Implementations are timed in interleaved rounds so a
 drift in machine load hits all alike; the value is the median over rounds.
 
 Quick (CPU): B1 N8 D64, S = T in {1024, 4096}, causal and not, float32 (zoo-reference at S1024 only).
@@ -20,13 +22,15 @@ Full (accelerator): B4 N16 D128, S in {1k, 4k, 8k, 16k}, causal and not, bfloat1
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import statistics
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.bench import interleaved_times
+from zoo.bench import emit, interleaved_times, median_seconds
 from zoo.ops.attention import _blocked_cfg, dot_product_attention
 
 QUICK = dict(B=1, N=8, D=64, lengths=(1024, 4096), dtype="float32")
@@ -54,7 +58,19 @@ def _zoo(impl, arrays, causal, backward, dtype):
         f = jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))
     else:
         f = jax.jit(lambda q, k, v, do: attn(q, k, v))
-    return lambda: jax.block_until_ready(f(q, k, v, do))
+    return _repeat(lambda: f(q, k, v, do))
+
+
+def _repeat(call):
+    """run(n=1): n calls dispatched back to back, then one wait (on a GPU a single short kernel
+    would time mostly the dispatch and the synchronisation)."""
+    def run(n=1):
+        out = None
+        for _ in range(n):
+            out = call()
+        return jax.block_until_ready(out)
+
+    return run
 
 
 def _ceiling(arrays, causal, backward, dtype):
@@ -80,7 +96,25 @@ def _ceiling(arrays, causal, backward, dtype):
         return jax.lax.map(head, tuple(heads))
 
     f = jax.jit(two_matmuls)
-    return lambda: f(q, k, v).block_until_ready()
+    return _repeat(lambda: f(q, k, v))
+
+
+def _ceiling_gpu(arrays, dtype, q_chunk=4096):
+    """On an accelerator: the forward's two matmuls as batched (cuBLAS) matmuls over all heads,
+    full (not causal), query chunks of q_chunk rows so the [B, N, chunk, S] logits stay a few GB."""
+    q, k, v, _ = (jnp.asarray(a, dtype) for a in arrays)
+    B, T, N, D = q.shape
+    c = min(T, q_chunk)
+
+    def two_matmuls(q, k, v):
+        def one(q_c):
+            s = jnp.einsum("bqnd,bknd->bnqk", q_c, k)
+            return jnp.einsum("bnqk,bknd->bqnd", s, v)
+
+        return jax.lax.map(one, q.reshape(B, T // c, c, N, D).swapaxes(0, 1))
+
+    f = jax.jit(two_matmuls)
+    return _repeat(lambda: f(q, k, v))
 
 
 def _torch(backend, arrays, causal, backward, dtype):
@@ -103,15 +137,15 @@ def _torch(backend, arrays, causal, backward, dtype):
         out = sdpa(q, k, v, is_causal=causal)
         if backward:
             out.backward(do)
+        return out
+
+    def run(n=1):
+        with (ctx() if ctx else contextlib.nullcontext()):
+            for _ in range(n):
+                out = call()
         if dev == "cuda":
             torch.cuda.synchronize()
         return out
-
-    def run():
-        if ctx is None:
-            return call()
-        with ctx():
-            return call()
 
     return run
 
@@ -130,17 +164,25 @@ def _makers(on_gpu, S):
         makers["torch-sdpa"] = lambda a, c, b, d: _torch(None, a, c, b, d)
         if on_gpu:
             for backend in TORCH_BACKENDS:
+                if backend == "math" and S > REFERENCE_MAX_S:
+                    continue  # materialises the logits like the reference
                 makers[f"torch-sdpa-{backend}"] = lambda a, c, b, d, backend=backend: _torch(backend, a, c, b, d)
     except ImportError:
         pass
-    makers["matmul-ceiling"] = lambda a, c, b, d: _ceiling(a, c, b, d)
+    if on_gpu:
+        makers["matmul-ceiling"] = lambda a, c, b, d: _ceiling_gpu(a, d)
+    else:
+        makers["matmul-ceiling"] = lambda a, c, b, d: _ceiling(a, c, b, d)
     return makers
+
+
+GPU_CALL_S = 0.025  # on a GPU a timed call repeats the kernel until it lasts about this long
 
 
 def bench_case(B, N, S, D, causal, backward, dtype, *, rounds=5, impls=None) -> list[dict]:
     on_gpu = jax.default_backend() == "gpu"
     arrays = _inputs(B, N, S, D, dtype)
-    fns = {}
+    fns, reps = {}, {}
     for impl, make in _makers(on_gpu, S).items():
         if impls is not None and impl not in impls:
             continue
@@ -150,16 +192,37 @@ def bench_case(B, N, S, D, causal, backward, dtype, *, rounds=5, impls=None) -> 
         except Exception as e:  # noqa: BLE001 (a peer backend that does not apply, or out of memory)
             print(f"  skip {impl}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
+        reps[impl] = 1
+        if on_gpu:  # repeat short kernels so a timed call is ~GPU_CALL_S, not dispatch + sync
+            reps[impl] = int(min(200, max(1, round(GPU_CALL_S / median_seconds(fn, warmup=0, iters=2)))))
+            fn = functools.partial(fn, reps[impl])
         fns[impl] = fn
-    times = interleaved_times(fns, rounds, pause_s=0.05, warm_below_s=0.25)
+    if on_gpu:
+        times = interleaved_times(fns, rounds)
+    else:
+        times = interleaved_times(fns, rounds, pause_s=0.05, warm_below_s=0.25)
     scale, unit = (1e12, "TFLOP/s") if on_gpu else (1e9, "GFLOP/s")
     case = f"B{B}-N{N}-S{S}-D{D}-{dtype}-{'causal' if causal else 'full'}-{'fwd+bwd' if backward else 'fwd'}"
     rows = []
     for impl, t in times.items():
-        flops = attention_flops(B, N, S, S, D, causal, backward and impl != "matmul-ceiling")
-        rows.append({"case": case, "impl": impl, "value": flops / statistics.median(t) / scale, "unit": unit,
-                     "median_s": statistics.median(t)})
-    return rows
+        ceiling = impl == "matmul-ceiling"
+        # the GPU ceiling runs the full (not causal) matmuls and counts their FLOPs
+        flops = attention_flops(B, N, S, S, D, causal and not (ceiling and on_gpu), backward and not ceiling)
+        sec = statistics.median(t) / reps[impl]
+        rows.append({"case": case, "impl": impl, "value": flops / sec / scale, "unit": unit,
+                     "median_s": sec, "reps": reps[impl]})
+    if on_gpu:
+        _free_torch_cache()
+    return emit(rows)
+
+
+def _free_torch_cache():
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # JAX allocates without preallocation; leave it the room
 
 
 def run(quick: bool) -> list[dict]:
@@ -172,6 +235,6 @@ def run(quick: bool) -> list[dict]:
                 skip = {"zoo-reference"} if quick and S > QUICK["lengths"][0] else set()
                 impls = [i for i in _makers(jax.default_backend() == "gpu", S) if i not in skip]
                 rows += bench_case(spec["B"], spec["N"], S, spec["D"], causal, backward, spec["dtype"],
-                                   rounds=3 if quick and S > 2048 else 5, impls=impls)
+                                   rounds=3 if S > 2048 and (quick or S > 4096) else 5, impls=impls)
                 print(f"  done S={S} causal={causal} backward={backward}", flush=True)
     return rows

@@ -4,9 +4,12 @@ Ours: the whole K-sweep chain is one jitted lax.scan. `zoo-f32`: f32 with the de
 uniforms; `zoo-f32-threefry`: jax.random.uniform per half-sweep; `zoo-bf16`: bf16 matmuls with
 f32 accumulation (no native bf16 on AVX2 CPUs: slower there). Peers in the same process:
 scikit-learn's `BernoulliRBM.gibbs` called K times, a plain NumPy chain (matmul + uniform < p),
-PyTorch eager (matmul + bernoulli) when installed, and `matmul-ceiling`: the chain's two matmuls
+PyTorch eager (matmul + bernoulli) when installed (on CUDA also in bf16: `torch-eager-bf16`;
+`torch-eager` is float32 with torch's default of no TF32, while JAX's default GPU precision for
+float32 matmuls may use TF32), and `matmul-ceiling`: the chain's two matmuls
 per sweep with only a `>= 0` threshold between them (binary inputs like the chain's, and no
-denormal decay), jitted as one lax.scan, in the same chain-steps/s.
+denormal decay), jitted as one lax.scan, in the same chain-steps/s (on an accelerator also
+`matmul-ceiling-bf16`, bf16 operands with f32 accumulation like `zoo-bf16`).
 Implementations are timed in interleaved rounds (each round calls every implementation once, after
 a short pause that lets OpenBLAS's spinning threads go idle) so a drift in machine load hits all
 alike; the value is the median over rounds.
@@ -23,14 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.bench import interleaved_times
+from zoo.bench import emit, interleaved_times
 from zoo.ops import gibbs
 
 QUICK = [(784, 500, 1024, 20), (64, 256, 4096, 50)]
 FULL = [(784, 500, 1024, 100), (784, 500, 16384, 100), (784, 4096, 16384, 100), (4096, 4096, 8192, 100)]
-IMPLS = ("zoo-f32", "zoo-f32-threefry", "zoo-bf16", "matmul-ceiling", "numpy", "sklearn-BernoulliRBM.gibbs",
-         "torch-eager")
+IMPLS = ("zoo-f32", "zoo-f32-threefry", "zoo-bf16", "matmul-ceiling", "matmul-ceiling-bf16", "numpy",
+         "sklearn-BernoulliRBM.gibbs", "torch-eager", "torch-eager-bf16")
 CPU_ONLY = ("numpy", "sklearn-BernoulliRBM.gibbs")
+ACCELERATOR_ONLY = ("matmul-ceiling-bf16", "torch-eager-bf16")  # bf16 is emulated (slow) on AVX2 CPUs
 PAUSE_S = 0.3
 
 
@@ -56,14 +60,14 @@ def _zoo(params, v0, K, **opts):
     return lambda: f(key, p, v0).block_until_ready()
 
 
-def _ceiling(params, v0, K):
+def _ceiling(params, v0, K, dtype=jnp.float32):
     def chain(W, v):
         def body(v, _):
-            h = (v @ W >= 0).astype(v.dtype)
-            return (h @ W.T >= 0).astype(v.dtype), None
+            h = (jnp.dot(v, W, preferred_element_type=jnp.float32) >= 0).astype(v.dtype)
+            return (jnp.dot(h, W.T, preferred_element_type=jnp.float32) >= 0).astype(v.dtype), None
         return jax.lax.scan(body, v, None, length=K)[0]
 
-    f, W, v0 = jax.jit(chain), jnp.asarray(params["W"]), jnp.asarray(v0)
+    f, W, v0 = jax.jit(chain), jnp.asarray(params["W"], dtype), jnp.asarray(v0, dtype)
     return lambda: f(W, v0).block_until_ready()
 
 
@@ -88,12 +92,14 @@ def _sklearn(params, v0, K):
     return run
 
 
-def _torch(params, v0, K):
+def _torch(params, v0, K, dtype="float32"):
     import torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    W, b, c = (torch.as_tensor(params[k], device=dev) for k in ("W", "b", "c"))
-    v0 = torch.as_tensor(v0, device=dev)
+    if dtype != "float32" and dev == "cpu":
+        raise ImportError("bf16 torch peer: CUDA only")  # skipped like a missing peer
+    W, b, c = (torch.as_tensor(params[k], device=dev).to(getattr(torch, dtype)) for k in ("W", "b", "c"))
+    v0 = torch.as_tensor(v0, device=dev).to(getattr(torch, dtype))
 
     def run():
         v = v0
@@ -112,9 +118,11 @@ MAKERS = {
     "zoo-f32-threefry": lambda p, v0, K: _zoo(p, v0, K, uniforms="threefry"),
     "zoo-bf16": lambda p, v0, K: _zoo(p, v0, K, compute_dtype=jnp.bfloat16),
     "matmul-ceiling": _ceiling,
+    "matmul-ceiling-bf16": lambda p, v0, K: _ceiling(p, v0, K, jnp.bfloat16),
     "numpy": _numpy,
     "sklearn-BernoulliRBM.gibbs": _sklearn,
     "torch-eager": _torch,
+    "torch-eager-bf16": lambda p, v0, K: _torch(p, v0, K, "bfloat16"),
 }
 
 
@@ -125,7 +133,7 @@ def bench_case(V, H, B, K, impls=IMPLS, *, rounds: int = 7) -> list[dict]:
     on_accelerator = jax.default_backend() != "cpu"
     fns = {}
     for impl in impls:
-        if impl in CPU_ONLY and on_accelerator:
+        if (impl in CPU_ONLY and on_accelerator) or (impl in ACCELERATOR_ONLY and not on_accelerator):
             continue  # CPU peers are not the comparison on an accelerator
         try:
             fns[impl] = MAKERS[impl](params, v0, K)
@@ -134,10 +142,10 @@ def bench_case(V, H, B, K, impls=IMPLS, *, rounds: int = 7) -> list[dict]:
         fns[impl]()  # compile / warm up
     # OpenBLAS's worker threads spin for a while after a NumPy call; the pause lets them go idle so
     # they do not steal the cores from whichever implementation runs next
-    times = interleaved_times(fns, rounds, pause_s=PAUSE_S)
+    times = interleaved_times(fns, rounds, pause_s=0.0 if on_accelerator else PAUSE_S)
     case = f"{V}x{H}-B{B}-K{K}"
-    return [{"case": case, "impl": impl, "value": B * K / statistics.median(t), "unit": "chain-steps/s"}
-            for impl, t in times.items()]
+    return emit([{"case": case, "impl": impl, "value": B * K / statistics.median(t), "unit": "chain-steps/s"}
+                 for impl, t in times.items()])
 
 
 def run(quick: bool) -> list[dict]:

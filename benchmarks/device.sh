@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU benchmark runs, as one command on a lent accelerator machine (see benchmarks/results/README.md).
+#   bash benchmarks/device.sh PART OUTDIR [SHA]
+# PART: "a" = the GPU tests, then `zoo bench gibbs`, `attention`, `gpt_step` (full sets);
+#       "b" = `zoo bench diffusion` (full set, with the diffusers / torch.compile peers).
+# Runs the tree as is (PYTHONPATH, no install); Python packages the machine lacks or holds in other
+# versions travel as wheels in .whl/ (flax, optax, chex, ml_collections, diffusers) and go to
+# /tmp/site. Each benchmark has its own time limit, prints its rows as each case finishes (into
+# OUTDIR/log-PART.txt) and writes OUTDIR/NAME-gpu.json when it completes.
+set -u
+part=$1 out=$2
+export ZOO_GIT_SHA=${3:-unknown} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
+export ZOO_COMPILATION_CACHE=""  # nothing to reuse on a fresh machine
+log=$out/log-$part.txt
+mkdir -p "$out"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >>"$log" 2>&1 || { echo "wheel install failed"; tail -20 "$log"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+
+bench() {  # NAME LIMIT_S
+  echo "=== zoo bench $1 (limit $2 s) $(date -u +%T)" | tee -a "$log"
+  timeout "$2" python3 -m zoo bench "$1" --out "$out/$1-gpu.json" 2>&1 | grep -v "^WARNING: All log messages" | tee -a "$log"
+  echo "=== $1 exit ${PIPESTATUS[0]} $(date -u +%T)" | tee -a "$log"
+}
+
+if [ "$part" = a ]; then
+  {
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+    python3 -c "import jax, flax, optax, torch, sys; print(sys.version.split()[0], 'jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)"
+  } 2>&1 | tee -a "$log"
+  echo "=== GPU tests $(date -u +%T)" | tee -a "$log"
+  JAX_PLATFORMS=cuda timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_attention.py 2>&1 \
+    | tail -5 | tee -a "$log"
+  bench gibbs 90
+  bench attention 230
+  bench gpt_step 110
+elif [ "$part" = b ]; then
+  python3 -c "import diffusers, torch; print('diffusers', diffusers.__version__, 'torch', torch.__version__)" 2>&1 | tee -a "$log"
+  bench diffusion 300
+fi
