@@ -17,10 +17,15 @@ def test_interleaved_times_warms_only_short_calls_after_the_first_round():
     fns = {"short": make("short", 0.001), "long": make("long", 0.03)}
     times = interleaved_times(fns, 3, warm_below_s=0.01)
     assert {k: len(v) for k, v in times.items()} == {"short": 3, "long": 3}
-    # round 1: one call each; rounds 2-3: "short" gets an untimed call before its timed one
-    assert order == ["short", "long", "short", "short", "long", "short", "short", "long"]
+    # round 1: one call each; rounds 2-3: "short" gets an untimed call before its timed one; the
+    # order rotates by one implementation per round
+    assert order == ["short", "long", "long", "short", "short", "short", "short", "long"]
     assert min(times["long"]) >= 0.03 and max(times["short"]) < 0.03
 
     order.clear()
     interleaved_times(fns, 2)  # warm_below_s = 0: no extra calls
-    assert order == ["short", "long", "short", "long"]
+    assert order == ["short", "long", "long", "short"]
+
+    order.clear()  # three implementations: each starts one round
+    interleaved_times({k: make(k, 0.0) for k in "abc"}, 3)
+    assert order == list("abc" "bca" "cab")

@@ -43,13 +43,18 @@ def median_seconds(fn: Callable[[], object], *, warmup: int = 2, iters: int = 10
 def interleaved_times(fns: dict, rounds: int, *, pause_s: float = 0.0,
                       warm_below_s: float = 0.0) -> dict:
     """{impl: [seconds of one call per round]}: every implementation once per round, in turn, so a
-    drift in machine load hits all alike. Each call follows a pause of pause_s (threads still
-    spinning from the previous implementation go idle); from the second round on, an
-    implementation whose fastest call so far is under warm_below_s is timed right after an untimed
-    call, so a short call does not pay for waking the idle thread pools after the pause."""
+    drift in machine load hits all alike, and round r starts at the r-th implementation (the order
+    rotates) so none always runs first or after the same neighbour: on an H200 the first of each
+    round, which followed the heaviest call, ran 5-15% slower than the same compiled program
+    later in the round. Each call follows a pause of pause_s (threads still spinning from the
+    previous implementation go idle); from the second round on, an implementation whose fastest
+    call so far is under warm_below_s is timed right after an untimed call, so a short call does
+    not pay for waking the idle thread pools after the pause."""
     times = {impl: [] for impl in fns}
+    names = list(fns)
     for r in range(rounds):
-        for impl, fn in fns.items():
+        for impl in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[impl]
             if pause_s:
                 time.sleep(pause_s)
             warm = r > 0 and min(times[impl]) < warm_below_s
