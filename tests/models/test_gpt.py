@@ -76,6 +76,30 @@ def test_forward_matches_numpy_transcription():
     np.testing.assert_allclose(np.asarray(logits), _np_forward(TINY, params, x), rtol=1e-4, atol=1e-4)
 
 
+def test_bf16_model_runs_every_matmul_in_bf16_with_float32_logits():
+    cfg = dataclasses.replace(TINY, dtype="bfloat16")
+    params, x = _init(cfg, scale=3.0), _tokens(2, 9)
+    jaxpr = jax.make_jaxpr(lambda p: forward(cfg, p, x)[0])(params)
+
+    def dots(jpr):  # every dot_general, inside scans / custom_vjp / pjit too
+        for eqn in jpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield eqn
+            for val in eqn.params.values():
+                for sub in (val if isinstance(val, (list, tuple)) else [val]):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        yield from dots(sub)
+
+    found = list(dots(jaxpr.jaxpr))
+    assert found and all(v.aval.dtype == jnp.bfloat16 for e in found for v in e.invars), \
+        [(str(e.invars[0].aval), str(e.invars[1].aval)) for e in found]
+    logits, _ = jit_forward(cfg, params, x)
+    assert logits.dtype == jnp.float32  # the tied output layer accumulates and returns float32
+    ref = _np_forward(TINY, params, x)
+    np.testing.assert_allclose(np.asarray(logits), ref, atol=0.05 * np.abs(ref).max())
+
+
 def test_loss_is_mean_next_token_cross_entropy():
     params = _init(TINY)
     x = _tokens(3, 10, seed=1)

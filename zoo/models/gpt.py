@@ -123,8 +123,11 @@ class GPT(nn.Module):
                           dropout=c.dropout, lora_rank=c.lora_rank if c.finetune == "lora" else 0,
                           lora_alpha=c.lora_alpha, implementation=c.implementation or None,
                           dtype=dtype, name="stack")(x, caches=caches, deterministic=deterministic)
-        logits = wte.attend(x[:, P:].astype(dtype)) if dtype != jnp.float32 else wte.attend(x[:, P:])
-        return logits.astype(jnp.float32), caches
+        # the tied output layer in the compute dtype with float32 logits: nn.Embed.attend would
+        # promote a bf16 x to the float32 table's dtype and run the largest matmul in float32
+        logits = jnp.dot(x[:, P:].astype(dtype), wte.embedding.astype(dtype).T,
+                         preferred_element_type=jnp.float32)
+        return logits, caches
 
 
 # ---------------------------------------------------------------------------------- pure functions
