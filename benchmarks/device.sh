@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The GPU benchmark runs, as one command on a lent accelerator machine (see benchmarks/results/README.md).
 #   bash benchmarks/device.sh PART OUTDIR [SHA]
-# PART: "a" = the GPU tests, then `zoo bench gibbs`, `attention`, `gpt_step` (full sets);
-#       "b" = `zoo bench diffusion` (full set, with the diffusers / torch.compile peers).
+# PART: "a" = the GPU tests, then `zoo bench gibbs` (twice: XLA's default GEMMs, then cuBLAS only)
+#       and `zoo bench attention` (full sets);
+#       "b" = `zoo bench gpt_step` (twice, the same two GEMM settings) and `zoo bench diffusion`
+#       (full set, with the diffusers / torch.compile peers).
+# Two calls of about 5 minutes each fit a 15-minute lease with its start (2026-11-25, H200: part a
+# of the first layout took 353 s, diffusion alone 123 s).
 # Runs the tree as is (PYTHONPATH, no install); Python packages the machine lacks or holds in other
 # versions travel as wheels in .whl/ (flax, optax, chex, ml_collections, diffusers) and go to
 # /tmp/site. Each benchmark has its own time limit, prints its rows as each case finishes (into
@@ -21,11 +25,13 @@ else
   export PYTHONPATH=$PWD
 fi
 
-bench() {  # NAME LIMIT_S
-  echo "=== zoo bench $1 (limit $2 s) $(date -u +%T)" | tee -a "$log"
-  timeout "$2" python3 -m zoo bench "$1" --out "$out/$1-gpu.json" 2>&1 | grep -v "^WARNING: All log messages" | tee -a "$log"
-  echo "=== $1 exit ${PIPESTATUS[0]} $(date -u +%T)" | tee -a "$log"
+bench() {  # NAME LIMIT_S [SUFFIX XLA_FLAGS]
+  echo "=== zoo bench $1${3:-} (limit $2 s) ${4:-} $(date -u +%T)" | tee -a "$log"
+  XLA_FLAGS="${4:-}" timeout "$2" python3 -m zoo bench "$1" --out "$out/$1${3:-}-gpu.json" 2>&1 \
+    | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/\|EXECUTION FAILED" | tee -a "$log"
+  echo "=== $1${3:-} exit ${PIPESTATUS[0]} $(date -u +%T)" | tee -a "$log"
 }
+CUBLAS="--xla_gpu_enable_triton_gemm=false"  # XLA's GEMMs through cuBLAS only, not its Triton emitter
 
 if [ "$part" = a ]; then
   {
@@ -36,9 +42,11 @@ if [ "$part" = a ]; then
   JAX_PLATFORMS=cuda timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_attention.py 2>&1 \
     | tail -5 | tee -a "$log"
   bench gibbs 90
-  bench attention 230
-  bench gpt_step 110
+  bench gibbs 90 -cublas "$CUBLAS"
+  bench attention 200
 elif [ "$part" = b ]; then
   python3 -c "import diffusers, torch; print('diffusers', diffusers.__version__, 'torch', torch.__version__)" 2>&1 | tee -a "$log"
-  bench diffusion 300
+  bench gpt_step 100
+  bench gpt_step 100 -cublas "$CUBLAS"
+  bench diffusion 200
 fi
