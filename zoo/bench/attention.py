@@ -12,9 +12,11 @@ own dispatch) and, on CUDA, `torch-sdpa-flash|efficient|cudnn|math`, each only w
 `matmul-ceiling`: the forward's two matmuls with no softmax between them, jitted; on CPU per head
 and per block of "blocked"'s forward plan (causal: the blocks on or below the diagonal), counted
 with the same FLOPs as the attention they bound; on a GPU as batched matmuls over all heads, full
-(not causal), counted with the full FLOPs. On a GPU a timed call dispatches the same kernel
-`reps` times back to back (about 25 ms in all) and waits once; the row's value is per kernel. Implementations are timed in interleaved rounds so a
-drift in machine load hits all alike; the value is the median over rounds.
+(not causal), counted with the full FLOPs: there the logits go through device memory, so it bounds
+unfused attention only (fused kernels beat it: ~400 vs ~600 TFLOP/s on an H200). On a GPU a timed
+call dispatches the same kernel `reps` times back to back (about 25 ms in all) and waits once; the
+row's value is per kernel. Implementations are timed in interleaved rounds so a drift in machine
+load hits all alike; the value is the median over rounds.
 
 Quick (CPU): B1 N8 D64, S = T in {1024, 4096}, causal and not, float32 (zoo-reference at S1024 only).
 Full (accelerator): B4 N16 D128, S in {1k, 4k, 8k, 16k}, causal and not, bfloat16.
