@@ -133,7 +133,7 @@ def bert_config() -> ml_collections.ConfigDict:
     c = base_config()
     c.data.name = "pydocs"
     c.data.seq_len = 64           # shorter windows leave MLM's early plateau sooner (see results)
-    c.steps = 4000
+    c.steps = 16000               # 75.7% held-out masked-byte accuracy (experiments/results)
     c.batch_size = 32
     c.log_every = 50
     c.ckpt_every = 1000
