@@ -12,7 +12,9 @@
 # /tmp/site. Each benchmark has its own time limit, prints its rows as each case finishes (into
 # OUTDIR/log-PART.txt) and writes OUTDIR/NAME-gpu.json when it completes.
 set -u
+[ $# -ge 2 ] || { echo "usage: bash benchmarks/device.sh a|b OUTDIR [SHA]" >&2; exit 2; }
 part=$1 out=$2
+case $part in a|b) ;; *) echo "device.sh: unknown PART '$part' (a or b)" >&2; exit 2 ;; esac
 export ZOO_GIT_SHA=${3:-unknown} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
 export ZOO_COMPILATION_CACHE=""  # nothing to reuse on a fresh machine
 log=$out/log-$part.txt

@@ -96,8 +96,6 @@ def _torch(params, v0, K, dtype="float32"):
     import torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype != "float32" and dev == "cpu":
-        raise ImportError("bf16 torch peer: CUDA only")  # skipped like a missing peer
     W, b, c = (torch.as_tensor(params[k], device=dev).to(getattr(torch, dtype)) for k in ("W", "b", "c"))
     v0 = torch.as_tensor(v0, device=dev).to(getattr(torch, dtype))
 
