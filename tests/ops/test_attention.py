@@ -335,3 +335,36 @@ def test_cpu_per_example_path_for_narrow_unmasked_heads():
     np.testing.assert_allclose(got, np_attention(q, k, v), rtol=1e-5, atol=1e-5)
     for g, r in zip(_grads(None, q, k, v, {}), _grads("reference", q, k, v, {})):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def _loose_bound_inputs():
+    """One head where |q| max|k| overshoots every logit by ~1e4: the bound-normalised sums
+    underflow to 0, so "blocked" must fall back to the exact row max."""
+    rng = np.random.default_rng(3)
+    T = S = 6
+    q = np.zeros((1, T, 1, 2), np.float32)
+    q[0, :, 0, 0] = 100.0 + rng.normal(size=T)  # along x
+    k = np.zeros((1, S, 1, 2), np.float32)
+    k[0, :, 0, 0] = rng.normal(size=S)
+    k[0, 0, 0, 1] = 100.0  # the longest key points along y, orthogonal to every query
+    v = rng.normal(size=(1, S, 1, 2)).astype(np.float32)
+    return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_blocked_bound_normaliser_and_its_fallback(causal):
+    """The forward's cheap normaliser |q_i| max_j |k_j| is used on ordinary inputs (row sums well
+    above BOUND_MIN_SUM) and replaced by the exact row max where it is too loose; both match NumPy,
+    values and gradients."""
+    cfg = A._blocked_cfg(6, 6, causal, None, 2, 3)
+    ordinary = _inputs(B=1, T=6, S=6, N=1, K=1, D=2)
+    for (q, k, v), bound_used in ((ordinary, True), (_loose_bound_inputs(), False)):
+        l_min = A._blocked_fwd_head_bound(cfg, q[0].transpose(1, 0, 2) / np.sqrt(2), k[0, :, 0], v[0, :, 0])[2]
+        assert bool(l_min >= A.BOUND_MIN_SUM) == bound_used
+        kw = dict(implementation="blocked", is_causal=causal, q_block_size=2, block_size=3)
+        got = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, **kw))(q, k, v)
+        np.testing.assert_allclose(got, np_attention(q, k, v, is_causal=causal), rtol=1e-5, atol=1e-5)
+        case = dict(is_causal=causal)
+        for g, r in zip(_grads("blocked_q", q, k, v, case), _grads("reference", q, k, v, case)):
+            assert np.isfinite(np.asarray(g)).all()
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
