@@ -337,29 +337,35 @@ def test_cpu_per_example_path_for_narrow_unmasked_heads():
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
-def _loose_bound_inputs():
-    """One head where |q| max|k| overshoots every logit by ~1e4: the bound-normalised sums
-    underflow to 0, so "blocked" must fall back to the exact row max."""
+def _loose_bound_inputs(long_key):
+    """One head whose queries all point along x and whose longest key (length `long_key`) points
+    along y: |q| max|k| overshoots every logit, by ~70 nats at long_key=11.5 and ~700 at 100."""
     rng = np.random.default_rng(3)
     T = S = 6
     q = np.zeros((1, T, 1, 2), np.float32)
-    q[0, :, 0, 0] = 100.0 + rng.normal(size=T)  # along x
+    q[0, :, 0, 0] = 10.0
     k = np.zeros((1, S, 1, 2), np.float32)
-    k[0, :, 0, 0] = rng.normal(size=S)
-    k[0, 0, 0, 1] = 100.0  # the longest key points along y, orthogonal to every query
+    k[0, :, 0, 0] = rng.uniform(-1, 1, size=S)
+    k[0, 0, 0, 1] = long_key
     v = rng.normal(size=(1, S, 1, 2)).astype(np.float32)
     return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_blocked_bound_normaliser_and_its_fallback(causal):
-    """The forward's cheap normaliser |q_i| max_j |k_j| is used on ordinary inputs (row sums well
-    above BOUND_MIN_SUM) and replaced by the exact row max where it is too loose; both match NumPy,
-    values and gradients."""
+    """The forward's one-per-row normaliser |q_i| max|k| - BOUND_HEADROOM is used on ordinary inputs
+    and where the bound overshoots the row max by ~70 nats (past what m_i = |q_i| max|k| alone would
+    survive), and replaced by the exact row max where it overshoots by ~700; values and gradients
+    match NumPy / the reference on all three."""
     cfg = A._blocked_cfg(6, 6, causal, None, 2, 3)
-    ordinary = _inputs(B=1, T=6, S=6, N=1, K=1, D=2)
-    for (q, k, v), bound_used in ((ordinary, True), (_loose_bound_inputs(), False)):
-        l_min = A._blocked_fwd_head_bound(cfg, q[0].transpose(1, 0, 2) / np.sqrt(2), k[0, :, 0], v[0, :, 0])[2]
+    cases = ((_inputs(B=1, T=6, S=6, N=1, K=1, D=2), True, 0, 30),
+             (_loose_bound_inputs(11.5), True, 50, 90), (_loose_bound_inputs(100.0), False, 500, np.inf))
+    for (q, k, v), bound_used, lo, hi in cases:
+        qs = np.asarray(q[0, :, 0]) / np.sqrt(2)
+        logits = np.where(np.tril(np.ones((6, 6), bool)) | (not causal), qs @ np.asarray(k[0, :, 0]).T, -np.inf)
+        overshoot = np.linalg.norm(qs, axis=-1) * np.linalg.norm(k[0, :, 0], axis=-1).max() - logits.max(-1)
+        assert lo <= overshoot.max() < hi  # the case is what it claims to be
+        l_min = A._blocked_fwd_head_bound(cfg, jnp.asarray(qs)[None], k[0, :, 0], v[0, :, 0])[2]
         assert bool(l_min >= A.BOUND_MIN_SUM) == bound_used
         kw = dict(implementation="blocked", is_causal=causal, q_block_size=2, block_size=3)
         got = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, **kw))(q, k, v)
