@@ -25,6 +25,44 @@ def test_bench_case_rows(monkeypatch):
     assert all(r["unit"] == "GFLOP/s" and r["value"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize("backward", [False, True])
+def test_grouped_zoo_call_runs_every_kernel(backward):
+    """The GPU harness's group of g kernels per dispatch: the first run gives the values of one
+    call, and the compiled program really holds g attentions (XLA merged none of them): g times
+    the FLOPs of one call by XLA's own cost analysis."""
+    arrays = bench._inputs(1, 2, 16, 8, "float32")
+    run = bench._zoo("zoo-xla", arrays, True, backward, "float32")
+    single, group = run.grouped(1)(), run.grouped(3)()
+    assert len(group) == 3
+    for a, b in zip(jax.tree.leaves(group[0]), jax.tree.leaves(single[0])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    args = tuple(jnp.asarray(a) for a in arrays)
+    attn = lambda q, k, v: bench.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    f = (lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do)) if backward else (lambda q, k, v, do: attn(q, k, v))
+
+    def flops(g):
+        cost = bench._jax_many(f, g).lower(*[args] * g).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    assert flops(1) > 0 and flops(3) == pytest.approx(3 * flops(1))
+
+
+def test_grouping_falls_back_to_single_dispatch():
+    calls = []
+    plain = lambda n=1: calls.append(n)  # noqa: E731
+    assert bench._grouped("x", plain, 7) == (plain, 1, 7)  # nothing to group with
+
+    def broken(g):
+        raise RuntimeError("capture not allowed")
+    plain.grouped = broken
+    assert bench._grouped("x", plain, 7) == (plain, 1, 7)
+    assert bench._grouped("x", plain, 1) == (plain, 1, 1)
+    ok = lambda n=1: None  # noqa: E731
+    ok.grouped = lambda g: (lambda n=1: calls.append(("group", g, n)))
+    run, g, n = bench._grouped("x", ok, 25)
+    assert (g, n) == (bench.GPU_GROUP, 3) and calls[-1] == ("group", bench.GPU_GROUP, 1)
+
+
 def test_torch_peer_computes_the_same_attention():
     torch = pytest.importorskip("torch")
     from torch.nn.functional import scaled_dot_product_attention as sdpa
