@@ -59,6 +59,7 @@ def test_grouping_falls_back_to_single_dispatch():
     assert bench._grouped("x", plain, 1) == (plain, 1, 1)
     ok = lambda n=1: None  # noqa: E731
     ok.grouped = lambda g: (lambda n=1: calls.append(("group", g, n)))
+    assert bench._grouped("zoo-chunked", ok, 25) == (ok, 1, 25)  # a slow path: not worth g compiles
     run, g, n = bench._grouped("x", ok, 25)
     assert (g, n) == (bench.GPU_GROUP, 3) and calls[-1] == ("group", bench.GPU_GROUP, 1)
 

@@ -238,6 +238,9 @@ GPU_CALL_S = 0.025  # on a GPU a timed call repeats the kernel until it lasts ab
 # the first lent H200 gave the zoo's cuDNN forward 0.63-0.83x PyTorch's there and 0.91-1.01x from
 # S4096 on. Grouped, both sides time their kernels; a user's attention sits inside a jitted model.
 GPU_GROUP = 10
+# the slow unfused paths (>= ~100 us even at S1024, so asynchronous dispatch already hides Python's
+# share): grouping them would only add compile time (g copies each) to a run with a time limit
+UNGROUPED = ("zoo-xla", "zoo-chunked", "zoo-reference", "torch-sdpa-math")
 
 
 def _grouped(impl, fn, n):
@@ -245,7 +248,7 @@ def _grouped(impl, fn, n):
     be and n > 1, else fn itself (also where building the group fails, e.g. a CUDA graph capture
     the backend does not allow: said in the log, and the row's group is 1)."""
     g = min(GPU_GROUP, n)
-    if g <= 1 or not hasattr(fn, "grouped"):
+    if g <= 1 or not hasattr(fn, "grouped") or impl in UNGROUPED:
         return fn, 1, n
     try:
         run = fn.grouped(g)
