@@ -124,6 +124,7 @@ def cmd_sample(args) -> int:
     import jax
     import numpy as np
 
+    from zoo import xla
     from zoo.images import points_image, save_png
     from zoo.train.workdir import build, load_config, restore_params
 
@@ -144,7 +145,7 @@ def cmd_sample(args) -> int:
             path = args.out if (args.out and len(out["images"]) == 1) else os.path.join(args.workdir, f"{name}.png")
             print(save_png(path, np.asarray(images)))
         return 0
-    x = np.asarray(jax.jit(model_def.sample, static_argnums=2)(params, jax.random.PRNGKey(args.seed), args.n or 64))
+    x = np.asarray(xla.jit(model_def.sample, static_argnums=2)(params, jax.random.PRNGKey(args.seed), args.n or 64))
     if kind == "topics":  # top word ids per topic [K, n]; ids themselves when the data has no vocabulary
         vocab = source.info.get("vocab")
         for k, row in enumerate(x):

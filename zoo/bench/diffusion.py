@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zoo import xla
 from zoo.bench import emit, interleaved_times
 from zoo.nn.unet import DDPM_CIFAR10, UNet, UNetConfig, diffusers_kwargs, from_diffusers, param_shapes
 from zoo.ops.diffusion import ddim_sample, linear_schedule
@@ -124,7 +125,7 @@ def make_models(cfg: UNetConfig, seed: int = 0):
 def _forward(cfg: UNetConfig):
     """The jitted denoiser of one config (cached, so the agreement check and the timed float32
     calls share one compile)."""
-    return jax.jit(lambda p, x, t: UNet(cfg).apply({"params": p}, x, t))
+    return xla.jit(lambda p, x, t: UNet(cfg).apply({"params": p}, x, t))
 
 
 def check_agreement(cfg: UNetConfig, params, model, x_BxHxWxC, t_B, *, rtol: float = 1e-3) -> float:
@@ -136,7 +137,7 @@ def check_agreement(cfg: UNetConfig, params, model, x_BxHxWxC, t_B, *, rtol: flo
         ours = _forward(cfg)(params, x_BxHxWxC, t_B)
     else:
         with jax.default_matmul_precision("highest"):
-            ours = jax.jit(lambda p, x, t: UNet(cfg).apply({"params": p}, x, t))(params, x_BxHxWxC, t_B)
+            ours = xla.jit(lambda p, x, t: UNet(cfg).apply({"params": p}, x, t))(params, x_BxHxWxC, t_B)
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
@@ -223,7 +224,7 @@ def _ddim(cfg: UNetConfig, steps: int):
         eps_fn = lambda x, t: UNet(cfg).apply({"params": p}, x, t)
         return ddim_sample(None, eps_fn, schedule, x_T.shape, steps, x_T=x_T)
 
-    return jax.jit(sample)
+    return xla.jit(sample)
 
 
 def _zoo_ddim(cfg, params, dtype, x_T, steps):

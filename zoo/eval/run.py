@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from zoo.data import eval_batches
+from zoo import xla
 from zoo.errors import ZooError
 
 
@@ -13,7 +14,7 @@ def evaluate(model_def, params, source, *, batch_size: int, seed: int = 0, max_e
     """Mean of each per-example metric of `model_def.evaluate` over `source` (in order)."""
     if model_def.evaluate is None:
         raise ZooError("this model defines no held-out metrics")
-    fn = jax.jit(model_def.evaluate)
+    fn = xla.jit(model_def.evaluate)
     key = jax.random.PRNGKey(seed)
     sums, n = {}, 0
     for i, batch in enumerate(eval_batches(source, batch_size)):

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from zoo import xla
 from zoo.errors import ConfigError, DataError, unknown
 from zoo.models.base import ModelDef
 from zoo.ops import diffusion as D
@@ -136,7 +137,7 @@ def make_diffusion(cfg: DiffusionConfig, init_net: Callable[[jax.Array, jax.Arra
             return D.classifier_free_guidance(cond, uncond, guidance)
         return fn
 
-    @functools.partial(jax.jit, static_argnames=("n", "sampler", "steps", "guidance"))
+    @functools.partial(xla.jit, static_argnames=("n", "sampler", "steps", "guidance"))
     def draw(params, key, label_N, *, n, sampler, steps, guidance):
         x = D.sample(key, eps_fn(params, label_N, guidance), schedule, (n, *cfg.image_shape), sampler=sampler,
                      num_steps=steps or None, clip_x0=1.0 if cfg.clip_x0 else None)

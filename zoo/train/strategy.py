@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
+from zoo import xla
 from zoo.models.base import ModelDef
+from zoo.xla import init_compiler_options
 from zoo.train import sharding
 from zoo.train.state import TrainState, ema_update, init_state
 
@@ -54,13 +55,6 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation, ema_d
                              ema_params=ema, extra=extra), metrics
 
     return step
-
-
-def init_compiler_options() -> dict:
-    """XLA options for compiling a model's init: it runs once, so on CPU skip LLVM's optimisation
-    passes, which cost most of its compile time there (a small UNet: 34 s -> 9 s, mostly the
-    threefry draws of ~150 initialisers)."""
-    return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
 
 
 def init_fn(model_def, tx, ema_decay):
@@ -105,7 +99,7 @@ class JitStrategy:
     def step(self, state, key, batch):
         if self._step is None:
             rep = sharding.replicated(self.mesh)
-            self._step = jax.jit(self.raw_step, donate_argnums=(0,),
+            self._step = xla.jit(self.raw_step, donate_argnums=(0,),
                                  in_shardings=(self.shardings, rep, sharding.batch_sharding(self.mesh)),
                                  out_shardings=(self.shardings, rep))
         return self._step(state, key, batch)
