@@ -45,7 +45,7 @@ if [ "$part" = a ]; then
     | tail -5 | tee -a "$log"
   bench gibbs 90
   bench gibbs 90 -cublas "$CUBLAS"
-  bench attention 200
+  bench attention 260  # grouped kernels (10 to a dispatch) add compile and capture time per case
 elif [ "$part" = b ]; then
   python3 -c "import diffusers, torch; print('diffusers', diffusers.__version__, 'torch', torch.__version__)" 2>&1 | tee -a "$log"
   bench gpt_step 100
