@@ -6,8 +6,9 @@ DDPM UNet's forward (`unet-small32`, batch 8) takes 163 ms with them and 105 ms 
 convolutions (outputs within 4e-6), and a `ddpm` train step on digits runs 1.5x faster (DiT, with
 its patchify convolution: 1.2x; ViT: 1.1x). YNNPACK's dots are the fast ones (attention, Gibbs
 chains, MLPs), so the zoo keeps those: `xla_cpu_experimental_ynn_fusion_type` = individual dots
-only. The option goes to each program the zoo compiles (training and init steps, evaluation,
-sampling, benchmarks), not to the process: a user's own jax.jit is untouched, and can opt in with
+only. The option goes to each program the zoo compiles (training and init steps of the jit
+strategies -- jax.pmap takes no compiler options --, evaluation, sampling, the diffusion
+benchmark), not to the process: a user's own jax.jit is untouched, and can opt in with
 `jax.jit(f, compiler_options=zoo.xla.compiler_options())`. Setting the same flag in XLA_FLAGS
 wins over the zoo's choice, and a JAX whose XLA lacks the option gets none.
 """
