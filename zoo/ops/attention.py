@@ -13,7 +13,8 @@ n // (N // K)). Implementations, all giving the same values and gradients:
                / appendix B.2): memory O(T * block) instead of O(T * S), forward and backward.
   "blocked"    the CPU path (no bias or mask): one kv head per lax.map step, a static plan of
                (query block, key block) pairs, each two 2D matmuls with the softmax between them
-               (causal / window blocks nobody sees are left out, fully visible ones go unmasked),
+               (causal / window blocks nobody sees are left out, fully visible ones go unmasked;
+               one normaliser per row from a Cauchy-Schwarz bound, so the blocks just add up),
                and FlashAttention's backward per block from the saved logsumexp, in the
                transposed frame. XLA's CPU dots reach ~2x the throughput on these 2D shapes that
                they do on "xla"'s batched [B, N, T, S] einsums, and each block stays in cache.
@@ -325,12 +326,7 @@ def _chunked(q, k, v, bias, mask, is_causal, window, scale, block_size, q_block_
 
 def _visible(a, b, lo, hi, is_causal, window, xp=np):
     """[b - a, hi - lo] bool: which keys lo..hi-1 the queries a..b-1 see (top-left alignment)."""
-    return _visible_at(xp.arange(a, b), xp.arange(lo, hi), is_causal, window, xp)
-
-
-def _visible_at(rows, keys, is_causal, window, xp=np):
-    """[len(rows), len(keys)] bool: which of the keys each query row sees (top-left alignment)."""
-    d = rows[:, None] - keys[None, :]
+    d = xp.arange(a, b)[:, None] - xp.arange(lo, hi)[None, :]
     ok = xp.ones(d.shape, bool)
     if is_causal:
         ok &= d >= 0
