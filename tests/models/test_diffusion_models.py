@@ -20,7 +20,7 @@ from zoo.ops import diffusion as D
 from zoo.ops.lora import count_params
 from zoo.train.loop import train
 from zoo.train.metrics import read_metrics
-from zoo.train.strategy import init_compiler_options
+from zoo.xla import init_compiler_options
 
 SHAPE = (8, 8, 1)
 TINY_DIT = dict(width=16, depth=1, num_heads=2, patch_size=2)
