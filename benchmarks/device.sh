@@ -4,9 +4,13 @@
 # PART: "a" = the GPU tests, then `zoo bench gibbs` (twice: XLA's default GEMMs, then cuBLAS only)
 #       and `zoo bench attention` (full sets);
 #       "b" = `zoo bench gpt_step` (twice, the same two GEMM settings) and `zoo bench diffusion`
-#       (full set, with the diffusers / torch.compile peers).
+#       (full set, with the diffusers / torch.compile peers);
+#       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
+#       attention, gpt_step, gpt_step-cublas, diffusion (a lease shorter than two calls of part a
+#       and b: "diffusion,attention,gpt_step", then "gibbs-cublas").
 # Two calls of about 5 minutes each fit a 15-minute lease with its start (2026-11-25, H200: part a
-# of the first layout took 353 s, diffusion alone 123 s).
+# of the first layout took 353 s, diffusion alone 123 s). gpt_step and diffusion print a kernel
+# table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py).
 # Runs the tree as is (PYTHONPATH, no install); Python packages the machine lacks or holds in other
 # versions travel as wheels in .whl/ (flax, optax, chex, ml_collections, diffusers) and go to
 # /tmp/site. Each benchmark has its own time limit, prints its rows as each case finishes (into
@@ -14,8 +18,17 @@
 set -u
 [ $# -ge 2 ] || { echo "usage: bash benchmarks/device.sh a|b OUTDIR [SHA]" >&2; exit 2; }
 part=$1 out=$2
-case $part in a|b) ;; *) echo "device.sh: unknown PART '$part' (a or b)" >&2; exit 2 ;; esac
-export ZOO_GIT_SHA=${3:-unknown} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
+case $part in
+  a) steps=tests,gibbs,gibbs-cublas,attention ;;
+  b) steps=gpt_step,gpt_step-cublas,diffusion ;;
+  *) steps=$part ;;
+esac
+for step in ${steps//,/ }; do
+  case $step in tests|gibbs|gibbs-cublas|attention|gpt_step|gpt_step-cublas|diffusion) ;;
+    *) echo "device.sh: unknown PART or step '$step' (a, b, or a comma list of: tests gibbs gibbs-cublas attention gpt_step gpt_step-cublas diffusion)" >&2; exit 2 ;;
+  esac
+done
+export ZOO_GIT_SHA=${3:-unknown} ZOO_PROFILE=1 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
 export ZOO_COMPILATION_CACHE=""  # nothing to reuse on a fresh machine
 log=$out/log-$part.txt
 mkdir -p "$out"
@@ -35,20 +48,23 @@ bench() {  # NAME LIMIT_S [SUFFIX XLA_FLAGS]
 }
 CUBLAS="--xla_gpu_enable_triton_gemm=false"  # XLA's GEMMs through cuBLAS only, not its Triton emitter
 
-if [ "$part" = a ]; then
-  {
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
-    python3 -c "import jax, flax, optax, torch, sys; print(sys.version.split()[0], 'jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)"
-  } 2>&1 | tee -a "$log"
-  echo "=== GPU tests $(date -u +%T)" | tee -a "$log"
-  JAX_PLATFORMS=cuda timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_attention.py 2>&1 \
-    | tail -5 | tee -a "$log"
-  bench gibbs 90
-  bench gibbs 90 -cublas "$CUBLAS"
-  bench attention 260  # grouped kernels (10 to a dispatch) add compile and capture time per case
-elif [ "$part" = b ]; then
-  python3 -c "import diffusers, torch; print('diffusers', diffusers.__version__, 'torch', torch.__version__)" 2>&1 | tee -a "$log"
-  bench gpt_step 100
-  bench gpt_step 100 -cublas "$CUBLAS"
-  bench diffusion 200
-fi
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import jax, flax, optax, torch, sys; print(sys.version.split()[0], 'jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)"
+} 2>&1 | tee -a "$log"
+for step in ${steps//,/ }; do
+  case $step in
+    tests)
+      echo "=== GPU tests $(date -u +%T)" | tee -a "$log"
+      JAX_PLATFORMS=cuda timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_attention.py 2>&1 \
+        | tail -5 | tee -a "$log" ;;
+    gibbs) bench gibbs 90 ;;
+    gibbs-cublas) bench gibbs 90 -cublas "$CUBLAS" ;;
+    attention) bench attention 250 ;;  # grouped kernels (10 to a dispatch) add compile and capture time
+    gpt_step) bench gpt_step 110 ;;
+    gpt_step-cublas) bench gpt_step 110 -cublas "$CUBLAS" ;;
+    diffusion)
+      python3 -c "import diffusers, torch; print('diffusers', diffusers.__version__, 'torch', torch.__version__)" 2>&1 | tee -a "$log"
+      bench diffusion 180 ;;
+  esac
+done

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo import xla
-from zoo.bench import emit, interleaved_times
+from zoo.bench import emit, interleaved_times, profile
 from zoo.nn.unet import DDPM_CIFAR10, UNet, UNetConfig, diffusers_kwargs, from_diffusers, param_shapes
 from zoo.ops.diffusion import ddim_sample, linear_schedule
 from zoo.ops.lora import count_params
@@ -307,6 +307,7 @@ def _denoiser_rows(spec, params, model, x, t, extra):
                                                                     compiled=True)
         medians = _interleaved(fns, spec.rounds, warmup=spec.warmup)
         rows += _rows(f"{spec.name} B{B} denoiser {short}", medians, B * spec.calls, "img-NFE/s", extra)
+        profile.report(fns[f"zoo-{short}"], calls=1, title=f"{spec.calls} zoo denoiser calls, {short}")
         print(f"  done denoiser {short}", flush=True)
     return rows
 

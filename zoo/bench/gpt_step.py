@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.bench import emit, median_seconds
+from zoo.bench import emit, median_seconds, profile
 from zoo.models.gpt import GPTConfig, make_gpt
 from zoo.train.state import init_state
 from zoo.train.strategy import make_train_step
@@ -87,6 +87,13 @@ def step_rows(cfg: GPTConfig, B: int, *, iters: int = 10) -> list[dict]:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
     sec = statistics.median(times)
+
+    def one_step():
+        nonlocal state
+        state, m = step(state, key, batch)
+        jax.block_until_ready(m)
+
+    profile.report(one_step, calls=3, title=f"the GPT train step at B{B}")
     tokens = B * T / sec
     flops = model_flops_per_token(cfg, T) * tokens
     dev = jax.devices()[0]

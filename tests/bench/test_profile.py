@@ -1,0 +1,65 @@
+"""The kernel table: classes of kernel names, per-call sums, and a real trace on this backend."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zoo.bench import profile
+
+
+@pytest.mark.parametrize("name,cls", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"),
+    ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", "gemm"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "conv"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+    ("loop_convert_fusion_12", "fusion"),
+    ("input_reduce_fusion", "fusion"),
+    ("copy.413", "copy"),
+    ("some_kernel", "other"),
+])
+def test_kernel_class(name, cls):
+    assert profile.kernel_class(name) == cls
+
+
+def test_summarize_sums_per_call_and_keeps_device_timelines():
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #13(Compute)"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 8, "args": {"name": "XLA Ops"}},
+    ]
+    ev = meta + [
+        {"ph": "X", "pid": 2, "tid": 7, "name": "nvjet_gemm", "dur": 300.0},
+        {"ph": "X", "pid": 2, "tid": 7, "name": "nvjet_gemm", "dur": 300.0},
+        {"ph": "X", "pid": 2, "tid": 7, "name": "loop_add_fusion", "dur": 200.0},
+        {"ph": "X", "pid": 2, "tid": 8, "name": "dot.1", "dur": 999.0},  # summary line: not a kernel
+        {"ph": "X", "pid": 1, "tid": 3, "name": "PjitFunction", "dur": 5000.0},  # host
+    ]
+    s = profile.summarize(profile.device_events(ev), calls=2)
+    assert s["total_ms"] == pytest.approx(0.4)  # (300 + 300 + 200) us over 2 calls
+    assert [r["name"] for r in s["rows"]] == ["nvjet_gemm", "loop_add_fusion"]
+    assert s["rows"][0]["ms"] == pytest.approx(0.3) and s["rows"][0]["count"] == 1
+    assert s["classes"] == pytest.approx({"gemm": 0.75, "fusion": 0.25})
+
+
+def test_kernel_table_on_this_backend(capsys):
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((256, 256)), jnp.float32)
+    f = jax.jit(lambda a: jnp.tanh(a @ a))
+    f(a).block_until_ready()
+    s = profile.kernel_table(lambda: f(a).block_until_ready(), calls=2, title="tanh(a @ a)")
+    assert s["total_ms"] > 0 and s["rows"]
+    assert abs(sum(s["classes"].values()) - 1.0) < 1e-9
+    assert "kernel time per call of tanh(a @ a)" in capsys.readouterr().out
+
+
+def test_report_is_off_by_default_and_never_raises(monkeypatch, capsys):
+    monkeypatch.delenv("ZOO_PROFILE", raising=False)
+    assert profile.report(lambda: None) is None
+    monkeypatch.setenv("ZOO_PROFILE", "1")
+
+    def broken():
+        raise RuntimeError("no CUPTI")
+
+    assert profile.report(broken) is None
+    assert "kernel table skipped: RuntimeError: no CUPTI" in capsys.readouterr().out

@@ -1,0 +1,116 @@
+"""Where a compiled program spends its device time: a table of kernels from jax.profiler's trace.
+
+`kernel_table(fn)` runs `fn` (which must block until its result is ready) a few times under
+`jax.profiler.trace(..., create_perfetto_trace=True)`, reads the perfetto trace it writes, and sums
+the duration of every complete event ("X") on the device's own timelines: on a GPU the processes
+named "/device:GPU:N" (one event per kernel), on a CPU, which has no such process, the XLA
+worker threads (everything but the Python thread). Rows are per call of `fn`, largest first, each
+with its share of the total and a coarse class (gemm / conv / attention / fusion / copy / other)
+so a table says at a glance whether a step is matmul-bound. The benchmarks print it when
+ZOO_PROFILE=1 (`zoo bench gpt_step`, `zoo bench diffusion`), for the runs on a lent GPU where there
+is no time to profile by hand.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+from typing import Callable
+
+CLASSES = (  # first match wins; names as cuBLAS / cuDNN / XLA:GPU / XLA:CPU give them
+    ("attention", re.compile(r"fmha|flash|cudnn.*attn|sdpa|_attention", re.I)),
+    ("conv", re.compile(r"convolution|conv_|_conv\b|^conv|implicit_gemm|fprop|dgrad|wgrad", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|dot|matmul|triton_.*dot", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy|transpose", re.I)),
+    ("fusion", re.compile(r"fusion|reduce|loop_|input_|triton|elementwise|broadcast", re.I)),
+)
+
+
+def kernel_class(name: str) -> str:
+    for cls, pattern in CLASSES:
+        if pattern.search(name):
+            return cls
+    return "other"
+
+
+def enabled() -> bool:
+    return os.environ.get("ZOO_PROFILE", "") not in ("", "0")
+
+
+def _trace_events(log_dir: str) -> list[dict]:
+    paths = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        raise FileNotFoundError(f"jax.profiler wrote no perfetto trace under {log_dir}")
+    with gzip.open(paths[0]) as f:
+        trace = json.load(f)
+    return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def device_events(events: list[dict]) -> list[dict]:
+    """The complete events on device timelines (GPU processes; else the CPU's XLA threads)."""
+    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    gpu = {pid for pid, name in procs.items() if "/device:" in name}
+    if gpu:
+        # a GPU process has one timeline per stream plus summary lines ("XLA Ops", "XLA Modules",
+        # "Steps"): keep the streams, where the kernels are
+        on_gpu = [e for e in complete if e["pid"] in gpu]
+        streams = [e for e in on_gpu if "stream" in threads.get((e["pid"], e["tid"]), "stream").lower()]
+        return streams or on_gpu
+    skip = ("ThreadpoolListener", "ThunkExecutor", "end: ")
+    return [e for e in complete if threads.get((e["pid"], e["tid"]), "") != "python"
+            and not e["name"].startswith(skip)]
+
+
+def summarize(events: list[dict], calls: int, top: int = 25) -> dict:
+    """{"rows": [{"name", "class", "ms", "count", "share"} per call, largest first],
+    "classes": {class: share}, "total_ms": per call}."""
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        total[e["name"]] += e["dur"]
+        count[e["name"]] += 1
+    grand = sum(total.values()) or 1.0
+    by_class = collections.Counter()
+    for name, us in total.items():
+        by_class[kernel_class(name)] += us
+    rows = [{"name": name, "class": kernel_class(name), "ms": us / 1e3 / calls,
+             "count": count[name] / calls, "share": us / grand} for name, us in total.most_common(top)]
+    return {"rows": rows, "classes": {c: us / grand for c, us in by_class.most_common()},
+            "total_ms": grand / 1e3 / calls}
+
+
+def kernel_table(fn: Callable[[], object], *, calls: int = 3, top: int = 25, title: str = "") -> dict:
+    """Profile `calls` calls of fn (already compiled and warm) and print the kernel table."""
+    import jax
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(calls):
+                fn()
+        summary = summarize(device_events(_trace_events(d)), calls, top)
+    print(f"--- kernel time per call{' of ' + title if title else ''}: {summary['total_ms']:.3f} ms; "
+          + ", ".join(f"{c} {s:.0%}" for c, s in summary["classes"].items()), flush=True)
+    for r in summary["rows"]:
+        print(f"  {r['ms']:9.3f} ms {r['share']:6.1%} x{r['count']:<5.0f} {r['class']:9s} {r['name'][:110]}",
+              flush=True)
+    return summary
+
+
+def report(fn: Callable[[], object], **kwargs) -> dict | None:
+    """kernel_table(fn) when ZOO_PROFILE is set, else nothing; a profiler that fails (no CUPTI, a
+    trace without device lines) prints why and costs the benchmark none of its rows."""
+    if not enabled():
+        return None
+    try:
+        return kernel_table(fn, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the table is a diagnostic, the rows are the result
+        print(f"--- kernel table skipped: {type(e).__name__}: {e}", flush=True)
+        return None
