@@ -60,6 +60,7 @@ def test_grouping_falls_back_to_single_dispatch():
     ok = lambda n=1: None  # noqa: E731
     ok.grouped = lambda g: (lambda n=1: calls.append(("group", g, n)))
     assert bench._grouped("zoo-chunked", ok, 25) == (ok, 1, 25)  # a slow path: not worth g compiles
+    assert bench._grouped("x", ok, 25, bench.GPU_GROUP_BELOW_S) == (ok, 1, 25)  # hides its dispatch
     run, g, n = bench._grouped("x", ok, 25)
     assert (g, n) == (bench.GPU_GROUP, 3) and calls[-1] == ("group", bench.GPU_GROUP, 1)
 

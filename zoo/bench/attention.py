@@ -238,17 +238,23 @@ GPU_CALL_S = 0.025  # on a GPU a timed call repeats the kernel until it lasts ab
 # the first lent H200 gave the zoo's cuDNN forward 0.63-0.83x PyTorch's there and 0.91-1.01x from
 # S4096 on. Grouped, both sides time their kernels; a user's attention sits inside a jitted model.
 GPU_GROUP = 10
+# ... and only kernels whose single call (dispatch, kernel, synchronise) is shorter than this: a
+# longer kernel hides the next dispatch behind it anyway. (The second lent H200, 2026-11-26: with
+# every repeated kernel grouped, the run died at S4096 causal with an illegal memory access in a
+# CUDA-graph replay, after the grouped S1024 cases had run.)
+GPU_GROUP_BELOW_S = 3e-4
 # the slow unfused paths (>= ~100 us even at S1024, so asynchronous dispatch already hides Python's
 # share): grouping them would only add compile time (g copies each) to a run with a time limit
 UNGROUPED = ("zoo-xla", "zoo-chunked", "zoo-reference", "torch-sdpa-math")
 
 
-def _grouped(impl, fn, n):
+def _grouped(impl, fn, n, call_s=0.0):
     """(run, group, dispatches) for n repetitions of fn: grouped by up to GPU_GROUP where fn can
-    be and n > 1, else fn itself (also where building the group fails, e.g. a CUDA graph capture
-    the backend does not allow: said in the log, and the row's group is 1)."""
+    be, n > 1 and one call took call_s < GPU_GROUP_BELOW_S, else fn itself (also where building
+    the group fails, e.g. a CUDA graph capture the backend does not allow: said in the log, and
+    the row's group is 1)."""
     g = min(GPU_GROUP, n)
-    if g <= 1 or not hasattr(fn, "grouped") or impl in UNGROUPED:
+    if g <= 1 or not hasattr(fn, "grouped") or impl in UNGROUPED or call_s >= GPU_GROUP_BELOW_S:
         return fn, 1, n
     try:
         run = fn.grouped(g)
@@ -282,8 +288,9 @@ def bench_case(B, N, S, D, causal, backward, dtype, *, rounds=5, impls=None) -> 
             continue
         reps[impl], groups[impl] = 1, 1
         if on_gpu:  # repeat short kernels so a timed call is ~GPU_CALL_S, not dispatch + sync
-            n = int(min(200, max(1, round(GPU_CALL_S / median_seconds(fn, warmup=0, iters=2)))))
-            fn, groups[impl], n = _grouped(impl, fn, n)
+            call_s = median_seconds(fn, warmup=0, iters=2)
+            n = int(min(200, max(1, round(GPU_CALL_S / call_s))))
+            fn, groups[impl], n = _grouped(impl, fn, n, call_s)
             reps[impl] = n * groups[impl]
             fn = functools.partial(fn, n)
         fns[impl] = fn

@@ -37,6 +37,7 @@ from zoo.errors import ConfigError, DataError, unknown
 from zoo.models.base import ModelDef
 from zoo.nn.transformer import INIT_STD, Stack, init_caches
 from zoo.ops import sampling
+from zoo.ops.precision import dot_f32
 from zoo.ops.attention import IMPLEMENTATIONS
 from zoo.ops.lora import lora_mask
 from zoo.registry import register
@@ -124,9 +125,9 @@ class GPT(nn.Module):
                           lora_alpha=c.lora_alpha, implementation=c.implementation or None,
                           dtype=dtype, name="stack")(x, caches=caches, deterministic=deterministic)
         # the tied output layer in the compute dtype with float32 logits: nn.Embed.attend would
-        # promote a bf16 x to the float32 table's dtype and run the largest matmul in float32
-        logits = jnp.dot(x[:, P:].astype(dtype), wte.embedding.astype(dtype).T,
-                         preferred_element_type=jnp.float32)
+        # promote a bf16 x to the float32 table's dtype and run the largest matmul in float32, and
+        # jnp.dot's own backward would too (float32 cotangent): dot_f32 keeps both in bf16
+        logits = dot_f32(x[:, P:].astype(dtype), wte.embedding.astype(dtype).T)
         return logits, caches
 
 
