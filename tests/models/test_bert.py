@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from zoo.errors import ConfigError, DataError
-from zoo.models.bert import BERT, BERTConfig, make_bert, mask_tokens
+from zoo.models.bert import BERT, BERTConfig, grow_params, make_bert, mask_tokens
 
 TINY = BERTConfig(max_len=32, num_layers=1, hidden=16, num_heads=2)
 
@@ -69,7 +69,7 @@ def test_encoder_sees_both_directions():
     assert np.abs(np.asarray(a[0, 0] - b[0, 0])).max() > 1e-6  # position 0 reads position 9
 
 
-def test_training_lowers_the_masked_loss(tmp_path):
+def test_training_lowers_the_masked_loss(tmp_path, capsys):
     from zoo.cli import main
     from zoo.train.metrics import read_metrics
 
@@ -80,6 +80,36 @@ def test_training_lowers_the_masked_loss(tmp_path):
     losses = [m["loss"] for m in read_metrics(str(wd / "metrics.jsonl"))]
     assert np.mean(losses[-2:]) < 0.85 * losses[0]
     assert main(["eval", "bert", "--workdir", str(wd), "eval.max_examples=64"]) == 0
+    # grown one layer deeper from that run: starts where it ended, not from scratch
+    wd2 = tmp_path / "bert_deeper"
+    assert main(["train", "bert", "--workdir", str(wd2), "--steps", "5", "--no-progress", "batch_size=16",
+                 "model.hidden=32", "model.num_heads=2", "model.num_layers=2", "data.seq_len=32",
+                 "model.max_len=32", "log_every=1", "optimizer.warmup_steps=0", "optimizer.lr=3e-3",
+                 f"model.init_from={wd}"]) == 0
+    grown = [m["loss"] for m in read_metrics(str(wd2 / "metrics.jsonl"))]
+    assert grown[0] < 0.9 * losses[0]
+    assert main(["eval", "bert", "--workdir", str(wd2), "eval.max_examples=64"]) == 0
+    capsys.readouterr()
+    assert main(["train", "bert", "--workdir", str(tmp_path / "wider"), "--steps", "1", "--no-progress",
+                 "model.hidden=64", "model.num_heads=2", "model.num_layers=2", "data.seq_len=32",
+                 "model.max_len=32", f"model.init_from={wd}"]) != 0
+    assert "only num_layers may grow" in capsys.readouterr().err
+
+
+def test_grown_model_computes_the_trained_function():
+    shallow, deep = BERTConfig(**{**TINY.__dict__, "num_layers": 1}), BERTConfig(**{**TINY.__dict__, "num_layers": 3})
+    batch = _batch(2, 12)
+    trained = make_bert(shallow).init(jax.random.key(0), batch)
+    trained = jax.tree.map(lambda a: a + 0.01 * jnp.sin(jnp.arange(a.size).reshape(a.shape)), trained)
+    grown = make_bert(deep, pretrained=trained).init(jax.random.key(1), batch)
+    x = batch["x"][:, :-1]
+    np.testing.assert_allclose(BERT(deep).apply({"params": grown}, x), BERT(shallow).apply({"params": trained}, x),
+                               atol=1e-5)
+    # the new blocks are not inert: their input projections are fresh, only the outputs start at 0
+    assert float(jnp.abs(grown["encoder"]["block_2"]["attn"]["query"]["kernel"]).max()) > 0
+    assert float(jnp.abs(grown["encoder"]["block_2"]["mlp"]["proj"]["kernel"]).max()) == 0
+    with pytest.raises(ConfigError, match="deeper from a checkpoint, not shallower"):
+        grow_params(grown, trained, shallow)
 
 
 @pytest.mark.parametrize("bad, match", [(dict(hidden=30, num_heads=4), "multiple"),

@@ -99,11 +99,44 @@ def mask_tokens(cfg: BERTConfig, key, tokens_BxT, idx_B):
     return jax.vmap(one)(example_keys(key, idx_B), tokens_BxT)
 
 
-def make_bert(cfg: BERTConfig) -> ModelDef:
+def grow_params(trained, fresh, cfg: BERTConfig):
+    """Params of the `cfg` model starting from a trained shallower (or equal) one: every trained
+    tensor kept; each block past the trained ones from `fresh`, with its attention and MLP output
+    projections zeroed, so the block adds nothing to the residual stream and the grown model
+    computes exactly the trained one's function at its first step (the identity initialisation of
+    Net2Net's deeper nets, Chen et al. 2016, Sec. 3.3; pre-LN blocks make it exact). Widths, heads
+    and lengths must match."""
+    t_blocks = sorted(k for k in trained["encoder"] if k.startswith("block_"))
+    f_blocks = sorted(k for k in fresh["encoder"] if k.startswith("block_"))
+    if len(t_blocks) > len(f_blocks):
+        raise ConfigError(f"model.init_from has {len(t_blocks)} layers, more than model.num_layers="
+                          f"{len(f_blocks)}: a model can grow deeper from a checkpoint, not shallower")
+    shapes = lambda tree: jax.tree.map(jnp.shape, tree)  # noqa: E731
+    rest = lambda tree: {k: v for k, v in tree.items() if k != "encoder"}  # noqa: E731
+    if (shapes(rest(trained)) != shapes(rest(fresh)) or shapes(trained["encoder"]["ln_f"]) !=
+            shapes(fresh["encoder"]["ln_f"]) or any(shapes(trained["encoder"][b]) != shapes(fresh["encoder"][b])
+                                                    for b in t_blocks)):
+        raise ConfigError("model.init_from: the trained bert's hidden size, heads, MLP width, vocabulary "
+                          "or max_len differ from this config's; only num_layers may grow")
+    encoder = dict(fresh["encoder"])
+    encoder.update({k: trained["encoder"][k] for k in t_blocks + ["ln_f"]})
+    for b in f_blocks[len(t_blocks):]:
+        block = jax.tree.map(lambda a: a, fresh["encoder"][b])  # a copy to edit
+        for layer in (block["attn"]["out"], block["mlp"]["proj"]):
+            layer["kernel"] = jnp.zeros_like(layer["kernel"])
+            layer["bias"] = jnp.zeros_like(layer["bias"])
+        encoder[b] = block
+    return {**jax.tree.map(jnp.asarray, rest(trained)), "encoder": jax.tree.map(jnp.asarray, encoder)}
+
+
+def make_bert(cfg: BERTConfig, pretrained=None) -> ModelDef:
+    """ModelDef of a BERT; `pretrained`: a trained bert's params to start from (grown to
+    cfg.num_layers by grow_params)."""
     model = BERT(cfg)
 
     def init(key, batch):
-        return model.init({"params": key}, batch["x"][:1, :-1])["params"]
+        params = model.init({"params": key}, batch["x"][:1, :-1])["params"]
+        return params if pretrained is None else grow_params(pretrained, params, cfg)
 
     def predictions(params, key, batch, dropout_key=None):
         tokens = batch["x"][:, :-1]  # windows carry a next-byte target column; MLM does not need it
@@ -141,6 +174,9 @@ def bert_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 64
     d = BERTConfig()
     c.model = ml_collections.ConfigDict({f.name: getattr(d, f.name) for f in dataclasses.fields(d)})
+    # the workdir of a trained bert to start from; num_layers may be larger (new blocks start as
+    # the identity: grow_params)
+    c.model.init_from = ""
     return c
 
 
@@ -149,9 +185,21 @@ def bert_config() -> ml_collections.ConfigDict:
 def build(model_cfg: ml_collections.ConfigDict, info: dict[str, Any]) -> ModelDef:
     if info.get("kind") != "text":
         raise DataError(f"bert needs a text source (pydocs, text:PATH), got {info.get('name')!r}")
-    cfg = BERTConfig(**model_cfg.to_dict())
+    fields = {f.name for f in dataclasses.fields(BERTConfig)}
+    cfg = BERTConfig(**{k: v for k, v in model_cfg.to_dict().items() if k in fields})
     if info.get("vocab_size", 256) > cfg.vocab_size:
         raise DataError(f"data has vocab_size {info.get('vocab_size')} > model.vocab_size {cfg.vocab_size}")
     if info["shape"][0] - 1 > cfg.max_len:
         raise ConfigError(f"data.seq_len={info['shape'][0] - 1} exceeds model.max_len={cfg.max_len}")
-    return make_bert(cfg)
+    pretrained = _load_pretrained(model_cfg.init_from) if model_cfg.get("init_from") else None
+    return make_bert(cfg, pretrained)
+
+
+def _load_pretrained(workdir: str):
+    """The params of a trained `bert` run (its EMA params if it kept them)."""
+    from zoo.train.workdir import build as build_run, load_config, restore_params
+
+    config = load_config(workdir, "bert")
+    model_def, source = build_run(config)
+    params, _ = restore_params(workdir, config, model_def, source)
+    return jax.device_get(params)
