@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark runs, as one command on a lent accelerator machine (see benchmarks/results/README.md).
 #   bash benchmarks/device.sh PART OUTDIR [SHA]
-# PART: "a" = the GPU tests, then `zoo bench gibbs` (twice: XLA's default GEMMs, then cuBLAS only)
-#       and `zoo bench attention` (full sets);
+# PART: "a" = the GPU tests, then `zoo bench gibbs` (its zoo-bf16-cublas row is the same chain
+#       with XLA's GEMMs through cuBLAS, an A/B in one process) and `zoo bench attention` (full sets);
 #       "b" = `zoo bench gpt_step` (twice, the same two GEMM settings) and `zoo bench diffusion`
 #       (full set, with the diffusers / torch.compile peers);
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
@@ -19,7 +19,7 @@ set -u
 [ $# -ge 2 ] || { echo "usage: bash benchmarks/device.sh a|b OUTDIR [SHA]" >&2; exit 2; }
 part=$1 out=$2
 case $part in
-  a) steps=tests,gibbs,gibbs-cublas,attention ;;
+  a) steps=tests,gibbs,attention ;;
   b) steps=gpt_step,gpt_step-cublas,diffusion ;;
   *) steps=$part ;;
 esac
@@ -58,7 +58,7 @@ for step in ${steps//,/ }; do
       echo "=== GPU tests $(date -u +%T)" | tee -a "$log"
       JAX_PLATFORMS=cuda timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_attention.py 2>&1 \
         | tail -5 | tee -a "$log" ;;
-    gibbs) bench gibbs 90 ;;
+    gibbs) bench gibbs 120 ;;
     gibbs-cublas) bench gibbs 90 -cublas "$CUBLAS" ;;
     attention) bench attention 250 ;;  # grouped kernels (10 to a dispatch) add compile and capture time
     gpt_step) bench gpt_step 110 ;;

@@ -39,3 +39,14 @@ def test_rows_are_well_formed():
     for r in rows:
         assert set(r) == {"case", "impl", "value", "unit"}
         assert r["case"] == "8x6-B16-K3" and r["unit"] == "chain-steps/s" and r["value"] > 0
+
+
+def test_cublas_variant_is_the_same_chain():
+    """zoo-bf16-cublas (GPU-only in the benchmark) differs from zoo-bf16 in a compiler option
+    alone: this XLA takes the option, and the chain's samples are the same."""
+    params = _tiny_params()
+    v0 = (np.random.default_rng(2).random((64, 16)) < 0.5).astype(np.float32)
+    a = bench.MAKERS["zoo-bf16"](params, v0, 5)()
+    b = bench.MAKERS["zoo-bf16-cublas"](params, v0, 5)()
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert "zoo-bf16-cublas" in bench.ACCELERATOR_ONLY

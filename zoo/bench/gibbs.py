@@ -2,7 +2,8 @@
 
 Ours: the whole K-sweep chain is one jitted lax.scan. `zoo-f32`: f32 with the default hashed
 uniforms; `zoo-f32-threefry`: jax.random.uniform per half-sweep; `zoo-bf16`: bf16 matmuls with
-f32 accumulation (no native bf16 on AVX2 CPUs: slower there). Peers in the same process:
+f32 accumulation (no native bf16 on AVX2 CPUs: slower there); on a GPU also `zoo-bf16-cublas`, the
+same program compiled with XLA's GEMMs through cuBLAS only. Peers in the same process:
 scikit-learn's `BernoulliRBM.gibbs` called K times, a plain NumPy chain (matmul + uniform < p),
 PyTorch eager (matmul + bernoulli) when installed (on CUDA also in bf16: `torch-eager-bf16`;
 `torch-eager` is float32 with torch's default of no TF32, while JAX's default GPU precision for
@@ -31,10 +32,10 @@ from zoo.ops import gibbs
 
 QUICK = [(784, 500, 1024, 20), (64, 256, 4096, 50)]
 FULL = [(784, 500, 1024, 100), (784, 500, 16384, 100), (784, 4096, 16384, 100), (4096, 4096, 8192, 100)]
-IMPLS = ("zoo-f32", "zoo-f32-threefry", "zoo-bf16", "matmul-ceiling", "matmul-ceiling-bf16", "numpy",
-         "sklearn-BernoulliRBM.gibbs", "torch-eager", "torch-eager-bf16")
+IMPLS = ("zoo-f32", "zoo-f32-threefry", "zoo-bf16", "zoo-bf16-cublas", "matmul-ceiling", "matmul-ceiling-bf16",
+         "numpy", "sklearn-BernoulliRBM.gibbs", "torch-eager", "torch-eager-bf16")
 CPU_ONLY = ("numpy", "sklearn-BernoulliRBM.gibbs")
-ACCELERATOR_ONLY = ("matmul-ceiling-bf16", "torch-eager-bf16")  # bf16 is emulated (slow) on AVX2 CPUs
+ACCELERATOR_ONLY = ("matmul-ceiling-bf16", "torch-eager-bf16", "zoo-bf16-cublas")  # bf16 is emulated (slow) on AVX2 CPUs
 PAUSE_S = 0.3
 
 
@@ -53,9 +54,9 @@ def numpy_chain(params, v, K, rng):
     return v
 
 
-def _zoo(params, v0, K, **opts):
+def _zoo(params, v0, K, compiler_options=None, **opts):
     p, v0 = jax.tree.map(jnp.asarray, params), jnp.asarray(v0)
-    f = jax.jit(lambda key, p, v: gibbs.run_chain(key, p, v, K, **opts))
+    f = jax.jit(lambda key, p, v: gibbs.run_chain(key, p, v, K, **opts), compiler_options=compiler_options)
     key = jax.random.PRNGKey(0)
     return lambda: f(key, p, v0).block_until_ready()
 
@@ -115,6 +116,11 @@ MAKERS = {
     "zoo-f32": lambda p, v0, K: _zoo(p, v0, K),
     "zoo-f32-threefry": lambda p, v0, K: _zoo(p, v0, K, uniforms="threefry"),
     "zoo-bf16": lambda p, v0, K: _zoo(p, v0, K, compute_dtype=jnp.bfloat16),
+    # the same program with XLA's GEMMs through cuBLAS, not its Triton emitter (the option per
+    # program): an A/B in one process of what XLA_FLAGS=--xla_gpu_enable_triton_gemm=false did to
+    # the whole run on 2026-11-26 (4096x4096 1.26x -> 1.39x torch, runs a day apart)
+    "zoo-bf16-cublas": lambda p, v0, K: _zoo(p, v0, K, compute_dtype=jnp.bfloat16,
+                                             compiler_options={"xla_gpu_enable_triton_gemm": False}),
     "matmul-ceiling": _ceiling,
     "matmul-ceiling-bf16": lambda p, v0, K: _ceiling(p, v0, K, jnp.bfloat16),
     "numpy": _numpy,
