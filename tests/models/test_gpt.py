@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import zoo.models  # noqa: F401
+from tests.jaxprs import equations
 from zoo.cli import main
 from zoo.errors import ConfigError, DataError
 from zoo.models.gpt import GPTConfig, forward, generate_tokens, greedy_uncached, make_gpt
@@ -81,17 +82,7 @@ def test_bf16_model_runs_every_matmul_in_bf16_with_float32_logits():
     params, x = _init(cfg, scale=3.0), _tokens(2, 9)
     jaxpr = jax.make_jaxpr(lambda p: forward(cfg, p, x)[0])(params)
 
-    def dots(jpr):  # every dot_general, inside scans / custom_vjp / pjit too
-        for eqn in jpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                yield eqn
-            for val in eqn.params.values():
-                for sub in (val if isinstance(val, (list, tuple)) else [val]):
-                    sub = getattr(sub, "jaxpr", sub)
-                    if hasattr(sub, "eqns"):
-                        yield from dots(sub)
-
-    found = list(dots(jaxpr.jaxpr))
+    found = [e for e in equations(jaxpr) if e.primitive.name == "dot_general"]  # nested ones too
     assert found and all(v.aval.dtype == jnp.bfloat16 for e in found for v in e.invars), \
         [(str(e.invars[0].aval), str(e.invars[1].aval)) for e in found]
     logits, _ = jit_forward(cfg, params, x)

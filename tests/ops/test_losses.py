@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.jaxprs import primitive_names
 from zoo.ops import losses
 
 
@@ -102,3 +103,44 @@ def test_outputs_are_per_example(fn):
     assert out.shape == (7,)
     if fn is losses.bernoulli_log_prob:
         np.testing.assert_allclose(out, -24 * math.log(2.0), rtol=1e-6)
+
+
+def _np_xent(logits, labels):
+    x = logits.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[..., 0]
+    return lse - np.take_along_axis(x, labels[..., None], -1)[..., 0], np.exp(x - lse[..., None])
+
+
+def test_token_cross_entropy_values_and_gradient_against_numpy():
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((3, 5, 11)) * 4).astype(np.float32)
+    logits[0, 0, 3] = 300.0  # a large logit: stable
+    labels = rng.integers(0, 11, (3, 5))
+    g = rng.standard_normal((3, 5)).astype(np.float32)
+    nll, vjp = jax.vjp(lambda x: losses.token_cross_entropy(x, jnp.asarray(labels)), jnp.asarray(logits))
+    ref, p = _np_xent(logits, labels)
+    np.testing.assert_allclose(nll, ref, rtol=1e-5, atol=1e-5)
+    (grad,) = vjp(jnp.asarray(g))
+    onehot = np.eye(11)[labels]
+    np.testing.assert_allclose(grad, (p - onehot) * g[..., None], rtol=1e-5, atol=1e-6)
+
+
+def test_token_cross_entropy_bf16_logits_and_no_scatter():
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.standard_normal((4, 9)), jnp.bfloat16)
+    labels = jnp.asarray(rng.integers(0, 9, 4))
+    loss = lambda x: losses.token_cross_entropy(x, labels).sum()
+    grad = jax.grad(loss)(logits)
+    assert losses.token_cross_entropy(logits, labels).dtype == jnp.float32 and grad.dtype == jnp.bfloat16
+    ref, p = _np_xent(np.asarray(logits.astype(jnp.float32)), np.asarray(labels))
+    np.testing.assert_allclose(np.asarray(grad, np.float32), p - np.eye(9)[np.asarray(labels)], atol=1e-2)
+    # the point of the custom backward: no scatter (autodiff of the gather makes one)
+    assert not any("scatter" in p for p in primitive_names(jax.grad(loss), logits))
+    autodiff = lambda x: optax_like(x, labels).sum()  # noqa: E731  the gather's own transpose
+    assert any("scatter" in p for p in primitive_names(jax.grad(autodiff), logits))
+
+
+def optax_like(logits, labels):
+    x = logits.astype(jnp.float32)
+    return jax.nn.logsumexp(x, -1) - jnp.take_along_axis(x, labels[:, None], -1)[:, 0]

@@ -6,6 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from tests.jaxprs import dot_operand_dtypes
 from zoo.ops.precision import dot_f32
 
 bf16 = ml_dtypes.bfloat16
@@ -42,21 +43,6 @@ def test_bf16_values_and_gradients_against_numpy():
                                .astype(np.float32), rtol=1e-2, atol=1e-2)
 
 
-def _dot_operand_dtypes(fn, *args):
-    jaxpr = jax.make_jaxpr(fn)(*args)
-    found = []
-
-    def walk(jx):
-        for eqn in jx.eqns:
-            if eqn.primitive.name == "dot_general":
-                found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
-            for sub in jax.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    walk(jaxpr.jaxpr)
-    return found
-
-
 def test_the_backward_matmuls_stay_in_bf16():
     x, w, _ = _data(bf16)
 
@@ -65,10 +51,10 @@ def test_the_backward_matmuls_stay_in_bf16():
 
     plain = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
     grad = lambda f: jax.grad(lambda x, w: loss(f, x, w), argnums=(0, 1))
-    ours = _dot_operand_dtypes(grad(dot_f32), jnp.asarray(x), jnp.asarray(w))
+    ours = dot_operand_dtypes(grad(dot_f32), jnp.asarray(x), jnp.asarray(w))
     assert len(ours) == 3 and all(d == ("bfloat16", "bfloat16") for d in ours), ours
     # what dot_f32 exists for (printed, not asserted: a later JAX may keep its backward in bf16)
-    print("jnp.dot's backward operand dtypes:", _dot_operand_dtypes(grad(plain), jnp.asarray(x), jnp.asarray(w)))
+    print("jnp.dot's backward operand dtypes:", dot_operand_dtypes(grad(plain), jnp.asarray(x), jnp.asarray(w)))
 
 
 def test_mismatched_shapes_are_a_clear_error():

@@ -31,12 +31,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from zoo.errors import ConfigError, DataError, unknown
 from zoo.models.base import ModelDef
 from zoo.nn.transformer import INIT_STD, Stack, init_caches
-from zoo.ops import sampling
+from zoo.ops import losses, sampling
 from zoo.ops.precision import dot_f32
 from zoo.ops.attention import IMPLEMENTATIONS
 from zoo.ops.lora import lora_mask
@@ -157,7 +156,7 @@ def forward(cfg: GPTConfig, params, tokens_BxT, *, positions_T=None, caches=None
 def token_nll(cfg: GPTConfig, params, x_BxT1, key=None):
     """Next-token negative log-likelihood in nats [B, T] of x [B, T+1]."""
     logits, _ = forward(cfg, params, x_BxT1[:, :-1], key=key)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, x_BxT1[:, 1:])
+    return losses.token_cross_entropy(logits, x_BxT1[:, 1:])
 
 
 def empty_caches(cfg: GPTConfig, batch: int):
@@ -242,7 +241,7 @@ def make_gpt(cfg: GPTConfig, pretrained=None, context: int | None = None) -> Mod
     def evaluate(params, key, batch):
         x = batch["x"]
         logits, _ = forward(cfg, params, x[:, :-1])
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:])
+        nll = losses.token_cross_entropy(logits, x[:, 1:])
         correct = (jnp.argmax(logits, -1) == x[:, 1:]).astype(jnp.float32)
         return {"bits_per_byte": nll.mean(-1) / ln2, "accuracy": correct.mean(-1)}
 

@@ -58,3 +58,36 @@ def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
     """-log softmax(logits)[label] per example: [B, C], int [B] -> [B]."""
     log_p_BxC = jax.nn.log_softmax(logits_BxC.astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(log_p_BxC, labels_B[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+@jax.custom_vjp
+def token_cross_entropy(logits_NxV: jax.Array, labels_N: jax.Array) -> jax.Array:
+    """-log softmax(logits)[label] over the last axis: [..., V], int [...] -> float32 [...].
+
+    The same values as `cross_entropy` (and optax's softmax_cross_entropy_with_integer_labels),
+    with a backward written as one elementwise expression, (softmax - onehot(label)) * g, the
+    one-hot an iota comparison: autodiff of the gather makes a scatter into a [..., V] array of
+    zeros, which XLA runs as its own pass over the logits' gradient after the softmax one. For a
+    language model's output (16,384 x 50,304 float32 logits, GPT-124M at B16) each pass over that
+    gradient is ~1 ms on an H200. The gradient comes back in the logits' dtype."""
+    return _xent_fwd(logits_NxV, labels_N)[0]
+
+
+def _xent_fwd(logits, labels):
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"token_cross_entropy: logits [..., V] and labels [...] need the same leading "
+                         f"shape, got {logits.shape} and {labels.shape}")
+    x = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(x, axis=-1)
+    picked = jnp.take_along_axis(x, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return lse - picked, (logits, labels, lse)
+
+
+def _xent_bwd(res, g):
+    logits, labels, lse = res
+    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == labels[..., None]
+    grad = (jnp.exp(logits.astype(jnp.float32) - lse[..., None]) - onehot) * g[..., None]
+    return grad.astype(logits.dtype), None
+
+
+token_cross_entropy.defvjp(_xent_fwd, _xent_bwd)
