@@ -10,8 +10,9 @@ the same, A100 312 (table below). On a CPU there is no spec-sheet peak worth quo
 class, and `mfu` is model FLOP/s over that.
 
 Two rows per batch: `zoo-train-step` waits for each step's metrics before dispatching the next
-(what the training loop does), `zoo-train-step-pipelined` dispatches the steps back to back and
-waits once, so Python's dispatch of the next step overlaps the device's work.
+(the device idles while Python dispatches), `zoo-train-step-pipelined` dispatches the steps back to
+back and waits once, so dispatch overlaps the device's work, as in the training loop, which reads
+each step's metrics only after dispatching the next (zoo/train/loop.py).
 
 Full (accelerator): GPT-2 124M (L12 H768 12 heads, V 50304 = 50257 padded to a multiple of 64,
 T 1024), batch 16 and 64, bf16 compute with float32 params (an H200, 2026-11-25: B16 gave 32.5%
@@ -93,7 +94,7 @@ def step_rows(cfg: GPTConfig, B: int, *, iters: int = 10) -> list[dict]:
     sec = statistics.median(times)
     # the same steps dispatched back to back with one wait at the end: the per-step wait above
     # leaves the device idle while Python dispatches the next step (a 590-leaf state for GPT-124M);
-    # a loop that reads its metrics only every few steps overlaps the two
+    # the training loop overlaps the two (it reads step s's metrics after dispatching step s + 1)
     jax.block_until_ready(state)
     t = time.perf_counter()
     for _ in range(iters):
