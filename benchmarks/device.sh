@@ -10,7 +10,8 @@
 # A 15-minute lease holds both calls with its start (~30 s on 2026-11-26) if they begin at once:
 # part a <= 510 s by its limits, part b <= 290 s (2026-11-26, H200: attention at S1024 and S4096
 # alone ~80 s, diffusion ~110 s, gpt_step B16 + B64 ~85 s). gpt_step and diffusion print a kernel
-# table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py). The log is
+# table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) and write the compiled program
+# (NAME.hlo.txt.gz, ZOO_PROFILE_DIR), which names the table's fusions. The log is
 # OUTDIR/log-PART.txt (commas in PART become '_': a returned file's name may hold no comma).
 # Runs the tree as is (PYTHONPATH, no install); Python packages the machine lacks or holds in other
 # versions travel as wheels in .whl/ (flax, optax, chex, ml_collections, diffusers) and go to
@@ -29,7 +30,7 @@ for step in ${steps//,/ }; do
     *) echo "device.sh: unknown PART or step '$step' (a, b, or a comma list of: tests gibbs gibbs-cublas attention gpt_step gpt_step-cublas diffusion)" >&2; exit 2 ;;
   esac
 done
-export ZOO_GIT_SHA=${3:-unknown} ZOO_PROFILE=1 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
+export ZOO_GIT_SHA=${3:-unknown} ZOO_PROFILE=1 ZOO_PROFILE_DIR=$2 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
 export ZOO_COMPILATION_CACHE=""  # nothing to reuse on a fresh machine
 log=$out/log-${part//,/_}.txt
 mkdir -p "$out"

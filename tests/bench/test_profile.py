@@ -1,5 +1,7 @@
 """The kernel table: classes of kernel names, per-call sums, and a real trace on this backend."""
 
+import gzip
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,3 +65,16 @@ def test_report_is_off_by_default_and_never_raises(monkeypatch, capsys):
 
     assert profile.report(broken) is None
     assert "kernel table skipped: RuntimeError: no CUPTI" in capsys.readouterr().out
+
+
+def test_report_writes_the_compiled_program(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZOO_PROFILE", "1")
+    monkeypatch.setenv("ZOO_PROFILE_DIR", str(tmp_path))
+    a = jnp.ones((64, 64), jnp.float32)
+    f = jax.jit(lambda a: jnp.tanh(a @ a))
+    f(a).block_until_ready()
+    s = profile.report(lambda: f(a).block_until_ready(), calls=1, name="tanh matmul",
+                       hlo=lambda: f.lower(a).compile().as_text())
+    assert s is not None and s["total_ms"] > 0
+    text = gzip.decompress((tmp_path / "tanh_matmul.hlo.txt.gz").read_bytes()).decode()
+    assert "HloModule" in text and "tanh" in text

@@ -172,6 +172,7 @@ def _zoo_denoiser(cfg, params, dtype, x, t, calls):
             y = f(params, y, t)
         return y.block_until_ready()
 
+    run.hlo = lambda: f.lower(params, x, t).compile().as_text()
     return run
 
 
@@ -307,7 +308,9 @@ def _denoiser_rows(spec, params, model, x, t, extra):
                                                                     compiled=True)
         medians = _interleaved(fns, spec.rounds, warmup=spec.warmup)
         rows += _rows(f"{spec.name} B{B} denoiser {short}", medians, B * spec.calls, "img-NFE/s", extra)
-        profile.report(fns[f"zoo-{short}"], calls=1, title=f"{spec.calls} zoo denoiser calls, {short}")
+        zoo_fn = fns[f"zoo-{short}"]
+        profile.report(zoo_fn, calls=1, title=f"{spec.calls} zoo denoiser calls, {short}",
+                       name=f"unet-{spec.name}-B{B}-{short}", hlo=zoo_fn.hlo)
         print(f"  done denoiser {short}", flush=True)
     return rows
 

@@ -107,7 +107,8 @@ def step_rows(cfg: GPTConfig, B: int, *, iters: int = 10) -> list[dict]:
         state, m = step(state, key, batch)
         jax.block_until_ready(m)
 
-    profile.report(one_step, calls=3, title=f"the GPT train step at B{B}")
+    profile.report(one_step, calls=3, title=f"the GPT train step at B{B}", name=f"gpt_step-B{B}",
+                   hlo=lambda: step.lower(state, key, batch).compile().as_text())
     tokens = B * T / sec
     flops = model_flops_per_token(cfg, T) * tokens
     dev = jax.devices()[0]

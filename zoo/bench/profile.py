@@ -104,12 +104,22 @@ def kernel_table(fn: Callable[[], object], *, calls: int = 3, top: int = 25, tit
     return summary
 
 
-def report(fn: Callable[[], object], **kwargs) -> dict | None:
+def report(fn: Callable[[], object], *, hlo: Callable[[], str] | None = None, name: str = "program",
+           **kwargs) -> dict | None:
     """kernel_table(fn) when ZOO_PROFILE is set, else nothing; a profiler that fails (no CUPTI, a
-    trace without device lines) prints why and costs the benchmark none of its rows."""
+    trace without device lines) prints why and costs the benchmark none of its rows. With
+    ZOO_PROFILE_DIR set too, `hlo()` (the compiled program's text, whose fusion names the table
+    shows) is written there as NAME.hlo.txt.gz."""
     if not enabled():
         return None
+    out = os.environ.get("ZOO_PROFILE_DIR", "")
     try:
+        if out and hlo is not None:
+            os.makedirs(out, exist_ok=True)
+            path = os.path.join(out, re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".hlo.txt.gz")
+            with gzip.open(path, "wt") as f:
+                f.write(hlo())
+            print(f"--- compiled program written to {path}", flush=True)
         return kernel_table(fn, **kwargs)
     except Exception as e:  # noqa: BLE001 - the table is a diagnostic, the rows are the result
         print(f"--- kernel table skipped: {type(e).__name__}: {e}", flush=True)
