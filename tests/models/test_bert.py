@@ -124,3 +124,22 @@ def test_wrong_data_kind():
 
     with pytest.raises(DataError, match="text source"):
         registry.get("bert").build(registry.get("bert").config().model, {"kind": "image", "shape": (8, 8, 1)})
+
+
+def test_init_from_a_missing_or_foreign_workdir(tmp_path):
+    from zoo import registry
+    from zoo.errors import ZooError
+
+    entry = registry.get("bert")
+    info = {"kind": "text", "shape": (33,), "vocab_size": 256}
+    cfg = entry.config().model
+    with cfg.unlocked():
+        cfg.max_len, cfg.init_from = 32, str(tmp_path / "nothing")
+    with pytest.raises(ZooError, match="config.json: train first"):
+        entry.build(cfg, info)
+    (tmp_path / "gpt_run").mkdir()
+    (tmp_path / "gpt_run" / "config.json").write_text('{"name": "gpt"}')
+    with cfg.unlocked():
+        cfg.init_from = str(tmp_path / "gpt_run")
+    with pytest.raises(ZooError, match="holds a 'gpt' run, not 'bert'"):
+        entry.build(cfg, info)

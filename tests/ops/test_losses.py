@@ -112,13 +112,13 @@ def _np_xent(logits, labels):
     return lse - np.take_along_axis(x, labels[..., None], -1)[..., 0], np.exp(x - lse[..., None])
 
 
-def test_token_cross_entropy_values_and_gradient_against_numpy():
+def test_cross_entropy_gradients_against_numpy_any_leading_shape():
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((3, 5, 11)) * 4).astype(np.float32)
     logits[0, 0, 3] = 300.0  # a large logit: stable
     labels = rng.integers(0, 11, (3, 5))
     g = rng.standard_normal((3, 5)).astype(np.float32)
-    nll, vjp = jax.vjp(lambda x: losses.token_cross_entropy(x, jnp.asarray(labels)), jnp.asarray(logits))
+    nll, vjp = jax.vjp(lambda x: losses.cross_entropy(x, jnp.asarray(labels)), jnp.asarray(logits))
     ref, p = _np_xent(logits, labels)
     np.testing.assert_allclose(nll, ref, rtol=1e-5, atol=1e-5)
     (grad,) = vjp(jnp.asarray(g))
@@ -126,16 +126,16 @@ def test_token_cross_entropy_values_and_gradient_against_numpy():
     np.testing.assert_allclose(grad, (p - onehot) * g[..., None], rtol=1e-5, atol=1e-6)
 
 
-def test_token_cross_entropy_bf16_logits_and_no_scatter():
+def test_cross_entropy_bf16_logits_and_no_scatter():
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.standard_normal((4, 9)), jnp.bfloat16)
     labels = jnp.asarray(rng.integers(0, 9, 4))
-    loss = lambda x: losses.token_cross_entropy(x, labels).sum()
+    loss = lambda x: losses.cross_entropy(x, labels).sum()
     grad = jax.grad(loss)(logits)
-    assert losses.token_cross_entropy(logits, labels).dtype == jnp.float32 and grad.dtype == jnp.bfloat16
+    assert losses.cross_entropy(logits, labels).dtype == jnp.float32 and grad.dtype == jnp.bfloat16
     ref, p = _np_xent(np.asarray(logits.astype(jnp.float32)), np.asarray(labels))
     np.testing.assert_allclose(np.asarray(grad, np.float32), p - np.eye(9)[np.asarray(labels)], atol=1e-2)
-    # the point of the custom backward: no scatter (autodiff of the gather makes one)
+    # the point of the closed-form derivative: no scatter (autodiff of the gather makes one)
     assert not any("scatter" in p for p in primitive_names(jax.grad(loss), logits))
     autodiff = lambda x: optax_like(x, labels).sum()  # noqa: E731  the gather's own transpose
     assert any("scatter" in p for p in primitive_names(jax.grad(autodiff), logits))
@@ -144,3 +144,22 @@ def test_token_cross_entropy_bf16_logits_and_no_scatter():
 def optax_like(logits, labels):
     x = logits.astype(jnp.float32)
     return jax.nn.logsumexp(x, -1) - jnp.take_along_axis(x, labels[:, None], -1)[:, 0]
+
+
+def test_cross_entropy_forward_mode_matches_finite_differences():
+    """The closed-form derivative also serves jax.jvp (a custom_vjp would refuse forward mode)."""
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((4, 7))
+    labels = jnp.asarray(rng.integers(0, 7, 4))
+    dl = rng.standard_normal((4, 7))
+    _, tangent = jax.jvp(lambda x: losses.cross_entropy(x, labels), (jnp.asarray(logits, jnp.float32),),
+                         (jnp.asarray(dl, jnp.float32),))
+    eps = 1e-3
+    f = lambda x: _np_xent(x, np.asarray(labels))[0]  # noqa: E731
+    np.testing.assert_allclose(tangent, (f(logits + eps * dl) - f(logits - eps * dl)) / (2 * eps), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_cross_entropy_bad_shapes():
+    with pytest.raises(ValueError, match="same leading shape"):
+        losses.cross_entropy(jnp.zeros((2, 3, 5)), jnp.zeros((2,), jnp.int32))

@@ -38,6 +38,7 @@ import optax
 from flax import traverse_util
 
 from zoo.errors import ConfigError, DataError, unknown
+from zoo.ops import losses
 
 CACHE_FILE = "fd_classifier.npz"
 ARCH_VERSION = 1  # bump when `DigitsMLP` changes, so older caches are retrained, not misread
@@ -199,7 +200,7 @@ def _fingerprint(x: np.ndarray, labels: np.ndarray) -> str:
 
 def _loss(params, x_BxHxWxC, y_B):
     _, logits_BxK = _MODEL.apply({"params": params}, x_BxHxWxC)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxK, y_B).mean()
+    return losses.cross_entropy(logits_BxK, y_B).mean()
 
 
 # AdamW with the learning rate applied by hand: the cosine schedule's length is then a traced

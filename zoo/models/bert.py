@@ -23,11 +23,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from zoo.errors import ConfigError, DataError
 from zoo.models.base import ModelDef
 from zoo.nn.transformer import INIT_STD, Stack
+from zoo.ops import losses
 from zoo.ops.random import example_keys
 from zoo.registry import register
 from zoo.train.config import base_config, transformer_optimizer
@@ -150,13 +150,13 @@ def make_bert(cfg: BERTConfig, pretrained=None) -> ModelDef:
     def loss(params, key, batch):
         k_mask, k_drop = jax.random.split(key)
         logits, targets = predictions(params, k_mask, batch, k_drop)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        nll = losses.cross_entropy(logits, targets).mean()
         acc = (jnp.argmax(logits, -1) == targets).mean()
         return nll, {"masked_accuracy": acc}
 
     def evaluate(params, key, batch):
         logits, targets = predictions(params, jax.random.PRNGKey(1234), batch)  # fixed masks
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        nll = losses.cross_entropy(logits, targets)
         return {"masked_accuracy": (jnp.argmax(logits, -1) == targets).mean(-1), "masked_nll": nll.mean(-1)}
 
     return ModelDef(init=init, loss=loss, evaluate=evaluate)
@@ -191,15 +191,9 @@ def build(model_cfg: ml_collections.ConfigDict, info: dict[str, Any]) -> ModelDe
         raise DataError(f"data has vocab_size {info.get('vocab_size')} > model.vocab_size {cfg.vocab_size}")
     if info["shape"][0] - 1 > cfg.max_len:
         raise ConfigError(f"data.seq_len={info['shape'][0] - 1} exceeds model.max_len={cfg.max_len}")
-    pretrained = _load_pretrained(model_cfg.init_from) if model_cfg.get("init_from") else None
+    pretrained = None
+    if model_cfg.get("init_from"):
+        from zoo.train.workdir import trained_params
+
+        pretrained = trained_params(model_cfg.init_from, "bert")[1]
     return make_bert(cfg, pretrained)
-
-
-def _load_pretrained(workdir: str):
-    """The params of a trained `bert` run (its EMA params if it kept them)."""
-    from zoo.train.workdir import build as build_run, load_config, restore_params
-
-    config = load_config(workdir, "bert")
-    model_def, source = build_run(config)
-    params, _ = restore_params(workdir, config, model_def, source)
-    return jax.device_get(params)

@@ -156,7 +156,7 @@ def forward(cfg: GPTConfig, params, tokens_BxT, *, positions_T=None, caches=None
 def token_nll(cfg: GPTConfig, params, x_BxT1, key=None):
     """Next-token negative log-likelihood in nats [B, T] of x [B, T+1]."""
     logits, _ = forward(cfg, params, x_BxT1[:, :-1], key=key)
-    return losses.token_cross_entropy(logits, x_BxT1[:, 1:])
+    return losses.cross_entropy(logits, x_BxT1[:, 1:])
 
 
 def empty_caches(cfg: GPTConfig, batch: int):
@@ -241,7 +241,7 @@ def make_gpt(cfg: GPTConfig, pretrained=None, context: int | None = None) -> Mod
     def evaluate(params, key, batch):
         x = batch["x"]
         logits, _ = forward(cfg, params, x[:, :-1])
-        nll = losses.token_cross_entropy(logits, x[:, 1:])
+        nll = losses.cross_entropy(logits, x[:, 1:])
         correct = (jnp.argmax(logits, -1) == x[:, 1:]).astype(jnp.float32)
         return {"bits_per_byte": nll.mean(-1) / ln2, "accuracy": correct.mean(-1)}
 
@@ -296,14 +296,14 @@ def gpt_config() -> ml_collections.ConfigDict:
 
 def _load_pretrained(workdir: str):
     """(model config dict, params) of a trained `gpt` run."""
-    from zoo.train.workdir import build, load_config, restore_params
+    from zoo.train.workdir import trained_params
 
-    config = load_config(workdir, "gpt")
-    if config.model.get("finetune"):
-        raise ConfigError(f"model.init_from={workdir} is itself a fine-tuning run; point at the pretrained gpt")
-    model_def, source = build(config)
-    params, _ = restore_params(workdir, config, model_def, source)
-    return config.model.to_dict(), jax.device_get(params)
+    def check(config):
+        if config.model.get("finetune"):
+            raise ConfigError(f"model.init_from={workdir} is itself a fine-tuning run; point at the pretrained gpt")
+
+    config, params = trained_params(workdir, "gpt", check)
+    return config.model.to_dict(), params
 
 
 @register("gpt", "byte-level GPT (decoder-only Transformer) with KV-cache sampling, LoRA and soft prompts",

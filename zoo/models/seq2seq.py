@@ -189,8 +189,7 @@ def _check_batch(batch):
 
 def _nll_B(logits_BxTxV, tgt_BxT, valid_BxT):
     """Mean cross-entropy per example over its non-pad target positions: [B]."""
-    B, T, V = logits_BxTxV.shape
-    ce_BxT = losses.cross_entropy(logits_BxTxV.reshape(B * T, V), tgt_BxT.reshape(-1)).reshape(B, T)
+    ce_BxT = losses.cross_entropy(logits_BxTxV, tgt_BxT)
     return jnp.sum(ce_BxT * valid_BxT, -1) / jnp.maximum(jnp.sum(valid_BxT, -1), 1)
 
 

@@ -67,3 +67,15 @@ def restore_params(workdir: str, config, model_def: ModelDef, source, *, ema: bo
     ckpt.close()
     params = state.ema_params if (ema and state.ema_params is not None) else state.params
     return params, step
+
+
+def trained_params(workdir: str, name: str, check=None):
+    """(config, params on the host) of the trained `name` run in workdir, what a model's
+    `model.init_from` points at; `check(config)` may raise before anything is restored."""
+    config = load_config(workdir, name)
+    if check is not None:
+        check(config)
+    model_def, source = build(config)
+    params, _ = restore_params(workdir, config, model_def, source)
+    return config, jax.device_get(params)
+
