@@ -7,7 +7,9 @@ when causal; forward+backward 3.5x the forward (the backward's five matmuls). GF
 TFLOP/s on an accelerator (the unit says which).
 
 Implementations: `zoo-auto` (implementation=None: what users get), `zoo-xla`, `zoo-chunked`,
-`zoo-blocked` (CPU only), `zoo-reference`, `zoo-cudnn` (GPU only). Peers, when torch is installed: `torch-sdpa` (PyTorch's
+`zoo-blocked` (CPU only), `zoo-reference`, `zoo-cudnn` (GPU only), `zoo-mosaic` (Hopper GPUs,
+forwards only: JAX's FlashAttention-3 kernel in Pallas Mosaic GPU; a candidate for auto's forward,
+where JAX's cuDNN forward trails PyTorch's by 6-16%). Peers, when torch is installed: `torch-sdpa` (PyTorch's
 own dispatch) and, on CUDA, `torch-sdpa-flash|efficient|cudnn|math`, each only where it applies.
 `matmul-ceiling`: the forward's two matmuls with no softmax between them, jitted; on CPU per head
 and per block of "blocked"'s forward plan (causal: the blocks on or below the diagonal), counted
@@ -39,7 +41,7 @@ from zoo.ops.attention import _blocked_cfg, dot_product_attention
 
 QUICK = dict(B=1, N=8, D=64, lengths=(1024, 4096), dtype="float32")
 FULL = dict(B=4, N=16, D=128, lengths=(1024, 4096, 8192, 16384), dtype="bfloat16")
-ZOO_IMPLS = ("zoo-auto", "zoo-xla", "zoo-chunked", "zoo-blocked", "zoo-reference", "zoo-cudnn")
+ZOO_IMPLS = ("zoo-auto", "zoo-xla", "zoo-chunked", "zoo-blocked", "zoo-reference", "zoo-cudnn", "zoo-mosaic")
 TORCH_BACKENDS = ("flash", "efficient", "cudnn", "math")
 REFERENCE_MAX_S = 4096  # the reference materialises [B, N, T, S] logits twice with the backward
 
@@ -227,7 +229,7 @@ def _torch_graph(torch, call, g, ctx):
 def _makers(on_gpu, S):
     makers = {}
     for impl in ZOO_IMPLS:
-        if (impl == "zoo-cudnn" and not on_gpu) or (impl == "zoo-blocked" and on_gpu):
+        if (impl in ("zoo-cudnn", "zoo-mosaic") and not on_gpu) or (impl == "zoo-blocked" and on_gpu):
             continue  # "blocked" is the CPU path: on a GPU it would only time XLA's unrolled loops
         if impl == "zoo-reference" and S > REFERENCE_MAX_S:
             continue
@@ -293,8 +295,8 @@ def bench_case(B, N, S, D, causal, backward, dtype, *, rounds=5, impls=None) -> 
     arrays = _inputs(B, N, S, D, dtype)
     fns, reps, groups = {}, {}, {}
     for impl, make in _makers(on_gpu, S).items():
-        if impls is not None and impl not in impls:
-            continue
+        if (impls is not None and impl not in impls) or (impl == "zoo-mosaic" and backward):
+            continue  # "mosaic"'s gradient is "cudnn"'s: its fwd+bwd row would time zoo-cudnn again
         logits = 4 * B * N * S * S * (3 if backward else 1)
         if on_gpu and impl == "zoo-xla" and logits > XLA_GPU_MAX_LOGITS:
             # measured on an H200 (2026-11-25): out of memory from S8192 fwd+bwd, after a long autotune
