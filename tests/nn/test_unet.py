@@ -19,7 +19,7 @@ import pytest
 
 from zoo.errors import ConfigError, DataError
 from zoo.nn.unet import (DDPM_CIFAR10, ResnetBlock, UNet, UNetConfig, _to_flax, diffusers_kwargs,
-                         from_diffusers, param_shapes, timestep_embedding)
+                         from_diffusers, nearest_up2_conv3x3, param_shapes, timestep_embedding)
 from zoo.ops.lora import count_params
 
 TINY = UNetConfig(in_channels=2, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
@@ -130,6 +130,23 @@ def _np_conv(x_BxCxHxW, w_OxIxKxK, b):
     out = sum(np.einsum("bihw,oi->bohw", xp[:, :, i:i + H, j:j + W], w_OxIxKxK[:, :, i, j])
               for i in range(K) for j in range(K))
     return out + b[None, :, None, None]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_upsample_by_phase_equals_nearest_upsample_then_conv(dtype):
+    """nearest_up2_conv3x3 (one 2x2 conv by output phase) against the definition in NumPy: repeat
+    rows and columns, then the padded 3x3 conv; odd sizes so no phase is symmetric to another."""
+    rng = np.random.default_rng(2)
+    B, H, W, I, O = 2, 3, 5, 4, 6
+    x, k, b = (rng.standard_normal(s).astype(np.float32) for s in ((B, H, W, I), (3, 3, I, O), (O,)))
+    up = np.repeat(np.repeat(x.transpose(0, 3, 1, 2), 2, axis=2), 2, axis=3)
+    ref = _np_conv(up, k.transpose(3, 2, 0, 1), b).transpose(0, 2, 3, 1)
+    got = jax.jit(nearest_up2_conv3x3)(jnp.asarray(x, dtype), k, b)
+    assert got.shape == (B, 2 * H, 2 * W, O) and got.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 5e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, atol=tol * np.abs(ref).max(), rtol=tol)
+    no_bias = jax.jit(nearest_up2_conv3x3)(jnp.asarray(x), k)
+    np.testing.assert_allclose(no_bias, ref - b, atol=1e-5 * np.abs(ref).max())
 
 
 def _np_silu(x):
