@@ -91,6 +91,21 @@ def test_bf16_model_runs_every_matmul_in_bf16_with_float32_logits():
     np.testing.assert_allclose(np.asarray(logits), ref, atol=0.05 * np.abs(ref).max())
 
 
+def test_bf16_logits_option_keeps_the_loss_and_gradient():
+    """f32_logits=False: a bf16 model's logits are bf16, and its loss and gradients agree with the
+    float32-logits model's within bf16 rounding of the logits."""
+    cfg = dataclasses.replace(TINY, dtype="bfloat16")
+    params, x = _init(cfg, scale=1.0), _tokens(4, 12, seed=2)
+    half = dataclasses.replace(cfg, f32_logits=False)
+    logits, _ = jit_forward(half, params, x[:, :-1])
+    assert logits.dtype == jnp.bfloat16
+    grad = lambda c: jax.jit(jax.value_and_grad(lambda p: make_gpt(c).loss(p, jax.random.key(0), {"x": x})[0]))(params)
+    (loss32, g32), (loss16, g16) = grad(cfg), grad(half)
+    np.testing.assert_allclose(float(loss16), float(loss32), rtol=1e-2)
+    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.05 * float(np.abs(b).max()) + 1e-6)
+
+
 def test_loss_is_mean_next_token_cross_entropy():
     params = _init(TINY)
     x = _tokens(3, 10, seed=1)

@@ -16,12 +16,14 @@ each step's metrics only after dispatching the next (zoo/train/loop.py).
 
 Full (accelerator): GPT-2 124M (L12 H768 12 heads, V 50304 = 50257 padded to a multiple of 64,
 T 1024), batch 16 and 64, bf16 compute with float32 params (an H200, 2026-11-25: B16 gave 32.5%
-MFU). Quick (CPU): L4 H256 8 heads, V 256, T 256,
+MFU), and at B16 the variant `bf16-logits` (GPTConfig.f32_logits=False: bf16 logits and logit
+gradients, as PyTorch autocast's, for half the traffic over the [B * T, V] logits). Quick (CPU): L4 H256 8 heads, V 256, T 256,
 batch 8, float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -36,7 +38,8 @@ from zoo.train.strategy import make_train_step
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
 FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=768, num_heads=12,
-                          dtype="bfloat16"), batches=(16, 64))
+                          dtype="bfloat16"), batches=(16, 64),
+            variants={16: ("bf16-logits", dict(f32_logits=False))})
 QUICK = dict(cfg=GPTConfig(vocab_size=256, max_len=256, num_layers=4, hidden=256, num_heads=8), batches=(8,))
 
 
@@ -67,11 +70,15 @@ def run(quick: bool) -> list[dict]:
     rows = []
     for B in spec["batches"]:
         rows += step_rows(spec["cfg"], B, iters=10 if quick else 20)
+        if B in spec.get("variants", {}):
+            name, changes = spec["variants"][B]
+            rows += step_rows(dataclasses.replace(spec["cfg"], **changes), B, iters=20, variant=name)
     return rows
 
 
-def step_rows(cfg: GPTConfig, B: int, *, iters: int = 10) -> list[dict]:
-    """The train step's row (and, without a known peak, the matmul ceiling's) at batch B."""
+def step_rows(cfg: GPTConfig, B: int, *, iters: int = 10, variant: str = "") -> list[dict]:
+    """The train step's rows (and, without a known peak, the matmul ceiling's) at batch B; a
+    variant's rows are named zoo-train-step-VARIANT(-pipelined)."""
     import optax
 
     T = cfg.max_len
@@ -107,7 +114,8 @@ def step_rows(cfg: GPTConfig, B: int, *, iters: int = 10) -> list[dict]:
         state, m = step(state, key, batch)
         jax.block_until_ready(m)
 
-    profile.report(one_step, calls=3, title=f"the GPT train step at B{B}", name=f"gpt_step-B{B}",
+    suffix = f"-{variant}" if variant else ""
+    profile.report(one_step, calls=3, title=f"the GPT train step{suffix} at B{B}", name=f"gpt_step{suffix}-B{B}",
                    hlo=lambda: step.lower(state, key, batch).compile().as_text())
     tokens = B * T / sec
     flops = model_flops_per_token(cfg, T) * tokens
@@ -115,9 +123,9 @@ def step_rows(cfg: GPTConfig, B: int, *, iters: int = 10) -> list[dict]:
     peak = _peak(dev)
     case = f"gpt-L{cfg.num_layers}-H{cfg.hidden}-T{T}-B{B}-{cfg.dtype}"
     per_token = model_flops_per_token(cfg, T)
-    rows = [{"case": case, "impl": "zoo-train-step", "value": tokens, "unit": "tokens/s",
+    rows = [{"case": case, "impl": f"zoo-train-step{suffix}", "value": tokens, "unit": "tokens/s",
              "model_tflops": flops / 1e12, "step_s": sec},
-            {"case": case, "impl": "zoo-train-step-pipelined", "value": B * T / sec_pipelined, "unit": "tokens/s",
+            {"case": case, "impl": f"zoo-train-step{suffix}-pipelined", "value": B * T / sec_pipelined, "unit": "tokens/s",
              "model_tflops": per_token * B * T / sec_pipelined / 1e12, "step_s": sec_pipelined}]
     if peak is None:
         peak = _matmul_ceiling(cfg.hidden)

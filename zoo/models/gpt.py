@@ -59,6 +59,7 @@ class GPTConfig:
     dropout: float = 0.0
     implementation: str = ""      # attention implementation ("" = auto), see zoo.ops.attention
     dtype: str = "float32"        # compute dtype; params stay float32
+    f32_logits: bool = True       # False: a bf16 model's logits stay bf16 (as autocast's); the loss is float32 either way
     finetune: str = ""            # "" | lora | prompt
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -100,7 +101,7 @@ class GPTConfig:
 
 
 class GPT(nn.Module):
-    """tokens [B, T] -> (logits [B, T, V] float32, caches). prefix [B, P, H]: soft-prompt embeddings."""
+    """tokens [B, T] -> (logits [B, T, V] float32, or the compute dtype without cfg.f32_logits, caches). prefix [B, P, H]: soft-prompt embeddings."""
 
     cfg: GPTConfig
 
@@ -126,7 +127,10 @@ class GPT(nn.Module):
         # the tied output layer in the compute dtype with float32 logits: nn.Embed.attend would
         # promote a bf16 x to the float32 table's dtype and run the largest matmul in float32, and
         # jnp.dot's own backward would too (float32 cotangent): dot_f32 keeps both in bf16
-        logits = dot_f32(x[:, P:].astype(dtype), wte.embedding.astype(dtype).T)
+        if c.f32_logits:
+            logits = dot_f32(x[:, P:].astype(dtype), wte.embedding.astype(dtype).T)
+        else:  # half the bytes for the [B, T, V] logits and their gradient to cross
+            logits = jnp.dot(x[:, P:].astype(dtype), wte.embedding.astype(dtype).T)
         return logits, caches
 
 
