@@ -9,7 +9,9 @@ TFLOP/s on an accelerator (the unit says which).
 Implementations: `zoo-auto` (implementation=None: what users get), `zoo-xla`, `zoo-chunked`,
 `zoo-blocked` (CPU only), `zoo-reference`, `zoo-cudnn` (GPU only), `zoo-mosaic` (Hopper GPUs,
 forwards only: JAX's FlashAttention-3 kernel in Pallas Mosaic GPU; a candidate for auto's forward,
-where JAX's cuDNN forward trails PyTorch's by 6-16%). Peers, when torch is installed: `torch-sdpa` (PyTorch's
+where JAX's cuDNN forward trails PyTorch's by 6-16%). ZOO_ATTENTION_SKIP=zoo-mosaic,... leaves
+those implementations out (benchmarks/device.sh does so for zoo-mosaic when a smoke test of it
+fails, so that a faulting kernel cannot take the other rows down with it). Peers, when torch is installed: `torch-sdpa` (PyTorch's
 own dispatch) and, on CUDA, `torch-sdpa-flash|efficient|cudnn|math`, each only where it applies.
 `matmul-ceiling`: the forward's two matmuls with no softmax between them, jitted; on CPU per head
 and per block of "blocked"'s forward plan (causal: the blocks on or below the diagonal), counted
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import statistics
 
 import jax
@@ -228,7 +231,10 @@ def _torch_graph(torch, call, g, ctx):
 
 def _makers(on_gpu, S):
     makers = {}
+    skip = set(filter(None, os.environ.get("ZOO_ATTENTION_SKIP", "").split(",")))  # e.g. zoo-mosaic
     for impl in ZOO_IMPLS:
+        if impl in skip:
+            continue
         if (impl in ("zoo-cudnn", "zoo-mosaic") and not on_gpu) or (impl == "zoo-blocked" and on_gpu):
             continue  # "blocked" is the CPU path: on a GPU it would only time XLA's unrolled loops
         if impl == "zoo-reference" and S > REFERENCE_MAX_S:
