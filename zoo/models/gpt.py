@@ -101,7 +101,8 @@ class GPTConfig:
 
 
 class GPT(nn.Module):
-    """tokens [B, T] -> (logits [B, T, V] float32, or the compute dtype without cfg.f32_logits, caches). prefix [B, P, H]: soft-prompt embeddings."""
+    """tokens [B, T] -> (logits [B, T, V], caches). prefix [B, P, H]: soft-prompt embeddings. The
+    logits are float32, or in the compute dtype when cfg.f32_logits is False."""
 
     cfg: GPTConfig
 

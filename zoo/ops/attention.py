@@ -13,7 +13,7 @@ n // (N // K)). Implementations, all giving the same values and gradients:
                / appendix B.2): memory O(T * block) instead of O(T * S), forward and backward.
   "mosaic"     on Hopper GPUs (compute capability 9.x), the forward of JAX's FlashAttention-3 kernel
                in Pallas Mosaic GPU (jax.experimental.pallas.ops.gpu.attention_mgpu; Shah et al.
-               2024, FlashAttention-3), for bf16/fp16 with D a multiple of 64, no bias, mask or
+               2024, FlashAttention-3), for bf16/fp16 with D 64 or 128, no bias, mask or
                window; its gradient (and the forward it is paired with) is "cudnn"'s, so training
                runs cuDNN and only a forward that is not differentiated runs the FA3 kernel.
   "blocked"    the CPU path (no bias or mask): one kv head per lax.map step, a static plan of
@@ -180,10 +180,10 @@ MOSAIC_BLOCK_Q = 64  # queries per warpgroup; the kernel's CTA takes two warpgro
 
 
 def _mosaic_block_kv(D):
-    """Keys per pipelined step: the largest of the kernel's own tuning set (256, 128, 64) whose
+    """Keys per pipelined step: the larger of the kernel's own tuning set (256, 128, 64) whose
     double-buffered k and v blocks (4 * block_kv * D * 2 bytes) fit Hopper's shared memory
     beside the queries."""
-    return 256 if D <= 64 else 128 if D <= 128 else 64
+    return 256 if D == 64 else 128
 
 
 def _mosaic_unsupported(q, k, bias, mask, is_causal, window):
@@ -196,8 +196,8 @@ def _mosaic_unsupported(q, k, bias, mask, is_causal, window):
         return f"it needs a Hopper GPU (compute capability 9.x; this one has {cc or 'none'})"
     if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
         return f"it takes bfloat16 or float16 q, k, v (got {q.dtype}, {k.dtype})"
-    if D % 64 or D > 256:
-        return f"the head dim must be 64, 128, 192 or 256 (got {D})"
+    if D not in (64, 128):  # the kernel takes 192 and 256 too, but its gradient is cuDNN's (<= 128)
+        return f"the head dim must be 64 or 128 (got {D})"
     if bias is not None or mask is not None or window is not None:
         return "it takes no bias, mask or window (use cudnn or None)"
     if T % (2 * MOSAIC_BLOCK_Q) or S % _mosaic_block_kv(D):
