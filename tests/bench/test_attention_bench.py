@@ -85,3 +85,23 @@ def test_gpt_model_flops_match_the_parameter_count():
     n = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
             if jax.tree_util.keystr(path).endswith("['kernel']")) + 64 * 16
     assert gpt_step.model_flops_per_token(cfg, 32) == 6 * n + 12 * 2 * 16 * 32
+
+
+def test_case_selection_from_the_environment(monkeypatch):
+    lengths = bench.FULL["lengths"]
+    assert bench._selected(lengths) == (lengths, (False, True))
+    monkeypatch.setenv("ZOO_ATTENTION_LENGTHS", "4096,1024")
+    monkeypatch.setenv("ZOO_ATTENTION_MASKS", "causal")
+    assert bench._selected(lengths) == ((4096, 1024), (True,))
+    monkeypatch.setenv("ZOO_ATTENTION_MASKS", "full")
+    assert bench._selected(lengths)[1] == (False,)
+    monkeypatch.setenv("ZOO_ATTENTION_MASKS", "sliding")
+    with pytest.raises(ValueError, match="full or causal"):
+        bench._selected(lengths)
+    monkeypatch.setenv("ZOO_ATTENTION_MASKS", "")
+    monkeypatch.setenv("ZOO_ATTENTION_LENGTHS", "2048")
+    with pytest.raises(ValueError, match=r"\[2048\] not among"):
+        bench._selected(lengths)
+    monkeypatch.setenv("ZOO_ATTENTION_LENGTHS", "4k")
+    with pytest.raises(ValueError, match="comma list"):
+        bench._selected(lengths)

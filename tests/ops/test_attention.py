@@ -1,7 +1,5 @@
 """zoo.ops.attention against a NumPy softmax-attention written here, plus gradient agreement."""
 
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,84 +238,6 @@ def test_cudnn_matches_reference():
                                        atol=2e-2 * float(jnp.abs(r).max()))
 
 
-def _fake_fa3(calls):
-    """A stand-in for JAX's FA3 module: its `attention` is softmax(q k^T) v, unscaled, as the
-    kernel's; it records each config it is called with."""
-    class TuningConfig:
-        def __init__(self, **kw):
-            self.kw = kw
-
-    def attention(q, k, v, config):
-        calls.append(config.kw)
-        return A.dot_product_attention(q, k, v, is_causal=config.kw["causal"], scale=1.0,
-                                       implementation="reference")
-
-    return types.SimpleNamespace(TuningConfig=TuningConfig, attention=attention)
-
-
-@pytest.mark.parametrize("is_causal", [False, True])
-def test_mosaic_plumbing_scale_and_gradient_routing(monkeypatch, is_causal):
-    """"mosaic" on CPU with stand-ins (the FA3 kernel by an unscaled reference, cuDNN by "xla"):
-    its forward is the kernel's on q * scale; under jax.grad the kernel is not called and the
-    value and gradients are cuDNN's path's, both equal to "reference"'s."""
-    calls = []
-    monkeypatch.setattr(A, "_fa3_module", lambda: _fake_fa3(calls))
-    jax_nn = A._jax_nn
-    monkeypatch.setattr(A, "_jax_nn", lambda *a: jax_nn(*a[:-1], "xla" if a[-1] == "cudnn" else a[-1]))
-    q, k, v = _inputs(B=2, T=8, S=8, N=4, K=2, D=16, seed=4)
-    scale = 0.3
-    got = A._mosaic(q, k, v, is_causal, scale)
-    want = A.dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, implementation="reference")
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert len(calls) == 1 and calls[0]["causal"] == is_causal and calls[0]["block_q"] == A.MOSAIC_BLOCK_Q
-    w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
-
-    def loss(attend):
-        return lambda q, k, v: jnp.sum(attend(q, k, v) * w)
-
-    mosaic = loss(lambda q, k, v: A._mosaic(q, k, v, is_causal, scale))
-    ref = loss(lambda q, k, v: A.dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
-                                                       implementation="reference"))
-    (val, grads), (val_ref, grads_ref) = (jax.value_and_grad(f, (0, 1, 2))(q, k, v) for f in (mosaic, ref))
-    assert len(calls) == 1  # differentiated: cuDNN's forward, not the kernel
-    np.testing.assert_allclose(val, val_ref, rtol=1e-5)
-    for g, r in zip(grads, grads_ref):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
-
-
-def test_mosaic_applies_only_where_the_kernel_does(monkeypatch):
-    """The reasons "mosaic" gives, on a pretend Hopper GPU (no kernel runs)."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    dev = types.SimpleNamespace(compute_capability="9.0")
-    monkeypatch.setattr(jax, "devices", lambda *a: [dev])
-    bf = lambda *shape: jnp.zeros(shape, jnp.bfloat16)
-    why = lambda q, k, **kw: A._mosaic_unsupported(q, k, kw.get("bias"), kw.get("mask"),
-                                                   kw.get("is_causal", False), kw.get("window"))
-    assert why(bf(2, 256, 4, 128), bf(2, 384, 2, 128)) is None
-    assert why(bf(2, 256, 4, 64), bf(2, 256, 4, 64), is_causal=True) is None
-    assert "T == S" in why(bf(2, 256, 4, 64), bf(2, 512, 4, 64), is_causal=True)
-    assert "head dim" in why(bf(2, 256, 4, 96), bf(2, 256, 4, 96))
-    assert "head dim" in why(bf(2, 256, 4, 256), bf(2, 256, 4, 256))  # cuDNN's gradient stops at 128
-    assert "bfloat16" in why(jnp.zeros((2, 256, 4, 64)), jnp.zeros((2, 256, 4, 64)))
-    assert "multiple" in why(bf(2, 200, 4, 64), bf(2, 256, 4, 64))
-    assert "multiple" in why(bf(2, 256, 4, 128), bf(2, 200, 4, 128))
-    assert "mask" in why(bf(2, 256, 4, 64), bf(2, 256, 4, 64), window=(8, 0))
-    dev.compute_capability = "8.0"
-    assert "Hopper" in why(bf(2, 256, 4, 64), bf(2, 256, 4, 64))
-
-
-@pytest.mark.gpu
-def test_mosaic_matches_reference_on_hopper():
-    if not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"):
-        pytest.skip("the FA3 kernel needs a Hopper GPU")
-    q, k, v = _inputs(B=2, T=256, S=256, N=4, K=2, D=128, dtype=jnp.bfloat16)
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    for kw in (dict(), dict(is_causal=True)):
-        got = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, implementation="mosaic", **kw))(q, k, v)
-        want = A.dot_product_attention(*f32, implementation="reference", **kw)
-        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
-
-
 def test_cached_decoding_equals_full_causal_forward():
     B, L, N, K, D, prefill = 2, 8, 4, 2, 8, 5
     q, k, v = _inputs(B=B, T=L, S=L, N=N, K=K, D=D, seed=3)
@@ -393,7 +313,6 @@ def test_additive_and_multiplicative_attention_match_numpy():
     (((2, 5, 4, 8), (2, 7, 2, 8)), dict(implementation="chunked", block_size=0), r"block_size"),
     (((2, 5, 4, 8), (2, 7, 2, 8)), dict(implementation="flash"), r"'flash'.*reference, xla, cudnn, chunked, blocked"),
     (((2, 5, 4, 8), (2, 7, 2, 8)), dict(implementation="blocked", bias=jnp.zeros((5, 7))), r"blocked.*not bias or mask"),
-    (((2, 128, 4, 64), (2, 256, 2, 64)), dict(implementation="mosaic"), r"mosaic.*does not apply.*GPU"),
 ])
 def test_bad_arguments_raise_clear_errors(shapes, kw, match):
     q, k = jnp.zeros(shapes[0]), jnp.zeros(shapes[1])

@@ -7,11 +7,10 @@ when causal; forward+backward 3.5x the forward (the backward's five matmuls). GF
 TFLOP/s on an accelerator (the unit says which).
 
 Implementations: `zoo-auto` (implementation=None: what users get), `zoo-xla`, `zoo-chunked`,
-`zoo-blocked` (CPU only), `zoo-reference`, `zoo-cudnn` (GPU only), `zoo-mosaic` (Hopper GPUs,
-forwards only: JAX's FlashAttention-3 kernel in Pallas Mosaic GPU; a candidate for auto's forward,
-where JAX's cuDNN forward trails PyTorch's by 6-16%). ZOO_ATTENTION_SKIP=zoo-mosaic,... leaves
-those implementations out (benchmarks/device.sh does so for zoo-mosaic when a smoke test of it
-fails, so that a faulting kernel cannot take the other rows down with it). Peers, when torch is installed: `torch-sdpa` (PyTorch's
+`zoo-blocked` (CPU only), `zoo-reference`, `zoo-cudnn` (GPU only). Environment, for runs in
+parts (benchmarks/device.sh, so that a kernel fault loses one part, not the run):
+ZOO_ATTENTION_SKIP=zoo-xla,... leaves implementations out, ZOO_ATTENTION_LENGTHS=1024,4096 and
+ZOO_ATTENTION_MASKS=full|causal keep those cases only. Peers, when torch is installed: `torch-sdpa` (PyTorch's
 own dispatch) and, on CUDA, `torch-sdpa-flash|efficient|cudnn|math`, each only where it applies.
 `matmul-ceiling`: the forward's two matmuls with no softmax between them, jitted; on CPU per head
 and per block of "blocked"'s forward plan (causal: the blocks on or below the diagonal), counted
@@ -44,7 +43,7 @@ from zoo.ops.attention import _blocked_cfg, dot_product_attention
 
 QUICK = dict(B=1, N=8, D=64, lengths=(1024, 4096), dtype="float32")
 FULL = dict(B=4, N=16, D=128, lengths=(1024, 4096, 8192, 16384), dtype="bfloat16")
-ZOO_IMPLS = ("zoo-auto", "zoo-xla", "zoo-chunked", "zoo-blocked", "zoo-reference", "zoo-cudnn", "zoo-mosaic")
+ZOO_IMPLS = ("zoo-auto", "zoo-xla", "zoo-chunked", "zoo-blocked", "zoo-reference", "zoo-cudnn")
 TORCH_BACKENDS = ("flash", "efficient", "cudnn", "math")
 REFERENCE_MAX_S = 4096  # the reference materialises [B, N, T, S] logits twice with the backward
 
@@ -231,11 +230,11 @@ def _torch_graph(torch, call, g, ctx):
 
 def _makers(on_gpu, S):
     makers = {}
-    skip = set(filter(None, os.environ.get("ZOO_ATTENTION_SKIP", "").split(",")))  # e.g. zoo-mosaic
+    skip = set(filter(None, os.environ.get("ZOO_ATTENTION_SKIP", "").split(",")))
     for impl in ZOO_IMPLS:
         if impl in skip:
             continue
-        if (impl in ("zoo-cudnn", "zoo-mosaic") and not on_gpu) or (impl == "zoo-blocked" and on_gpu):
+        if (impl == "zoo-cudnn" and not on_gpu) or (impl == "zoo-blocked" and on_gpu):
             continue  # "blocked" is the CPU path: on a GPU it would only time XLA's unrolled loops
         if impl == "zoo-reference" and S > REFERENCE_MAX_S:
             continue
@@ -301,8 +300,8 @@ def bench_case(B, N, S, D, causal, backward, dtype, *, rounds=5, impls=None) -> 
     arrays = _inputs(B, N, S, D, dtype)
     fns, reps, groups = {}, {}, {}
     for impl, make in _makers(on_gpu, S).items():
-        if (impls is not None and impl not in impls) or (impl == "zoo-mosaic" and backward):
-            continue  # "mosaic"'s gradient is "cudnn"'s: its fwd+bwd row would time zoo-cudnn again
+        if impls is not None and impl not in impls:
+            continue
         logits = 4 * B * N * S * S * (3 if backward else 1)
         if on_gpu and impl == "zoo-xla" and logits > XLA_GPU_MAX_LOGITS:
             # measured on an H200 (2026-11-25): out of memory from S8192 fwd+bwd, after a long autotune
@@ -350,11 +349,31 @@ def _free_torch_cache():
         torch.cuda.empty_cache()  # JAX allocates without preallocation; leave it the room
 
 
+def _selected(lengths):
+    """(lengths, causal flags) to run: all, or those ZOO_ATTENTION_LENGTHS / _MASKS name."""
+    want = os.environ.get("ZOO_ATTENTION_LENGTHS", "").strip()
+    if want:
+        try:
+            picked = tuple(int(x) for x in want.split(","))
+        except ValueError:
+            raise ValueError(f"ZOO_ATTENTION_LENGTHS={want!r}: expected a comma list of lengths, "
+                             f"e.g. {','.join(map(str, lengths))}") from None
+        unknown = sorted(set(picked) - set(lengths))
+        if unknown:
+            raise ValueError(f"ZOO_ATTENTION_LENGTHS: {unknown} not among this run's lengths {list(lengths)}")
+        lengths = picked
+    mask = os.environ.get("ZOO_ATTENTION_MASKS", "").strip()
+    if mask not in ("", "full", "causal"):
+        raise ValueError(f"ZOO_ATTENTION_MASKS={mask!r}: expected full or causal (or unset: both)")
+    return lengths, {"": (False, True), "full": (False,), "causal": (True,)}[mask]
+
+
 def run(quick: bool) -> list[dict]:
     spec = QUICK if quick else FULL
+    lengths, masks = _selected(spec["lengths"])
     rows = []
-    for S in spec["lengths"]:
-        for causal in (False, True):
+    for S in lengths:
+        for causal in masks:
             for backward in (False, True):
                 # quick: the reference (full logits, ~10 GFLOP/s on CPU) only at the short length
                 skip = {"zoo-reference"} if quick and S > QUICK["lengths"][0] else set()

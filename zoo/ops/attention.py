@@ -11,11 +11,6 @@ n // (N // K)). Implementations, all giving the same values and gradients:
                not need O(n^2) memory"; Dao et al. 2022, FlashAttention, Alg. 1), with a custom_vjp
                backward that recomputes each block from the saved logsumexp (Dao et al. 2022, Alg. 2
                / appendix B.2): memory O(T * block) instead of O(T * S), forward and backward.
-  "mosaic"     on Hopper GPUs (compute capability 9.x), the forward of JAX's FlashAttention-3 kernel
-               in Pallas Mosaic GPU (jax.experimental.pallas.ops.gpu.attention_mgpu; Shah et al.
-               2024, FlashAttention-3), for bf16/fp16 with D 64 or 128, no bias, mask or
-               window; its gradient (and the forward it is paired with) is "cudnn"'s, so training
-               runs cuDNN and only a forward that is not differentiated runs the FA3 kernel.
   "blocked"    the CPU path (no bias or mask): one kv head per lax.map step, a static plan of
                (query block, key block) pairs, each two 2D matmuls with the softmax between them
                (causal / window blocks nobody sees are left out, fully visible ones go unmasked;
@@ -51,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-IMPLEMENTATIONS = ("reference", "xla", "cudnn", "chunked", "blocked", "mosaic")
+IMPLEMENTATIONS = ("reference", "xla", "cudnn", "chunked", "blocked")
 
 
 # ----------------------------------------------------------------------------------- checks, masks
@@ -172,66 +167,6 @@ def _cudnn_applies(q, k) -> bool:
     D = q.shape[-1]
     return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
             and k.dtype == q.dtype and D <= 128 and D % 8 == 0)
-
-
-# ---------------------------------------------------------------------------------------- mosaic
-
-MOSAIC_BLOCK_Q = 64  # queries per warpgroup; the kernel's CTA takes two warpgroups (2 * 64 queries)
-
-
-def _mosaic_block_kv(D):
-    """Keys per pipelined step: the larger of the kernel's own tuning set (256, 128, 64) whose
-    double-buffered k and v blocks (4 * block_kv * D * 2 bytes) fit Hopper's shared memory
-    beside the queries."""
-    return 256 if D == 64 else 128
-
-
-def _mosaic_unsupported(q, k, bias, mask, is_causal, window):
-    """Why the FA3 kernel does not take these inputs (a string), or None when it does."""
-    (_, T, _, D), S = q.shape, k.shape[1]
-    if jax.default_backend() != "gpu":
-        return f"it runs on NVIDIA GPUs only (the backend is {jax.default_backend()!r})"
-    cc = str(getattr(jax.devices()[0], "compute_capability", ""))
-    if not cc.startswith("9"):
-        return f"it needs a Hopper GPU (compute capability 9.x; this one has {cc or 'none'})"
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
-        return f"it takes bfloat16 or float16 q, k, v (got {q.dtype}, {k.dtype})"
-    if D not in (64, 128):  # the kernel takes 192 and 256 too, but its gradient is cuDNN's (<= 128)
-        return f"the head dim must be 64 or 128 (got {D})"
-    if bias is not None or mask is not None or window is not None:
-        return "it takes no bias, mask or window (use cudnn or None)"
-    if T % (2 * MOSAIC_BLOCK_Q) or S % _mosaic_block_kv(D):
-        return (f"T must be a multiple of {2 * MOSAIC_BLOCK_Q} and S of {_mosaic_block_kv(D)} "
-                f"(got T={T}, S={S})")
-    if is_causal and T != S:
-        return f"causal needs T == S (got T={T}, S={S})"
-    return None
-
-
-def _fa3_module():
-    from jax.experimental.pallas.ops.gpu import attention_mgpu  # imported only when used: Mosaic GPU
-
-    return attention_mgpu
-
-
-def _mosaic(q, k, v, is_causal, scale):
-    qs = q * jnp.asarray(scale, q.dtype)  # the kernel computes softmax(q k^T) v, unscaled
-
-    def cudnn(q, k, v):
-        return _jax_nn(q, k, v, None, None, is_causal, None, 1.0, "cudnn")
-
-    @jax.custom_vjp
-    def attend(q, k, v):
-        attention_mgpu = _fa3_module()
-        config = attention_mgpu.TuningConfig(block_q=MOSAIC_BLOCK_Q, block_kv=_mosaic_block_kv(q.shape[-1]),
-                                             max_concurrent_steps=2, causal=is_causal)
-        return attention_mgpu.attention(q, k, v, config)
-
-    def fwd(q, k, v):
-        return jax.vjp(cudnn, q, k, v)  # (output, its vjp: a pytree, so a valid residual)
-
-    attend.defvjp(fwd, lambda vjp, do: vjp(do))
-    return attend(qs, k, v)
 
 
 # --------------------------------------------------------------------------------------- chunked
@@ -679,11 +614,6 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
                              'mask; use "chunked" (or None) for those')
         sizes = (q_block_size, block_size) if implementation else (None, None)  # auto: measured sizes
         return _blocked(q, k, v, is_causal, window, scale, *sizes)
-    if impl == "mosaic":
-        why = _mosaic_unsupported(q, k, bias, mask, is_causal, window)
-        if why is not None:
-            raise ValueError(f'implementation "mosaic" does not apply here: {why}')
-        return _mosaic(q, k, v, is_causal, scale)
     if impl == "reference":
         return _reference(q, k, v, bias, mask, is_causal, window, scale)
     if impl == "chunked":
