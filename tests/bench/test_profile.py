@@ -45,6 +45,20 @@ def test_summarize_sums_per_call_and_keeps_device_timelines():
     assert s["classes"] == pytest.approx({"gemm": 0.75, "fusion": 0.25})
 
 
+def test_idle_gaps_merge_streams_and_leave_out_the_wait_between_calls():
+    k = lambda ts, dur, name: {"ph": "X", "ts": ts, "dur": dur, "name": name}
+    ev = [k(0, 10, "a"), k(13, 10, "b"),  # 3 us gap
+          k(20, 30, "c"),                 # another stream, overlapping b: no gap
+          k(60, 5, "d"),                  # 10 us after c, the latest end
+          k(200, 5, "e"),                 # 135 us
+          k(5000, 10, "a"), k(5050, 10, "b")]  # a new call (4795 us: between calls), then 40 us
+    g = profile.idle_gaps(ev, calls=2)
+    assert g["kernels"] == 3.5
+    assert g["idle_ms"] == pytest.approx((3 + 10 + 135 + 40) / 1e3 / 2)
+    assert g["bins"] == pytest.approx({"<5us": 0.0015, "5-20us": 0.005, "20-100us": 0.02, ">=100us": 0.0675})
+    assert [(x["us"], x["after"], x["before"]) for x in g["largest"][:2]] == [(135, "d", "e"), (40, "a", "b")]
+
+
 def test_kernel_table_on_this_backend(capsys):
     a = jnp.asarray(np.random.default_rng(0).standard_normal((256, 256)), jnp.float32)
     f = jax.jit(lambda a: jnp.tanh(a @ a))
@@ -52,7 +66,9 @@ def test_kernel_table_on_this_backend(capsys):
     s = profile.kernel_table(lambda: f(a).block_until_ready(), calls=2, title="tanh(a @ a)")
     assert s["total_ms"] > 0 and s["rows"]
     assert abs(sum(s["classes"].values()) - 1.0) < 1e-9
-    assert "kernel time per call of tanh(a @ a)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "kernel time per call of tanh(a @ a)" in out and "idle between kernels per call" in out
+    assert s["gaps"]["kernels"] >= 1 and s["gaps"]["idle_ms"] >= 0
 
 
 def test_report_is_off_by_default_and_never_raises(monkeypatch, capsys):

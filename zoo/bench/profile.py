@@ -87,6 +87,32 @@ def summarize(events: list[dict], calls: int, top: int = 25) -> dict:
             "total_ms": grand / 1e3 / calls}
 
 
+def idle_gaps(events: list[dict], calls: int, *, between_calls_us: float = 2000.0, top: int = 8) -> dict:
+    """Where the device waits inside a call: the union of the kernels' intervals (all streams),
+    and the gaps between them shorter than between_calls_us (longer ones are taken to be the
+    host's wait between calls, which a pipelined loop hides). {"idle_ms": per call, "kernels": per
+    call, "bins": {"<5us" | "5-20us" | "20-100us" | ">=100us": idle ms per call},
+    "largest": [{"us", "after", "before"}, top of them, largest first]}."""
+    spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events)
+    bins = {"<5us": 0.0, "5-20us": 0.0, "20-100us": 0.0, ">=100us": 0.0}
+    largest, idle = [], 0.0
+    end, last = None, ""
+    for start, stop, name in spans:
+        if end is not None and start > end:
+            gap = start - end
+            if gap < between_calls_us:
+                idle += gap
+                key = "<5us" if gap < 5 else "5-20us" if gap < 20 else "20-100us" if gap < 100 else ">=100us"
+                bins[key] += gap
+                largest.append((gap, last, name))
+        if end is None or stop > end:
+            end, last = stop, name
+    largest.sort(key=lambda g: -g[0])
+    return {"idle_ms": idle / 1e3 / calls, "kernels": len(spans) / calls,
+            "bins": {k: us / 1e3 / calls for k, us in bins.items()},
+            "largest": [{"us": g, "after": a, "before": b} for g, a, b in largest[:top]]}
+
+
 def kernel_table(fn: Callable[[], object], *, calls: int = 3, top: int = 25, title: str = "") -> dict:
     """Profile `calls` calls of fn (already compiled and warm) and print the kernel table."""
     import jax
@@ -95,12 +121,19 @@ def kernel_table(fn: Callable[[], object], *, calls: int = 3, top: int = 25, tit
         with jax.profiler.trace(d, create_perfetto_trace=True):
             for _ in range(calls):
                 fn()
-        summary = summarize(device_events(_trace_events(d)), calls, top)
+        events = device_events(_trace_events(d))
+        summary = summarize(events, calls, top)
+        summary["gaps"] = idle_gaps(events, calls)
     print(f"--- kernel time per call{' of ' + title if title else ''}: {summary['total_ms']:.3f} ms; "
           + ", ".join(f"{c} {s:.0%}" for c, s in summary["classes"].items()), flush=True)
     for r in summary["rows"]:
         print(f"  {r['ms']:9.3f} ms {r['share']:6.1%} x{r['count']:<5.0f} {r['class']:9s} {r['name'][:110]}",
               flush=True)
+    g = summary["gaps"]
+    print(f"--- idle between kernels per call: {g['idle_ms']:.3f} ms over {g['kernels']:.0f} kernels ("
+          + ", ".join(f"{k} {ms:.3f} ms" for k, ms in g["bins"].items()) + "); largest:", flush=True)
+    for x in g["largest"]:
+        print(f"  {x['us']:9.1f} us after {x['after'][:60]} before {x['before'][:60]}", flush=True)
     return summary
 
 
