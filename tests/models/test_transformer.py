@@ -95,3 +95,31 @@ def test_bad_config_and_data():
         bad.attention = "bahdanau"  # a seq2seq key the Transformer does not have
     with pytest.raises(ConfigError, match="model key"):
         entry.build(bad, {"kind": "seq2seq", "vocab_size": 10, "shape": (8,)})
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gelu_tanh_recomputes_in_the_backward(dtype, capsys):
+    """The MLP's GELU: GPT-2's tanh formula in value and gradient (NumPy, float64), and under
+    jax.checkpoint the backward keeps only h, never tanh(...) from the forward."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from zoo.nn.transformer import gelu_tanh
+
+    h = np.linspace(-6, 6, 97)
+    t = np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3))
+    want = 0.5 * h * (1 + t)
+    dwant = 0.5 * (1 + t) + 0.5 * h * (1 - t**2) * np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * h**2)
+    x = jnp.asarray(h, dtype)
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2  # XLA's float32 tanh is good to ~3e-6
+    np.testing.assert_allclose(np.asarray(gelu_tanh(x), np.float64), want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(jax.grad(lambda x: gelu_tanh(x).sum())(x), np.float64), dwant,
+                               rtol=tol, atol=tol)
+    w = jnp.ones((97, 5), dtype)
+    vec = {"float32": "f32", "bfloat16": "bf16"}[jnp.dtype(dtype).name] + "[97] "  # h-shaped residuals
+    capsys.readouterr()
+    print_saved_residuals(lambda x: jnp.sum(gelu_tanh(x) @ w), x)
+    saved = [line for line in capsys.readouterr().out.splitlines() if line.startswith(vec)]
+    assert len(saved) == 1 and "from the argument" in saved[0], saved  # h only: tanh is recomputed
+    print_saved_residuals(lambda x: jnp.sum(jax.nn.gelu(x, approximate=True) @ w), x)
+    plain = [line for line in capsys.readouterr().out.splitlines() if line.startswith(vec)]
+    assert len(plain) >= 3, plain  # what the checkpoint avoids: tanh (or 1 - tanh^2) and products

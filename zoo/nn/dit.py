@@ -36,6 +36,7 @@ import numpy as np
 
 from zoo.errors import ConfigError, DataError
 from zoo.nn.embeddings import timestep_embedding  # noqa: F401  (public here too)
+from zoo.nn.transformer import gelu_tanh
 from zoo.ops.attention import dot_product_attention
 
 FREQ_DIM = 256      # G: timestep frequency embedding size (official TimestepEmbedder)
@@ -155,7 +156,7 @@ class DiTBlock(nn.Module):
         x_BxNxD = x_BxNxD + gate_msa[:, None] * SelfAttention(self.num_heads, self.dtype, name="attn")(h)
         h = modulate(_layer_norm(self.dtype, "norm2")(x_BxNxD), shift_mlp, scale_mlp)
         h = _dense(int(D * self.mlp_ratio), self.dtype, "fc1")(h)          # F = D * mlp_ratio
-        h = _dense(D, self.dtype, "fc2")(nn.gelu(h, approximate=True))    # official: GELU (tanh)
+        h = _dense(D, self.dtype, "fc2")(gelu_tanh(h))    # official: GELU (tanh)
         return x_BxNxD + gate_mlp[:, None] * h
 
 

@@ -96,6 +96,18 @@ class Attention(nn.Module):
         return dense(H, "out", self.out_std)(out.reshape(B, T, N * D)), cache
 
 
+def gelu_tanh(h):
+    """GELU, tanh approximation (as GPT-2), under jax.checkpoint: its backward recomputes the tanh
+    from h instead of keeping it from the forward. Plain autodiff saves tanh(...) beside h, so the
+    forward writes one more [B, T, F] array and the backward reads it back: for GPT-124M at B64,
+    400 MB each way per layer, in two of the step's largest fusions on an H200 (GELU 4.2 ms, its
+    backward 5.9 ms, 12 layers)."""
+    return _gelu_tanh_remat(h)
+
+
+_gelu_tanh_remat = jax.checkpoint(lambda h: jax.nn.gelu(h, approximate=True))
+
+
 class MLP(nn.Module):
     """Dense(F) -> GELU (tanh approximation, as GPT-2) -> Dense(H)."""
 
@@ -108,7 +120,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxH):
         h = LoRADense(self.width, self.lora_rank, self.lora_alpha, dtype=self.dtype, name="fc")(x_BxTxH)
-        h = nn.gelu(h, approximate=True)
+        h = gelu_tanh(h)
         return LoRADense(x_BxTxH.shape[-1], self.lora_rank, self.lora_alpha, kernel_std=self.out_std,
                          dtype=self.dtype, name="proj")(h)
 
