@@ -2,20 +2,20 @@
 # The GPU benchmark runs, as one command on a lent accelerator machine (see benchmarks/results/README.md).
 #   bash benchmarks/device.sh PART OUTDIR [SHA]
 # PART: "a" = the GPU tests, then `zoo bench attention` (full set, in two processes: full, causal);
-#       "b" = `zoo bench gpt_step` (B16 and B64, synced and
-#       pipelined rows, and B16 with bf16 logits) and `zoo bench diffusion` (full set, with the
-#       diffusers / torch.compile peers); "c" = `zoo bench gibbs` (its zoo-bf16-cublas row is the
-#       same chain with XLA's GEMMs through cuBLAS, an A/B in one process; issue 4 is blocked, so
-#       only when a lease has time left);
+#       "b" = `zoo bench gpt_step` (B16 and B64, synced and pipelined rows, and B64 with bf16
+#       logits), then the same with XLA_FLAGS=--xla_gpu_enable_cublaslt=true (bias and GELU epilogues
+#       fused into the GEMMs; an A/B across two processes on one machine); "c" = `zoo bench
+#       diffusion` (full set, with the diffusers / torch.compile peers; its goals were met on
+#       2026-11-26) and `zoo bench gibbs` (issue 4 is blocked): only when a lease has time left;
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
-#       attention, gpt_step, gpt_step-cublas, diffusion.
-# A 15-minute lease holds a and b with its start (~30 s on 2026-11-26) if they begin at once:
-# part a <= 390 s by its limits, part b <= 330 s (2026-11-26, H200: attention at S1024 and S4096
-# alone ~80 s, diffusion ~110 s, gpt_step B16 + B64 ~85 s before the bf16-logits variant). gpt_step
-# and diffusion print a kernel
-# table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) and write the compiled program
-# (NAME.hlo.txt.gz, ZOO_PROFILE_DIR), which names the table's fusions. The log is
-# OUTDIR/log-PART.txt (commas in PART become '_': a returned file's name may hold no comma).
+#       attention, gpt_step, gpt_step-cublas, gpt_step-cublaslt, diffusion.
+# A 15-minute lease holds b and a with its start (~30 s) if they begin at once: part b <= 370 s by
+# its limits (2026-11-26, H200: the gpt_step pair of B64 runs took ~100 s), part a <= 400 s (490
+# with the rerun of a faulting part; the attention benchmark at S1024 and S4096 alone took ~80 s). gpt_step and diffusion print a kernel
+# table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) with the idle time between
+# kernels and the largest gaps, and write the compiled program (NAME.hlo.txt.gz, ZOO_PROFILE_DIR),
+# which names the table's fusions. The log is OUTDIR/log-PART.txt (commas in PART become '_': a
+# returned file's name may hold no comma).
 # Runs the tree as is (PYTHONPATH, no install); Python packages the machine lacks or holds in other
 # versions travel as wheels in .whl/ (flax, optax, chex, ml_collections, diffusers) and go to
 # /tmp/site. Each benchmark has its own time limit, prints its rows as each case finishes (into
@@ -25,13 +25,13 @@ set -u
 part=$1 out=$2
 case $part in
   a) steps=tests,attention ;;
-  b) steps=gpt_step,diffusion ;;
-  c) steps=gibbs ;;
+  b) steps=gpt_step,gpt_step-cublaslt ;;
+  c) steps=diffusion,gibbs ;;
   *) steps=$part ;;
 esac
 for step in ${steps//,/ }; do
-  case $step in tests|gibbs|gibbs-cublas|attention|gpt_step|gpt_step-cublas|diffusion) ;;
-    *) echo "device.sh: unknown PART or step '$step' (a, b, c, or a comma list of: tests gibbs gibbs-cublas attention gpt_step gpt_step-cublas diffusion)" >&2; exit 2 ;;
+  case $step in tests|gibbs|gibbs-cublas|attention|gpt_step|gpt_step-cublas|gpt_step-cublaslt|diffusion) ;;
+    *) echo "device.sh: unknown PART or step '$step' (a, b, c, or a comma list of: tests gibbs gibbs-cublas attention gpt_step gpt_step-cublas gpt_step-cublaslt diffusion)" >&2; exit 2 ;;
   esac
 done
 export ZOO_GIT_SHA=${3:-unknown} ZOO_PROFILE=1 ZOO_PROFILE_DIR=$2 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
@@ -54,6 +54,7 @@ bench() {  # NAME LIMIT_S [SUFFIX XLA_FLAGS]
   echo "=== $1${3:-} exit $rc $(date -u +%T)" | tee -a "$log"
 }
 CUBLAS="--xla_gpu_enable_triton_gemm=false"  # XLA's GEMMs through cuBLAS only, not its Triton emitter
+CUBLASLT="--xla_gpu_enable_cublaslt=true"  # lets XLA fuse bias adds (and bias + GELU) into cuBLASLt epilogues
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
@@ -72,13 +73,14 @@ for step in ${steps//,/ }; do
       # part only; a faulting part is run again without XLA's command buffers (CUDA graphs), to tell
       # whether they are the cause
       for mask in full causal; do
-        ZOO_ATTENTION_MASKS=$mask bench attention 160 -$mask
+        ZOO_ATTENTION_MASKS=$mask bench attention 150 -$mask
         if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then
-          ZOO_ATTENTION_MASKS=$mask bench attention 120 -$mask-nocmdbuf "--xla_gpu_enable_command_buffer="
+          ZOO_ATTENTION_MASKS=$mask bench attention 90 -$mask-nocmdbuf "--xla_gpu_enable_command_buffer="
         fi
       done ;;
-    gpt_step) bench gpt_step 150 ;;
+    gpt_step) bench gpt_step 200 ;;
     gpt_step-cublas) bench gpt_step 110 -cublas "$CUBLAS" ;;
+    gpt_step-cublaslt) bench gpt_step 170 -cublaslt "$CUBLASLT" ;;
     diffusion)
       python3 -c "import diffusers, torch; print('diffusers', diffusers.__version__, 'torch', torch.__version__)" 2>&1 | tee -a "$log"
       bench diffusion 180 ;;
