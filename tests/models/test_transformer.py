@@ -123,3 +123,33 @@ def test_gelu_tanh_recomputes_in_the_backward(dtype, capsys):
     print_saved_residuals(lambda x: jnp.sum(jax.nn.gelu(x, approximate=True) @ w), x)
     plain = [line for line in capsys.readouterr().out.splitlines() if line.startswith(vec)]
     assert len(plain) >= 3, plain  # what the checkpoint avoids: tanh (or 1 - tanh^2) and products
+
+
+def test_bias_gelu_keeps_only_the_matmul_output(capsys):
+    """bias_gelu_tanh(y, b) == gelu(y + b) in value and gradients (both arguments), and its
+    backward keeps y itself, not y + b nor tanh(...); LoRADense(gelu=True) is GELU of the plain
+    layer, with the same parameters."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from zoo.nn.transformer import LoRADense, bias_gelu_tanh
+
+    rng = np.random.default_rng(0)
+    y, b = jnp.asarray(rng.standard_normal((6, 8)) * 2), jnp.asarray(rng.standard_normal(8))
+    ref = lambda y, b: jnp.sum(jnp.sin(jax.nn.gelu(y + b, approximate=True)))  # noqa: E731
+    got = lambda y, b: jnp.sum(jnp.sin(bias_gelu_tanh(y, b)))  # noqa: E731
+    np.testing.assert_allclose(got(y, b), ref(y, b), rtol=1e-6)
+    for g, r in zip(jax.grad(got, (0, 1))(y, b), jax.grad(ref, (0, 1))(y, b)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    w = jnp.asarray(rng.standard_normal((6, 8)))
+    capsys.readouterr()
+    print_saved_residuals(lambda y, b: jnp.sum(bias_gelu_tanh(y, b) * w), y, b)
+    saved = [line for line in capsys.readouterr().out.splitlines() if line.startswith("f32[6,8] ")]
+    assert "f32[6,8] from the argument y" in saved and not any("output of" in s for s in saved), saved
+    for rank in (0, 2):
+        x = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+        fused, plain = LoRADense(8, rank, gelu=True), LoRADense(8, rank)
+        params = fused.init(jax.random.key(1), x)
+        assert jax.tree.structure(params) == jax.tree.structure(plain.init(jax.random.key(1), x))
+        params = jax.tree.map(lambda p: p + 0.1, params)  # nonzero bias and LoRA b
+        np.testing.assert_allclose(fused.apply(params, x), jax.nn.gelu(plain.apply(params, x), approximate=True),
+                                   rtol=1e-5, atol=1e-6)
