@@ -2,14 +2,14 @@
 # The GPU benchmark runs, as one command on a lent accelerator machine (see benchmarks/results/README.md).
 #   bash benchmarks/device.sh PART OUTDIR [SHA]
 # PART: "a" = the GPU tests, then `zoo bench attention` (full set, in two processes: full, causal);
-#       "b" = `zoo bench gpt_step` (B16 and B64, synced and pipelined rows, and B64 with bf16
-#       logits), then the same with XLA_FLAGS=--xla_gpu_enable_cublaslt=true (bias and GELU epilogues
-#       fused into the GEMMs; an A/B across two processes on one machine); "c" = `zoo bench
+#       "b" = `zoo bench gpt_step` (B16 and B64, synced and pipelined rows, and B64 and B128 with
+#       bf16 logits), then its bf16-logits runs with XLA_FLAGS=--xla_gpu_enable_cublaslt=true (bias
+#       and GELU epilogues fused into the GEMMs; an A/B across two processes on one machine); "c" = `zoo bench
 #       diffusion` (full set, with the diffusers / torch.compile peers; its goals were met on
 #       2026-11-26) and `zoo bench gibbs` (issue 4 is blocked): only when a lease has time left;
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
 #       attention, gpt_step, gpt_step-cublas, gpt_step-cublaslt, diffusion.
-# A 15-minute lease holds b and a with its start (~30 s) if they begin at once: part b <= 370 s by
+# A 15-minute lease holds b and a with its start (~30 s) if they begin at once: part b <= 430 s by
 # its limits (2026-11-26, H200: the gpt_step pair of B64 runs took ~100 s), part a <= 400 s (490
 # with the rerun of a faulting part; the attention benchmark at S1024 and S4096 alone took ~80 s). gpt_step and diffusion print a kernel
 # table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) with the idle time between
@@ -78,9 +78,9 @@ for step in ${steps//,/ }; do
           ZOO_ATTENTION_MASKS=$mask bench attention 90 -$mask-nocmdbuf "--xla_gpu_enable_command_buffer="
         fi
       done ;;
-    gpt_step) bench gpt_step 200 ;;
+    gpt_step) bench gpt_step 260 ;;
     gpt_step-cublas) bench gpt_step 110 -cublas "$CUBLAS" ;;
-    gpt_step-cublaslt) bench gpt_step 170 -cublaslt "$CUBLASLT" ;;
+    gpt_step-cublaslt) ZOO_GPT_STEP_RUNS=64-bf16-logits,128-bf16-logits bench gpt_step 170 -cublaslt "$CUBLASLT" ;;
     diffusion)
       python3 -c "import diffusers, torch; print('diffusers', diffusers.__version__, 'torch', torch.__version__)" 2>&1 | tee -a "$log"
       bench diffusion 180 ;;

@@ -105,3 +105,27 @@ def test_case_selection_from_the_environment(monkeypatch):
     monkeypatch.setenv("ZOO_ATTENTION_LENGTHS", "4k")
     with pytest.raises(ValueError, match="comma list"):
         bench._selected(lengths)
+
+
+def test_gpt_step_run_selection(monkeypatch):
+    runs = gpt_step.FULL["runs"]
+    assert gpt_step.selected_runs(runs) == runs
+    monkeypatch.setenv("ZOO_GPT_STEP_RUNS", "128-bf16-logits, 16")
+    assert gpt_step.selected_runs(runs) == ((16, None), (128, gpt_step.BF16_LOGITS))
+    monkeypatch.setenv("ZOO_GPT_STEP_RUNS", "32")
+    with pytest.raises(ValueError, match=r"\['32'\] not among.*64-bf16-logits"):
+        gpt_step.selected_runs(runs)
+
+
+def test_gpt_step_out_of_memory_loses_only_its_rows(monkeypatch, capsys):
+    def fake(cfg, B, **kw):
+        if B == 64:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB")
+        return [{"B": B}]
+    monkeypatch.setattr(gpt_step, "step_rows", fake)
+    monkeypatch.setitem(gpt_step.QUICK, "runs", ((8, None), (64, None), (16, None)))
+    assert gpt_step.run(quick=True) == [{"B": 8}, {"B": 16}]
+    assert "skip B64" in capsys.readouterr().out
+    monkeypatch.setattr(gpt_step, "step_rows", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # anything else is not swallowed
+        gpt_step.run(quick=True)

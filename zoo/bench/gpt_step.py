@@ -15,15 +15,17 @@ back and waits once, so dispatch overlaps the device's work, as in the training 
 each step's metrics only after dispatching the next (zoo/train/loop.py).
 
 Full (accelerator): GPT-2 124M (L12 H768 12 heads, V 50304 = 50257 padded to a multiple of 64,
-T 1024), batch 16 and 64, bf16 compute with float32 params, and at B64 the variant `bf16-logits`
-(GPTConfig.f32_logits=False: bf16 logits and logit gradients, as PyTorch autocast's, for half the
-traffic over the [B * T, V] logits; an H200, 2026-11-26: 46.3% MFU pipelined, the default 44.7%).
+T 1024), batch 16 and 64, bf16 compute with float32 params, and at B64 and B128 the variant
+`bf16-logits` (GPTConfig.f32_logits=False: bf16 logits and logit gradients, as PyTorch autocast's,
+for half the traffic over the [B * T, V] logits; an H200, 2026-11-26: 46.8% MFU pipelined at B64,
+the default 45.8%). ZOO_GPT_STEP_RUNS=64-bf16-logits,... times only the runs it names.
 Quick (CPU): L4 H256 8 heads, V 256, T 256, batch 8, float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 
@@ -37,10 +39,12 @@ from zoo.train.state import init_state
 from zoo.train.strategy import make_train_step
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
+BF16_LOGITS = ("bf16-logits", dict(f32_logits=False))
+# (batch, (variant name, GPTConfig changes) or None) per run, in order
 FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=768, num_heads=12,
-                          dtype="bfloat16"), batches=(16, 64),
-            variants={64: ("bf16-logits", dict(f32_logits=False))})
-QUICK = dict(cfg=GPTConfig(vocab_size=256, max_len=256, num_layers=4, hidden=256, num_heads=8), batches=(8,))
+                          dtype="bfloat16"),
+            runs=((16, None), (64, None), (64, BF16_LOGITS), (128, BF16_LOGITS)))
+QUICK = dict(cfg=GPTConfig(vocab_size=256, max_len=256, num_layers=4, hidden=256, num_heads=8), runs=((8, None),))
 
 
 def model_flops_per_token(cfg: GPTConfig, T: int) -> float:
@@ -65,14 +69,34 @@ def _matmul_ceiling(H: int) -> float:
     return 2.0 * n**3 / median_seconds(lambda: f(a).block_until_ready(), iters=7)
 
 
+def _run_name(B, variant):
+    return f"{B}-{variant[0]}" if variant else str(B)
+
+
+def selected_runs(runs):
+    """The runs to time: all, or those ZOO_GPT_STEP_RUNS names (e.g. "64-bf16-logits,128-bf16-logits")."""
+    want = [w for w in os.environ.get("ZOO_GPT_STEP_RUNS", "").replace(" ", "").split(",") if w]
+    if not want:
+        return runs
+    names = [_run_name(*r) for r in runs]
+    unknown = [w for w in want if w not in names]
+    if unknown:
+        raise ValueError(f"ZOO_GPT_STEP_RUNS: {unknown} not among this benchmark's runs {names}")
+    return tuple(r for r in runs if _run_name(*r) in want)
+
+
 def run(quick: bool) -> list[dict]:
     spec = QUICK if quick else FULL
     rows = []
-    for B in spec["batches"]:
-        rows += step_rows(spec["cfg"], B, iters=10 if quick else 20)
-        if B in spec.get("variants", {}):
-            name, changes = spec["variants"][B]
-            rows += step_rows(dataclasses.replace(spec["cfg"], **changes), B, iters=20, variant=name)
+    for B, variant in selected_runs(spec["runs"]):
+        name, changes = variant or ("", {})
+        try:
+            rows += step_rows(dataclasses.replace(spec["cfg"], **changes), B, iters=10 if quick else 20,
+                              variant=name)
+        except Exception as e:  # noqa: BLE001 - a batch too big for this device loses its own rows only
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            print(f"  skip B{B} {name}: out of memory ({str(e).splitlines()[0][:120]})", flush=True)
     return rows
 
 
