@@ -11,8 +11,8 @@
 #       attention, gpt_step, gpt_step-cublas, gpt_step-cublaslt, diffusion.
 # A 15-minute lease holds b and a with its start (~30 s) if they begin at once: part b <= 430 s by
 # its limits (2026-11-26, H200: the gpt_step pair of B64 runs took ~100 s), part a <= 400 s (490
-# with the rerun of a faulting part; the attention benchmark at S1024 and S4096 alone took ~80 s). gpt_step and diffusion print a kernel
-# table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) with the idle time between
+# with the rerun of a faulting part; the attention benchmark at S1024 and S4096 alone took ~80 s).
+# gpt_step and diffusion print a kernel table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) with the idle time between
 # kernels and the largest gaps, and write the compiled program (NAME.hlo.txt.gz, ZOO_PROFILE_DIR),
 # which names the table's fusions. The log is OUTDIR/log-PART.txt (commas in PART become '_': a
 # returned file's name may hold no comma).
