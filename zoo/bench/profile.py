@@ -92,10 +92,12 @@ def idle_gaps(events: list[dict], calls: int, *, between_calls_us: float = 2000.
     and the gaps between them shorter than between_calls_us (longer ones are taken to be the
     host's wait between calls, which a pipelined loop hides). {"idle_ms": per call, "kernels": per
     call, "bins": {"<5us" | "5-20us" | "20-100us" | ">=100us": idle ms per call},
-    "largest": [{"us", "after", "before"}, top of them, largest first]}."""
+    "largest": [{"us", "after", "before"}, top of them, largest first], "long": the gaps left out
+    as between calls, a list of {"us", "after", "before"}: calls - 1 of them unless a call itself
+    waits that long somewhere, e.g. on the host}."""
     spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events)
     bins = {"<5us": 0.0, "5-20us": 0.0, "20-100us": 0.0, ">=100us": 0.0}
-    largest, idle = [], 0.0
+    largest, long, idle = [], [], 0.0
     end, last = None, ""
     for start, stop, name in spans:
         if end is not None and start > end:
@@ -105,12 +107,14 @@ def idle_gaps(events: list[dict], calls: int, *, between_calls_us: float = 2000.
                 key = "<5us" if gap < 5 else "5-20us" if gap < 20 else "20-100us" if gap < 100 else ">=100us"
                 bins[key] += gap
                 largest.append((gap, last, name))
+            else:
+                long.append({"us": gap, "after": last, "before": name})
         if end is None or stop > end:
             end, last = stop, name
     largest.sort(key=lambda g: -g[0])
     return {"idle_ms": idle / 1e3 / calls, "kernels": len(spans) / calls,
             "bins": {k: us / 1e3 / calls for k, us in bins.items()},
-            "largest": [{"us": g, "after": a, "before": b} for g, a, b in largest[:top]]}
+            "largest": [{"us": g, "after": a, "before": b} for g, a, b in largest[:top]], "long": long}
 
 
 def kernel_table(fn: Callable[[], object], *, calls: int = 3, top: int = 25, title: str = "") -> dict:
@@ -134,6 +138,9 @@ def kernel_table(fn: Callable[[], object], *, calls: int = 3, top: int = 25, tit
           + ", ".join(f"{k} {ms:.3f} ms" for k, ms in g["bins"].items()) + "); largest:", flush=True)
     for x in g["largest"]:
         print(f"  {x['us']:9.1f} us after {x['after'][:60]} before {x['before'][:60]}", flush=True)
+    print(f"--- gaps of 2 ms or more (between the {calls} calls: {calls - 1} expected): {len(g['long'])}", flush=True)
+    for x in g["long"]:
+        print(f"  {x['us'] / 1e3:9.2f} ms after {x['after'][:60]} before {x['before'][:60]}", flush=True)
     return summary
 
 
