@@ -48,7 +48,8 @@ fi
 
 bench() {  # NAME LIMIT_S [SUFFIX XLA_FLAGS]
   echo "=== zoo bench $1${3:-} (limit $2 s) ${4:-} $(date -u +%T)" | tee -a "$log"
-  XLA_FLAGS="${4:-}" timeout "$2" python3 -m zoo bench "$1" --out "$out/$1${3:-}-gpu.json" 2>&1 \
+  # a variant's compiled programs go to a folder of their own (same file names as the default run's)
+  XLA_FLAGS="${4:-}" ZOO_PROFILE_DIR="$out${3:+/${3#-}}" timeout "$2" python3 -m zoo bench "$1" --out "$out/$1${3:-}-gpu.json" 2>&1 \
     | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/\|EXECUTION FAILED" | tee -a "$log"
   rc=${PIPESTATUS[0]}
   echo "=== $1${3:-} exit $rc $(date -u +%T)" | tee -a "$log"
