@@ -4,14 +4,16 @@
 # PART: "a" = the GPU tests, then `zoo bench attention` (full set, in two processes: full, causal);
 #       "b" = `zoo bench gpt_step` (B16 and B64, synced and pipelined rows, and B64 and B128 with
 #       bf16 logits), then its bf16-logits runs with XLA_FLAGS=--xla_gpu_enable_cublaslt=true (bias
-#       and GELU epilogues fused into the GEMMs; an A/B across two processes on one machine); "c" = `zoo bench
+#       and GELU epilogues fused into the GEMMs; an A/B across two processes on one machine), and the
+#       B64 one without XLA's command buffers (CUDA graphs: does updating them each step, as the
+#       donated state's buffers alternate, hold the next step back?); "c" = `zoo bench
 #       diffusion` (full set, with the diffusers / torch.compile peers; its goals were met on
 #       2026-11-26) and `zoo bench gibbs` (issue 4 is blocked): only when a lease has time left;
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
-#       attention, gpt_step, gpt_step-cublas, gpt_step-cublaslt, diffusion.
-# A 15-minute lease holds b and a with its start (~30 s) if they begin at once: part b <= 430 s by
-# its limits (2026-11-26, H200: the gpt_step pair of B64 runs took ~100 s), part a <= 400 s (490
-# with the rerun of a faulting part; the attention benchmark at S1024 and S4096 alone took ~80 s).
+#       attention, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
+# A 15-minute lease: b first (<= 520 s by its limits; ~380 s expected from the 2026-11-26 H200
+# timings, where a B64 run took ~50 s), then a with what is left (<= 400 s by its limits, 490 with
+# the rerun of a faulting part; the attention benchmark at S1024 and S4096 alone took ~80 s).
 # gpt_step and diffusion print a kernel table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) with the idle time between
 # kernels and the largest gaps, and write the compiled program (NAME.hlo.txt.gz, ZOO_PROFILE_DIR),
 # which names the table's fusions. The log is OUTDIR/log-PART.txt (commas in PART become '_': a
@@ -25,13 +27,13 @@ set -u
 part=$1 out=$2
 case $part in
   a) steps=tests,attention ;;
-  b) steps=gpt_step,gpt_step-cublaslt ;;
+  b) steps=gpt_step,gpt_step-cublaslt,gpt_step-nocmdbuf ;;
   c) steps=diffusion,gibbs ;;
   *) steps=$part ;;
 esac
 for step in ${steps//,/ }; do
-  case $step in tests|gibbs|gibbs-cublas|attention|gpt_step|gpt_step-cublas|gpt_step-cublaslt|diffusion) ;;
-    *) echo "device.sh: unknown PART or step '$step' (a, b, c, or a comma list of: tests gibbs gibbs-cublas attention gpt_step gpt_step-cublas gpt_step-cublaslt diffusion)" >&2; exit 2 ;;
+  case $step in tests|gibbs|gibbs-cublas|attention|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
+    *) echo "device.sh: unknown PART or step '$step' (a, b, c, or a comma list of: tests gibbs gibbs-cublas attention gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
   esac
 done
 export ZOO_GIT_SHA=${3:-unknown} ZOO_PROFILE=1 ZOO_PROFILE_DIR=$2 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
@@ -82,6 +84,7 @@ for step in ${steps//,/ }; do
     gpt_step) bench gpt_step 260 ;;
     gpt_step-cublas) bench gpt_step 110 -cublas "$CUBLAS" ;;
     gpt_step-cublaslt) ZOO_GPT_STEP_RUNS=64-bf16-logits,128-bf16-logits bench gpt_step 170 -cublaslt "$CUBLASLT" ;;
+    gpt_step-nocmdbuf) ZOO_GPT_STEP_RUNS=64-bf16-logits bench gpt_step 90 -nocmdbuf "--xla_gpu_enable_command_buffer=" ;;
     diffusion)
       python3 -c "import diffusers, torch; print('diffusers', diffusers.__version__, 'torch', torch.__version__)" 2>&1 | tee -a "$log"
       bench diffusion 180 ;;
