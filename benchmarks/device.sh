@@ -75,6 +75,8 @@ for step in ${steps//,/ }; do
       # illegal memory accesses twice, both at the first causal case after grouped ones) loses one
       # part only; a faulting part is run again without XLA's command buffers (CUDA graphs), to tell
       # whether they are the cause
+      # the unfused rows (each measured on the 2026-11-25/26 leases) are left out for the time
+      export ZOO_ATTENTION_SKIP=${ZOO_ATTENTION_SKIP-zoo-reference,zoo-xla,zoo-chunked,torch-sdpa-math,torch-sdpa-efficient}
       for mask in full causal; do
         ZOO_ATTENTION_MASKS=$mask bench attention 150 -$mask
         if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then

@@ -129,3 +129,10 @@ def test_gpt_step_out_of_memory_loses_only_its_rows(monkeypatch, capsys):
     monkeypatch.setattr(gpt_step, "step_rows", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # anything else is not swallowed
         gpt_step.run(quick=True)
+
+
+def test_skip_list_leaves_any_row_out(monkeypatch):
+    monkeypatch.setenv("ZOO_ATTENTION_SKIP", "zoo-xla,matmul-ceiling,torch-sdpa")
+    makers = bench._makers(False, 1024)
+    assert not {"zoo-xla", "matmul-ceiling", "torch-sdpa"} & set(makers)
+    assert {"zoo-auto", "zoo-chunked", "zoo-blocked"} <= set(makers)

@@ -9,7 +9,7 @@ TFLOP/s on an accelerator (the unit says which).
 Implementations: `zoo-auto` (implementation=None: what users get), `zoo-xla`, `zoo-chunked`,
 `zoo-blocked` (CPU only), `zoo-reference`, `zoo-cudnn` (GPU only). Environment, for runs in
 parts (benchmarks/device.sh, so that a kernel fault loses one part, not the run):
-ZOO_ATTENTION_SKIP=zoo-xla,... leaves implementations out, ZOO_ATTENTION_LENGTHS=1024,4096 and
+ZOO_ATTENTION_SKIP=zoo-xla,torch-sdpa-math,... leaves those rows out, ZOO_ATTENTION_LENGTHS=1024,4096 and
 ZOO_ATTENTION_MASKS=full|causal keep those cases only. Peers, when torch is installed: `torch-sdpa` (PyTorch's
 own dispatch) and, on CUDA, `torch-sdpa-flash|efficient|cudnn|math`, each only where it applies.
 `matmul-ceiling`: the forward's two matmuls with no softmax between them, jitted; on CPU per head
@@ -232,8 +232,6 @@ def _makers(on_gpu, S):
     makers = {}
     skip = set(filter(None, os.environ.get("ZOO_ATTENTION_SKIP", "").split(",")))
     for impl in ZOO_IMPLS:
-        if impl in skip:
-            continue
         if (impl == "zoo-cudnn" and not on_gpu) or (impl == "zoo-blocked" and on_gpu):
             continue  # "blocked" is the CPU path: on a GPU it would only time XLA's unrolled loops
         if impl == "zoo-reference" and S > REFERENCE_MAX_S:
@@ -255,7 +253,7 @@ def _makers(on_gpu, S):
         makers["matmul-ceiling"] = lambda a, c, b, d: _ceiling_gpu(a, d)
     else:
         makers["matmul-ceiling"] = lambda a, c, b, d: _ceiling(a, c, b, d)
-    return makers
+    return {impl: make for impl, make in makers.items() if impl not in skip}
 
 
 GPU_CALL_S = 0.025  # on a GPU a timed call repeats the kernel until it lasts about this long
