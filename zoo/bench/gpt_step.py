@@ -149,7 +149,8 @@ def step_rows(cfg: GPTConfig, B: int, *, iters: int = 10, variant: str = "") -> 
     per_token = model_flops_per_token(cfg, T)
     rows = [{"case": case, "impl": f"zoo-train-step{suffix}", "value": tokens, "unit": "tokens/s",
              "model_tflops": flops / 1e12, "step_s": sec},
-            {"case": case, "impl": f"zoo-train-step{suffix}-pipelined", "value": B * T / sec_pipelined, "unit": "tokens/s",
+            {"case": case, "impl": f"zoo-train-step{suffix}-pipelined", "value": B * T / sec_pipelined,
+             "unit": "tokens/s",
              "model_tflops": per_token * B * T / sec_pipelined / 1e12, "step_s": sec_pipelined}]
     if peak is None:
         peak = _matmul_ceiling(cfg.hidden)

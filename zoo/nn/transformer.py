@@ -27,7 +27,8 @@ INIT_STD = 0.02  # GPT-2 / BERT initialiser scale
 
 
 class LoRADense(nn.Module):
-    """x @ kernel + bias, plus (alpha / r) * (x @ lora_a) @ lora_b when rank r > 0 (Hu et al. 2021).
+    """x @ kernel + bias, plus (alpha / r) * (x @ lora_a) @ lora_b when rank r > 0 (Hu et al. 2021);
+    with gelu=True, GELU of that, the bias add inside the GELU's checkpoint (bias_gelu_tanh).
 
     lora_a starts Gaussian and lora_b at zero, so adapters start as the identity update.
     """
