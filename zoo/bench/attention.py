@@ -11,7 +11,8 @@ Implementations: `zoo-auto` (implementation=None: what users get), `zoo-xla`, `z
 parts (benchmarks/device.sh, so that a kernel fault loses one part, not the run):
 ZOO_ATTENTION_SKIP=zoo-xla,torch-sdpa-math,... leaves those rows out;
 ZOO_ATTENTION_LENGTHS=1024,4096 and ZOO_ATTENTION_MASKS=full|causal keep those cases only.
-Peers, when torch is installed: `torch-sdpa` (PyTorch's own dispatch) and, on CUDA, `torch-sdpa-flash|efficient|cudnn|math`, each only where it applies.
+Peers, when torch is installed: `torch-sdpa` (PyTorch's own dispatch) and, on CUDA,
+`torch-sdpa-flash|efficient|cudnn|math`, each only where it applies.
 `matmul-ceiling`: the forward's two matmuls with no softmax between them, jitted; on CPU per head
 and per block of "blocked"'s forward plan (causal: the blocks on or below the diagonal), counted
 with the same FLOPs as the attention they bound; on a GPU as batched matmuls over all heads, full
