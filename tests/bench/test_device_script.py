@@ -1,0 +1,65 @@
+"""benchmarks/device.sh's control flow, with a stand-in python3 on PATH that records each call
+(its arguments and the environment the script gives it) and fails where told: the parts run their
+steps in order, attention in two processes, a faulting part re-run without command buffers, the
+gpt_step variants with their run lists and XLA flags, each writing to its own files."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKE = """#!/bin/bash
+echo "$* |MASKS=${ZOO_ATTENTION_MASKS:-}|RUNS=${ZOO_GPT_STEP_RUNS:-}|XLA=${XLA_FLAGS:-}|DIR=${ZOO_PROFILE_DIR:-}|SKIP=${ZOO_ATTENTION_SKIP:-}" >> "$CALLS"
+if [[ "$*" == *"bench attention"* && "${ZOO_ATTENTION_MASKS:-}" == causal && -z "${XLA_FLAGS:-}" ]]; then exit 3; fi
+exit 0
+"""
+
+
+def _run(tmp_path, part):
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python3").write_text(FAKE)
+    (bin_dir / "python3").chmod(0o755)
+    calls = tmp_path / f"calls-{part}.txt"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls)}
+    env.pop("ZOO_ATTENTION_SKIP", None)
+    out = subprocess.run(["bash", "benchmarks/device.sh", part, str(tmp_path / "out"), "abc123"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [line for line in calls.read_text().splitlines() if " zoo bench " in f" {line}" or "-m zoo" in line]
+
+
+def test_part_a_runs_attention_in_two_processes_and_reruns_the_faulting_one(tmp_path):
+    calls = _run(tmp_path, "a")
+    out = tmp_path / "out"
+    assert [c.split(" |")[0] for c in calls] == [
+        f"-m zoo bench attention --out {out}/attention-full-gpu.json",
+        f"-m zoo bench attention --out {out}/attention-causal-gpu.json",
+        f"-m zoo bench attention --out {out}/attention-causal-nocmdbuf-gpu.json"]
+    assert "|MASKS=full|" in calls[0] and "|MASKS=causal|" in calls[1] and "|XLA=|" in calls[1]
+    assert "|XLA=--xla_gpu_enable_command_buffer=|" in calls[2] and f"|DIR={out}/causal-nocmdbuf|" in calls[2]
+    assert all("SKIP=zoo-reference,zoo-xla,zoo-chunked" in c for c in calls)
+    assert "attention-causal exit 3" in (out / "log-a.txt").read_text()
+
+
+def test_part_b_runs_the_gpt_step_variants(tmp_path):
+    calls = _run(tmp_path, "b")
+    out = tmp_path / "out"
+    assert [c.split(" |")[0] for c in calls] == [
+        f"-m zoo bench gpt_step --out {out}/gpt_step-gpu.json",
+        f"-m zoo bench gpt_step --out {out}/gpt_step-cublaslt-gpu.json",
+        f"-m zoo bench gpt_step --out {out}/gpt_step-nocmdbuf-gpu.json"]
+    assert "|RUNS=|XLA=|" in calls[0] and f"|DIR={out}|" in calls[0]
+    assert "|RUNS=64-bf16-logits,128-bf16-logits|XLA=--xla_gpu_enable_cublaslt=true|" in calls[1]
+    assert "|RUNS=64-bf16-logits|XLA=--xla_gpu_enable_command_buffer=|" in calls[2]
+
+
+def test_unknown_part_is_refused(tmp_path):
+    out = subprocess.run(["bash", "benchmarks/device.sh", "gpt", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "unknown PART or step 'gpt'" in out.stderr
