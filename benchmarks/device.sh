@@ -2,8 +2,8 @@
 # The GPU benchmark runs, as one command on a lent accelerator machine (see benchmarks/results/README.md).
 #   bash benchmarks/device.sh PART OUTDIR [SHA]
 # PART: "a" = the GPU tests, then `zoo bench attention` (full set, in two processes: full, causal);
-#       "b" = `zoo bench gpt_step` (B16 and B64, synced and pipelined rows, and B64 and B128 with
-#       bf16 logits), then its bf16-logits runs with XLA_FLAGS=--xla_gpu_enable_cublaslt=true (bias
+#       "b" = `zoo bench gpt_step` (the loss alone, one-pass and two-pass logsumexp; the step at B64,
+#       synced and pipelined rows, and at B64 and B128 with bf16 logits), then its bf16-logits runs with XLA_FLAGS=--xla_gpu_enable_cublaslt=true (bias
 #       and GELU epilogues fused into the GEMMs; an A/B across two processes on one machine), and the
 #       B64 one without XLA's command buffers (CUDA graphs: does updating them each step, as the
 #       donated state's buffers alternate, hold the next step back?); "c" = `zoo bench

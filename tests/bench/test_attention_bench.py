@@ -110,8 +110,8 @@ def test_case_selection_from_the_environment(monkeypatch):
 def test_gpt_step_run_selection(monkeypatch):
     runs = gpt_step.FULL["runs"]
     assert gpt_step.selected_runs(runs) == runs
-    monkeypatch.setenv("ZOO_GPT_STEP_RUNS", "128-bf16-logits, 16")
-    assert gpt_step.selected_runs(runs) == ((16, None), (128, gpt_step.BF16_LOGITS))
+    monkeypatch.setenv("ZOO_GPT_STEP_RUNS", "128-bf16-logits, 64")
+    assert gpt_step.selected_runs(runs) == ((64, None), (128, gpt_step.BF16_LOGITS))
     monkeypatch.setenv("ZOO_GPT_STEP_RUNS", "32")
     with pytest.raises(ValueError, match=r"\['32'\] not among.*64-bf16-logits"):
         gpt_step.selected_runs(runs)
@@ -136,3 +136,16 @@ def test_skip_list_leaves_any_row_out(monkeypatch):
     makers = bench._makers(False, 1024)
     assert not {"zoo-xla", "matmul-ceiling", "torch-sdpa"} & set(makers)
     assert {"zoo-auto", "zoo-chunked", "zoo-blocked"} <= set(makers)
+
+
+def test_gpt_step_loss_rows_time_both_logsumexps(monkeypatch):
+    from zoo.ops import losses
+
+    seen = []
+    real = losses._logsumexp_one_pass
+    monkeypatch.setattr(losses, "_logsumexp_one_pass", lambda x, h: seen.append(x.shape) or real(x, h))
+    rows = gpt_step.loss_rows(8, 300, "float32", rounds=1)
+    assert [r["impl"] for r in rows] == ["zoo-xent-one-pass", "zoo-xent-two-pass"]
+    assert all(r["unit"] == "ms" and r["value"] > 0 for r in rows)
+    assert seen == [(8, 300)]  # traced once: by the one-pass row only
+    assert losses.ONE_PASS_MIN_CLASSES == 16384  # restored

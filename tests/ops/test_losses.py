@@ -163,3 +163,54 @@ def test_cross_entropy_forward_mode_matches_finite_differences():
 def test_cross_entropy_bad_shapes():
     with pytest.raises(ValueError, match="same leading shape"):
         losses.cross_entropy(jnp.zeros((2, 3, 5)), jnp.zeros((2,), jnp.int32))
+
+
+def _full_width_reductions(fn, x, outside_cond=True):
+    """Reductions over the last (class) axis of a [..., C] array in fn's jaxpr: ("reduce_max" or
+    "reduce_sum", ...) in order, leaving out what runs inside lax.cond branches."""
+    C = x.shape[-1]
+
+    def walk(jaxpr):
+        for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+            if eqn.primitive.name in ("reduce_max", "reduce_sum") and eqn.invars[0].aval.shape[-1:] == (C,):
+                yield eqn.primitive.name
+            if eqn.primitive.name == "cond" and outside_cond:
+                continue
+            for val in eqn.params.values():
+                for sub in (val if isinstance(val, (list, tuple)) else [val]):
+                    if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+                        yield from walk(sub)
+    return list(walk(jax.make_jaxpr(fn)(x)))
+
+
+def test_cross_entropy_reads_a_large_vocabulary_once():
+    """From ONE_PASS_MIN_CLASSES classes on, the logsumexp is one pass over the logits (a pilot
+    max over PILOT_CLASSES of them), the exact two passes only inside the fallback branch; the
+    values and gradients equal NumPy's, including rows where the pilot misses the max by far (the
+    sum overflows and the fallback runs) and rows with -inf / +inf / NaN."""
+    C = losses.ONE_PASS_MIN_CLASSES
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((3, 4, C)) * 3).astype(np.float32)
+    labels = rng.integers(0, C, (3, 4))
+    logits[1, 2, C - 7] = 60.0  # beyond the pilot: the sum stays finite, one pass is exact
+    loss = lambda x: losses.cross_entropy(x, jnp.asarray(labels))  # noqa: E731
+    assert _full_width_reductions(loss, jnp.asarray(logits)) == ["reduce_sum"]
+    assert _full_width_reductions(loss, jnp.asarray(logits), outside_cond=False) == [
+        "reduce_sum", "reduce_max", "reduce_sum"]
+    ref, p = _np_xent(logits, labels)
+    np.testing.assert_allclose(jax.jit(loss)(jnp.asarray(logits)), ref, rtol=1e-5, atol=1e-5)
+    g = rng.standard_normal((3, 4)).astype(np.float32)
+    (grad,) = jax.vjp(loss, jnp.asarray(logits))[1](jnp.asarray(g))
+    np.testing.assert_allclose(grad, (p - np.eye(C)[labels]) * g[..., None], rtol=1e-4, atol=1e-6)
+    # the pilot misses a max 500 above it: exp overflows, the batch takes the exact branch
+    far = logits.copy()
+    far[0, 1, C // 2] = 500.0
+    np.testing.assert_allclose(jax.jit(loss)(jnp.asarray(far)), _np_xent(far, labels)[0], rtol=1e-5, atol=1e-5)
+    edge = logits[:1, :3].copy()
+    edge[0, 0, :] = -np.inf        # no class at all: nll = nan (-inf - -inf), as the two-pass form gives
+    edge[0, 1, 3] = np.inf         # +inf logit
+    edge[0, 2, 5] = np.nan         # NaN propagates
+    got = np.asarray(losses.cross_entropy(jnp.asarray(edge), jnp.asarray(labels[:1, :3])))
+    two_pass = np.asarray(jax.nn.logsumexp(edge, -1) - np.take_along_axis(edge, labels[:1, :3, None], -1)[..., 0])
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(two_pass))
+    assert np.isnan(got[0, 2])
