@@ -149,3 +149,16 @@ def test_gpt_step_loss_rows_time_both_logsumexps(monkeypatch):
     assert all(r["unit"] == "ms" and r["value"] > 0 for r in rows)
     assert seen == [(8, 300)]  # traced once: by the one-pass row only
     assert losses.ONE_PASS_MIN_CLASSES == 16384  # restored
+
+
+def test_gpt_step_rows_carry_the_first_losses():
+    """A tiny step's rows: throughput and MFU against the same-run ceiling, and the first three
+    steps' losses on the one fixed batch (a variant that changed the numerics would show there):
+    from about log(V) at init, falling as the step trains on that batch."""
+    cfg = GPTConfig(vocab_size=64, max_len=16, num_layers=1, hidden=32, num_heads=2)
+    rows = gpt_step.step_rows(cfg, 2, iters=2)
+    step, pipelined, ceiling = rows
+    assert step["impl"] == "zoo-train-step" and pipelined["impl"] == "zoo-train-step-pipelined"
+    assert ceiling["impl"] == "matmul-ceiling" and 0 < step["mfu"] < 1
+    first = step["first_losses"]
+    assert len(first) == 3 and abs(first[0] - np.log(64)) < 0.2 and first[0] > first[1] > first[2]

@@ -141,9 +141,11 @@ def step_rows(cfg: GPTConfig, B: int, *, iters: int = 10, variant: str = "") -> 
     state = jax.jit(lambda k: init_state(md.init(k, batch), tx, 0.0))(jax.random.PRNGKey(0))
     step = jax.jit(make_train_step(md, tx, 0.0), donate_argnums=(0,))
     key = jax.random.PRNGKey(1)
+    losses_first = []
     for _ in range(3):
         state, metrics = step(state, key, batch)
-    jax.block_until_ready(metrics)
+        losses_first.append(float(metrics["loss"]))
+    print(f"  first losses at B{B}{' ' + variant if variant else ''}: {losses_first}", flush=True)
     times = []
     for _ in range(iters):
         t = time.perf_counter()
@@ -175,8 +177,10 @@ def step_rows(cfg: GPTConfig, B: int, *, iters: int = 10, variant: str = "") -> 
     peak = _peak(dev)
     case = f"gpt-L{cfg.num_layers}-H{cfg.hidden}-T{T}-B{B}-{cfg.dtype}"
     per_token = model_flops_per_token(cfg, T)
+    # the first steps' losses: same init and batch in every run, so a variant that changes the
+    # numerics (another XLA flag, say) shows it here
     rows = [{"case": case, "impl": f"zoo-train-step{suffix}", "value": tokens, "unit": "tokens/s",
-             "model_tflops": flops / 1e12, "step_s": sec},
+             "model_tflops": flops / 1e12, "step_s": sec, "first_losses": losses_first},
             {"case": case, "impl": f"zoo-train-step{suffix}-pipelined", "value": B * T / sec_pipelined,
              "unit": "tokens/s",
              "model_tflops": per_token * B * T / sec_pipelined / 1e12, "step_s": sec_pipelined}]
