@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.jaxprs import primitive_names
+from tests.jaxprs import equations, primitive_names
 from zoo.ops import losses
 
 
@@ -169,18 +169,8 @@ def _full_width_reductions(fn, x, outside_cond=True):
     """Reductions over the last (class) axis of a [..., C] array in fn's jaxpr: ("reduce_max" or
     "reduce_sum", ...) in order, leaving out what runs inside lax.cond branches."""
     C = x.shape[-1]
-
-    def walk(jaxpr):
-        for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
-            if eqn.primitive.name in ("reduce_max", "reduce_sum") and eqn.invars[0].aval.shape[-1:] == (C,):
-                yield eqn.primitive.name
-            if eqn.primitive.name == "cond" and outside_cond:
-                continue
-            for val in eqn.params.values():
-                for sub in (val if isinstance(val, (list, tuple)) else [val]):
-                    if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
-                        yield from walk(sub)
-    return list(walk(jax.make_jaxpr(fn)(x)))
+    return [e.primitive.name for e in equations(jax.make_jaxpr(fn)(x), skip=("cond",) if outside_cond else ())
+            if e.primitive.name in ("reduce_max", "reduce_sum") and e.invars[0].aval.shape[-1:] == (C,)]
 
 
 def test_cross_entropy_reads_a_large_vocabulary_once():
