@@ -150,31 +150,59 @@ def test_blocked_gradients_match_reference(name, impl):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("T,S,tq,tk,causal,window", [
-    (9, 9, 2, 3, True, None), (7, 11, 3, 4, False, (2, 1)), (8, 5, 3, 2, True, (1, 0)),
-    (6, 6, 4, 100, True, None), (5, 7, 5, 7, False, None)])
-def test_blocked_plan_covers_exactly_the_visible_keys(T, S, tq, tk, causal, window):
-    """Every visible (query, key) pair lies in exactly one planned block, blocks without a mask
-    hold only visible pairs, and no block holds only invisible ones (checked by enumeration)."""
+@pytest.mark.parametrize("T,S,big,small,causal,window", [
+    (9, 9, (2, 3), (2, 3), True, None), (7, 11, (3, 4), (3, 4), False, (2, 1)),
+    (8, 5, (3, 2), (3, 2), True, (1, 0)), (6, 6, (4, 100), (4, 100), True, None),
+    (5, 7, (5, 7), (5, 7), False, None), (12, 12, (4, 4), (4, 4), False, (0, 5)),
+    (16, 16, (8, 8), (2, 2), True, None), (13, 17, (8, 8), (2, 4), False, (3, 2)),
+    (16, 12, (16, 8), (4, 4), True, (6, 0)), (20, 20, (8, 8), (4, 2), False, None)])
+def test_blocked_tiles_cover_exactly_the_visible_keys(T, S, big, small, causal, window):
+    """Every visible (query, key) pair lies in exactly one listed tile, unmasked tiles hold only
+    visible pairs and no padded keys, edge tiles are not all visible, no tile is all invisible,
+    big tiles are whole multiples of the small ones, and the traced edge mask is the enumerated
+    one (padded rows / keys included)."""
     visible = np.array([[(not causal or j <= i) and (window is None or i - window[0] <= j <= i + window[1])
                          for j in range(S)] for i in range(T)])
+    tiles = A._tiles(T, S, big, small, causal, window)
+    G = 2
+    cfg = A._BlockedCfg(causal, window, T, S, G, tiles, tiles)
     covered = np.zeros((T, S), int)
-    for a, b, kbs in A._plan(T, S, tq, tk, causal, window):
-        assert b - a <= tq
-        for lo, hi, masked in kbs:
-            assert 0 < hi - lo <= tk
-            block = visible[a:b, lo:hi]
-            assert block.any() and (masked or block.all()) and (not masked or not block.all())
-            covered[a:b, lo:hi] += 1
+    for rows, keys, edge, offsets in tiles.groups:
+        assert tiles.tq % rows == 0 and tiles.tk % keys == 0 and rows <= max(big[0], small[0])
+        for a, lo in offsets:
+            block = visible[a:a + rows, lo:lo + keys]
+            padded = block.shape[1] != keys  # padded keys (padded queries are dropped, not masked)
+            assert block.any() and (edge or (block.all() and not padded)) and (not edge or padded or not block.all())
+            covered[a:a + rows, lo:lo + keys] += 1
+            if edge:  # rows (t, g) of the tile, keys lo..lo+keys-1, past T / S padded with invisible
+                want = np.zeros((rows, keys), bool)
+                want[:block.shape[0], :block.shape[1]] = block
+                got = np.asarray(A._tile_visible(cfg, a, lo, rows, keys)).reshape(rows, G, keys)
+                for g in range(G):
+                    np.testing.assert_array_equal(got[:min(rows, T - a), g], want[:min(rows, T - a)])
+                np.testing.assert_array_equal(np.asarray(A._tile_visible(cfg, a, lo, rows, keys, True)),
+                                              np.asarray(A._tile_visible(cfg, a, lo, rows, keys)).T)
     assert covered.max() <= 1 and (covered[visible] == 1).all()
+    np.testing.assert_array_equal(A._rows_seen(cfg, T * G + 3), np.r_[np.repeat(visible.any(1), G), [False] * 3])
+
+
+def test_blocked_traces_the_same_program_at_any_length():
+    """One tile per scan step: the traced program (its matmuls) does not grow with the sequence."""
+    def dots(T, causal):
+        q = jnp.zeros((1, T, 4, 32))
+        f = lambda q: jnp.sum(A.dot_product_attention(q, q[:, :, :2], q[:, :, :2], is_causal=causal,
+                                                       implementation="blocked"))
+        return str(jax.make_jaxpr(jax.grad(f))(q)).count("dot_general")
+    for causal in (False, True):
+        assert dots(4096, causal) == dots(16384, causal) > 0
 
 
 def test_cpu_auto_picks_blocked_without_bias_or_mask():
     q = jnp.zeros((1, 512, 2, 32))
     assert A._auto(q, q, None, None, True, None) == "blocked"
     assert A._auto(q, q, None, jnp.ones((1, 1, 512, 512), bool), False, None) == "chunked-cpu"
-    long = jnp.zeros((1, 16384, 2, 32))  # too many block pairs to unroll: chunked instead
-    assert A._auto(long, long, None, None, False, None) == "chunked-cpu"
+    long = jnp.zeros((1, 65536, 2, 32))  # any length: the tiles are walked, not unrolled
+    assert A._auto(long, long, None, None, False, None) == "blocked"
 
 
 def test_reference_gradient_vanishes_for_future_and_masked_keys():
@@ -357,7 +385,7 @@ def test_blocked_bound_normaliser_and_its_fallback(causal):
     and where the bound overshoots the row max by ~70 nats (past what m_i = |q_i| max|k| alone would
     survive), and replaced by the exact row max where it overshoots by ~700; values and gradients
     match NumPy / the reference on all three."""
-    cfg = A._blocked_cfg(6, 6, causal, None, 2, 3)
+    cfg = A._blocked_cfg(6, 6, 1, causal, None, 2, 3)
     cases = ((_inputs(B=1, T=6, S=6, N=1, K=1, D=2), True, 0, 30),
              (_loose_bound_inputs(11.5), True, 50, 90), (_loose_bound_inputs(100.0), False, 500, np.inf))
     for (q, k, v), bound_used, lo, hi in cases:
@@ -365,7 +393,7 @@ def test_blocked_bound_normaliser_and_its_fallback(causal):
         logits = np.where(np.tril(np.ones((6, 6), bool)) | (not causal), qs @ np.asarray(k[0, :, 0]).T, -np.inf)
         overshoot = np.linalg.norm(qs, axis=-1) * np.linalg.norm(k[0, :, 0], axis=-1).max() - logits.max(-1)
         assert lo <= overshoot.max() < hi  # the case is what it claims to be
-        l_min = A._blocked_fwd_head_bound(cfg, jnp.asarray(qs)[None], k[0, :, 0], v[0, :, 0])[2]
+        l_min = A._blocked_fwd_head(cfg, jnp.asarray(qs), k[0, :, 0], v[0, :, 0])[2]
         assert bool(l_min >= A.BOUND_MIN_SUM) == bound_used
         kw = dict(implementation="blocked", is_causal=causal, q_block_size=2, block_size=3)
         got = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, **kw))(q, k, v)

@@ -14,7 +14,7 @@ ZOO_ATTENTION_LENGTHS=1024,4096 and ZOO_ATTENTION_MASKS=full|causal keep those c
 Peers, when torch is installed: `torch-sdpa` (PyTorch's own dispatch) and, on CUDA,
 `torch-sdpa-flash|efficient|cudnn|math`, each only where it applies.
 `matmul-ceiling`: the forward's two matmuls with no softmax between them, jitted; on CPU per head
-and per block of "blocked"'s forward plan (causal: the blocks on or below the diagonal), counted
+and per tile of "blocked"'s forward walk (causal: the tiles on or below the diagonal), counted
 with the same FLOPs as the attention they bound; on a GPU as batched matmuls over all heads, full
 (not causal), counted with the full FLOPs: there the logits go through device memory, so it bounds
 unfused attention only (fused kernels beat it: ~400 vs ~600 TFLOP/s on an H200). On a GPU a timed
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.bench import emit, interleaved_times, median_seconds
-from zoo.ops.attention import _blocked_cfg, dot_product_attention
+from zoo.ops.attention import _add_rows, _blocked_cfg, _rows, _scan_tiles, dot_product_attention
 
 QUICK = dict(B=1, N=8, D=64, lengths=(1024, 4096), dtype="float32")
 FULL = dict(B=4, N=16, D=128, lengths=(1024, 4096, 8192, 16384), dtype="bfloat16")
@@ -127,22 +127,21 @@ def _repeat(call, grouped=None):
 
 
 def _ceiling(arrays, causal, backward, dtype):
-    """The forward's two matmuls per (query block, key block) of "blocked"'s plan, one head per
-    lax.map step, nothing between them: what the matmuls alone cost at attention's shapes."""
+    """The forward's two matmuls per tile of "blocked"'s walk (one tile per scan step, one head
+    per loop step), nothing between them: what the matmuls alone cost at attention's shapes."""
     q, k, v, _ = (jnp.asarray(a, dtype) for a in arrays)
     T, S = q.shape[1], k.shape[1]
-    plan = _blocked_cfg(T, S, causal, None)[2]
+    cfg = _blocked_cfg(T, S, 1, causal, None)
 
     def head(qkv):
         q_TxD, k_SxD, v_SxD = qkv
-        outs = []
-        for a, b, kbs in plan:
-            o = 0.0
-            for lo, hi, _ in kbs:
-                s = jnp.dot(q_TxD[a:b], k_SxD[lo:hi].T, preferred_element_type=jnp.float32)
-                o = o + jnp.dot(s.astype(dtype), v_SxD[lo:hi], preferred_element_type=jnp.float32)
-            outs.append(o)
-        return jnp.concatenate(outs, 0)
+
+        def step(o, t0, k0, rows, keys, edge):
+            s = jnp.dot(_rows(q_TxD, t0, rows), _rows(k_SxD, k0, keys).T, preferred_element_type=jnp.float32)
+            return _add_rows(o, t0, jnp.dot(s.astype(dtype), _rows(v_SxD, k0, keys),
+                                            preferred_element_type=jnp.float32))
+
+        return _scan_tiles(cfg.fwd, step, jnp.zeros(q_TxD.shape, jnp.float32))
 
     def two_matmuls(q, k, v):
         heads = [x.transpose(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3]) for x in (q, k, v)]
@@ -234,7 +233,7 @@ def _makers(on_gpu, S):
     skip = set(filter(None, os.environ.get("ZOO_ATTENTION_SKIP", "").split(",")))
     for impl in ZOO_IMPLS:
         if (impl == "zoo-cudnn" and not on_gpu) or (impl == "zoo-blocked" and on_gpu):
-            continue  # "blocked" is the CPU path: on a GPU it would only time XLA's unrolled loops
+            continue  # "blocked" is the CPU path: on a GPU it would only time XLA's loops
         if impl == "zoo-reference" and S > REFERENCE_MAX_S:
             continue
         makers[impl] = lambda a, c, b, d, impl=impl: _zoo(impl, a, c, b, d)

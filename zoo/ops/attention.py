@@ -318,211 +318,318 @@ def _chunked(q, k, v, bias, mask, is_causal, window, scale, block_size, q_block_
 
 
 # --------------------------------------------------------------------------------------- blocked
-# One kv head (with its G query heads) per lax.map step; inside it a static plan of (query block,
-# key block) pairs, each two plain 2D matmuls with the softmax between them. Causal / window masks
-# are resolved when tracing: key blocks no query of a block sees are left out, blocks every query
-# sees get no mask, and only the blocks on the mask's edge pay for a `where`.
+# One kv head (with its G query heads) per lax.map step. Its queries are the rows r = t * G + g of
+# a [T * G, D] matrix, cut into tiles of tq query positions (tq * G rows) by tk keys. The tiles
+# some query sees are listed when tracing (causal / window tiles nobody sees are left out), and
+# lax.scan walks them one at a time: two plain 2D matmuls with the softmax between them, added
+# into the rows' output. Fully visible tiles get no mask; tiles on the mask's edge (or over
+# padding) pay for a `where` built from iotas, fused into the exponential.
+#
+# Why one tile per scan step, not an unrolled plan of blocks (this implementation until
+# 2026-11-26): XLA's CPU runtime runs independent ops concurrently, one thread each, in whatever
+# order they become ready. Unrolled, a head's blocks ran as all logit matmuls, then all
+# exponentials, then all value matmuls: 16 logit blocks of 4 MiB alive at once (out of cache) and
+# each matmul on one core, with one core idle whenever the other ran the only ready op (jax.profiler
+# trace, S4096 full: ~40% of the forward). Walked one tile per step, every op is alone, so each
+# matmul and exponential splits across both cores (a [512, 64] x [64, 2048] logit matmul: 0.9 ms
+# vs ~2 ms on one core) and the tile stays in cache.
 
 
-def _visible(a, b, lo, hi, is_causal, window, xp=np):
-    """[b - a, hi - lo] bool: which keys lo..hi-1 the queries a..b-1 see (top-left alignment)."""
-    d = xp.arange(a, b)[:, None] - xp.arange(lo, hi)[None, :]
-    ok = xp.ones(d.shape, bool)
-    if is_causal:
-        ok &= d >= 0
+class _Tiles(NamedTuple):
+    tq: int       # query positions per big tile (tq * G rows); q is padded to whole big tiles
+    tk: int       # keys per big tile; k and v are padded to whole big tiles
+    groups: tuple  # ((rows, keys, edge, ((t0, k0), ...)), ...): tiles of one size and kind
+
+
+class _BlockedCfg(NamedTuple):
+    is_causal: bool
+    window: tuple | None
+    T: int
+    S: int
+    G: int
+    fwd: _Tiles
+    bwd: _Tiles
+
+
+def _offsets(is_causal, window):
+    """The query-minus-key offsets d = t - j visible: [lo, hi] (inclusive; +-inf when open)."""
+    lo, hi = -np.inf, np.inf
     if window is not None:
-        ok &= (d <= window[0]) & (-d <= window[1])
+        lo, hi = -window[1], window[0]
+    if is_causal:
+        lo = max(lo, 0)
+    return lo, hi
+
+
+def _tiles(T, S, big, small, is_causal, window) -> _Tiles:
+    """The tiles with a visible key: big (tq, tk) tiles that every query sees whole, and where a
+    big tile is only partly visible (the causal diagonal, a window's edges) or runs past S, its
+    small (sq, sk) tiles, unmasked or, on the edge, masked. Padded keys are masked, padded
+    queries dropped. A tile's offsets t - j run over one interval, so whether it sees some /
+    every key is O(1)."""
+    sq, sk = min(small[0], T), min(small[1], S)
+    tq, tk = sq * max(1, min(big[0], T) // sq), sk * max(1, min(big[1], S) // sk)
+    d_lo, d_hi = _offsets(is_causal, window)
+
+    def status(t0, k0, rows, keys):  # 0: no key visible, 1: some, 2: all (and no padding)
+        a, b, lo, hi = t0, min(T, t0 + rows) - 1, k0, min(S, k0 + keys) - 1
+        if a - hi > d_hi or b - lo < d_lo:
+            return 0
+        return 2 if d_lo <= a - hi and b - lo <= d_hi and hi - lo + 1 == keys else 1
+
+    big_full, small_full, small_edge = [], [], []
+    for t0 in range(0, T, tq):
+        for k0 in range(0, S, tk):
+            st = status(t0, k0, tq, tk)
+            if st == 2:
+                big_full.append((t0, k0))
+            elif st == 1:
+                for t1 in range(t0, min(T, t0 + tq), sq):
+                    for k1 in range(k0, min(S, k0 + tk), sk):
+                        st = status(t1, k1, sq, sk)
+                        if st:
+                            (small_full if st == 2 else small_edge).append((t1, k1))
+    groups = ((tq, tk, False, big_full), (sq, sk, False, small_full), (sq, sk, True, small_edge))
+    return _Tiles(tq, tk, tuple((r, c, e, tuple(ij)) for r, c, e, ij in groups if ij))
+
+
+def _tile_visible(cfg, t0, k0, rows, keys, transposed=False):
+    """[rows * G, keys] bool ([keys, rows * G] if transposed): what the query rows of the tile at
+    (t0, k0) (traced offsets) see of its keys: the causal / window rules and the padding."""
+    n = rows * cfg.G
+    shape, (r_ax, j_ax) = ((keys, n), (1, 0)) if transposed else ((n, keys), (0, 1))
+    t = t0 + lax.broadcasted_iota(jnp.int32, shape, r_ax) // cfg.G
+    j = k0 + lax.broadcasted_iota(jnp.int32, shape, j_ax)
+    ok = j < cfg.S
+    if cfg.is_causal:
+        ok &= j <= t
+    if cfg.window is not None:
+        ok &= (t - j <= cfg.window[0]) & (j - t <= cfg.window[1])
     return ok
 
 
-def _plan(T, S, tq, tk, is_causal, window):
-    """Per query block [a, b): key blocks (lo, hi, masked) covering the keys some query of the
-    block sees, cut where the mask's status changes (every query sees the key / some do) and at tk."""
-    plan = []
-    for a in range(0, T, tq):
-        b = min(T, a + tq)
-        ok = _visible(a, b, 0, S, is_causal, window)
-        status = np.where(ok.all(0), 2, np.where(ok.any(0), 1, 0))
-        cuts = np.flatnonzero(np.diff(status)) + 1
-        kbs = []
-        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, S]):
-            for l0 in range(int(lo), int(hi), tk):
-                if status[lo]:
-                    kbs.append((l0, min(int(hi), l0 + tk), bool(status[lo] == 1)))
-        plan.append((a, b, tuple(kbs)))
-    return tuple(plan)
+def _scan_tiles(tiles, step, carry):
+    """carry = step(carry, t0, k0, rows, keys, edge) over each group of tiles, one per scan step."""
+    for rows, keys, edge, offsets in tiles.groups:
+        body = lambda c, x, r=rows, k=keys, e=edge: (step(c, x[0], x[1], r, k, e), None)
+        carry = lax.scan(body, carry, jnp.asarray(offsets, jnp.int32))[0]
+    return carry
 
 
-def _block_mask(a, b, lo, hi, G, is_causal, window):
-    return jnp.tile(_visible(a, b, lo, hi, is_causal, window, jnp), (G, 1))  # rows (g, t)
+def _pad_rows(x, n, fill=0.0):
+    """x [R, ...] padded with `fill` to n rows."""
+    if x.shape[0] == n:
+        return x
+    return jnp.concatenate([x, jnp.full((n - x.shape[0],) + x.shape[1:], fill, x.dtype)])
+
+
+def _rows(x, r0, n):
+    return lax.dynamic_slice_in_dim(x, r0, n)
+
+
+def _add_rows(acc, r0, x):
+    return lax.dynamic_update_slice_in_dim(acc, _rows(acc, r0, x.shape[0]) + x, r0, 0)
+
+
+def _cols(x, c0, n):
+    return lax.dynamic_slice_in_dim(x, c0, n, axis=1)
+
+
+def _add_cols(acc, c0, x):
+    return lax.dynamic_update_slice_in_dim(acc, _cols(acc, c0, x.shape[1]) + x, c0, 1)
+
+
+def _padded(cfg, tiles, q, k, v):
+    """q [T * G, D] -> [Tp * G, D] and k, v [S, D] -> [Sp, D], whole tiles."""
+    Tp, Sp = -(-cfg.T // tiles.tq) * tiles.tq, -(-cfg.S // tiles.tk) * tiles.tk
+    return _pad_rows(q, Tp * cfg.G), _pad_rows(k, Sp), _pad_rows(v, Sp)
 
 
 # The forward's normaliser. Softmax subtracts some m_i from row i's logits before exp; the row max
-# costs one more pass over every [rows, keys] block, and per-block maxima cost a rescale to combine.
-# Instead one m_i per row for all key blocks (so the blocks just add up), from a bound that costs
+# costs one more pass over every tile, and per-tile maxima cost a rescale to combine. Instead one
+# m_i per row for all tiles (so the tiles just add up, in any order), from a bound that costs
 # O(T D): every logit is <= U_i = |q_i| max_j |k_j| (Cauchy-Schwarz), and m_i = U_i - BOUND_HEADROOM.
 # Every term exp(s - m) is then at most e^60 (their sum over S < 2^40 keys cannot overflow), and the
 # largest is >= 1 unless U_i overshoots the row's max by more than the headroom (random inputs: by
 # ~10 nats; the zoo's trained byte GPT: by up to 69, in its first layer). Where a row's sum
 # l = sum_j exp(s_ij - m_i) falls under BOUND_MIN_SUM (an overshoot past ~100), terms far below the
 # row's max could drop into float32's subnormals, so that head is computed again with the exact
-# per-block max (lax.cond: only then; also where the head's output is not finite). Above it the
-# largest term is >= BOUND_MIN_SUM / S >= 2^-84, and terms that underflow weigh < 2^-42 of it.
+# row max, from one more pass of logit matmuls (lax.cond: only then; also where the head's output
+# is not finite). Above it the largest term is >= BOUND_MIN_SUM / S >= 2^-84, and terms that
+# underflow weigh < 2^-42 of it.
 BOUND_HEADROOM = 60.0
 BOUND_MIN_SUM = 2.0 ** -60
 
 
-def _blocked_fwd_head(cfg, q_GxTxD, k_SxD, v_SxD):
-    """Bound-normalised blocks (see BOUND_MIN_SUM), or the exact per-block max where the bound is
-    too loose for a row."""
-    o, lse, l_min = _blocked_fwd_head_bound(cfg, q_GxTxD, k_SxD, v_SxD)
-    ok = (l_min >= BOUND_MIN_SUM) & jnp.isfinite(jnp.sum(o))
-    return lax.cond(ok, lambda *_: (o, lse),
-                    functools.partial(_blocked_fwd_head_exact, cfg), q_GxTxD, k_SxD, v_SxD)
-
-
-def _blocked_fwd_head_bound(cfg, q_GxTxD, k_SxD, v_SxD):
-    """Every block normalised by one m_i per row (see BOUND_HEADROOM); also the smallest row sum of
-    the rows that see some key (+inf when none does)."""
-    is_causal, window, plan, _ = cfg
-    G, _, D = q_GxTxD.shape
-    S = k_SxD.shape[0]
+def _blocked_sums(cfg, q, k, v, m):
+    """Per row of the padded q: o = sum_j exp(s_ij - m_i) v_j and l = sum_j exp(s_ij - m_i)."""
     f32 = jnp.float32
+
+    def step(carry, t0, k0, rows, keys, edge):
+        o, l = carry
+        r0, n = t0 * cfg.G, rows * cfg.G
+        s = jnp.dot(_rows(q, r0, n), _rows(k, k0, keys).T, preferred_element_type=f32)
+        e = jnp.exp(s - _rows(m, r0, n)[:, None])
+        if edge:
+            e = jnp.where(_tile_visible(cfg, t0, k0, rows, keys), e, 0.0)
+        o = _add_rows(o, r0, jnp.dot(e.astype(v.dtype), _rows(v, k0, keys), preferred_element_type=f32))
+        # the row sums as a matrix-vector product: XLA's CPU reduce of a [rows, keys] block
+        # is a tree of reduce-windows, ~2.5x the time of this dot (jax.profiler, S4096)
+        return o, _add_rows(l, r0, jnp.dot(e, jnp.ones((keys,), f32), preferred_element_type=f32))
+
+    R = q.shape[0]
+    return _scan_tiles(cfg.fwd, step, (jnp.zeros((R, q.shape[1]), f32), jnp.zeros((R,), f32)))
+
+
+def _blocked_row_max(cfg, q, k):
+    """Per row of the padded q: the max visible logit (-inf where none)."""
+    f32 = jnp.float32
+
+    def step(mx, t0, k0, rows, keys, edge):
+        r0, n = t0 * cfg.G, rows * cfg.G
+        s = jnp.dot(_rows(q, r0, n), _rows(k, k0, keys).T, preferred_element_type=f32)
+        if edge:
+            s = jnp.where(_tile_visible(cfg, t0, k0, rows, keys), s, -jnp.inf)
+        return lax.dynamic_update_slice_in_dim(mx, jnp.maximum(_rows(mx, r0, n), s.max(-1)), r0, 0)
+
+    return _scan_tiles(cfg.fwd, step, jnp.full((q.shape[0],), -jnp.inf, f32))
+
+
+def _rows_seen(cfg, n_rows):
+    """Static [n_rows] bool: the real rows (t < T) that see some key (keys t - d_hi..t - d_lo)."""
+    d_lo, d_hi = _offsets(cfg.is_causal, cfg.window)
+    t = np.arange(cfg.T)
+    seen = np.repeat((np.maximum(t - d_hi, 0) <= np.minimum(t - d_lo, cfg.S - 1)), cfg.G)
+    return np.pad(seen, (0, n_rows - seen.size))
+
+
+def _blocked_fwd_head(cfg, q_RxD, k_SxD, v_SxD):
+    """o [T * G, D] and the rows' logsumexp (+inf where a row sees no key), bound-normalised (see
+    BOUND_HEADROOM) or, where the bound is too loose for a row, with the exact row max."""
+    f32, R = jnp.float32, q_RxD.shape[0]
+    q, k, v = _padded(cfg, cfg.fwd, q_RxD, k_SxD, v_SxD)
     k_max = jnp.sqrt(jnp.max(jnp.sum(jnp.square(k_SxD.astype(f32)), -1)))
-    outs, lses, l_min = [], [], jnp.asarray(jnp.inf, f32)
-    for a, b, kbs in plan:
-        n = G * (b - a)
-        if not kbs:
-            outs.append(jnp.zeros((G, b - a, D), f32))
-            lses.append(jnp.full((G, b - a), jnp.inf))  # exp(s - inf) = 0: no gradient either
-            continue
-        q_nxD = q_GxTxD[:, a:b].reshape(n, D)
-        upper = jnp.sqrt(jnp.sum(jnp.square(q_nxD.astype(f32)), -1)) * k_max
-        m = upper - BOUND_HEADROOM
-        o = l = 0.0
-        for lo, hi, masked in kbs:
-            e = jnp.exp(jnp.dot(q_nxD, k_SxD[lo:hi].T, preferred_element_type=f32) - m[:, None])
-            if masked:
-                e = jnp.where(_block_mask(a, b, lo, hi, G, is_causal, window), e, 0.0)
-            o = o + jnp.dot(e.astype(v_SxD.dtype), v_SxD[lo:hi], preferred_element_type=f32)
-            # the row sums as a matrix-vector product: XLA's CPU reduce of a [rows, keys] block
-            # is a tree of reduce-windows, ~2.5x the time of this dot (jax.profiler, S4096)
-            l = l + jnp.dot(e, jnp.ones((hi - lo,), f32), preferred_element_type=f32)
-        seen = np.tile(_visible(a, b, 0, S, is_causal, window).any(1), G)  # static: rows with keys
-        l_min = jnp.minimum(l_min, jnp.min(jnp.where(seen, l, jnp.inf)))
-        safe = jnp.where(l > 0, l, 1.0)
-        outs.append((o / safe[:, None]).reshape(G, b - a, D))
-        lses.append(jnp.where(l > 0, m + jnp.log(safe), jnp.inf).reshape(G, b - a))
-    return jnp.concatenate(outs, 1), jnp.concatenate(lses, 1), l_min
+    m = jnp.sqrt(jnp.sum(jnp.square(q.astype(f32)), -1)) * k_max - BOUND_HEADROOM
+    o, l = _blocked_sums(cfg, q, k, v, m)
+    l_min = jnp.min(jnp.where(_rows_seen(cfg, q.shape[0]), l, jnp.inf))
+    ok = (l_min >= BOUND_MIN_SUM) & jnp.isfinite(jnp.sum(o))
+
+    def exact(_):
+        mx = _blocked_row_max(cfg, q, k)
+        m = jnp.where(jnp.isfinite(mx), mx, 0.0)
+        return _blocked_sums(cfg, q, k, v, m) + (m,)
+
+    o, l, m = lax.cond(ok, lambda _: (o, l, m), exact, None)
+    o, l, m = o[:R], l[:R], m[:R]
+    safe = jnp.where(l > 0, l, 1.0)
+    return o / safe[:, None], jnp.where(l > 0, m + jnp.log(safe), jnp.inf), l_min
 
 
-def _blocked_fwd_head_exact(cfg, q_GxTxD, k_SxD, v_SxD):
-    """Each (query block, key block) normalised by its own row max m_j, then the blocks combined
-    with weights exp(m_j - max_j m_j): no running rescale, so the blocks are independent."""
-    is_causal, window, plan, _ = cfg
-    G, _, D = q_GxTxD.shape
-    outs, lses = [], []
-    for a, b, kbs in plan:
-        n = G * (b - a)
-        if not kbs:
-            outs.append(jnp.zeros((G, b - a, D), jnp.float32))
-            lses.append(jnp.full((G, b - a), jnp.inf))  # exp(s - inf) = 0: no gradient either
-            continue
-        q_nxD = q_GxTxD[:, a:b].reshape(n, D)
-        ms, ls, pvs = [], [], []
-        for lo, hi, masked in kbs:
-            s = jnp.dot(q_nxD, k_SxD[lo:hi].T, preferred_element_type=jnp.float32)
-            if masked:
-                s = jnp.where(_block_mask(a, b, lo, hi, G, is_causal, window), s, -jnp.inf)
-            m = s.max(-1)
-            e = jnp.exp(s - (jnp.where(jnp.isfinite(m), m, 0.0) if masked else m)[:, None])
-            ms.append(m)
-            ls.append(e.sum(-1))
-            pvs.append(jnp.dot(e.astype(v_SxD.dtype), v_SxD[lo:hi], preferred_element_type=jnp.float32))
-        M = functools.reduce(jnp.maximum, ms)
-        M = jnp.where(jnp.isfinite(M), M, 0.0)
-        w = [jnp.exp(m - M) for m in ms] if len(kbs) > 1 else [None]
-        o = pvs[0] if w[0] is None else sum(wj[:, None] * pv for wj, pv in zip(w, pvs))
-        l = ls[0] if w[0] is None else sum(wj * lj for wj, lj in zip(w, ls))
-        seen = l > 0
-        l = jnp.where(seen, l, 1.0)
-        outs.append((o / l[:, None]).reshape(G, b - a, D))
-        lses.append(jnp.where(seen, M + jnp.log(l), jnp.inf).reshape(G, b - a))
-    return jnp.concatenate(outs, 1), jnp.concatenate(lses, 1)
+def _blocked_bwd_head(cfg, q_RxD, k_SxD, v_SxD, o_RxD, lse_R, do_RxD):
+    """FlashAttention's backward per tile from the saved logsumexp, in the transposed frame
+    ([keys, rows]), with q, do and k also held transposed ([D, rows], [D, keys]) and dq
+    accumulated as dq^T, so that all five matmuls are plain [m, k] x [k, n] products: XLA's CPU
+    runtime hands a dot with a transposed left operand to Eigen, not YNNPACK, and the head's
+    fwd+bwd ran ~10% slower with dq's dot that way (S4096, interleaved A/B)."""
+    tiles, f32, R = cfg.bwd, jnp.float32, q_RxD.shape[0]
+    q, k, v = _padded(cfg, tiles, q_RxD, k_SxD, v_SxD)
+    Rp = q.shape[0]
+    do = _pad_rows(do_RxD, Rp)
+    lse = _pad_rows(lse_R, Rp, jnp.inf)  # padded rows: exp(s - inf) = 0, no gradient
+    delta = _pad_rows(jnp.sum(do_RxD.astype(f32) * o_RxD.astype(f32), -1), Rp)
+
+    qT, doT, kT = q.T, do.T, k.T
+
+    def step(carry, t0, k0, rows, keys, edge):
+        dqT, dk, dv = carry
+        r0, n = t0 * cfg.G, rows * cfg.G
+        k_b, v_b = _rows(k, k0, keys), _rows(v, k0, keys)
+        pT = jnp.exp(jnp.dot(k_b, _cols(qT, r0, n), preferred_element_type=f32) - _rows(lse, r0, n)[None])
+        if edge:
+            pT = jnp.where(_tile_visible(cfg, t0, k0, rows, keys, transposed=True), pT, 0.0)
+        dv = _add_rows(dv, k0, jnp.dot(pT.astype(do.dtype), _rows(do, r0, n), preferred_element_type=f32))
+        dsT = pT * (jnp.dot(v_b, _cols(doT, r0, n), preferred_element_type=f32) - _rows(delta, r0, n)[None])
+        dk = _add_rows(dk, k0, jnp.dot(dsT.astype(q.dtype), _rows(q, r0, n), preferred_element_type=f32))
+        dqT = _add_cols(dqT, r0, jnp.dot(_cols(kT, k0, keys), dsT.astype(k.dtype), preferred_element_type=f32))
+        return dqT, dk, dv
+
+    zeros = lambda x: jnp.zeros(x.shape, f32)
+    dqT, dk, dv = _scan_tiles(tiles, step, (zeros(qT), zeros(k), zeros(v)))
+    return dqT.T[:R], dk[:cfg.S], dv[:cfg.S]
 
 
-def _blocked_bwd_head(cfg, q_GxTxD, k_SxD, v_SxD, o_GxTxD, lse_GxT, do_GxTxD):
-    """FlashAttention's backward per block, in the transposed frame ([keys, rows]), so dk and dv
-    are plain matmuls and only dq's needs a transposed operand."""
-    is_causal, window, _, plan = cfg
-    G, _, D = q_GxTxD.shape
-    f32 = jnp.float32
-    delta_GxT = jnp.sum(do_GxTxD.astype(f32) * o_GxTxD.astype(f32), -1)
-    dk, dv, dqs = jnp.zeros(k_SxD.shape, f32), jnp.zeros(v_SxD.shape, f32), []
-    for a, b, kbs in plan:
-        n = G * (b - a)
-        q_nxD, do_nxD = q_GxTxD[:, a:b].reshape(n, D), do_GxTxD[:, a:b].reshape(n, D)
-        lse, delta = lse_GxT[:, a:b].reshape(n), delta_GxT[:, a:b].reshape(n)
-        dq = jnp.zeros((n, D), f32)
-        for lo, hi, masked in kbs:
-            k_blk, v_blk = k_SxD[lo:hi], v_SxD[lo:hi]
-            pT = jnp.exp(jnp.dot(k_blk, q_nxD.T, preferred_element_type=f32) - lse[None])
-            if masked:
-                pT = jnp.where(_block_mask(a, b, lo, hi, G, is_causal, window).T, pT, 0.0)
-            dv = dv.at[lo:hi].add(jnp.dot(pT.astype(do_nxD.dtype), do_nxD, preferred_element_type=f32))
-            dsT = pT * (jnp.dot(v_blk, do_nxD.T, preferred_element_type=f32) - delta[None])
-            dk = dk.at[lo:hi].add(jnp.dot(dsT.astype(q_nxD.dtype), q_nxD, preferred_element_type=f32))
-            dq = dq + jnp.dot(dsT.T.astype(k_blk.dtype), k_blk, preferred_element_type=f32)
-        dqs.append(dq.reshape(G, b - a, D))
-    return jnp.concatenate(dqs, 1), dk, dv
+# The heads are walked in the inputs' own layout: each step slices its kv head's q [T, G, D] (rows
+# t * G + g), k and v out of [B, T, K, G, D] / [B, S, K, D] and writes its outputs back in place,
+# rather than transposing every input to head-major and back (XLA's CPU transposes of [T, K, D]:
+# ~4 ms per 8 MiB array, ~10% of an S4096 forward).
+
+
+def _head(x, h, K):
+    """Kv head h = b * K + k of x [B, L, K, ...] -> [L * prod(...), D]."""
+    start = (h // K, 0, h % K) + (0,) * (x.ndim - 3)
+    sl = lax.dynamic_slice(x, start, (1, x.shape[1], 1) + x.shape[3:])
+    return sl.reshape(-1, x.shape[-1])
+
+
+def _put_head(acc, h, K, x):
+    start = (h // K, 0, h % K) + (0,) * (acc.ndim - 3)
+    return lax.dynamic_update_slice(acc, x.reshape((1, acc.shape[1], 1) + acc.shape[3:]).astype(acc.dtype), start)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blocked_heads(cfg, q_HxGxTxD, k_HxSxD, v_HxSxD):
-    return _blocked_heads_fwd(cfg, q_HxGxTxD, k_HxSxD, v_HxSxD)[0]
+def _blocked_heads(cfg, q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD):
+    return _blocked_heads_fwd(cfg, q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD)[0]
 
 
 def _blocked_heads_fwd(cfg, q, k, v):
-    o, lse = lax.map(lambda x: _blocked_fwd_head(cfg, *x), (q, k, v))
-    o = o.astype(q.dtype)
+    B, _, K = k.shape[:3]
+
+    def head(h, carry):
+        o, lse = carry
+        o_h, lse_h, _ = _blocked_fwd_head(cfg, _head(q, h, K), _head(k, h, K), _head(v, h, K))
+        return _put_head(o, h, K, o_h), lax.dynamic_update_index_in_dim(lse, lse_h, h, 0)
+
+    init = (jnp.zeros(q.shape, q.dtype), jnp.zeros((B * K, cfg.T * cfg.G), jnp.float32))
+    o, lse = lax.fori_loop(0, B * K, head, init)
     return o, (q, k, v, o, lse)
 
 
 def _blocked_heads_bwd(cfg, res, do):
     q, k, v, o, lse = res
-    dq, dk, dv = lax.map(lambda x: _blocked_bwd_head(cfg, *x), (q, k, v, o, lse, do))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    K = k.shape[2]
+
+    def head(h, grads):
+        g = _blocked_bwd_head(cfg, _head(q, h, K), _head(k, h, K), _head(v, h, K), _head(o, h, K),
+                              lse[h], _head(do, h, K))
+        return tuple(_put_head(acc, h, K, x) for acc, x in zip(grads, g))
+
+    return lax.fori_loop(0, k.shape[0] * K, head, tuple(jnp.zeros(x.shape, x.dtype) for x in (q, k, v)))
 
 
 _blocked_heads.defvjp(_blocked_heads_fwd, _blocked_heads_bwd)
 
-# (query, key) block sizes of "blocked" when not given, measured on 2 CPU cores (zoo bench
-# attention --quick): the forward wants big square blocks, the backward smaller query blocks, and a
-# causal forward small query blocks (less of the diagonal is masked work); with the bound
-# normaliser the full forward's best pair moved from (1024, 1024) to (512, 2048). Query blocks grow past
-# T / 16 so long sequences do not unroll into hundreds of blocks.
-BLOCKED_FWD, BLOCKED_FWD_CAUSAL, BLOCKED_BWD = (512, 2048), (128, 2048), (256, 1024)
-BLOCKED_AUTO_MAX_BLOCKS = 128  # auto on CPU uses "blocked" while a plan has <= 128 block pairs per head
+# (query, key) tile sizes of "blocked" when not given, big (whole visible tiles) and small (where a
+# big tile is partly visible), measured on 2 CPU cores (zoo bench attention --quick,
+# benchmarks/results/README.md). q_block_size / block_size set both.
+BLOCKED_FWD = ((1024, 1024), (512, 512))
+BLOCKED_BWD = ((512, 1024), (256, 256))
 
 
-def _blocked_cfg(T, S, is_causal, window, q_block_size=None, block_size=None):
-    structured = is_causal or window is not None
-    fwd = BLOCKED_FWD_CAUSAL if structured else BLOCKED_FWD
-    grow = lambda tq: max(tq, -(-T // 16))
-    fwd_q, fwd_k = q_block_size or grow(fwd[0]), block_size or fwd[1]
-    bwd_q, bwd_k = q_block_size or grow(BLOCKED_BWD[0]), block_size or BLOCKED_BWD[1]
-    return (is_causal, window, _plan(T, S, min(fwd_q, T), min(fwd_k, S), is_causal, window),
-            _plan(T, S, min(bwd_q, T), min(bwd_k, S), is_causal, window))
+def _blocked_cfg(T, S, G, is_causal, window, q_block_size=None, block_size=None) -> _BlockedCfg:
+    def tiles(big, small):
+        if q_block_size or block_size:
+            big = small = (q_block_size or big[0], block_size or big[1])
+        return _tiles(T, S, big, small, is_causal, window)
+
+    return _BlockedCfg(is_causal, window, T, S, G, tiles(*BLOCKED_FWD), tiles(*BLOCKED_BWD))
 
 
 def _blocked(q, k, v, is_causal, window, scale, q_block_size=None, block_size=None):
     (B, T, N, D), (S, K) = q.shape, k.shape[1:3]
     G = N // K
-    cfg = _blocked_cfg(T, S, is_causal, window, q_block_size, block_size)
-    qh = (q * jnp.asarray(scale, q.dtype)).reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4)
-    kh, vh = (x.transpose(0, 2, 1, 3).reshape(B * K, S, D) for x in (k, v))
-    o = _blocked_heads(cfg, qh.reshape(B * K, G, T, D), kh, vh)
-    return o.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, N, D)
+    cfg = _blocked_cfg(T, S, G, is_causal, window, q_block_size, block_size)
+    o = _blocked_heads(cfg, (q * jnp.asarray(scale, q.dtype)).reshape(B, T, K, G, D), k, v)
+    return o.reshape(B, T, N, D)
 
 
 # ---------------------------------------------------------------------------------------- public
@@ -570,11 +677,7 @@ def _auto(q, k, bias, mask, is_causal, window):
     # 2D matmuls on cache-sized blocks: 2-3x "chunked" and ~0.8x PyTorch's flash kernel at
     # B1 N8 D64 S1024-4096 f32.
     if jax.default_backend() == "cpu" and T >= 2 * CPU_BLOCKS[0] and S >= 256 and q.shape[-1] > CPU_NARROW_HEAD:
-        if bias is None and mask is None and T * S <= 2**26:  # longer: too many blocks to unroll
-            plans = _blocked_cfg(T, S, is_causal, window)[2:]
-            if max(sum(len(kbs) for _, _, kbs in plan) for plan in plans) <= BLOCKED_AUTO_MAX_BLOCKS:
-                return "blocked"
-        return "chunked-cpu"
+        return "blocked" if bias is None and mask is None else "chunked-cpu"
     if (jax.default_backend() == "cpu" and q.shape[-1] <= CPU_NARROW_HEAD and N * T * S <= CPU_NARROW_LOGITS
             and bias is None and mask is None and not is_causal and window is None):
         return "per-example-cpu"
