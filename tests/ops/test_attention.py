@@ -186,6 +186,26 @@ def test_blocked_tiles_cover_exactly_the_visible_keys(T, S, big, small, causal, 
     np.testing.assert_array_equal(A._rows_seen(cfg, T * G + 3), np.r_[np.repeat(visible.any(1), G), [False] * 3])
 
 
+@pytest.mark.parametrize("unroll_area", [0, 2 ** 40])  # every group walked by lax.scan / unrolled
+@pytest.mark.parametrize("T,S,kw", [(20, 20, dict(is_causal=True)), (13, 17, dict(window=(3, 2))),
+                                    (18, 11, dict(is_causal=True, window=(5, 0))), (9, 14, {})])
+def test_blocked_two_level_tiles_match_numpy(monkeypatch, unroll_area, T, S, kw):
+    """Big and small tiles together (big (8, 8) / (8, 4), small (4, 4) / (2, 2), so the causal
+    diagonal, a window's edges and the padding fall in small tiles), scanned or unrolled, with
+    grouped heads: values against NumPy, gradients against the reference."""
+    monkeypatch.setattr(A, "BLOCKED_FWD", ((8, 8), (4, 4)))
+    monkeypatch.setattr(A, "BLOCKED_BWD", ((8, 4), (2, 2)))
+    monkeypatch.setattr(A, "BLOCKED_UNROLL_AREA", unroll_area)
+    cfg = A._blocked_cfg(T, S, 2, kw.get("is_causal", False), kw.get("window"))
+    assert {e for *_, e, _ in cfg.fwd.groups} >= {True} and len(cfg.fwd.groups + cfg.bwd.groups) >= 3
+    q, k, v = _inputs(B=2, T=T, S=S, N=4, K=2, D=8, seed=T + S)
+    got = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, implementation="blocked", **kw))(q, k, v)
+    np.testing.assert_allclose(got, np_attention(q, k, v, **kw), rtol=1e-5, atol=1e-5)
+    for g, r in zip(_grads("blocked", q, k, v, kw), _grads("reference", q, k, v, kw)):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
 def test_blocked_traces_the_same_program_at_any_length():
     """One tile per scan step: the traced program (its matmuls) does not grow with the sequence."""
     def dots(T, causal):
