@@ -11,13 +11,15 @@ n // (N // K)). Implementations, all giving the same values and gradients:
                not need O(n^2) memory"; Dao et al. 2022, FlashAttention, Alg. 1), with a custom_vjp
                backward that recomputes each block from the saved logsumexp (Dao et al. 2022, Alg. 2
                / appendix B.2): memory O(T * block) instead of O(T * S), forward and backward.
-  "blocked"    the CPU path (no bias or mask): one kv head per lax.map step, a static plan of
-               (query block, key block) pairs, each two 2D matmuls with the softmax between them
-               (causal / window blocks nobody sees are left out, fully visible ones go unmasked;
-               one normaliser per row from a Cauchy-Schwarz bound, so the blocks just add up),
-               and FlashAttention's backward per block from the saved logsumexp, in the
-               transposed frame. XLA's CPU dots reach ~2x the throughput on these 2D shapes that
-               they do on "xla"'s batched [B, N, T, S] einsums, and each block stays in cache.
+  "blocked"    the CPU path (no bias or mask): one kv head per loop step, its visible (query
+               tile, key tile) pairs walked one per lax.scan step, each two 2D matmuls with the
+               softmax between them (tiles nobody sees are left out; big tiles where every query
+               sees every key, unmasked; small masked ones on a causal / window edge; one
+               normaliser per row from a Cauchy-Schwarz bound, so the tiles just add up), and
+               FlashAttention's backward per tile from the saved logsumexp, in the transposed
+               frame. XLA's CPU dots reach ~2x the throughput on these 2D shapes that they do on
+               "xla"'s batched [B, N, T, S] einsums, each tile stays in cache, and walked one at a
+               time each matmul gets both cores (see the section's notes).
 
 Conventions shared by every implementation:
   * Causal and window masks align query i with key i (top-left), as jax.nn does for both "xla"
@@ -619,10 +621,12 @@ def _blocked_heads_bwd(cfg, res, do):
 _blocked_heads.defvjp(_blocked_heads_fwd, _blocked_heads_bwd)
 
 # (query, key) tile sizes of "blocked" when not given, big (whole visible tiles) and small (where a
-# big tile is partly visible), measured on 2 CPU cores (zoo bench attention --quick,
-# benchmarks/results/README.md). q_block_size / block_size set both.
+# big tile is partly visible), measured on 2 CPU cores against PyTorch's SDPA in the same process
+# (B1 N8 D64 f32, benchmarks/results/README.md): forward S4096 causal 0.80x with these, 0.70x with
+# one size of 512 x 512, 0.53x with (512, 2048) / (256, 256); backward S4096 causal 0.89x with
+# small (256, 512), 0.82x with (256, 256). q_block_size / block_size set both.
 BLOCKED_FWD = ((1024, 1024), (512, 512))
-BLOCKED_BWD = ((512, 1024), (256, 256))
+BLOCKED_BWD = ((512, 1024), (256, 512))
 
 
 def _blocked_cfg(T, S, G, is_causal, window, q_block_size=None, block_size=None) -> _BlockedCfg:
@@ -684,8 +688,8 @@ def _auto(q, k, bias, mask, is_causal, window):
     # On CPU, XLA runs each op of "xla" over the whole [B, N, T, S] logits: the matmul writes them
     # to memory and softmax's passes read them back (an elementwise pass over 32 MiB costs as much
     # as the matmul, see benchmarks/results/README.md). "blocked" runs one head at a time through
-    # 2D matmuls on cache-sized blocks: 2-3x "chunked" and ~0.8x PyTorch's flash kernel at
-    # B1 N8 D64 S1024-4096 f32.
+    # 2D matmuls on cache-sized tiles: 2-4x "chunked", 0.75-0.95x PyTorch's flash kernel at
+    # B1 N8 D64 S1024-4096 f32, at any length (the tiles are walked by lax.scan, not unrolled).
     if jax.default_backend() == "cpu" and T >= 2 * CPU_BLOCKS[0] and S >= 256 and q.shape[-1] > CPU_NARROW_HEAD:
         return "blocked" if bias is None and mask is None else "chunked-cpu"
     if (jax.default_backend() == "cpu" and q.shape[-1] <= CPU_NARROW_HEAD and N * T * S <= CPU_NARROW_LOGITS
