@@ -320,8 +320,8 @@ def _chunked(q, k, v, bias, mask, is_causal, window, scale, block_size, q_block_
 
 
 # --------------------------------------------------------------------------------------- blocked
-# One kv head (with its G query heads) per lax.map step. Its queries are the rows r = t * G + g of
-# a [T * G, D] matrix, cut into tiles of tq query positions (tq * G rows) by tk keys. The tiles
+# One kv head (with its G query heads) per lax.fori_loop step. Its queries are the rows
+# r = t * G + g of a [T * G, D] matrix, cut into tiles of tq query positions (tq * G rows) by tk keys. The tiles
 # some query sees are listed when tracing (causal / window tiles nobody sees are left out), and
 # lax.scan walks them one at a time: two plain 2D matmuls with the softmax between them, added
 # into the rows' output. Fully visible tiles get no mask; tiles on the mask's edge (or over
@@ -423,7 +423,7 @@ def _scan_tiles(tiles, step, carry):
     (unrolled when the group is small: BLOCKED_UNROLL_AREA)."""
     for rows, keys, edge, offsets in tiles.groups:
         body = lambda c, x, r=rows, k=keys, e=edge: (step(c, x[0], x[1], r, k, e), None)
-        unroll = rows * keys * len(offsets) <= BLOCKED_UNROLL_AREA  # few small tiles: see below
+        unroll = rows * keys * len(offsets) <= BLOCKED_UNROLL_AREA  # few small tiles: see above
         carry = lax.scan(body, carry, jnp.asarray(offsets, jnp.int32), unroll=unroll)[0]
     return carry
 
