@@ -321,8 +321,9 @@ def _chunked(q, k, v, bias, mask, is_causal, window, scale, block_size, q_block_
 
 # --------------------------------------------------------------------------------------- blocked
 # One kv head (with its G query heads) per lax.fori_loop step. Its queries are the rows
-# r = t * G + g of a [T * G, D] matrix, cut into tiles of tq query positions (tq * G rows) by tk keys. The tiles
-# some query sees are listed when tracing (causal / window tiles nobody sees are left out), and
+# r = t * G + g of a [T * G, D] matrix, cut into tiles of tq query positions (tq * G rows) by tk
+# keys. The tiles some query sees are listed when tracing (causal / window tiles nobody sees are
+# left out), and
 # lax.scan walks them one at a time: two plain 2D matmuls with the softmax between them, added
 # into the rows' output. Fully visible tiles get no mask; tiles on the mask's edge (or over
 # padding) pay for a `where` built from iotas, fused into the exponential.
