@@ -436,20 +436,14 @@ def _pad_rows(x, n, fill=0.0):
     return jnp.concatenate([x, jnp.full((n - x.shape[0],) + x.shape[1:], fill, x.dtype)])
 
 
-def _rows(x, r0, n):
-    return lax.dynamic_slice_in_dim(x, r0, n)
+def _rows(x, r0, n, axis=0):
+    """x's n rows (columns with axis=1) from r0 (traced)."""
+    return lax.dynamic_slice_in_dim(x, r0, n, axis)
 
 
-def _add_rows(acc, r0, x):
-    return lax.dynamic_update_slice_in_dim(acc, _rows(acc, r0, x.shape[0]) + x, r0, 0)
-
-
-def _cols(x, c0, n):
-    return lax.dynamic_slice_in_dim(x, c0, n, axis=1)
-
-
-def _add_cols(acc, c0, x):
-    return lax.dynamic_update_slice_in_dim(acc, _cols(acc, c0, x.shape[1]) + x, c0, 1)
+def _add_rows(acc, r0, x, axis=0):
+    """acc with x added into its rows (columns with axis=1) from r0, in place."""
+    return lax.dynamic_update_slice_in_dim(acc, _rows(acc, r0, x.shape[axis], axis) + x, r0, axis)
 
 
 def _padded(cfg, tiles, q, k, v):
@@ -557,13 +551,13 @@ def _blocked_bwd_head(cfg, q_RxD, k_SxD, v_SxD, o_RxD, lse_R, do_RxD):
         dqT, dk, dv = carry
         r0, n = t0 * cfg.G, rows * cfg.G
         k_b, v_b = _rows(k, k0, keys), _rows(v, k0, keys)
-        pT = jnp.exp(jnp.dot(k_b, _cols(qT, r0, n), preferred_element_type=f32) - _rows(lse, r0, n)[None])
+        pT = jnp.exp(jnp.dot(k_b, _rows(qT, r0, n, 1), preferred_element_type=f32) - _rows(lse, r0, n)[None])
         if edge:
             pT = jnp.where(_tile_visible(cfg, t0, k0, rows, keys, transposed=True), pT, 0.0)
         dv = _add_rows(dv, k0, jnp.dot(pT.astype(do.dtype), _rows(do, r0, n), preferred_element_type=f32))
-        dsT = pT * (jnp.dot(v_b, _cols(doT, r0, n), preferred_element_type=f32) - _rows(delta, r0, n)[None])
+        dsT = pT * (jnp.dot(v_b, _rows(doT, r0, n, 1), preferred_element_type=f32) - _rows(delta, r0, n)[None])
         dk = _add_rows(dk, k0, jnp.dot(dsT.astype(q.dtype), _rows(q, r0, n), preferred_element_type=f32))
-        dqT = _add_cols(dqT, r0, jnp.dot(_cols(kT, k0, keys), dsT.astype(k.dtype), preferred_element_type=f32))
+        dqT = _add_rows(dqT, r0, jnp.dot(_rows(kT, k0, keys, 1), dsT.astype(k.dtype), preferred_element_type=f32), 1)
         return dqT, dk, dv
 
     zeros = lambda x: jnp.zeros(x.shape, f32)
