@@ -555,9 +555,11 @@ def _blocked_bwd_head(cfg, q_RxD, k_SxD, v_SxD, o_RxD, lse_R, do_RxD):
         if edge:
             pT = jnp.where(_tile_visible(cfg, t0, k0, rows, keys, transposed=True), pT, 0.0)
         dv = _add_rows(dv, k0, jnp.dot(pT.astype(do.dtype), _rows(do, r0, n), preferred_element_type=f32))
-        dsT = pT * (jnp.dot(v_b, _rows(doT, r0, n, 1), preferred_element_type=f32) - _rows(delta, r0, n)[None])
+        dpT = jnp.dot(v_b, _rows(doT, r0, n, 1), preferred_element_type=f32)
+        dsT = pT * (dpT - _rows(delta, r0, n)[None])
         dk = _add_rows(dk, k0, jnp.dot(dsT.astype(q.dtype), _rows(q, r0, n), preferred_element_type=f32))
-        dqT = _add_rows(dqT, r0, jnp.dot(_rows(kT, k0, keys, 1), dsT.astype(k.dtype), preferred_element_type=f32), 1)
+        dq_b = jnp.dot(_rows(kT, k0, keys, 1), dsT.astype(k.dtype), preferred_element_type=f32)
+        dqT = _add_rows(dqT, r0, dq_b, 1)
         return dqT, dk, dv
 
     zeros = lambda x: jnp.zeros(x.shape, f32)
