@@ -2,18 +2,18 @@
 # The GPU benchmark runs, as one command on a lent accelerator machine (see benchmarks/results/README.md).
 #   bash benchmarks/device.sh PART OUTDIR [SHA]
 # PART: "a" = the GPU tests, then `zoo bench attention` (full set, in two processes: full, causal);
-#       "b" = `zoo bench gpt_step` (the loss alone, one-pass and two-pass logsumexp; the step at B64,
-#       synced and pipelined rows, and at B64 and B128 with bf16 logits), then its bf16-logits runs with XLA_FLAGS=--xla_gpu_enable_cublaslt=true (bias
-#       and GELU epilogues fused into the GEMMs; an A/B across two processes on one machine), and the
-#       B64 one without XLA's command buffers (CUDA graphs: does updating them each step, as the
-#       donated state's buffers alternate, hold the next step back?); "c" = `zoo bench
+#       "b" = `zoo bench gpt_step` (the step at B64, default and bf16 logits, synced and pipelined
+#       rows, each with a kernel table of synced steps and one of three pipelined steps; the
+#       cuBLASLt-epilogue and no-command-buffer variants, measured on 2026-11-26, stay available
+#       as steps: neither gained); "c" = `zoo bench
 #       diffusion` (full set, with the diffusers / torch.compile peers; its goals were met on
 #       2026-11-26) and `zoo bench gibbs` (issue 4 is blocked): only when a lease has time left;
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
 #       attention, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
-# A 15-minute lease: b first (<= 520 s by its limits; ~380 s expected from the 2026-11-26 H200
-# timings, where a B64 run took ~50 s), then a with what is left (<= 400 s by its limits, 490 with
-# the rerun of a faulting part; the attention benchmark at S1024 and S4096 alone took ~80 s).
+# A 15-minute lease: b first (<= 260 s by its limit; ~200 s expected: on the 2026-11-26 H200 each
+# B64 run took ~110 s with its profiles), then a with what is left (<= 400 s by its limits, 490 with
+# the rerun of a faulting part; ~170 s on 2026-11-26). The GPU's SM clock, power and temperature
+# are logged each second to OUTDIR/clocks-PART.csv (does a sustained step run below the boost clock?).
 # gpt_step and diffusion print a kernel table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) with the idle time between
 # kernels and the largest gaps, and write the compiled program (NAME.hlo.txt.gz, ZOO_PROFILE_DIR),
 # which names the table's fusions. The log is OUTDIR/log-PART.txt (commas in PART become '_': a
@@ -27,7 +27,7 @@ set -u
 part=$1 out=$2
 case $part in
   a) steps=tests,attention ;;
-  b) steps=gpt_step,gpt_step-cublaslt,gpt_step-nocmdbuf ;;
+  b) steps=gpt_step ;;
   c) steps=diffusion,gibbs ;;
   *) steps=$part ;;
 esac
@@ -63,6 +63,10 @@ CUBLASLT="--xla_gpu_enable_cublaslt=true"  # lets XLA fuse bias adds (and bias +
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import jax, flax, optax, torch, sys; print(sys.version.split()[0], 'jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)"
 } 2>&1 | tee -a "$log"
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu \
+  --format=csv -l 1 >"$out/clocks-${part//,/_}.csv" 2>/dev/null &
+clocks=$!
+trap 'kill $clocks 2>/dev/null' EXIT
 for step in ${steps//,/ }; do
   case $step in
     tests)
@@ -85,7 +89,7 @@ for step in ${steps//,/ }; do
       done ;;
     gpt_step) bench gpt_step 260 ;;
     gpt_step-cublas) bench gpt_step 110 -cublas "$CUBLAS" ;;
-    gpt_step-cublaslt) ZOO_GPT_STEP_RUNS=64-bf16-logits,128-bf16-logits bench gpt_step 170 -cublaslt "$CUBLASLT" ;;
+    gpt_step-cublaslt) ZOO_GPT_STEP_RUNS=64-bf16-logits bench gpt_step 130 -cublaslt "$CUBLASLT" ;;
     gpt_step-nocmdbuf) ZOO_GPT_STEP_RUNS=64-bf16-logits bench gpt_step 90 -nocmdbuf "--xla_gpu_enable_command_buffer=" ;;
     diffusion)
       python3 -c "import diffusers, torch; print('diffusers', diffusers.__version__, 'torch', torch.__version__)" 2>&1 | tee -a "$log"

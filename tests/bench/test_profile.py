@@ -58,6 +58,7 @@ def test_idle_gaps_merge_streams_and_leave_out_the_wait_between_calls():
     assert g["bins"] == pytest.approx({"<5us": 0.0015, "5-20us": 0.005, "20-100us": 0.02, ">=100us": 0.0675})
     assert [(x["us"], x["after"], x["before"]) for x in g["largest"][:2]] == [(135, "d", "e"), (40, "a", "b")]
     assert g["long"] == [{"us": 4795, "after": "e", "before": "a"}]
+    assert g["span_ms"] == pytest.approx(5060 / 1e3 / 2)  # 0 to b's end at 5060 us
 
 
 def test_kernel_table_on_this_backend(capsys):

@@ -15,12 +15,11 @@ back and waits once, so dispatch overlaps the device's work, as in the training 
 each step's metrics only after dispatching the next (zoo/train/loop.py).
 
 Full (accelerator): GPT-2 124M (L12 H768 12 heads, V 50304 = 50257 padded to a multiple of 64,
-T 1024), bf16 compute with float32 params, at B64, and at B64 and B128 with the variant
+T 1024), bf16 compute with float32 params, at B64, and at B64 with the variant
 `bf16-logits` (GPTConfig.f32_logits=False: bf16 logits and logit gradients, as PyTorch autocast's,
 for half the traffic over the [B * T, V] logits; an H200, 2026-11-26: 46.8% MFU pipelined at B64,
-the default 45.8%; B16, measured on three leases, reached 43.4%). ZOO_GPT_STEP_RUNS=64-bf16-logits,...
-times only the runs it names. Before the steps (unless runs are named), rows `zoo-xent-one-pass` /
-`-two-pass` time the loss alone over the B64 logits (see loss_rows).
+the default 45.8%; B16, measured on three leases, reached 43.4%; B128 ran out of memory on the
+H200). ZOO_GPT_STEP_RUNS=64-bf16-logits,... times only the runs it names.
 Quick (CPU): L4 H256 8 heads, V 256, T 256, batch 8, float32.
 """
 
@@ -35,9 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.bench import emit, interleaved_times, median_seconds, profile
+from zoo.bench import emit, median_seconds, profile
 from zoo.models.gpt import GPTConfig, make_gpt
-from zoo.ops import losses
 from zoo.train.state import init_state
 from zoo.train.strategy import make_train_step
 
@@ -46,7 +44,7 @@ BF16_LOGITS = ("bf16-logits", dict(f32_logits=False))
 # (batch, (variant name, GPTConfig changes) or None) per run, in order
 FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=768, num_heads=12,
                           dtype="bfloat16"),
-            runs=((64, None), (64, BF16_LOGITS), (128, BF16_LOGITS)))
+            runs=((64, None), (64, BF16_LOGITS)))
 QUICK = dict(cfg=GPTConfig(vocab_size=256, max_len=256, num_layers=4, hidden=256, num_heads=8), runs=((8, None),))
 
 
@@ -77,7 +75,7 @@ def _run_name(B, variant):
 
 
 def selected_runs(runs):
-    """The runs to time: all, or those ZOO_GPT_STEP_RUNS names (e.g. "64-bf16-logits,128-bf16-logits")."""
+    """The runs to time: all, or those ZOO_GPT_STEP_RUNS names (e.g. "64,64-bf16-logits")."""
     want = [w for w in os.environ.get("ZOO_GPT_STEP_RUNS", "").replace(" ", "").split(",") if w]
     if not want:
         return runs
@@ -88,34 +86,9 @@ def selected_runs(runs):
     return tuple(r for r in runs if _run_name(*r) in want)
 
 
-def loss_rows(N: int, V: int, dtype: str = "bfloat16", *, rounds: int = 7) -> list[dict]:
-    """The loss alone, an A/B in one process: value and gradient of zoo.ops.losses.cross_entropy
-    on [N, V] logits, its logsumexp in one pass (the default from ONE_PASS_MIN_CLASSES classes on)
-    and in jax.nn.logsumexp's two (the same function traced with the threshold out of reach).
-    Rows in ms per call, interleaved rounds."""
-    rng = np.random.default_rng(0)
-    logits = jnp.asarray(rng.standard_normal((N, V)) * 2, dtype)
-    labels = jnp.asarray(rng.integers(0, V, N), jnp.int32)
-    grad = lambda x: jax.value_and_grad(lambda x: losses.cross_entropy(x, labels).mean())(x)  # noqa: E731
-    fns, threshold = {}, losses.ONE_PASS_MIN_CLASSES
-    for impl, t in (("zoo-xent-one-pass", min(threshold, V)), ("zoo-xent-two-pass", V + 1)):
-        losses.ONE_PASS_MIN_CLASSES = t
-        try:
-            f = jax.jit(grad).lower(logits).compile()  # traced (and the threshold read) here
-        finally:
-            losses.ONE_PASS_MIN_CLASSES = threshold
-        fns[impl] = lambda f=f: jax.block_until_ready(f(logits))
-    times = interleaved_times(fns, rounds)
-    case = f"xent-{N}x{V}-{dtype}"
-    return emit([{"case": case, "impl": impl, "value": statistics.median(ts) * 1e3, "unit": "ms"}
-                 for impl, ts in times.items()])
-
-
 def run(quick: bool) -> list[dict]:
     spec = QUICK if quick else FULL
     rows = []
-    if not quick and not os.environ.get("ZOO_GPT_STEP_RUNS"):  # the loss over the B64 logits, alone
-        rows += loss_rows(64 * spec["cfg"].max_len, spec["cfg"].vocab_size)
     for B, variant in selected_runs(spec["runs"]):
         name, changes = variant or ("", {})
         try:
@@ -168,9 +141,16 @@ def step_rows(cfg: GPTConfig, B: int, *, iters: int = 10, variant: str = "") -> 
         state, m = step(state, key, batch)
         jax.block_until_ready(m)
 
+    def three_steps():  # as the pipelined row runs them: does the device wait between steps?
+        nonlocal state
+        for _ in range(3):
+            state, m = step(state, key, batch)
+        jax.block_until_ready((state, m))
+
     suffix = f"-{variant}" if variant else ""
     profile.report(one_step, calls=3, title=f"the GPT train step{suffix} at B{B}", name=f"gpt_step{suffix}-B{B}",
                    hlo=lambda: step.lower(state, key, batch).compile().as_text())
+    profile.report(three_steps, calls=1, top=3, title=f"three pipelined GPT train steps{suffix} at B{B}")
     tokens = B * T / sec
     flops = model_flops_per_token(cfg, T) * tokens
     dev = jax.devices()[0]

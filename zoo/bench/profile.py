@@ -94,7 +94,8 @@ def idle_gaps(events: list[dict], calls: int, *, between_calls_us: float = 2000.
     call, "bins": {"<5us" | "5-20us" | "20-100us" | ">=100us": idle ms per call},
     "largest": [{"us", "after", "before"}, top of them, largest first], "long": the gaps left out
     as between calls, a list of {"us", "after", "before"}: calls - 1 of them unless a call itself
-    waits that long somewhere, e.g. on the host}."""
+    waits that long somewhere, e.g. on the host, "span_ms": first kernel's start to last kernel's
+    end, per call}."""
     spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events)
     bins = {"<5us": 0.0, "5-20us": 0.0, "20-100us": 0.0, ">=100us": 0.0}
     largest, long, idle = [], [], 0.0
@@ -112,7 +113,8 @@ def idle_gaps(events: list[dict], calls: int, *, between_calls_us: float = 2000.
         if end is None or stop > end:
             end, last = stop, name
     largest.sort(key=lambda g: -g[0])
-    return {"idle_ms": idle / 1e3 / calls, "kernels": len(spans) / calls,
+    span = (end - spans[0][0]) if spans else 0.0
+    return {"idle_ms": idle / 1e3 / calls, "kernels": len(spans) / calls, "span_ms": span / 1e3 / calls,
             "bins": {k: us / 1e3 / calls for k, us in bins.items()},
             "largest": [{"us": g, "after": a, "before": b} for g, a, b in largest[:top]], "long": long}
 
@@ -128,7 +130,8 @@ def kernel_table(fn: Callable[[], object], *, calls: int = 3, top: int = 25, tit
         events = device_events(_trace_events(d))
         summary = summarize(events, calls, top)
         summary["gaps"] = idle_gaps(events, calls)
-    print(f"--- kernel time per call{' of ' + title if title else ''}: {summary['total_ms']:.3f} ms; "
+    print(f"--- kernel time per call{' of ' + title if title else ''}: {summary['total_ms']:.3f} ms "
+          f"(first kernel to last: {summary['gaps']['span_ms']:.3f} ms per call); "
           + ", ".join(f"{c} {s:.0%}" for c, s in summary["classes"].items()), flush=True)
     for r in summary["rows"]:
         print(f"  {r['ms']:9.3f} ms {r['share']:6.1%} x{r['count']:<5.0f} {r['class']:9s} {r['name'][:110]}",

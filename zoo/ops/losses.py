@@ -12,7 +12,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -64,29 +63,12 @@ def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
     reverse mode gives one elementwise expression for the logits' gradient (in their dtype).
     Plain autodiff of the label gather would scatter into a [..., C] array of zeros, which XLA runs
     as a pass of its own over that gradient: for a language model's output (GPT-124M at B16:
-    16,384 x 50,304 float32 logits) each pass is ~1 ms on an H200. From ONE_PASS_MIN_CLASSES
-    classes on, the logsumexp reads the logits once instead of twice (see _logsumexp_one_pass)."""
+    16,384 x 50,304 float32 logits) each pass is ~1 ms on an H200. The logsumexp is
+    jax.nn.logsumexp's two passes (row max, then sum): see benchmarks/results/README.md for the
+    one-pass forms measured on an H200 and dropped (a variadic max+sum reduce ran no faster; a
+    pilot max with an exact fallback under lax.cond became a select inside the train step, which
+    ran both branches)."""
     return _cross_entropy(logits_BxC, labels_B)[0]
-
-
-# From this many classes on, cross_entropy's logsumexp takes one pass over the logits (a language
-# model's vocabulary; below it the logits are small and the plain two passes cost nothing).
-ONE_PASS_MIN_CLASSES = 16384
-PILOT_CLASSES = 1024
-
-
-def _logsumexp_one_pass(x, hint):
-    """log sum exp(x) over the last axis, reading x once where it is safe, else exactly.
-
-    Any m gives lse = m + log sum exp(x - m); jax.nn.logsumexp takes the row max (one pass over x)
-    and then the sum (a second). Here m is a pilot: the max over the first PILOT_CLASSES classes
-    and `hint` (e.g. the label's logit), so m <= the row max and the largest term is >= 1 (no
-    underflow). The sum overflows only where the row max exceeds m by more than ~77, and then (or
-    on any inf / NaN) lax.cond takes the exact two-pass result for the whole batch instead."""
-    m = jnp.maximum(jnp.max(x[..., :PILOT_CLASSES], axis=-1), hint)
-    s = jnp.sum(jnp.exp(x - m[..., None]), axis=-1)
-    ok = jnp.all(jnp.isfinite(s) & jnp.isfinite(m))
-    return lax.cond(ok, lambda x: m + jnp.log(s), lambda x: jax.nn.logsumexp(x, axis=-1), x)
 
 
 def _cross_entropy(logits, labels):
@@ -95,10 +77,7 @@ def _cross_entropy(logits, labels):
                          f"got {logits.shape} and {labels.shape}")
     x = logits.astype(jnp.float32)
     picked = jnp.take_along_axis(x, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    if x.shape[-1] >= ONE_PASS_MIN_CLASSES:
-        lse = _logsumexp_one_pass(x, picked)
-    else:
-        lse = jax.nn.logsumexp(x, axis=-1)
+    lse = jax.nn.logsumexp(x, axis=-1)
     return lse - picked, x, lse
 
 
