@@ -422,3 +422,20 @@ def test_blocked_bound_normaliser_and_its_fallback(causal):
         for g, r in zip(_grads("blocked_q", q, k, v, case), _grads("reference", q, k, v, case)):
             assert np.isfinite(np.asarray(g)).all()
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("blocks", [(4, 4), (None, None)])
+def test_blocked_a_nan_key_reaches_only_the_rows_that_see_it(blocks):
+    """Masked logits are replaced before exp (one fusion with it), so a NaN in a key no query may
+    see yet leaves every earlier row exact; with explicit 4 x 4 blocks the key sits in a masked
+    diagonal tile, with the default tiles in the one small edge tile."""
+    rng = np.random.default_rng(11)
+    T = 10
+    q, k, v = (rng.standard_normal((1, T, 2, 8)).astype(np.float32) for _ in range(3))
+    k[0, T - 1, 1, 3] = np.nan
+    out = np.asarray(A.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), is_causal=True,
+                                             implementation="blocked", q_block_size=blocks[0],
+                                             block_size=blocks[1]))
+    np.testing.assert_allclose(out[:, :T - 1], np_attention(q, k, v, is_causal=True)[:, :T - 1], rtol=1e-5,
+                               atol=1e-5)
+    assert np.isnan(out[0, T - 1, 1]).all() and np.isfinite(out[0, T - 1, 0]).all()

@@ -476,9 +476,10 @@ def _blocked_sums(cfg, q, k, v, m):
         o, l = carry
         r0, n = t0 * cfg.G, rows * cfg.G
         s = jnp.dot(_rows(q, r0, n), _rows(k, k0, keys).T, preferred_element_type=f32)
-        e = jnp.exp(s - _rows(m, r0, n)[:, None])
-        if edge:
-            e = jnp.where(_tile_visible(cfg, t0, k0, rows, keys), e, 0.0)
+        s = s - _rows(m, r0, n)[:, None]
+        if edge:  # masked before exp, in the same fusion as exp: one pass over the tile
+            s = jnp.where(_tile_visible(cfg, t0, k0, rows, keys), s, -jnp.inf)
+        e = jnp.exp(s)
         o = _add_rows(o, r0, jnp.dot(e.astype(v.dtype), _rows(v, k0, keys), preferred_element_type=f32))
         # the row sums as a matrix-vector product: XLA's CPU reduce of a [rows, keys] block
         # is a tree of reduce-windows, ~2.5x the time of this dot (jax.profiler, S4096)
@@ -551,9 +552,10 @@ def _blocked_bwd_head(cfg, q_RxD, k_SxD, v_SxD, o_RxD, lse_R, do_RxD):
         dqT, dk, dv = carry
         r0, n = t0 * cfg.G, rows * cfg.G
         k_b, v_b = _rows(k, k0, keys), _rows(v, k0, keys)
-        pT = jnp.exp(jnp.dot(k_b, _rows(qT, r0, n, 1), preferred_element_type=f32) - _rows(lse, r0, n)[None])
-        if edge:
-            pT = jnp.where(_tile_visible(cfg, t0, k0, rows, keys, transposed=True), pT, 0.0)
+        sT = jnp.dot(k_b, _rows(qT, r0, n, 1), preferred_element_type=f32) - _rows(lse, r0, n)[None]
+        if edge:  # masked before exp, in the same fusion as exp (as in the forward)
+            sT = jnp.where(_tile_visible(cfg, t0, k0, rows, keys, transposed=True), sT, -jnp.inf)
+        pT = jnp.exp(sT)
         dv = _add_rows(dv, k0, jnp.dot(pT.astype(do.dtype), _rows(do, r0, n), preferred_element_type=f32))
         dpT = jnp.dot(v_b, _rows(doT, r0, n, 1), preferred_element_type=f32)
         dsT = pT * (dpT - _rows(delta, r0, n)[None])
