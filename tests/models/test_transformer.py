@@ -1,6 +1,7 @@
 """Encoder-decoder Transformer: padding and causality invariances, greedy decoding against a
 teacher-forced re-run, cross-attention maps, the masked loss against NumPy, config errors."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,3 +154,36 @@ def test_bias_gelu_keeps_only_the_matmul_output(capsys):
         params = jax.tree.map(lambda p: p + 0.1, params)  # nonzero bias and LoRA b
         np.testing.assert_allclose(fused.apply(params, x), jax.nn.gelu(plain.apply(params, x), approximate=True),
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_self_attention_projections_as_one_matmul(rank):
+    """Attention's query / key / value projections of one input run as one matmul (fused_dense)
+    on the layers' own params (same names, same init): its outputs and gradients equal the three
+    layers applied one by one, LoRA adapters included, and a self-attention block's jaxpr holds
+    one dot for them (the output projection and the attention's own dots aside)."""
+    from zoo.nn.transformer import Attention, LoRADense, fused_dense
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
+
+    class Three(nn.Module):
+        fused: bool
+
+        @nn.compact
+        def __call__(self, x):
+            ls = [LoRADense(f, rank, name=n) for f, n in ((8, "query"), (4, "key"), (4, "value"))]
+            return fused_dense(x, ls) if self.fused else [layer(x) for layer in ls]
+
+    params = Three(True).init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, Three(False).init(jax.random.key(0), x))
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    loss = lambda p, fused: sum(jnp.sum(o * (i + 1)) for i, o in enumerate(Three(fused).apply(p, x)))  # noqa: E731
+    for got, want in zip(Three(True).apply(params, x), Three(False).apply(params, x)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for g, r in zip(jax.tree.leaves(jax.grad(loss)(params, True)), jax.tree.leaves(jax.grad(loss)(params, False))):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    attn = Attention(num_heads=2, num_kv_heads=1, head_dim=4, lora_rank=rank, implementation="reference")
+    p = attn.init(jax.random.key(0), x)
+    dots = [e for e in jax.make_jaxpr(lambda x: attn.apply(p, x)[0])(x).jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 4 + (2 * 3 + 2 if rank else 0)  # qkv, out, two in "reference"; LoRA's two per layer

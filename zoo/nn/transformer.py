@@ -42,20 +42,41 @@ class LoRADense(nn.Module):
     gelu: bool = False  # gelu_tanh(x @ kernel + bias), the bias add inside the GELU's checkpoint
 
     @nn.compact
-    def __call__(self, x_BxI):
+    def __call__(self, x_BxI, *, weights_only=False):
+        """The layer's output; with weights_only, its (kernel, bias or None, lora term) in the
+        compute dtype instead, for fused_dense (the lora term a function of x, or None)."""
         I = x_BxI.shape[-1]
         kernel = self.param("kernel", nn.initializers.normal(self.kernel_std), (I, self.features))
         dtype = self.dtype or x_BxI.dtype
-        x = x_BxI.astype(dtype)
-        y = x @ kernel.astype(dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype) if self.use_bias else None
+        lora = None
         if self.rank:
             a = self.param("lora_a", nn.initializers.normal(1.0 / self.rank), (I, self.rank))
             b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features))
-            y = y + (self.alpha / self.rank) * ((x @ a.astype(dtype)) @ b.astype(dtype))
+            lora = lambda x: (self.alpha / self.rank) * ((x @ a.astype(dtype)) @ b.astype(dtype))  # noqa: E731
+        if weights_only:
+            return kernel.astype(dtype), bias, lora
+        x = x_BxI.astype(dtype)
+        y = x @ kernel.astype(dtype)
+        if lora is not None:
+            y = y + lora(x)
         if self.gelu:
             return bias_gelu_tanh(y, bias) if bias is not None else gelu_tanh(y)
         return y if bias is None else y + bias
+
+
+def fused_dense(x, layers):
+    """[layer(x) for layer in layers] (LoRADense, no GELU) as one matmul with the kernels side by
+    side: attention's query / key / value projections of the same input. Its backward is one
+    matmul for x's gradient (no sum of three) and one for the kernels'; the params stay the
+    layers' own (each named as before)."""
+    kernels, biases, loras = zip(*[layer(x, weights_only=True) for layer in layers])
+    x = x.astype(kernels[0].dtype)
+    y = x @ jnp.concatenate(kernels, axis=1)
+    if any(b is not None for b in biases):
+        y = y + jnp.concatenate([jnp.zeros(k.shape[1], k.dtype) if b is None else b for k, b in zip(kernels, biases)])
+    ends = [sum(k.shape[1] for k in kernels[:i + 1]) for i in range(len(kernels) - 1)]
+    return [o if lora is None else o + lora(x) for o, lora in zip(jnp.split(y, ends, axis=-1), loras)]
 
 
 class Attention(nn.Module):
@@ -83,9 +104,12 @@ class Attention(nn.Module):
         dense = lambda f, name, std=INIT_STD: LoRADense(f, self.lora_rank, self.lora_alpha,
                                                          kernel_std=std, dtype=self.dtype, name=name)
         src = x_BxTxH if memory_BxSxH is None else memory_BxSxH
-        q = dense(N * D, "query")(x_BxTxH).reshape(B, T, N, D)
-        k = dense(K * D, "key")(src).reshape(B, src.shape[1], K, D)
-        v = dense(K * D, "value")(src).reshape(B, src.shape[1], K, D)
+        if memory_BxSxH is None:  # self-attention: one matmul for the three projections
+            q, k, v = fused_dense(x_BxTxH, [dense(N * D, "query"), dense(K * D, "key"), dense(K * D, "value")])
+        else:
+            q = dense(N * D, "query")(x_BxTxH)
+            k, v = fused_dense(src, [dense(K * D, "key"), dense(K * D, "value")])
+        q, k, v = q.reshape(B, T, N, D), k.reshape(B, src.shape[1], K, D), v.reshape(B, src.shape[1], K, D)
         if cache is not None:
             cache = KVCache(*cache)
             cache = cache._replace(k=cache.k.astype(k.dtype), v=cache.v.astype(v.dtype))
