@@ -10,7 +10,7 @@
 #       2026-11-26) and `zoo bench gibbs` (issue 4 is blocked): only when a lease has time left;
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
 #       attention, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
-# A 15-minute lease: b first (<= 260 s by its limit; ~200 s expected: on the 2026-11-26 H200 each
+# A 15-minute lease: b first (<= 300 s by its limit; ~230 s expected: on the 2026-11-26 H200 each
 # B64 run took ~110 s with its profiles), then a with what is left (<= 400 s by its limits, 490 with
 # the rerun of a faulting part; ~170 s on 2026-11-26). The GPU's SM clock, power and temperature
 # are logged each second to OUTDIR/clocks-PART.csv (does a sustained step run below the boost clock?).
@@ -87,7 +87,7 @@ for step in ${steps//,/ }; do
           ZOO_ATTENTION_MASKS=$mask bench attention 90 -$mask-nocmdbuf "--xla_gpu_enable_command_buffer="
         fi
       done ;;
-    gpt_step) bench gpt_step 260 ;;
+    gpt_step) bench gpt_step 300 ;;
     gpt_step-cublas) bench gpt_step 110 -cublas "$CUBLAS" ;;
     gpt_step-cublaslt) ZOO_GPT_STEP_RUNS=64-bf16-logits bench gpt_step 130 -cublaslt "$CUBLASLT" ;;
     gpt_step-nocmdbuf) ZOO_GPT_STEP_RUNS=64-bf16-logits bench gpt_step 90 -nocmdbuf "--xla_gpu_enable_command_buffer=" ;;
