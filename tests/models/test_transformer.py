@@ -183,6 +183,8 @@ def test_self_attention_projections_as_one_matmul(rank):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for g, r in zip(jax.tree.leaves(jax.grad(loss)(params, True)), jax.tree.leaves(jax.grad(loss)(params, False))):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="gelu"):
+        fused_dense(x, [LoRADense(8, gelu=True), LoRADense(8)])
     attn = Attention(num_heads=2, num_kv_heads=1, head_dim=4, lora_rank=rank, implementation="reference")
     p = attn.init(jax.random.key(0), x)
     dots = [e for e in jax.make_jaxpr(lambda x: attn.apply(p, x)[0])(x).jaxpr.eqns if e.primitive.name == "dot_general"]

@@ -70,6 +70,8 @@ def fused_dense(x, layers):
     side: attention's query / key / value projections of the same input. Its backward is one
     matmul for x's gradient (no sum of three) and one for the kernels'; the params stay the
     layers' own (each named as before)."""
+    if any(layer.gelu for layer in layers):
+        raise ValueError("fused_dense: layers with gelu=True cannot share a matmul (GELU is per layer)")
     kernels, biases, loras = zip(*[layer(x, weights_only=True) for layer in layers])
     x = x.astype(kernels[0].dtype)
     y = x @ jnp.concatenate(kernels, axis=1)
