@@ -4,19 +4,16 @@ check what a function lowers to."""
 import jax
 
 
-def equations(jaxpr, skip=()):
-    """Every equation of a (closed) jaxpr and of the jaxprs inside its equations' params, except
-    inside equations whose primitive is named in skip (e.g. "cond": not its branches)."""
+def equations(jaxpr):
+    """Every equation of a (closed) jaxpr and of the jaxprs inside its equations' params."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     for eqn in jaxpr.eqns:
         yield eqn
-        if eqn.primitive.name in skip:
-            continue
         for val in eqn.params.values():
             for sub in (val if isinstance(val, (list, tuple)) else [val]):
                 sub = getattr(sub, "jaxpr", sub)
                 if hasattr(sub, "eqns"):
-                    yield from equations(sub, skip)
+                    yield from equations(sub)
 
 
 def primitive_names(fn, *args) -> set:

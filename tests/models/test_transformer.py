@@ -162,6 +162,7 @@ def test_self_attention_projections_as_one_matmul(rank):
     on the layers' own params (same names, same init): its outputs and gradients equal the three
     layers applied one by one, LoRA adapters included, and a self-attention block's jaxpr holds
     one dot for them (the output projection and the attention's own dots aside)."""
+    from tests.jaxprs import equations
     from zoo.nn.transformer import Attention, LoRADense, fused_dense
 
     rng = np.random.default_rng(3)
@@ -187,5 +188,5 @@ def test_self_attention_projections_as_one_matmul(rank):
         fused_dense(x, [LoRADense(8, gelu=True), LoRADense(8)])
     attn = Attention(num_heads=2, num_kv_heads=1, head_dim=4, lora_rank=rank, implementation="reference")
     p = attn.init(jax.random.key(0), x)
-    dots = [e for e in jax.make_jaxpr(lambda x: attn.apply(p, x)[0])(x).jaxpr.eqns if e.primitive.name == "dot_general"]
+    dots = [e for e in equations(jax.make_jaxpr(lambda x: attn.apply(p, x)[0])(x)) if e.primitive.name == "dot_general"]
     assert len(dots) == 4 + (2 * 3 + 2 if rank else 0)  # qkv, out, two in "reference"; LoRA's two per layer
