@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from zoo.ops import attention as A
+from zoo.ops import native
 
 IMPLS = ["reference", "xla", "chunked", "chunked_q", None]  # None = auto
 BLOCK = 3  # small key blocks so "chunked" scans several blocks and pads the last one
@@ -217,7 +218,8 @@ def test_blocked_traces_the_same_program_at_any_length():
         assert dots(4096, causal) == dots(16384, causal) > 0
 
 
-def test_cpu_auto_picks_blocked_without_bias_or_mask():
+def test_cpu_auto_picks_blocked_without_bias_or_mask(monkeypatch):
+    monkeypatch.setattr(A.native, "available", lambda: False)  # no C++ compiler
     q = jnp.zeros((1, 512, 2, 32))
     assert A._auto(q, q, None, None, True, None) == "blocked"
     assert A._auto(q, q, None, jnp.ones((1, 1, 512, 512), bool), False, None) == "chunked-cpu"
@@ -439,3 +441,113 @@ def test_blocked_a_nan_key_reaches_only_the_rows_that_see_it(blocks):
     np.testing.assert_allclose(out[:, :T - 1], np_attention(q, k, v, is_causal=True)[:, :T - 1], rtol=1e-5,
                                atol=1e-5)
     assert np.isnan(out[0, T - 1, 1]).all() and np.isfinite(out[0, T - 1, 0]).all()
+
+
+# ------------------------------------------------------------------------------------ native (C++)
+
+
+@pytest.fixture
+def native_kernel():
+    if not native.available():
+        pytest.skip(f"the native kernels do not build here: {native.unavailable_reason()}")
+
+
+def _native_case(name, D=16):
+    shape, make = CASES[name]
+    q, k, v = _inputs(**shape, D=D)
+    return q, k, v, make(q.shape[0], q.shape[1], k.shape[1], q.shape[2])
+
+
+@pytest.mark.parametrize("name", NO_BIAS_OR_MASK)
+def test_native_matches_numpy_and_reference_gradients(native_kernel, name):
+    q, k, v, kw = _native_case(name)
+    got = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, implementation="native", **kw))(q, k, v)
+    np.testing.assert_allclose(got, np_attention(q, k, v, **kw), rtol=1e-5, atol=1e-5)
+    for g, r in zip(_grads("native", q, k, v, kw), _grads("reference", q, k, v, kw)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(is_causal=True), dict(window=(150, 40)), dict(is_causal=True, window=(90, 0)),
+                                dict()])
+def test_native_long_sequences_match_numpy(native_kernel, kw):
+    """Several key tiles (512 keys) and query tasks (128 rows), S not a multiple of the 32-key
+    alignment, T != S, grouped heads (their rows share a tile), rows with no key (window, T > S)."""
+    q, k, v = _inputs(B=2, T=700, S=613, N=4, K=2, D=32, seed=5)
+    got = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, implementation="native", **kw))(q, k, v)
+    np.testing.assert_allclose(got, np_attention(q, k, v, **kw), rtol=1e-5, atol=1e-5)
+    for g, r in zip(_grads("native", q, k, v, kw), _grads("reference", q, k, v, kw)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=2e-5)
+
+
+def test_native_a_nan_key_reaches_only_the_rows_that_see_it(native_kernel):
+    rng = np.random.default_rng(11)
+    T = 40
+    q, k, v = (rng.standard_normal((1, T, 2, 16)).astype(np.float32) for _ in range(3))
+    k[0, T - 1, 1, 3] = np.nan
+    out = np.asarray(A.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), is_causal=True,
+                                             implementation="native"))
+    np.testing.assert_allclose(out[:, :T - 1], np_attention(q, k, v, is_causal=True)[:, :T - 1], rtol=1e-5,
+                               atol=1e-5)
+    assert np.isnan(out[0, T - 1, 1]).all() and np.isfinite(out[0, T - 1, 0]).all()
+
+
+def test_native_under_vmap_and_in_bfloat16(native_kernel):
+    q, k, v = _inputs(B=3, T=33, S=33, N=2, K=1, D=16, seed=2)
+    f = lambda q, k, v: A.dot_product_attention(q[None], k[None], v[None], is_causal=True, implementation="native")[0]
+    got = jax.vmap(f)(q, k, v)
+    np.testing.assert_allclose(got, np_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-5)
+    bf = lambda x: x.astype(jnp.bfloat16)
+    got = A.dot_product_attention(bf(q), bf(k), bf(v), is_causal=True, implementation="native")
+    assert got.dtype == jnp.bfloat16
+    want = np_attention(*(np.asarray(bf(x), np.float32) for x in (q, k, v)), is_causal=True)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
+
+
+def test_native_traced_scale_gets_its_gradient(native_kernel):
+    q, k, v = _inputs(B=1, T=20, S=20, N=2, K=2, D=16, seed=3)
+    loss = lambda scale, impl: jnp.sum(A.dot_product_attention(q, k, v, scale=scale, implementation=impl) ** 2)
+    got = jax.jit(jax.value_and_grad(lambda s: loss(s, "native")))(0.3)
+    want = jax.value_and_grad(lambda s: loss(s, "reference"))(0.3)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_cpu_auto_picks_native_where_it_applies(native_kernel):
+    q = jnp.zeros((1, 64, 2, 32))
+    assert A._auto(q, q, None, None, True, None) == "native"
+    assert A._auto(q, q, jnp.zeros((64, 64)), None, True, None) != "native"
+    assert A._auto(q[..., :24], q[..., :24], None, None, True, None) != "native"  # head dim 24
+    assert A._auto(q[:, :32], q[:, :32], None, None, True, None) != "native"  # 32 x 32 logits
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(bias=jnp.zeros((5, 7))), r"native.*not bias or mask"),
+    (dict(mask=jnp.ones((5, 7), bool)), r"native.*a mask"),
+])
+def test_native_refuses_what_it_does_not_do(kw, match):
+    q, k, v = _inputs(T=5, S=7, D=16)
+    with pytest.raises(ValueError, match=match):
+        A.dot_product_attention(q, k, v, implementation="native", **kw)
+    q, k, v = _inputs(T=5, S=7, D=8)
+    with pytest.raises(ValueError, match="head dim 8"):
+        A.dot_product_attention(q, k, v, implementation="native")
+
+
+def test_native_unavailable_is_a_clear_error_and_auto_falls_back(monkeypatch, tmp_path):
+    with pytest.raises(native.NativeUnavailable, match="does not run"):
+        native.build(cxx=str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(native, "_state", {"error": "no C++ compiler found (set CXX, or install g++)"})
+    q, k, v = _inputs(T=300, S=300, N=2, K=2, D=32)
+    with pytest.raises(RuntimeError, match="not available here: no C.. compiler"):
+        A.dot_product_attention(q, k, v, implementation="native")
+    assert A._auto(q, k, None, None, True, None) == "blocked"
+    np.testing.assert_allclose(A.dot_product_attention(q, k, v, is_causal=True),
+                               np_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-5)
+
+
+def test_native_build_is_cached_and_reused(native_kernel, tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path))
+    path = native.build()
+    assert path.parent == tmp_path / "native" and path.exists()
+    mtime = path.stat().st_mtime_ns
+    assert native.build() == path and path.stat().st_mtime_ns == mtime  # not compiled again
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left

@@ -7,7 +7,8 @@ when causal; forward+backward 3.5x the forward (the backward's five matmuls). GF
 TFLOP/s on an accelerator (the unit says which).
 
 Implementations: `zoo-auto` (implementation=None: what users get), `zoo-xla`, `zoo-chunked`,
-`zoo-blocked` (CPU only), `zoo-reference`, `zoo-cudnn` (GPU only). Environment, for runs in
+`zoo-blocked` and `zoo-native` (CPU only; native where it builds), `zoo-reference`, `zoo-cudnn`
+(GPU only). Environment, for runs in
 parts (benchmarks/device.sh, so that a kernel fault loses one part, not the run):
 ZOO_ATTENTION_SKIP=zoo-xla,torch-sdpa-math,... leaves those rows out;
 ZOO_ATTENTION_LENGTHS=1024,4096 and ZOO_ATTENTION_MASKS=full|causal keep those cases only.
@@ -41,11 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.bench import emit, interleaved_times, median_seconds
+from zoo.ops import native
 from zoo.ops.attention import _add_rows, _blocked_cfg, _rows, _scan_tiles, dot_product_attention
 
 QUICK = dict(B=1, N=8, D=64, lengths=(1024, 4096), dtype="float32")
 FULL = dict(B=4, N=16, D=128, lengths=(1024, 4096, 8192, 16384), dtype="bfloat16")
-ZOO_IMPLS = ("zoo-auto", "zoo-xla", "zoo-chunked", "zoo-blocked", "zoo-reference", "zoo-cudnn")
+ZOO_IMPLS = ("zoo-auto", "zoo-xla", "zoo-chunked", "zoo-blocked", "zoo-native", "zoo-reference", "zoo-cudnn")
 TORCH_BACKENDS = ("flash", "efficient", "cudnn", "math")
 REFERENCE_MAX_S = 4096  # the reference materialises [B, N, T, S] logits twice with the backward
 
@@ -237,8 +239,10 @@ def _makers(on_gpu, S):
     makers = {}
     skip = set(filter(None, os.environ.get("ZOO_ATTENTION_SKIP", "").split(",")))
     for impl in ZOO_IMPLS:
-        if (impl == "zoo-cudnn" and not on_gpu) or (impl == "zoo-blocked" and on_gpu):
-            continue  # "blocked" is the CPU path: on a GPU it would only time XLA's loops
+        if (impl == "zoo-cudnn" and not on_gpu) or (impl in ("zoo-blocked", "zoo-native") and on_gpu):
+            continue  # CPU paths: on a GPU "blocked" would only time XLA's loops; "native" is C++
+        if impl == "zoo-native" and not native.available():
+            continue  # no C++ compiler here: auto runs "blocked"
         if impl == "zoo-reference" and S > REFERENCE_MAX_S:
             continue
         makers[impl] = lambda a, c, b, d, impl=impl: _zoo(impl, a, c, b, d)

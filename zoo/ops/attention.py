@@ -1,4 +1,4 @@
-"""Attention as pure functions: scaled dot-product (six implementations), KV-cache decoding, and
+"""Attention as pure functions: scaled dot-product (seven implementations), KV-cache decoding, and
 the classic additive / multiplicative attention of RNN encoder-decoders.
 
 dot_product_attention computes softmax(q k^T * scale + bias, masked) v (Vaswani et al. 2017, eq. 1)
@@ -20,6 +20,11 @@ n // (N // K)). Implementations, all giving the same values and gradients:
                frame. XLA's CPU dots reach ~2x the throughput on these 2D shapes that they do on
                "xla"'s batched [B, N, T, S] einsums, each tile stays in cache, and walked one at a
                time each matmul gets both cores (see the section's notes).
+  "native"     FlashAttention forward and backward in C++ for the CPU (zoo/ops/csrc/attention.cc,
+               called through jax.ffi; zoo.ops.native compiles it on first use): each tile of
+               logits makes one trip through the core's cache, where XLA writes every op's tile to
+               memory and reads it back. No bias or mask, head dims a multiple of 16; computes in
+               float32. Where no C++ compiler is found, auto falls back to the XLA paths.
 
 Conventions shared by every implementation:
   * Causal and window masks align query i with key i (top-left), as jax.nn does for both "xla"
@@ -48,7 +53,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-IMPLEMENTATIONS = ("reference", "xla", "cudnn", "chunked", "blocked")
+from zoo.ops import native
+
+IMPLEMENTATIONS = ("reference", "xla", "cudnn", "chunked", "blocked", "native")
 
 
 # ----------------------------------------------------------------------------------- checks, masks
@@ -645,12 +652,53 @@ def _blocked(q, k, v, is_causal, window, scale, q_block_size=None, block_size=No
     return o.reshape(B, T, N, D)
 
 
+# ---------------------------------------------------------------------------------- native (CPU)
+# FlashAttention in C++ (zoo/ops/csrc/attention.cc, through jax.ffi; zoo.ops.native builds it on
+# first use): one pass over each tile of logits in the core's cache, exp, row max and sum fused
+# with it, where XLA's CPU runtime writes each op's tile to memory and reads it back. Float32 (other
+# dtypes are computed in float32), head dims a multiple of 16, no bias or mask.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _native_attention(q, k, v, is_causal, window, scale):
+    return _native_fwd(q, k, v, is_causal, window, scale)[0]
+
+
+def _native_fwd(q, k, v, is_causal, window, scale):
+    o, lse = native.attention_forward(q, k, v, is_causal=is_causal, window=window, scale=scale)
+    return o, (q, k, v, o, lse)
+
+
+def _native_bwd(is_causal, window, scale, res, do):
+    return native.attention_backward(*res, do, is_causal=is_causal, window=window, scale=scale)
+
+
+_native_attention.defvjp(_native_fwd, _native_bwd)
+
+
+def _native_applies(q, bias, mask) -> bool:
+    return bias is None and mask is None and q.shape[-1] % native.HEAD_DIM_MULTIPLE == 0
+
+
+def _native(q, k, v, is_causal, window, scale):
+    if not isinstance(scale, (int, float)):  # a traced scale: into q, where autodiff sees it
+        q, scale = q * scale, 1.0
+    f32 = jnp.float32
+    o = _native_attention(q.astype(f32), k.astype(f32), v.astype(f32), is_causal, window, float(scale))
+    return o.astype(q.dtype)
+
+
 # ---------------------------------------------------------------------------------------- public
 
 
 CPU_BLOCKS = (128, 1024)  # auto on CPU: (query block, key block) of "chunked"
 CPU_NARROW_HEAD = 16      # auto on CPU: heads this narrow, unmasked, go one example at a time
 CPU_NARROW_LOGITS = 2**22  # ... when one example's [N, T, S] float32 logits fit in 16 MiB
+# auto on CPU: "native" (no bias or mask, head dim a multiple of 16) from this many logits per
+# head. fwd / fwd+bwd vs "xla" on 2 cores (benchmarks/results/README.md): B32 T64 N4 D32 causal
+# 1.4 / 3.2 ms vs 2.1 / 4.8; B8 T256 N4 D64 causal 3.9 / 9.2 vs 11.8 / 25.4; B64 T16 N4 D16
+# 0.81 / 1.46 vs 0.64 / 1.59 (the threads' start-up outweighs 16 x 16 tiles)
+CPU_NATIVE_MIN_LOGITS = 64 * 64
 
 
 def _per_example(q, k, v, scale):
@@ -677,13 +725,16 @@ def _per_example(q, k, v, scale):
 
 
 def _auto(q, k, bias, mask, is_causal, window):
-    """cuDNN where it applies; on CPU "blocked" (or "chunked" with query blocks when there is a
-    bias or mask) once the logits outgrow the caches; else "xla", or "chunked" once the full
-    logits would be huge."""
+    """cuDNN where it applies; on CPU the C++ kernel ("native") where it applies and builds, else
+    "blocked" (or "chunked" with query blocks when there is a bias or mask) once the logits
+    outgrow the caches; else "xla", or "chunked" once the full logits would be huge."""
     if _cudnn_applies(q, k):
         return "cudnn"
     B, T, N, _ = q.shape
     S = k.shape[1]
+    if (jax.default_backend() == "cpu" and T * S >= CPU_NATIVE_MIN_LOGITS and _native_applies(q, bias, mask)
+            and native.available()):
+        return "native"
     # On CPU, XLA runs each op of "xla" over the whole [B, N, T, S] logits: the matmul writes them
     # to memory and softmax's passes read them back (an elementwise pass over 32 MiB costs as much
     # as the matmul, see benchmarks/results/README.md). "blocked" runs one head at a time through
@@ -704,9 +755,11 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
     mask: bool, broadcastable to [B, N, T, S], True = attend (a key padding mask [B, S] is
     mask[:, None, None, :]). bias: additive, broadcastable to [B, N, T, S]. window: (left, right)
     or an int for both. scale defaults to 1/sqrt(D). implementation: one of IMPLEMENTATIONS or None
-    (auto: cuDNN on GPU for fp16/bf16; on CPU one example at a time for unmasked heads of D <= 16,
-    and when T, S >= 256 "blocked" (no bias or mask) or "chunked" with query blocks; else "xla",
-    or "chunked" when the [B, N, T, S] float32 logits would pass 1 GiB). block_size: keys per
+    (auto: cuDNN on GPU for fp16/bf16; on CPU "native", a C++ FlashAttention kernel built on first
+    use (zoo.ops.native), without bias or mask for head dims that are a multiple of 16 and T * S >=
+    4096; else one example at a time for unmasked heads of D <= 16, and when T, S >= 256 "blocked"
+    (no bias or mask) or "chunked" with query blocks; else "xla", or "chunked" when the
+    [B, N, T, S] float32 logits would pass 1 GiB). block_size: keys per
     block for "chunked" (default 512; S need not divide it) and "blocked" (default: the measured
     BLOCKED_* sizes); q_block_size: queries per block (chunked's default: all).
     """
@@ -730,6 +783,15 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
                              'mask; use "chunked" (or None) for those')
         sizes = (q_block_size, block_size) if implementation else (None, None)  # auto: measured sizes
         return _blocked(q, k, v, is_causal, window, scale, *sizes)
+    if impl == "native":
+        if not _native_applies(q, bias, mask):
+            raise ValueError(f'implementation "native" takes is_causal and window only, not bias or mask, '
+                             f'and a head dim that is a multiple of {native.HEAD_DIM_MULTIPLE}; got head '
+                             f'dim {q.shape[-1]}{", a bias" if bias is not None else ""}'
+                             f'{", a mask" if mask is not None else ""}; use None (auto) for those')
+        if not native.available():
+            raise RuntimeError(f'implementation "native" is not available here: {native.unavailable_reason()}')
+        return _native(q, k, v, is_causal, window, scale)
     if impl == "reference":
         return _reference(q, k, v, bias, mask, is_causal, window, scale)
     if impl == "chunked":

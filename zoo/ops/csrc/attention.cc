@@ -1,0 +1,488 @@
+// FlashAttention for the CPU, forward and backward, as XLA FFI custom calls (float32).
+//
+// zoo.ops.native compiles this file on first use with the machine's C++ compiler (-O3
+// -march=native) and registers the two handlers with jax.ffi. Layouts are the zoo's:
+// q [B, T, N, D], k and v [B, S, K, D] (N % K == 0, G = N / K query heads per kv head),
+// o [B, T, N, D], lse [B, K, T, G] (the logsumexp of each query row over its visible keys,
+// +inf where it sees none). Key j is visible from query position t when
+// t - window_left <= j <= t + window_right (a negative bound is open), j <= t if causal, j < S.
+//
+// Work is split into tasks that own their outputs, run by a few std::threads per call:
+// forward, one task per (batch, kv head, block of query positions), its G heads' rows
+// together (they share k and v); backward, one task per (batch, kv head), which owns its dk,
+// dv and dq. Within a task everything is tiles of at most (rows x KV_BLOCK) floats that stay in
+// the core's L2, multiplied by one register-blocked micro-kernel (GCC vector extensions: AVX-512
+// where the compiler targets it, else narrower vectors), with exp by Cody-Waite range reduction
+// and a degree-6 polynomial (relative error < 3e-7; exp(-inf) = 0 exactly).
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int VW = 16;  // floats per vector
+#else
+constexpr int VW = 8;
+#endif
+typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));  // aligned(4): unaligned loads
+typedef int32_t vi __attribute__((vector_size(VW * 4), aligned(4)));
+
+// Tile sizes, measured on 2 cores (AVX-512) against PyTorch's SDPA at B1 N8 D64 S1024-4096:
+// 128 forward rows ran at or above 64 and 256; 512 keys above 256 and 1024.
+constexpr int64_t Q_ROWS = 128;    // forward: query rows (positions x G) per task, about
+constexpr int64_t BWD_ROWS = 64;   // backward: query rows per step
+constexpr int64_t KV_BLOCK = 512;  // keys per tile
+constexpr int64_t COL_ALIGN = 32;   // tiles start and end on multiples of this many keys
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
+inline void store(float* p, vf x) { *reinterpret_cast<vf*>(p) = x; }
+inline vf splat(float x) {  // one vbroadcastss (GCC makes vf{} + x an add of 0.0f, then the broadcast)
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf>(_mm512_set1_ps(x));
+#elif defined(__AVX__)
+  return reinterpret_cast<vf>(_mm256_set1_ps(x));
+#else
+  vf r;
+  for (int i = 0; i < VW; ++i) r[i] = x;
+  return r;
+#endif
+}
+
+// exp(x) for x <= 88: round(x / ln2) = n by the 1.5 * 2^23 trick, f = x - n ln2 in two parts,
+// exp(f) by Taylor to degree 6 on |f| <= ln2 / 2, times 2^n built from n's bits. Below -88.5
+// (and -inf) n is clamped to -127, whose bit pattern is 0.0: the result is exactly 0. NaN stays NaN.
+inline vf vexp(vf x) {
+  const vf lo = splat(-88.5f);
+  x = x < lo ? lo : x;
+  const vf magic = splat(12582912.0f);
+  vf n = (x * 1.44269504088896341f + magic) - magic;
+  n = n < splat(-127.0f) ? splat(-127.0f) : n;
+  vf f = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  vf p = splat(1.0f / 720);
+  p = p * f + 1.0f / 120;
+  p = p * f + 1.0f / 24;
+  p = p * f + 1.0f / 6;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  return p * reinterpret_cast<vf&>(bits);
+}
+
+inline float hmax(vf x) {
+  float m = x[0];
+  for (int i = 1; i < VW; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+inline float hsum(vf x) {
+  float s = 0;
+  for (int i = 0; i < VW; ++i) s += x[i];
+  return s;
+}
+
+// c[MR x NV*VW] (= or +=, rows first scaled by rs[r] when rs) a @ b over kd: a(i, k) =
+// a[i * sai + k * sak], b row k at b + k * ldb, c row i at c + i * ldc.
+template <int MR, int NV>
+inline void tile(int64_t kd, const float* a, int64_t sai, int64_t sak, const float* b,
+                 int64_t ldb, float* c, int64_t ldc, bool accumulate, const float* rs) {
+  vf acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = accumulate ? load(c + r * ldc + v * VW) : vf{};
+      if (rs) acc[r][v] *= rs[r];
+    }
+  for (int64_t k = 0; k < kd; ++k) {
+    vf bv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) bv[v] = load(b + k * ldb + v * VW);
+    const float* ak = a + k * sak;
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      vf s = splat(ak[r * sai]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[r][v] += s * bv[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) store(c + r * ldc + v * VW, acc[r][v]);
+}
+
+// tile<mr, NV> for a runtime mr < MR (the rows left over after whole register tiles).
+template <int MR, int NV>
+inline void tile_rows(int mr, int64_t kd, const float* a, int64_t sai, int64_t sak, const float* b,
+                      int64_t ldb, float* c, int64_t ldc, bool accumulate, const float* rs) {
+  if constexpr (MR > 1) {
+    if (mr == MR - 1) return tile<MR - 1, NV>(kd, a, sai, sak, b, ldb, c, ldc, accumulate, rs);
+    return tile_rows<MR - 1, NV>(mr, kd, a, sai, sak, b, ldb, c, ldc, accumulate, rs);
+  }
+}
+
+// c[m x n] (= or +=) a[m x kd] @ b[kd x n] with the strides of tile(); n % VW == 0.
+template <int MR, int NV>
+void gemm(int64_t m, int64_t n, int64_t kd, const float* a, int64_t sai, int64_t sak,
+          const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate,
+          const float* rs = nullptr) {
+  const int64_t wide = n / (NV * VW) * (NV * VW);
+  for (int64_t i = 0; i < m; i += MR) {
+    const int mr = static_cast<int>(std::min<int64_t>(MR, m - i));
+    const float* ai = a + i * sai;
+    float* ci = c + i * ldc;
+    const float* ri = rs ? rs + i : nullptr;
+    for (int64_t j = 0; j < n; j += (j < wide ? NV * VW : VW)) {
+      if (j < wide) {
+        if (mr == MR) tile<MR, NV>(kd, ai, sai, sak, b + j, ldb, ci + j, ldc, accumulate, ri);
+        else tile_rows<MR, NV>(mr, kd, ai, sai, sak, b + j, ldb, ci + j, ldc, accumulate, ri);
+      } else {
+        if (mr == MR) tile<MR, 1>(kd, ai, sai, sak, b + j, ldb, ci + j, ldc, accumulate, ri);
+        else tile_rows<MR, 1>(mr, kd, ai, sai, sak, b + j, ldb, ci + j, ldc, accumulate, ri);
+      }
+    }
+  }
+}
+
+// Register tiles (accumulators MR x NV vectors): wide-and-short for q k^T (its n is a tile's
+// keys), tall for products whose n is the head dim.
+#if defined(__AVX512F__)
+constexpr int MR_KEYS = 8, NV_KEYS = 2, MR_DIM = 6, NV_DIM = 4;
+#else
+constexpr int MR_KEYS = 6, NV_KEYS = 2, MR_DIM = 3, NV_DIM = 4;
+#endif
+
+void gemm_keys(int64_t m, int64_t n, int64_t kd, const float* a, int64_t sai, int64_t sak,
+               const float* b, int64_t ldb, float* c, int64_t ldc) {
+  gemm<MR_KEYS, NV_KEYS>(m, n, kd, a, sai, sak, b, ldb, c, ldc, false);
+}
+
+void gemm_dim(int64_t m, int64_t n, int64_t kd, const float* a, int64_t sai, int64_t sak,
+              const float* b, int64_t ldb, float* c, int64_t ldc, const float* rs = nullptr) {
+  gemm<MR_DIM, NV_DIM>(m, n, kd, a, sai, sak, b, ldb, c, ldc, true, rs);
+}
+
+int num_threads() {
+  if (const char* env = std::getenv("ZOO_NUM_THREADS")) {
+    int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// body(task, worker) for task in [0, n), on up to num_threads() threads (the caller's one).
+template <class Body>
+void parallel_for(int64_t n, Body body) {
+  const int nt = static_cast<int>(std::min<int64_t>(n, num_threads()));
+  std::atomic<int64_t> next{0};
+  auto work = [&](int worker) {
+    for (int64_t i; (i = next.fetch_add(1)) < n;) body(i, worker);
+  };
+  std::vector<std::thread> threads;
+  for (int w = 1; w < nt; ++w) threads.emplace_back(work, w);
+  work(0);
+  for (auto& t : threads) t.join();
+}
+
+struct Problem {
+  int64_t B, T, N, S, K, D, G;
+  bool causal;
+  int64_t wl, wr;  // window (left, right); negative: open
+  float scale;
+  int64_t Sp;      // S rounded up to COL_ALIGN
+  int64_t ldt;     // row stride of k^T and v^T packs: Sp + 16, an odd number of 64-byte lines, so
+                   // a tile's rows do not all fall in a few L1 sets (1.5x on q k^T at S4096)
+
+  int64_t lo(int64_t t) const { return wl >= 0 ? std::max<int64_t>(0, t - wl) : 0; }
+  int64_t hi(int64_t t) const {  // inclusive; < lo(t) where t sees no key
+    int64_t h = S - 1;
+    if (wr >= 0) h = std::min(h, t + wr);
+    if (causal) h = std::min(h, t);
+    return h;
+  }
+  const float* row(const float* x, int64_t b, int64_t t, int64_t n, int64_t heads, int64_t len) const {
+    return x + ((b * len + t) * heads + n) * D;
+  }
+};
+
+// The key tiles [k0, k0 + w) that positions [t0, t1) see, w a multiple of COL_ALIGN (keys past
+// S are zero padding, masked), and whether a tile needs a mask.
+template <class Fn>
+void for_key_tiles(const Problem& p, int64_t t0, int64_t t1, Fn fn) {
+  int64_t first = p.S, last = -1;
+  for (int64_t t = t0; t < t1; ++t)
+    if (p.lo(t) <= p.hi(t)) first = std::min(first, p.lo(t)), last = std::max(last, p.hi(t));
+  if (first > last) return;
+  for (int64_t k0 = first / COL_ALIGN * COL_ALIGN; k0 <= last; k0 += KV_BLOCK) {
+    const int64_t end = std::min(k0 + KV_BLOCK, last + 1);
+    const int64_t w = (end - k0 + COL_ALIGN - 1) / COL_ALIGN * COL_ALIGN;
+    const bool whole = p.lo(t1 - 1) <= k0 && k0 + w - 1 <= p.hi(t0);
+    fn(k0, w, !whole);
+  }
+}
+
+// -inf where row r (position t0 + r / G) does not see key k0 + j.
+void mask_tile(const Problem& p, float* s, int64_t rows, int64_t t0, int64_t k0, int64_t w) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = t0 + r / p.G;
+    const int64_t a = std::clamp<int64_t>(p.lo(t) - k0, 0, w);
+    const int64_t b = std::clamp<int64_t>(p.hi(t) + 1 - k0, a, w);
+    float* sr = s + r * w;
+    std::fill(sr, sr + a, NEG_INF);
+    std::fill(sr + b, sr + w, NEG_INF);
+  }
+}
+
+// x^T of kv head (b, h) of x [B, S, K, D] packed as [D, ldt], zero from S to Sp.
+void pack_transposed(const Problem& p, const float* x, int64_t b, int64_t h, float* out) {
+  for (int64_t j = 0; j < p.S; ++j) {
+    const float* xj = p.row(x, b, j, h, p.K, p.S);
+    for (int64_t d = 0; d < p.D; ++d) out[d * p.ldt + j] = xj[d];
+  }
+  for (int64_t d = 0; d < p.D; ++d) std::fill(out + d * p.ldt + p.S, out + d * p.ldt + p.Sp, 0.0f);
+}
+
+// Kv head (b, h) of x [B, S, K, D] as contiguous rows [S, D] (its rows are K * D apart in x).
+void pack_rows(const Problem& p, const float* x, int64_t b, int64_t h, float* out) {
+  for (int64_t j = 0; j < p.S; ++j) std::memcpy(out + j * p.D, p.row(x, b, j, h, p.K, p.S), p.D * 4);
+}
+
+// Rows [t0, t1) x G of the kv head (b, h) of x [B, T, N, D] into out [rows, D], times mult.
+void gather_rows(const Problem& p, const float* x, int64_t b, int64_t h, int64_t t0, int64_t t1,
+                 float mult, float* out) {
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t g = 0; g < p.G; ++g) {
+      const float* src = p.row(x, b, t, h * p.G + g, p.N, p.T);
+      float* dst = out + ((t - t0) * p.G + g) * p.D;
+      for (int64_t d = 0; d < p.D; ++d) dst[d] = src[d] * mult;
+    }
+}
+
+void forward(const Problem& p, const float* q, const float* k, const float* v, float* o, float* lse) {
+  std::vector<float> kT(p.B * p.K * p.D * p.ldt), vp(p.B * p.K * p.S * p.D);
+  parallel_for(p.B * p.K, [&](int64_t bh, int) {
+    pack_transposed(p, k, bh / p.K, bh % p.K, kT.data() + bh * p.D * p.ldt);
+    pack_rows(p, v, bh / p.K, bh % p.K, vp.data() + bh * p.S * p.D);
+  });
+  const int64_t tq = std::max<int64_t>(1, Q_ROWS / p.G);  // positions per task
+  const int64_t nq = (p.T + tq - 1) / tq;
+  const int nt = num_threads();
+  const int64_t R = tq * p.G;
+  std::vector<std::vector<float>> scratch(nt);
+  // the last query blocks first: under a causal mask they see the most keys
+  parallel_for(p.B * p.K * nq, [&](int64_t task, int worker) {
+    const int64_t bh = task % (p.B * p.K), b = bh / p.K, h = bh % p.K;
+    const int64_t t0 = (nq - 1 - task / (p.B * p.K)) * tq, t1 = std::min(p.T, t0 + tq);
+    const int64_t rows = (t1 - t0) * p.G;
+    std::vector<float>& buf = scratch[worker];
+    buf.resize(R * p.D * 2 + R * KV_BLOCK + R * 3);
+    float *qb = buf.data(), *acc = qb + R * p.D, *s = acc + R * p.D, *m = s + R * KV_BLOCK,
+          *l = m + R, *alpha = l + R;
+    gather_rows(p, q, b, h, t0, t1, p.scale, qb);
+    std::fill(acc, acc + rows * p.D, 0.0f);
+    std::fill(m, m + rows, NEG_INF);
+    std::fill(l, l + rows, 0.0f);
+    const float* kTh = kT.data() + bh * p.D * p.ldt;
+    for_key_tiles(p, t0, t1, [&](int64_t k0, int64_t w, bool masked) {
+      gemm_keys(rows, w, p.D, qb, p.D, 1, kTh + k0, p.ldt, s, w);
+      if (masked) mask_tile(p, s, rows, t0, k0, w);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* sr = s + r * w;
+        vf mx = splat(NEG_INF);
+        for (int64_t j = 0; j < w; j += VW) {
+          vf x = load(sr + j);
+          mx = x > mx ? x : mx;
+        }
+        const float m_new = std::max(m[r], hmax(mx));
+        if (m_new == NEG_INF) {  // nothing visible yet: p = 0
+          std::fill(sr, sr + w, 0.0f);
+          alpha[r] = 1.0f;
+          continue;
+        }
+        vf sum{};
+        const vf mv = splat(m_new);
+        for (int64_t j = 0; j < w; j += VW) {
+          vf e = vexp(load(sr + j) - mv);
+          store(sr + j, e);
+          sum += e;
+        }
+        alpha[r] = std::exp(m[r] - m_new);  // 0 when m[r] = -inf
+        l[r] = l[r] * alpha[r] + hsum(sum);
+        m[r] = m_new;
+      }
+      const float* vh = vp.data() + (bh * p.S + k0) * p.D;  // rows past S meet p = 0 ...
+      const int64_t valid = std::min(w, p.S - k0);          // ... but are not there: stop at S
+      gemm_dim(rows, p.D, valid, s, w, 1, vh, p.D, acc, p.D, alpha);
+    });
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = t0 + r / p.G, g = r % p.G;
+      float* dst = const_cast<float*>(p.row(o, b, t, h * p.G + g, p.N, p.T));
+      const float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
+      for (int64_t d = 0; d < p.D; ++d) dst[d] = acc[r * p.D + d] * inv;
+      lse[((b * p.K + h) * p.T + t) * p.G + g] =
+          l[r] > 0 ? m[r] + std::log(l[r]) : std::numeric_limits<float>::infinity();
+    }
+  });
+}
+
+void backward(const Problem& p, const float* q, const float* k, const float* v, const float* o,
+              const float* lse, const float* dout, float* dq, float* dk, float* dv) {
+  const int64_t tq = std::max<int64_t>(1, BWD_ROWS / p.G);
+  const int64_t R = tq * p.G;
+  const int nt = num_threads();
+  std::vector<std::vector<float>> scratch(nt);
+  parallel_for(p.B * p.K, [&](int64_t bh, int worker) {
+    const int64_t b = bh / p.K, h = bh % p.K;
+    std::vector<float>& buf = scratch[worker];
+    buf.resize(2 * p.D * p.ldt + 3 * p.Sp * p.D + 3 * R * p.D + 2 * R * KV_BLOCK + 2 * R);
+    float *kT = buf.data(), *vT = kT + p.D * p.ldt, *kh = vT + p.D * p.ldt, *dkh = kh + p.Sp * p.D,
+          *dvh = dkh + p.Sp * p.D, *qb = dvh + p.Sp * p.D, *dob = qb + R * p.D, *dqb = dob + R * p.D, *s = dqb + R * p.D,
+          *dp = s + R * KV_BLOCK, *lb = dp + R * KV_BLOCK, *delta = lb + R;
+    pack_transposed(p, k, b, h, kT);
+    pack_transposed(p, v, b, h, vT);
+    pack_rows(p, k, b, h, kh);
+    std::fill(dkh, dkh + 2 * p.Sp * p.D, 0.0f);
+    for (int64_t t0 = 0; t0 < p.T; t0 += tq) {
+      const int64_t t1 = std::min(p.T, t0 + tq), rows = (t1 - t0) * p.G;
+      gather_rows(p, q, b, h, t0, t1, p.scale, qb);
+      gather_rows(p, dout, b, h, t0, t1, 1.0f, dob);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t t = t0 + r / p.G, g = r % p.G;
+        lb[r] = lse[((b * p.K + h) * p.T + t) * p.G + g];
+        const float* orow = p.row(o, b, t, h * p.G + g, p.N, p.T);
+        float acc = 0;
+        for (int64_t d = 0; d < p.D; ++d) acc += orow[d] * dob[r * p.D + d];
+        delta[r] = acc;
+      }
+      std::fill(dqb, dqb + rows * p.D, 0.0f);
+      for_key_tiles(p, t0, t1, [&](int64_t k0, int64_t w, bool masked) {
+        gemm_keys(rows, w, p.D, qb, p.D, 1, kT + k0, p.ldt, s, w);  // s = q k^T
+        if (masked) mask_tile(p, s, rows, t0, k0, w);
+        for (int64_t r = 0; r < rows; ++r) {  // p = exp(s - lse)
+          const vf lv = splat(lb[r]);
+          for (int64_t j = 0; j < w; j += VW) store(s + r * w + j, vexp(load(s + r * w + j) - lv));
+        }
+        gemm_keys(rows, w, p.D, dob, p.D, 1, vT + k0, p.ldt, dp, w);  // dp = do v^T
+        for (int64_t r = 0; r < rows; ++r) {  // ds = p * (dp - delta)
+          const vf dv_ = splat(delta[r]);
+          for (int64_t j = 0; j < w; j += VW) {
+            float* x = dp + r * w + j;
+            store(x, load(s + r * w + j) * (load(x) - dv_));
+          }
+        }
+        gemm_dim(w, p.D, rows, s, 1, w, dob, p.D, dvh + k0 * p.D, p.D);  // dv += p^T do
+        gemm_dim(w, p.D, rows, dp, 1, w, qb, p.D, dkh + k0 * p.D, p.D);  // dk += ds^T q
+        const int64_t valid = std::min(w, p.S - k0);
+        gemm_dim(rows, p.D, valid, dp, w, 1, kh + k0 * p.D, p.D, dqb, p.D);  // dq += ds k
+      });
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t t = t0 + r / p.G, g = r % p.G;
+        float* dst = const_cast<float*>(p.row(dq, b, t, h * p.G + g, p.N, p.T));
+        for (int64_t d = 0; d < p.D; ++d) dst[d] = dqb[r * p.D + d] * p.scale;
+      }
+    }
+    for (int64_t j = 0; j < p.S; ++j) {
+      float* dkj = const_cast<float*>(p.row(dk, b, j, h, p.K, p.S));
+      float* dvj = const_cast<float*>(p.row(dv, b, j, h, p.K, p.S));
+      std::memcpy(dkj, dkh + j * p.D, p.D * sizeof(float));
+      std::memcpy(dvj, dvh + j * p.D, p.D * sizeof(float));
+    }
+  });
+}
+
+ffi::Error problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
+                   bool causal, int64_t wl, int64_t wr, float scale, Problem& p) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
+    return ffi::Error::InvalidArgument("zoo attention: q, k, v must have rank 4");
+  p = Problem{qd[0], qd[1], qd[2], kd[1], kd[2], qd[3], 0, causal, wl, wr, scale, 0, 0};
+  for (int i = 0; i < 4; ++i)
+    if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("zoo attention: k and v differ in shape");
+  if (kd[0] != p.B || kd[3] != p.D || p.K == 0 || p.N % p.K)
+    return ffi::Error::InvalidArgument("zoo attention: q [B,T,N,D] and k [B,S,K,D] disagree");
+  if (p.D % VW)
+    return ffi::Error::InvalidArgument("zoo attention: the head dim must be a multiple of " +
+                                       std::to_string(VW));
+  p.G = p.N / p.K;
+  p.Sp = (p.S + COL_ALIGN - 1) / COL_ALIGN * COL_ALIGN;
+  p.ldt = p.Sp + 16;
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse, bool causal,
+                   int64_t wl, int64_t wr, float scale) {
+  Problem p;
+  if (ffi::Error e = problem(q, k, v, causal, wl, wr, scale, p); !e.success()) return e;
+  if (p.B * p.T * p.N == 0) return ffi::Error::Success();
+  forward(p, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(), lse->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv, bool causal, int64_t wl, int64_t wr, float scale) {
+  Problem p;
+  if (ffi::Error e = problem(q, k, v, causal, wl, wr, scale, p); !e.success()) return e;
+  if (p.B * p.K * p.S * p.D == 0) return ffi::Error::Success();
+  backward(p, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(),
+           dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("is_causal")
+                                  .Attr<int64_t>("window_left")
+                                  .Attr<int64_t>("window_right")
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("is_causal")
+                                  .Attr<int64_t>("window_left")
+                                  .Attr<int64_t>("window_right")
+                                  .Attr<float>("scale"));

@@ -1,0 +1,151 @@
+"""Native CPU kernels: C++ sources in zoo/ops/csrc, compiled on first use, called through jax.ffi.
+
+The first call compiles the source with the machine's C++ compiler (CXX, else g++, c++ or
+clang++; -O3 -march=native, against jax.ffi.include_dir()) into a shared library in the cache
+(ZOO_CACHE_DIR, else ~/.cache/zoo; about 5 s once per machine, source, compiler and jaxlib) and
+registers its handlers for the CPU; ZOO_NATIVE_CXXFLAGS adds flags (e.g. -mno-avx512f, to build the
+AVX2 code on an AVX-512 machine). Nothing is downloaded. Where there is no compiler, or it
+fails, `available()` is False, with the reason in `unavailable_reason()`, and callers fall back
+to XLA code. ZOO_NATIVE=0 turns the kernels off. ZOO_NUM_THREADS caps their threads (default: the
+CPUs this process may run on).
+
+Kernels: `attention_forward` / `attention_backward`, FlashAttention in float32 (see
+csrc/attention.cc): q [B, T, N, D], k, v [B, S, K, D], the head dim a multiple of 16.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("csrc") / "attention.cc"
+HEAD_DIM_MULTIPLE = 16  # the kernel's vectors: 16 floats with AVX-512, 8 without
+TARGETS = {"zoo_attention_forward": "ZooAttentionForward",
+           "zoo_attention_backward": "ZooAttentionBackward"}
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": the loaded library, or "error": why not
+
+
+class NativeUnavailable(RuntimeError):
+    """The native kernels cannot be built or loaded here (the message says why)."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ZOO_CACHE_DIR") or Path.home() / ".cache" / "zoo") / "native"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or next(
+        (c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+
+
+def _flags() -> list[str]:
+    return ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno",
+            "-I", jax.ffi.include_dir(), *os.environ.get("ZOO_NATIVE_CXXFLAGS", "").split()]
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags (Linux), else the platform."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def build(cxx: str | None = None) -> Path:
+    """The compiled library's path, compiling it first if the cache lacks it."""
+    cxx = cxx or _compiler()
+    if not cxx:
+        raise NativeUnavailable("no C++ compiler found (set CXX, or install g++)")
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise NativeUnavailable(f"C++ compiler {cxx!r} does not run: {e}") from e
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, " ".join(_flags()),
+                                    jax.__version__, _cpu_id()]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"attention-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # then an atomic rename: parallel
+    os.close(fd)                                              # builds (test workers) cannot clash
+    try:
+        r = subprocess.run([cxx, *_flags(), str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                           timeout=600)
+        if r.returncode:
+            raise NativeUnavailable(f"compiling {SOURCE.name} with {cxx} failed:\n{r.stderr[-3000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load():
+    """Build (if needed), load and register the kernels once per process; NativeUnavailable if not."""
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]
+        if "error" in _state:
+            raise NativeUnavailable(_state["error"])
+        try:
+            if os.environ.get("ZOO_NATIVE", "1") == "0":
+                raise NativeUnavailable("turned off by ZOO_NATIVE=0")
+            lib = ctypes.CDLL(str(build()))
+            for name, symbol in TARGETS.items():
+                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        except (NativeUnavailable, OSError, AttributeError) as e:
+            _state["error"] = str(e)
+            raise NativeUnavailable(str(e)) from e
+        _state["lib"] = lib
+        return lib
+
+
+def available() -> bool:
+    try:
+        load()
+        return True
+    except NativeUnavailable:
+        return False
+
+
+def unavailable_reason() -> str | None:
+    return None if available() else _state.get("error")
+
+
+def _attrs(is_causal, window, scale):
+    left, right = window if window is not None else (-1, -1)
+    return dict(is_causal=bool(is_causal), window_left=np.int64(left), window_right=np.int64(right),
+                scale=np.float32(scale))
+
+
+def attention_forward(q, k, v, *, is_causal=False, window=None, scale=1.0):
+    """(o [B, T, N, D], lse [B, K, T, G]) for float32 q [B, T, N, D], k, v [B, S, K, D]: o the
+    attention output (logits q k^T * scale), lse each query row's logsumexp (+inf: no visible key)."""
+    load()
+    (B, T, N, _), K = q.shape, k.shape[2]
+    out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, K, T, N // K), jnp.float32))
+    call = jax.ffi.ffi_call("zoo_attention_forward", out, vmap_method="sequential")
+    return call(q, k, v, **_attrs(is_causal, window, scale))
+
+
+def attention_backward(q, k, v, o, lse, do, *, is_causal=False, window=None, scale=1.0):
+    """(dq, dk, dv) of attention_forward's o, given its lse and the output's cotangent do."""
+    load()
+    out = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    call = jax.ffi.ffi_call("zoo_attention_backward", out, vmap_method="sequential")
+    return call(q, k, v, o, lse, do, **_attrs(is_causal, window, scale))
