@@ -52,7 +52,7 @@ typedef int32_t vi __attribute__((vector_size(VW * 4), aligned(4)));
 constexpr int64_t Q_ROWS = 128;    // forward: query rows (positions x G) per task, about
 constexpr int64_t BWD_ROWS = 64;   // backward: query rows per step
 constexpr int64_t KV_BLOCK = 512;  // keys per tile
-constexpr int64_t COL_ALIGN = 32;   // tiles start and end on multiples of this many keys
+constexpr int64_t COL_ALIGN = 32;  // tiles start and end on multiples of this many keys (>= 2 VW)
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
@@ -69,15 +69,25 @@ inline vf splat(float x) {  // one vbroadcastss (GCC makes vf{} + x an add of 0.
 #endif
 }
 
+// max(a, b), b where either is NaN (so a NaN in b passes through): one vmaxps where there is one.
+inline vf vmax(vf a, vf b) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf>(_mm512_max_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b)));
+#elif defined(__AVX__)
+  return reinterpret_cast<vf>(_mm256_max_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b)));
+#else
+  return a > b ? a : b;
+#endif
+}
+
 // exp(x) for x <= 88: round(x / ln2) = n by the 1.5 * 2^23 trick, f = x - n ln2 in two parts,
-// exp(f) by Taylor to degree 6 on |f| <= ln2 / 2, times 2^n built from n's bits. Below -88.5
-// (and -inf) n is clamped to -127, whose bit pattern is 0.0: the result is exactly 0. NaN stays NaN.
+// exp(f) by Taylor to degree 6 on |f| <= ln2 / 2, times 2^n built from n's bits. x is clamped at
+// -87.9, where n = -127, whose bit pattern is 0.0: from about -87.3 down (and -inf) the result is
+// exactly 0 (the true value is under 1.2e-38, float32's smallest normal). NaN stays NaN.
 inline vf vexp(vf x) {
-  const vf lo = splat(-88.5f);
-  x = x < lo ? lo : x;
+  x = vmax(splat(-87.9f), x);  // then n >= -127
   const vf magic = splat(12582912.0f);
   vf n = (x * 1.44269504088896341f + magic) - magic;
-  n = n < splat(-127.0f) ? splat(-127.0f) : n;
   vf f = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
   vf p = splat(1.0f / 720);
   p = p * f + 1.0f / 120;
@@ -91,15 +101,23 @@ inline vf vexp(vf x) {
 }
 
 inline float hmax(vf x) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_max_ps(reinterpret_cast<__m512>(x));
+#else
   float m = x[0];
   for (int i = 1; i < VW; ++i) m = std::max(m, x[i]);
   return m;
+#endif
 }
 
 inline float hsum(vf x) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512>(x));
+#else
   float s = 0;
   for (int i = 0; i < VW; ++i) s += x[i];
   return s;
+#endif
 }
 
 // c[MR x NV*VW] (= or +=, rows first scaled by rs[r] when rs) a @ b over kd: a(i, k) =
@@ -315,23 +333,23 @@ void forward(const Problem& p, const float* q, const float* k, const float* v, f
       for (int64_t r = 0; r < rows; ++r) {
         float* sr = s + r * w;
         vf mx = splat(NEG_INF);
-        for (int64_t j = 0; j < w; j += VW) {
-          vf x = load(sr + j);
-          mx = x > mx ? x : mx;
-        }
+        for (int64_t j = 0; j < w; j += VW) mx = vmax(mx, load(sr + j));  // a NaN logit: m = NaN
         const float m_new = std::max(m[r], hmax(mx));
         if (m_new == NEG_INF) {  // nothing visible yet: p = 0
           std::fill(sr, sr + w, 0.0f);
           alpha[r] = 1.0f;
           continue;
         }
-        vf sum{};
+        vf sum0{}, sum1{};  // two chains: ~8% faster than one
         const vf mv = splat(m_new);
-        for (int64_t j = 0; j < w; j += VW) {
-          vf e = vexp(load(sr + j) - mv);
-          store(sr + j, e);
-          sum += e;
+        for (int64_t j = 0; j < w; j += 2 * VW) {  // w is a multiple of COL_ALIGN = 32
+          vf e0 = vexp(load(sr + j) - mv), e1 = vexp(load(sr + j + VW) - mv);
+          store(sr + j, e0);
+          store(sr + j + VW, e1);
+          sum0 += e0;
+          sum1 += e1;
         }
+        const vf sum = sum0 + sum1;
         alpha[r] = std::exp(m[r] - m_new);  // 0 when m[r] = -inf
         l[r] = l[r] * alpha[r] + hsum(sum);
         m[r] = m_new;
