@@ -496,6 +496,11 @@ def test_native_under_vmap_and_in_bfloat16(native_kernel):
     f = lambda q, k, v: A.dot_product_attention(q[None], k[None], v[None], is_causal=True, implementation="native")[0]
     got = jax.vmap(f)(q, k, v)
     np.testing.assert_allclose(got, np_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-5)
+    # the backward under vmap (the mapped axis folds into the kernel's batch), k shared unmapped
+    ref = lambda q, k, v: A.dot_product_attention(q[None], k[None], v[None], is_causal=True, implementation="reference")[0]
+    grads = lambda f: jax.grad(lambda q, k, v: jnp.sum(jax.vmap(f, (0, None, 0))(q, k, v) ** 2), (0, 1, 2))(q, k[0], v)
+    for g, r in zip(jax.jit(lambda: grads(f))(), grads(ref)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
     bf = lambda x: x.astype(jnp.bfloat16)
     got = A.dot_product_attention(bf(q), bf(k), bf(v), is_causal=True, implementation="native")
     assert got.dtype == jnp.bfloat16
@@ -551,3 +556,28 @@ def test_native_build_is_cached_and_reused(native_kernel, tmp_path, monkeypatch)
     mtime = path.stat().st_mtime_ns
     assert native.build() == path and path.stat().st_mtime_ns == mtime  # not compiled again
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
+
+
+def test_native_runs_per_device_under_a_mesh_and_pmap(native_kernel):
+    """Batch-sharded inputs: each device runs the kernel on its own examples (no all-gather in
+    the compiled program, forward or backward), and the values and gradients are those of one
+    device; a (data, fsdp) batch axis and pmap too."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    q, k, v = _inputs(B=8, T=64, S=64, N=4, K=2, D=16, seed=4)
+    w = jnp.asarray(np.random.default_rng(5).normal(size=q.shape), jnp.float32)
+    loss = lambda q, k, v: jnp.sum(A.dot_product_attention(q, k, v, is_causal=True, implementation="native") * w)
+    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for mesh, spec in ((Mesh(np.array(jax.devices()), ("data",)), P("data")),
+                       (Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp")), P(("data", "fsdp")))):
+        put = lambda x: jax.device_put(x, NamedSharding(mesh, spec))
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        hlo = step.lower(put(q), put(k), put(v)).compile().as_text()
+        assert "all-gather" not in hlo and "custom_call_target=\"zoo_attention_forward\"" in hlo.replace(" ", "")
+        got = step(put(q), put(k), put(v))
+        for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    per_device = lambda x: x.reshape(8, 1, *x.shape[1:])
+    out = jax.pmap(lambda q, k, v: A.dot_product_attention(q, k, v, is_causal=True, implementation="native"))(
+        per_device(q), per_device(k), per_device(v))
+    np.testing.assert_allclose(out.reshape(q.shape), np_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-5)

@@ -16,6 +16,7 @@ csrc/attention.cc): q [B, T, N, D], k, v [B, S, K, D], the head dim a multiple o
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -28,6 +29,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 SOURCE = Path(__file__).with_name("csrc") / "attention.cc"
 HEAD_DIM_MULTIPLE = 16  # the kernel's vectors: 16 floats with AVX-512, 8 without
@@ -133,19 +136,85 @@ def _attrs(is_causal, window, scale):
                 scale=np.float32(scale))
 
 
-def attention_forward(q, k, v, *, is_causal=False, window=None, scale=1.0):
-    """(o [B, T, N, D], lse [B, K, T, G]) for float32 q [B, T, N, D], k, v [B, S, K, D]: o the
-    attention output (logits q k^T * scale), lse each query row's logsumexp (+inf: no visible key)."""
-    load()
+def _by_batch(fn, n_arrays, rule):
+    """fn(*arrays, *statics) as custom_partitioning over the arrays' leading (batch) axis: under
+    jit over a mesh each device runs the kernel on its own examples, where a custom call would
+    otherwise be given whole, gathered arrays on every device (the other axes, named in `rule`
+    after the first, are replicated). One device and pmap call fn directly."""
+    cp = custom_partitioning(fn, static_argnums=tuple(range(n_arrays, n_arrays + 3)))
+
+    def batch(mesh, arg_shapes):
+        s = arg_shapes[0].sharding
+        spec = getattr(s, "spec", None)
+        return NamedSharding(mesh, PartitionSpec(spec[0] if spec else None))
+
+    def infer(*args):
+        *_, mesh, arg_shapes, result_shape = args
+        return tuple(batch(mesh, arg_shapes) for _ in result_shape)
+
+    def partition(*args):
+        *statics, mesh, arg_shapes, result_shape = args
+        sh = batch(mesh, arg_shapes)
+        return (mesh, lambda *arrays: fn(*arrays, *statics), tuple(sh for _ in result_shape),
+                tuple(sh for _ in arg_shapes))
+
+    names = rule.replace(",", " ").replace("->", " ").split()
+    others = tuple(n for i, n in enumerate(names) if n != "b" and n not in names[:i])  # first-seen order
+    cp.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                     need_replication_factors=others)
+    return cp
+
+
+def _forward(q, k, v, is_causal, window, scale):
     (B, T, N, _), K = q.shape, k.shape[2]
     out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, K, T, N // K), jnp.float32))
     call = jax.ffi.ffi_call("zoo_attention_forward", out, vmap_method="sequential")
     return call(q, k, v, **_attrs(is_causal, window, scale))
 
 
-def attention_backward(q, k, v, o, lse, do, *, is_causal=False, window=None, scale=1.0):
-    """(dq, dk, dv) of attention_forward's o, given its lse and the output's cotangent do."""
-    load()
+def _backward(q, k, v, o, lse, do, is_causal, window, scale):
     out = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
     call = jax.ffi.ffi_call("zoo_attention_backward", out, vmap_method="sequential")
     return call(q, k, v, o, lse, do, **_attrs(is_causal, window, scale))
+
+
+_QKV = "b t n d, b s k d, b s k d"
+_forward_by_batch = _by_batch(_forward, 3, f"{_QKV} -> b t n d, b k t g")
+_backward_by_batch = _by_batch(_backward, 6, f"{_QKV}, b t n d, b k t g, b t n d -> {_QKV}")
+
+
+@functools.lru_cache(maxsize=None)
+def _call(kind, statics):
+    """The kernel call for these static arguments, with a vmap rule that folds the mapped axis
+    into the batch axis (every array in and out is [B, ...]): one call, not one per element."""
+    fn, n_out = (_forward_by_batch, 2) if kind == "forward" else (_backward_by_batch, 3)
+
+    @jax.custom_batching.custom_vmap
+    def call(*arrays):
+        return fn(*arrays, *statics)
+
+    @call.def_vmap
+    def _rule(axis_size, in_batched, *arrays):
+        arrays = [x if b else jnp.broadcast_to(x, (axis_size,) + x.shape) for x, b in zip(arrays, in_batched)]
+        outs = call(*(x.reshape((-1,) + x.shape[2:]) for x in arrays))
+        return tuple(o.reshape((axis_size, -1) + o.shape[1:]) for o in outs), (True,) * n_out
+
+    return call
+
+
+def _statics(is_causal, window, scale):
+    return bool(is_causal), None if window is None else (int(window[0]), int(window[1])), float(scale)
+
+
+def attention_forward(q, k, v, *, is_causal=False, window=None, scale=1.0):
+    """(o [B, T, N, D], lse [B, K, T, G]) for float32 q [B, T, N, D], k, v [B, S, K, D]: o the
+    attention output (logits q k^T * scale), lse each query row's logsumexp (+inf: no visible key).
+    Partitioned over the batch axis under jit over a mesh; vmap folds into the batch axis."""
+    load()
+    return _call("forward", _statics(is_causal, window, scale))(q, k, v)
+
+
+def attention_backward(q, k, v, o, lse, do, *, is_causal=False, window=None, scale=1.0):
+    """(dq, dk, dv) of attention_forward's o, given its lse and the output's cotangent do."""
+    load()
+    return _call("backward", _statics(is_causal, window, scale))(q, k, v, o, lse, do)
