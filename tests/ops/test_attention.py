@@ -581,3 +581,18 @@ def test_native_runs_per_device_under_a_mesh_and_pmap(native_kernel):
     out = jax.pmap(lambda q, k, v: A.dot_product_attention(q, k, v, is_causal=True, implementation="native"))(
         per_device(q), per_device(k), per_device(v))
     np.testing.assert_allclose(out.reshape(q.shape), np_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("blocks", [(3, 33), (1, 32), (50, 1000)])
+def test_native_block_sizes_match_numpy(native_kernel, blocks):
+    """Explicit sizes: 3 positions x 2 grouped heads per task with 64-key tiles (33 rounds up),
+    one position with 32, and one task of 100 positions with a single tile."""
+    q, k, v = _inputs(B=1, T=100, S=90, N=4, K=2, D=16, seed=6)
+    kw = dict(is_causal=True, window=(40, 0))
+    f = lambda q, k, v: A.dot_product_attention(q, k, v, implementation="native", q_block_size=blocks[0],
+                                                block_size=blocks[1], **kw)
+    np.testing.assert_allclose(jax.jit(f)(q, k, v), np_attention(q, k, v, **kw), rtol=1e-5, atol=1e-5)
+    w = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), jnp.float32)
+    got = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * w), (0, 1, 2))(q, k, v)
+    for g, r in zip(got, _grads("reference", q, k, v, kw)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

@@ -659,18 +659,20 @@ def _blocked(q, k, v, is_causal, window, scale, q_block_size=None, block_size=No
 # dtypes are computed in float32), head dims a multiple of 16, no bias or mask.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _native_attention(q, k, v, is_causal, window, scale):
-    return _native_fwd(q, k, v, is_causal, window, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _native_attention(q, k, v, mask_kw, blocks):
+    return _native_fwd(q, k, v, mask_kw, blocks)[0]
 
 
-def _native_fwd(q, k, v, is_causal, window, scale):
-    o, lse = native.attention_forward(q, k, v, is_causal=is_causal, window=window, scale=scale)
+# mask_kw: ((name, value), ...) of is_causal, window and scale; blocks: (forward rows, backward
+# rows, keys per tile), hashable since both are static
+def _native_fwd(q, k, v, mask_kw, blocks):
+    o, lse = native.attention_forward(q, k, v, **dict(mask_kw), block_q=blocks[0], block_k=blocks[2])
     return o, (q, k, v, o, lse)
 
 
-def _native_bwd(is_causal, window, scale, res, do):
-    return native.attention_backward(*res, do, is_causal=is_causal, window=window, scale=scale)
+def _native_bwd(mask_kw, blocks, res, do):
+    return native.attention_backward(*res, do, **dict(mask_kw), block_q=blocks[1], block_k=blocks[2])
 
 
 _native_attention.defvjp(_native_fwd, _native_bwd)
@@ -680,11 +682,17 @@ def _native_applies(q, bias, mask) -> bool:
     return bias is None and mask is None and q.shape[-1] % native.HEAD_DIM_MULTIPLE == 0
 
 
-def _native(q, k, v, is_causal, window, scale):
+def _native(q, k, v, is_causal, window, scale, q_block_size=None, block_size=None):
+    """q_block_size: query positions per forward task and backward step (default: the kernel's
+    measured rows); block_size: keys per tile."""
     if not isinstance(scale, (int, float)):  # a traced scale: into q, where autodiff sees it
         q, scale = q * scale, 1.0
+    G = q.shape[2] // k.shape[2]
+    rows = (native.FORWARD_ROWS, native.BACKWARD_ROWS) if q_block_size is None else (q_block_size * G,) * 2
+    blocks = (*rows, block_size or native.KEY_BLOCK)
+    mask_kw = (("is_causal", bool(is_causal)), ("window", window), ("scale", float(scale)))
     f32 = jnp.float32
-    o = _native_attention(q.astype(f32), k.astype(f32), v.astype(f32), is_causal, window, float(scale))
+    o = _native_attention(q.astype(f32), k.astype(f32), v.astype(f32), mask_kw, blocks)
     return o.astype(q.dtype)
 
 
@@ -760,8 +768,10 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
     4096; else one example at a time for unmasked heads of D <= 16, and when T, S >= 256 "blocked"
     (no bias or mask) or "chunked" with query blocks; else "xla", or "chunked" when the
     [B, N, T, S] float32 logits would pass 1 GiB). block_size: keys per
-    block for "chunked" (default 512; S need not divide it) and "blocked" (default: the measured
-    BLOCKED_* sizes); q_block_size: queries per block (chunked's default: all).
+    block for "chunked" (default 512; S need not divide it), "blocked" and "native" (default: the
+    measured BLOCKED_* / native.KEY_BLOCK sizes; native rounds up to a multiple of 32);
+    q_block_size: queries per block (chunked's default: all; native's: 128 rows forward and
+    backward, a row being one query position of one grouped head).
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     if implementation is not None and implementation not in IMPLEMENTATIONS:
@@ -791,7 +801,8 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
                              f'{", a mask" if mask is not None else ""}; use None (auto) for those')
         if not native.available():
             raise RuntimeError(f'implementation "native" is not available here: {native.unavailable_reason()}')
-        return _native(q, k, v, is_causal, window, scale)
+        sizes = (q_block_size, block_size) if implementation else (None, None)  # auto: measured sizes
+        return _native(q, k, v, is_causal, window, scale, *sizes)
     if impl == "reference":
         return _reference(q, k, v, bias, mask, is_causal, window, scale)
     if impl == "chunked":

@@ -34,6 +34,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 SOURCE = Path(__file__).with_name("csrc") / "attention.cc"
 HEAD_DIM_MULTIPLE = 16  # the kernel's vectors: 16 floats with AVX-512, 8 without
+# Tile sizes, measured on 2 cores (AVX-512) at B1 N8 D64 S1024-4096 (benchmarks/results/README.md):
+# forward 128 rows: 64 slower, 256 equal full and 4-7% slower causal; 512 keys: 256 and 1024 equal
+# or slower; backward 128 rows: 64 equal at S1024 and 5-10% slower at S4096, 256 slower causal.
+FORWARD_ROWS = 128
+BACKWARD_ROWS = 128
+KEY_BLOCK = 512
+KEY_ALIGN = 32  # tiles start and end on multiples of this many keys (COL_ALIGN in the source)
+N_STATICS = 5   # is_causal, window, scale, block_q, block_k
 TARGETS = {"zoo_attention_forward": "ZooAttentionForward",
            "zoo_attention_backward": "ZooAttentionBackward"}
 
@@ -130,10 +138,10 @@ def unavailable_reason() -> str | None:
     return None if available() else _state.get("error")
 
 
-def _attrs(is_causal, window, scale):
+def _attrs(is_causal, window, scale, block_q, block_k):
     left, right = window if window is not None else (-1, -1)
     return dict(is_causal=bool(is_causal), window_left=np.int64(left), window_right=np.int64(right),
-                scale=np.float32(scale))
+                scale=np.float32(scale), block_q=np.int64(block_q), block_k=np.int64(block_k))
 
 
 def _by_batch(fn, n_arrays, rule):
@@ -141,7 +149,7 @@ def _by_batch(fn, n_arrays, rule):
     jit over a mesh each device runs the kernel on its own examples, where a custom call would
     otherwise be given whole, gathered arrays on every device (the other axes, named in `rule`
     after the first, are replicated). One device and pmap call fn directly."""
-    cp = custom_partitioning(fn, static_argnums=tuple(range(n_arrays, n_arrays + 3)))
+    cp = custom_partitioning(fn, static_argnums=tuple(range(n_arrays, n_arrays + N_STATICS)))
 
     def batch(mesh, arg_shapes):
         s = arg_shapes[0].sharding
@@ -165,17 +173,17 @@ def _by_batch(fn, n_arrays, rule):
     return cp
 
 
-def _forward(q, k, v, is_causal, window, scale):
+def _forward(q, k, v, *statics):
     (B, T, N, _), K = q.shape, k.shape[2]
     out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, K, T, N // K), jnp.float32))
     call = jax.ffi.ffi_call("zoo_attention_forward", out, vmap_method="sequential")
-    return call(q, k, v, **_attrs(is_causal, window, scale))
+    return call(q, k, v, **_attrs(*statics))
 
 
-def _backward(q, k, v, o, lse, do, is_causal, window, scale):
+def _backward(q, k, v, o, lse, do, *statics):
     out = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
     call = jax.ffi.ffi_call("zoo_attention_backward", out, vmap_method="sequential")
-    return call(q, k, v, o, lse, do, **_attrs(is_causal, window, scale))
+    return call(q, k, v, o, lse, do, **_attrs(*statics))
 
 
 _QKV = "b t n d, b s k d, b s k d"
@@ -202,19 +210,28 @@ def _call(kind, statics):
     return call
 
 
-def _statics(is_causal, window, scale):
-    return bool(is_causal), None if window is None else (int(window[0]), int(window[1])), float(scale)
+def _statics(is_causal, window, scale, block_q, block_k):
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"block_q and block_k must be positive; got {block_q}, {block_k}")
+    window = None if window is None else (int(window[0]), int(window[1]))
+    block_k = -(-int(block_k) // KEY_ALIGN) * KEY_ALIGN
+    return bool(is_causal), window, float(scale), int(block_q), block_k
 
 
-def attention_forward(q, k, v, *, is_causal=False, window=None, scale=1.0):
+def attention_forward(q, k, v, *, is_causal=False, window=None, scale=1.0, block_q=FORWARD_ROWS,
+                      block_k=KEY_BLOCK):
     """(o [B, T, N, D], lse [B, K, T, G]) for float32 q [B, T, N, D], k, v [B, S, K, D]: o the
     attention output (logits q k^T * scale), lse each query row's logsumexp (+inf: no visible key).
-    Partitioned over the batch axis under jit over a mesh; vmap folds into the batch axis."""
+    Partitioned over the batch axis under jit over a mesh; vmap folds into the batch axis.
+    block_q: query rows (positions x grouped heads) per task; block_k: keys per tile (rounded up
+    to a multiple of KEY_ALIGN)."""
     load()
-    return _call("forward", _statics(is_causal, window, scale))(q, k, v)
+    return _call("forward", _statics(is_causal, window, scale, block_q, block_k))(q, k, v)
 
 
-def attention_backward(q, k, v, o, lse, do, *, is_causal=False, window=None, scale=1.0):
-    """(dq, dk, dv) of attention_forward's o, given its lse and the output's cotangent do."""
+def attention_backward(q, k, v, o, lse, do, *, is_causal=False, window=None, scale=1.0,
+                       block_q=BACKWARD_ROWS, block_k=KEY_BLOCK):
+    """(dq, dk, dv) of attention_forward's o, given its lse and the output's cotangent do;
+    block_q: query rows per step of a (batch, kv head) task."""
     load()
-    return _call("backward", _statics(is_causal, window, scale))(q, k, v, o, lse, do)
+    return _call("backward", _statics(is_causal, window, scale, block_q, block_k))(q, k, v, o, lse, do)

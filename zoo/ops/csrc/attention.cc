@@ -10,7 +10,7 @@
 // Work is split into tasks that own their outputs, run by a few std::threads per call:
 // forward, one task per (batch, kv head, block of query positions), its G heads' rows
 // together (they share k and v); backward, one task per (batch, kv head), which owns its dk,
-// dv and dq. Within a task everything is tiles of at most (rows x KV_BLOCK) floats that stay in
+// dv and dq. Within a task everything is tiles of at most (rows x block_k) floats that stay in
 // the core's L2, multiplied by one register-blocked micro-kernel (GCC vector extensions: AVX-512
 // where the compiler targets it, else narrower vectors), with exp by Cody-Waite range reduction
 // and a degree-6 polynomial (relative error < 3e-7; exp(-inf) = 0 exactly).
@@ -47,11 +47,6 @@ constexpr int VW = 8;
 typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));  // aligned(4): unaligned loads
 typedef int32_t vi __attribute__((vector_size(VW * 4), aligned(4)));
 
-// Tile sizes, measured on 2 cores (AVX-512) against PyTorch's SDPA at B1 N8 D64 S1024-4096:
-// 128 forward rows ran at or above 64 and 256; 512 keys above 256 and 1024.
-constexpr int64_t Q_ROWS = 128;    // forward: query rows (positions x G) per task, about
-constexpr int64_t BWD_ROWS = 64;   // backward: query rows per step
-constexpr int64_t KV_BLOCK = 512;  // keys per tile
 constexpr int64_t COL_ALIGN = 32;  // tiles start and end on multiples of this many keys (>= 2 VW)
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
@@ -161,26 +156,40 @@ inline void tile_rows(int mr, int64_t kd, const float* a, int64_t sai, int64_t s
   }
 }
 
-// c[m x n] (= or +=) a[m x kd] @ b[kd x n] with the strides of tile(); n % VW == 0.
+// c[m x n] (= or +=) a[m x kd] @ b[kd x n] with the strides of tile(); n % VW == 0. Loops:
+// chunks of KC along kd (so the rows of b in use stay in L1), then column panels (one panel of
+// b, reused by every row block), then row blocks. Rows first and no chunks, as at first, the
+// forward ran at 91 GFLOP/s on one core (S4096, B1 N8 D64); this way 97, and on two cores
+// 189 -> 218; KC 64 and 256 were no better.
+constexpr int64_t KC = 128;
+
 template <int MR, int NV>
 void gemm(int64_t m, int64_t n, int64_t kd, const float* a, int64_t sai, int64_t sak,
           const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate,
           const float* rs = nullptr) {
   const int64_t wide = n / (NV * VW) * (NV * VW);
-  for (int64_t i = 0; i < m; i += MR) {
-    const int mr = static_cast<int>(std::min<int64_t>(MR, m - i));
-    const float* ai = a + i * sai;
-    float* ci = c + i * ldc;
-    const float* ri = rs ? rs + i : nullptr;
+  for (int64_t k0 = 0; k0 < kd || k0 == 0; k0 += KC) {
+    const int64_t kc = std::min(KC, kd - k0);
+    const bool acc = accumulate || k0 > 0;
+    const float* rk = k0 == 0 ? rs : nullptr;  // rows scaled once, before the first chunk
+    const float* ak = a + k0 * sak;
+    const float* bk = b + k0 * ldb;
     for (int64_t j = 0; j < n; j += (j < wide ? NV * VW : VW)) {
-      if (j < wide) {
-        if (mr == MR) tile<MR, NV>(kd, ai, sai, sak, b + j, ldb, ci + j, ldc, accumulate, ri);
-        else tile_rows<MR, NV>(mr, kd, ai, sai, sak, b + j, ldb, ci + j, ldc, accumulate, ri);
-      } else {
-        if (mr == MR) tile<MR, 1>(kd, ai, sai, sak, b + j, ldb, ci + j, ldc, accumulate, ri);
-        else tile_rows<MR, 1>(mr, kd, ai, sai, sak, b + j, ldb, ci + j, ldc, accumulate, ri);
+      for (int64_t i = 0; i < m; i += MR) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, m - i));
+        const float* ai = ak + i * sai;
+        float* cij = c + i * ldc + j;
+        const float* ri = rk ? rk + i : nullptr;
+        if (j < wide) {
+          if (mr == MR) tile<MR, NV>(kc, ai, sai, sak, bk + j, ldb, cij, ldc, acc, ri);
+          else tile_rows<MR, NV>(mr, kc, ai, sai, sak, bk + j, ldb, cij, ldc, acc, ri);
+        } else {
+          if (mr == MR) tile<MR, 1>(kc, ai, sai, sak, bk + j, ldb, cij, ldc, acc, ri);
+          else tile_rows<MR, 1>(mr, kc, ai, sai, sak, bk + j, ldb, cij, ldc, acc, ri);
+        }
       }
     }
+    if (kd <= 0) break;
   }
 }
 
@@ -233,6 +242,8 @@ struct Problem {
   bool causal;
   int64_t wl, wr;  // window (left, right); negative: open
   float scale;
+  int64_t rows;      // query rows (positions x G, about) per forward task / backward step
+  int64_t kv_block;  // keys per tile, a multiple of COL_ALIGN
   int64_t Sp;      // S rounded up to COL_ALIGN
   int64_t ldt;     // row stride of k^T and v^T packs: Sp + 16, an odd number of 64-byte lines, so
                    // a tile's rows do not all fall in a few L1 sets (1.5x on q k^T at S4096)
@@ -257,8 +268,8 @@ void for_key_tiles(const Problem& p, int64_t t0, int64_t t1, Fn fn) {
   for (int64_t t = t0; t < t1; ++t)
     if (p.lo(t) <= p.hi(t)) first = std::min(first, p.lo(t)), last = std::max(last, p.hi(t));
   if (first > last) return;
-  for (int64_t k0 = first / COL_ALIGN * COL_ALIGN; k0 <= last; k0 += KV_BLOCK) {
-    const int64_t end = std::min(k0 + KV_BLOCK, last + 1);
+  for (int64_t k0 = first / COL_ALIGN * COL_ALIGN; k0 <= last; k0 += p.kv_block) {
+    const int64_t end = std::min(k0 + p.kv_block, last + 1);
     const int64_t w = (end - k0 + COL_ALIGN - 1) / COL_ALIGN * COL_ALIGN;
     const bool whole = p.lo(t1 - 1) <= k0 && k0 + w - 1 <= p.hi(t0);
     fn(k0, w, !whole);
@@ -308,7 +319,7 @@ void forward(const Problem& p, const float* q, const float* k, const float* v, f
     pack_transposed(p, k, bh / p.K, bh % p.K, kT.data() + bh * p.D * p.ldt);
     pack_rows(p, v, bh / p.K, bh % p.K, vp.data() + bh * p.S * p.D);
   });
-  const int64_t tq = std::max<int64_t>(1, Q_ROWS / p.G);  // positions per task
+  const int64_t tq = std::max<int64_t>(1, p.rows / p.G);  // positions per task
   const int64_t nq = (p.T + tq - 1) / tq;
   const int nt = num_threads();
   const int64_t R = tq * p.G;
@@ -319,8 +330,8 @@ void forward(const Problem& p, const float* q, const float* k, const float* v, f
     const int64_t t0 = (nq - 1 - task / (p.B * p.K)) * tq, t1 = std::min(p.T, t0 + tq);
     const int64_t rows = (t1 - t0) * p.G;
     std::vector<float>& buf = scratch[worker];
-    buf.resize(R * p.D * 2 + R * KV_BLOCK + R * 3);
-    float *qb = buf.data(), *acc = qb + R * p.D, *s = acc + R * p.D, *m = s + R * KV_BLOCK,
+    buf.resize(R * p.D * 2 + R * p.kv_block + R * 3);
+    float *qb = buf.data(), *acc = qb + R * p.D, *s = acc + R * p.D, *m = s + R * p.kv_block,
           *l = m + R, *alpha = l + R;
     gather_rows(p, q, b, h, t0, t1, p.scale, qb);
     std::fill(acc, acc + rows * p.D, 0.0f);
@@ -371,17 +382,17 @@ void forward(const Problem& p, const float* q, const float* k, const float* v, f
 
 void backward(const Problem& p, const float* q, const float* k, const float* v, const float* o,
               const float* lse, const float* dout, float* dq, float* dk, float* dv) {
-  const int64_t tq = std::max<int64_t>(1, BWD_ROWS / p.G);
+  const int64_t tq = std::max<int64_t>(1, p.rows / p.G);
   const int64_t R = tq * p.G;
   const int nt = num_threads();
   std::vector<std::vector<float>> scratch(nt);
   parallel_for(p.B * p.K, [&](int64_t bh, int worker) {
     const int64_t b = bh / p.K, h = bh % p.K;
     std::vector<float>& buf = scratch[worker];
-    buf.resize(2 * p.D * p.ldt + 3 * p.Sp * p.D + 3 * R * p.D + 2 * R * KV_BLOCK + 2 * R);
+    buf.resize(2 * p.D * p.ldt + 3 * p.Sp * p.D + 3 * R * p.D + 2 * R * p.kv_block + 2 * R);
     float *kT = buf.data(), *vT = kT + p.D * p.ldt, *kh = vT + p.D * p.ldt, *dkh = kh + p.Sp * p.D,
           *dvh = dkh + p.Sp * p.D, *qb = dvh + p.Sp * p.D, *dob = qb + R * p.D, *dqb = dob + R * p.D, *s = dqb + R * p.D,
-          *dp = s + R * KV_BLOCK, *lb = dp + R * KV_BLOCK, *delta = lb + R;
+          *dp = s + R * p.kv_block, *lb = dp + R * p.kv_block, *delta = lb + R;
     pack_transposed(p, k, b, h, kT);
     pack_transposed(p, v, b, h, vT);
     pack_rows(p, k, b, h, kh);
@@ -435,11 +446,12 @@ void backward(const Problem& p, const float* q, const float* k, const float* v, 
 }
 
 ffi::Error problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
-                   bool causal, int64_t wl, int64_t wr, float scale, Problem& p) {
+                   bool causal, int64_t wl, int64_t wr, float scale, int64_t rows, int64_t kv_block,
+                   Problem& p) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return ffi::Error::InvalidArgument("zoo attention: q, k, v must have rank 4");
-  p = Problem{qd[0], qd[1], qd[2], kd[1], kd[2], qd[3], 0, causal, wl, wr, scale, 0, 0};
+  p = Problem{qd[0], qd[1], qd[2], kd[1], kd[2], qd[3], 0, causal, wl, wr, scale, rows, kv_block, 0, 0};
   for (int i = 0; i < 4; ++i)
     if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("zoo attention: k and v differ in shape");
   if (kd[0] != p.B || kd[3] != p.D || p.K == 0 || p.N % p.K)
@@ -447,6 +459,9 @@ ffi::Error problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buff
   if (p.D % VW)
     return ffi::Error::InvalidArgument("zoo attention: the head dim must be a multiple of " +
                                        std::to_string(VW));
+  if (rows < 1 || kv_block < COL_ALIGN || kv_block % COL_ALIGN)
+    return ffi::Error::InvalidArgument("zoo attention: block_q must be >= 1 and block_k a positive "
+                                       "multiple of " + std::to_string(COL_ALIGN));
   p.G = p.N / p.K;
   p.Sp = (p.S + COL_ALIGN - 1) / COL_ALIGN * COL_ALIGN;
   p.ldt = p.Sp + 16;
@@ -455,9 +470,9 @@ ffi::Error problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buff
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse, bool causal,
-                   int64_t wl, int64_t wr, float scale) {
+                   int64_t wl, int64_t wr, float scale, int64_t block_q, int64_t block_k) {
   Problem p;
-  if (ffi::Error e = problem(q, k, v, causal, wl, wr, scale, p); !e.success()) return e;
+  if (ffi::Error e = problem(q, k, v, causal, wl, wr, scale, block_q, block_k, p); !e.success()) return e;
   if (p.B * p.T * p.N == 0) return ffi::Error::Success();
   forward(p, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(), lse->typed_data());
   return ffi::Error::Success();
@@ -466,9 +481,10 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
 ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                     ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv, bool causal, int64_t wl, int64_t wr, float scale) {
+                    ffi::ResultBuffer<ffi::F32> dv, bool causal, int64_t wl, int64_t wr, float scale,
+                    int64_t block_q, int64_t block_k) {
   Problem p;
-  if (ffi::Error e = problem(q, k, v, causal, wl, wr, scale, p); !e.success()) return e;
+  if (ffi::Error e = problem(q, k, v, causal, wl, wr, scale, block_q, block_k, p); !e.success()) return e;
   if (p.B * p.K * p.S * p.D == 0) return ffi::Error::Success();
   backward(p, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(),
            dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data());
@@ -487,7 +503,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionForward, Forward,
                                   .Attr<bool>("is_causal")
                                   .Attr<int64_t>("window_left")
                                   .Attr<int64_t>("window_right")
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_k"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionBackward, Backward,
                               ffi::Ffi::Bind()
@@ -503,4 +521,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionBackward, Backward,
                                   .Attr<bool>("is_causal")
                                   .Attr<int64_t>("window_left")
                                   .Attr<int64_t>("window_right")
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_k"));
