@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -92,6 +93,8 @@ def build(cxx: str | None = None) -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"zoo: compiling {SOURCE.name} with {cxx} (once per machine, ~5 s) into {out.parent}",
+          file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # then an atomic rename: parallel
     os.close(fd)                                              # builds (test workers) cannot clash
     try:
