@@ -596,3 +596,13 @@ def test_native_block_sizes_match_numpy(native_kernel, blocks):
     got = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * w), (0, 1, 2))(q, k, v)
     for g, r in zip(got, _grads("reference", q, k, v, kw)):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_native_with_no_keys_gives_zeros_and_zero_gradients(native_kernel):
+    q, k, v = _inputs(B=2, T=5, S=7, N=2, K=1, D=16)
+    k, v = k[:, :0], v[:, :0]
+    f = lambda q, k, v: jnp.sum(A.dot_product_attention(q, k, v, implementation="native") ** 2 + q)
+    out = A.dot_product_attention(q, k, v, implementation="native")
+    dq, dk, dv = jax.grad(f, (0, 1, 2))(q, k, v)
+    assert not np.asarray(out).any() and dk.shape == k.shape and dv.shape == v.shape
+    np.testing.assert_array_equal(dq, np.ones(q.shape, np.float32))  # only the "+ q" term

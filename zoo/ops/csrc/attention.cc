@@ -30,6 +30,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -232,7 +233,10 @@ void parallel_for(int64_t n, Body body) {
     for (int64_t i; (i = next.fetch_add(1)) < n;) body(i, worker);
   };
   std::vector<std::thread> threads;
-  for (int w = 1; w < nt; ++w) threads.emplace_back(work, w);
+  try {
+    for (int w = 1; w < nt; ++w) threads.emplace_back(work, w);
+  } catch (const std::system_error&) {  // no more threads to be had: fewer do the work
+  }
   work(0);
   for (auto& t : threads) t.join();
 }
@@ -485,7 +489,11 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
                     int64_t block_q, int64_t block_k) {
   Problem p;
   if (ffi::Error e = problem(q, k, v, causal, wl, wr, scale, block_q, block_k, p); !e.success()) return e;
-  if (p.B * p.K * p.S * p.D == 0) return ffi::Error::Success();
+  if (p.S == 0) {  // no keys: every output is zero (dk, dv are empty)
+    std::fill(dq->typed_data(), dq->typed_data() + p.B * p.T * p.N * p.D, 0.0f);
+    return ffi::Error::Success();
+  }
+  if (p.B * p.K * p.D == 0) return ffi::Error::Success();
   backward(p, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(),
            dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data());
   return ffi::Error::Success();
