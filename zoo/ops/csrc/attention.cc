@@ -169,8 +169,9 @@ void gemm(int64_t m, int64_t n, int64_t kd, const float* a, int64_t sai, int64_t
           const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate,
           const float* rs = nullptr) {
   const int64_t wide = n / (NV * VW) * (NV * VW);
-  for (int64_t k0 = 0; k0 < kd || k0 == 0; k0 += KC) {
-    const int64_t kc = std::min(KC, kd - k0);
+  const int64_t chunks = std::max<int64_t>(1, (kd + KC - 1) / KC);  // kd = 0: c = 0, or rs * c
+  for (int64_t k0 = 0; k0 < chunks * KC; k0 += KC) {
+    const int64_t kc = std::max<int64_t>(0, std::min(KC, kd - k0));
     const bool acc = accumulate || k0 > 0;
     const float* rk = k0 == 0 ? rs : nullptr;  // rows scaled once, before the first chunk
     const float* ak = a + k0 * sak;
@@ -190,7 +191,6 @@ void gemm(int64_t m, int64_t n, int64_t kd, const float* a, int64_t sai, int64_t
         }
       }
     }
-    if (kd <= 0) break;
   }
 }
 
