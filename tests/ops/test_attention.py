@@ -32,6 +32,7 @@ def np_attention(q, k, v, bias=None, mask=None, is_causal=False, window=None, sc
     S, K = k.shape[1], k.shape[2]
     scale = 1 / np.sqrt(D) if scale is None else scale
     out = np.zeros((B, T, N, D))
+    mask = None if mask is None else np.broadcast_to(mask, (B, N, T, S))
     for b in range(B):
         for n in range(N):
             kv = n // (N // K)
@@ -42,7 +43,7 @@ def np_attention(q, k, v, bias=None, mask=None, is_causal=False, window=None, sc
                 keys = [s for s in range(S)
                         if (not is_causal or s <= t)
                         and (window is None or t - window[0] <= s <= t + window[1])
-                        and (mask is None or np.broadcast_to(mask, (B, N, T, S))[b, n, t, s])]
+                        and (mask is None or mask[b, n, t, s])]
                 if keys:
                     w = np.exp(logits[t, keys] - logits[t, keys].max())
                     out[b, t, n] = (w / w.sum()) @ v[b, keys, kv]
@@ -458,7 +459,7 @@ def _native_case(name, D=16):
     return q, k, v, make(q.shape[0], q.shape[1], k.shape[1], q.shape[2])
 
 
-@pytest.mark.parametrize("name", NO_BIAS_OR_MASK)
+@pytest.mark.parametrize("name", [n for n in CASES if "bias" not in CASES[n][1](2, 6, 6, 4)])
 def test_native_matches_numpy_and_reference_gradients(native_kernel, name):
     q, k, v, kw = _native_case(name)
     got = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, implementation="native", **kw))(q, k, v)
@@ -468,10 +469,12 @@ def test_native_matches_numpy_and_reference_gradients(native_kernel, name):
 
 
 @pytest.mark.parametrize("kw", [dict(is_causal=True), dict(window=(150, 40)), dict(is_causal=True, window=(90, 0)),
-                                dict()])
+                                dict(), dict(is_causal=True, mask=_key_padding(2, 613, [613, 300])),
+                                dict(mask=np.random.default_rng(7).random((1, 4, 1, 613)) > 0.3)])
 def test_native_long_sequences_match_numpy(native_kernel, kw):
     """Several key tiles (512 keys) and query tasks (128 rows), S not a multiple of the 32-key
-    alignment, T != S, grouped heads (their rows share a tile), rows with no key (window, T > S)."""
+    alignment, T != S, grouped heads (their rows share a tile), rows with no key (window, T > S),
+    a key padding mask, and a random per-head key mask broadcast over the batch and queries."""
     q, k, v = _inputs(B=2, T=700, S=613, N=4, K=2, D=32, seed=5)
     got = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, implementation="native", **kw))(q, k, v)
     np.testing.assert_allclose(got, np_attention(q, k, v, **kw), rtol=1e-5, atol=1e-5)
@@ -520,18 +523,15 @@ def test_cpu_auto_picks_native_where_it_applies(native_kernel):
     q = jnp.zeros((1, 64, 2, 32))
     assert A._auto(q, q, None, None, True, None) == "native"
     assert A._auto(q, q, jnp.zeros((64, 64)), None, True, None) != "native"
+    assert A._auto(q, q, None, jnp.ones((1, 1, 1, 64), bool), True, None) == "native"
     assert A._auto(q[..., :24], q[..., :24], None, None, True, None) != "native"  # head dim 24
     assert A._auto(q[:, :32], q[:, :32], None, None, True, None) != "native"  # 32 x 32 logits
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(bias=jnp.zeros((5, 7))), r"native.*not bias or mask"),
-    (dict(mask=jnp.ones((5, 7), bool)), r"native.*a mask"),
-])
-def test_native_refuses_what_it_does_not_do(kw, match):
+def test_native_refuses_what_it_does_not_do():
     q, k, v = _inputs(T=5, S=7, D=16)
-    with pytest.raises(ValueError, match=match):
-        A.dot_product_attention(q, k, v, implementation="native", **kw)
+    with pytest.raises(ValueError, match=r"native.*not a bias.*a bias"):
+        A.dot_product_attention(q, k, v, implementation="native", bias=jnp.zeros((5, 7)))
     q, k, v = _inputs(T=5, S=7, D=8)
     with pytest.raises(ValueError, match="head dim 8"):
         A.dot_product_attention(q, k, v, implementation="native")
@@ -566,7 +566,9 @@ def test_native_runs_per_device_under_a_mesh_and_pmap(native_kernel):
 
     q, k, v = _inputs(B=8, T=64, S=64, N=4, K=2, D=16, seed=4)
     w = jnp.asarray(np.random.default_rng(5).normal(size=q.shape), jnp.float32)
-    loss = lambda q, k, v: jnp.sum(A.dot_product_attention(q, k, v, is_causal=True, implementation="native") * w)
+    mask = jnp.asarray(_key_padding(8, 64, [64, 10, 33, 64, 1, 50, 64, 64]))  # sharded with the batch
+    loss = lambda q, k, v: jnp.sum(A.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                                           implementation="native") * w)
     want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
     for mesh, spec in ((Mesh(np.array(jax.devices()), ("data",)), P("data")),
                        (Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp")), P(("data", "fsdp")))):

@@ -23,7 +23,7 @@ n // (N // K)). Implementations, all giving the same values and gradients:
   "native"     FlashAttention forward and backward in C++ for the CPU (zoo/ops/csrc/attention.cc,
                called through jax.ffi; zoo.ops.native compiles it on first use): each tile of
                logits makes one trip through the core's cache, where XLA writes every op's tile to
-               memory and reads it back. No bias or mask, head dims a multiple of 16; computes in
+               memory and reads it back. Masks, not bias; head dims a multiple of 16; computes in
                float32. Where no C++ compiler is found, auto falls back to the XLA paths.
 
 Conventions shared by every implementation:
@@ -656,33 +656,36 @@ def _blocked(q, k, v, is_causal, window, scale, q_block_size=None, block_size=No
 # FlashAttention in C++ (zoo/ops/csrc/attention.cc, through jax.ffi; zoo.ops.native builds it on
 # first use): one pass over each tile of logits in the core's cache, exp, row max and sum fused
 # with it, where XLA's CPU runtime writes each op's tile to memory and reads it back. Float32 (other
-# dtypes are computed in float32), head dims a multiple of 16, no bias or mask.
+# dtypes are computed in float32), head dims a multiple of 16, masks but no bias.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _native_attention(q, k, v, mask_kw, blocks):
-    return _native_fwd(q, k, v, mask_kw, blocks)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _native_attention(q, k, v, mask, mask_kw, blocks):
+    return _native_fwd(q, k, v, mask, mask_kw, blocks)[0]
 
 
-# mask_kw: ((name, value), ...) of is_causal, window and scale; blocks: (forward rows, backward
-# rows, keys per tile), hashable since both are static
-def _native_fwd(q, k, v, mask_kw, blocks):
-    o, lse = native.attention_forward(q, k, v, **dict(mask_kw), block_q=blocks[0], block_k=blocks[2])
-    return o, (q, k, v, o, lse)
+# mask: bool [B|1, N|1, T|1, S|1] or None; mask_kw: ((name, value), ...) of is_causal, window and
+# scale; blocks: (forward rows, backward rows, keys per tile), hashable since both are static
+def _native_fwd(q, k, v, mask, mask_kw, blocks):
+    o, lse = native.attention_forward(q, k, v, mask, **dict(mask_kw), block_q=blocks[0], block_k=blocks[2])
+    return o, (q, k, v, mask, o, lse)
 
 
 def _native_bwd(mask_kw, blocks, res, do):
-    return native.attention_backward(*res, do, **dict(mask_kw), block_q=blocks[1], block_k=blocks[2])
+    q, k, v, mask, o, lse = res
+    grads = native.attention_backward(q, k, v, o, lse, do, mask, **dict(mask_kw), block_q=blocks[1],
+                                      block_k=blocks[2])
+    return (*grads, None)  # the mask has no gradient
 
 
 _native_attention.defvjp(_native_fwd, _native_bwd)
 
 
-def _native_applies(q, bias, mask) -> bool:
-    return bias is None and mask is None and q.shape[-1] % native.HEAD_DIM_MULTIPLE == 0
+def _native_applies(q, bias) -> bool:
+    return bias is None and q.shape[-1] % native.HEAD_DIM_MULTIPLE == 0
 
 
-def _native(q, k, v, is_causal, window, scale, q_block_size=None, block_size=None):
+def _native(q, k, v, mask, is_causal, window, scale, q_block_size=None, block_size=None):
     """q_block_size: query positions per forward task and backward step (default: the kernel's
     measured rows); block_size: keys per tile."""
     if not isinstance(scale, (int, float)):  # a traced scale: into q, where autodiff sees it
@@ -692,7 +695,7 @@ def _native(q, k, v, is_causal, window, scale, q_block_size=None, block_size=Non
     blocks = (*rows, block_size or native.KEY_BLOCK)
     mask_kw = (("is_causal", bool(is_causal)), ("window", window), ("scale", float(scale)))
     f32 = jnp.float32
-    o = _native_attention(q.astype(f32), k.astype(f32), v.astype(f32), mask_kw, blocks)
+    o = _native_attention(q.astype(f32), k.astype(f32), v.astype(f32), mask, mask_kw, blocks)
     return o.astype(q.dtype)
 
 
@@ -702,10 +705,12 @@ def _native(q, k, v, is_causal, window, scale, q_block_size=None, block_size=Non
 CPU_BLOCKS = (128, 1024)  # auto on CPU: (query block, key block) of "chunked"
 CPU_NARROW_HEAD = 16      # auto on CPU: heads this narrow, unmasked, go one example at a time
 CPU_NARROW_LOGITS = 2**22  # ... when one example's [N, T, S] float32 logits fit in 16 MiB
-# auto on CPU: "native" (no bias or mask, head dim a multiple of 16) from this many logits per
+# auto on CPU: "native" (no bias, head dim a multiple of 16) from this many logits per
 # head. fwd / fwd+bwd vs "xla" on 2 cores (benchmarks/results/README.md): B32 T64 N4 D32 causal
 # 1.4 / 3.2 ms vs 2.1 / 4.8; B8 T256 N4 D64 causal 3.9 / 9.2 vs 11.8 / 25.4; B64 T16 N4 D16
-# 0.81 / 1.46 vs 0.64 / 1.59 (the threads' start-up outweighs 16 x 16 tiles)
+# 0.81 / 1.46 vs 0.64 / 1.59 (the threads' start-up outweighs 16 x 16 tiles). With a key padding
+# mask, vs "chunked" with query blocks (auto's choice for masks before): B16 T128 N4 D64 4.8 / 10.9
+# vs 8.5 / 29.9 ms, B8 T512 N8 D64 40 / 116 vs 138 / 409.
 CPU_NATIVE_MIN_LOGITS = 64 * 64
 
 
@@ -740,7 +745,7 @@ def _auto(q, k, bias, mask, is_causal, window):
         return "cudnn"
     B, T, N, _ = q.shape
     S = k.shape[1]
-    if (jax.default_backend() == "cpu" and T * S >= CPU_NATIVE_MIN_LOGITS and _native_applies(q, bias, mask)
+    if (jax.default_backend() == "cpu" and T * S >= CPU_NATIVE_MIN_LOGITS and _native_applies(q, bias)
             and native.available()):
         return "native"
     # On CPU, XLA runs each op of "xla" over the whole [B, N, T, S] logits: the matmul writes them
@@ -764,7 +769,7 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
     mask[:, None, None, :]). bias: additive, broadcastable to [B, N, T, S]. window: (left, right)
     or an int for both. scale defaults to 1/sqrt(D). implementation: one of IMPLEMENTATIONS or None
     (auto: cuDNN on GPU for fp16/bf16; on CPU "native", a C++ FlashAttention kernel built on first
-    use (zoo.ops.native), without bias or mask for head dims that are a multiple of 16 and T * S >=
+    use (zoo.ops.native), without a bias, for head dims that are a multiple of 16 and T * S >=
     4096; else one example at a time for unmasked heads of D <= 16, and when T, S >= 256 "blocked"
     (no bias or mask) or "chunked" with query blocks; else "xla", or "chunked" when the
     [B, N, T, S] float32 logits would pass 1 GiB). block_size: keys per
@@ -794,15 +799,14 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
         sizes = (q_block_size, block_size) if implementation else (None, None)  # auto: measured sizes
         return _blocked(q, k, v, is_causal, window, scale, *sizes)
     if impl == "native":
-        if not _native_applies(q, bias, mask):
-            raise ValueError(f'implementation "native" takes is_causal and window only, not bias or mask, '
-                             f'and a head dim that is a multiple of {native.HEAD_DIM_MULTIPLE}; got head '
-                             f'dim {q.shape[-1]}{", a bias" if bias is not None else ""}'
-                             f'{", a mask" if mask is not None else ""}; use None (auto) for those')
+        if not _native_applies(q, bias):
+            raise ValueError(f'implementation "native" takes a mask, is_causal and window, not a bias, and '
+                             f'a head dim that is a multiple of {native.HEAD_DIM_MULTIPLE}; got head dim '
+                             f'{q.shape[-1]}{", a bias" if bias is not None else ""}; use None (auto) for those')
         if not native.available():
             raise RuntimeError(f'implementation "native" is not available here: {native.unavailable_reason()}')
         sizes = (q_block_size, block_size) if implementation else (None, None)  # auto: measured sizes
-        return _native(q, k, v, is_causal, window, scale, *sizes)
+        return _native(q, k, v, mask, is_causal, window, scale, *sizes)
     if impl == "reference":
         return _reference(q, k, v, bias, mask, is_causal, window, scale)
     if impl == "chunked":

@@ -10,7 +10,8 @@ to XLA code. ZOO_NATIVE=0 turns the kernels off. ZOO_NUM_THREADS caps their thre
 CPUs this process may run on).
 
 Kernels: `attention_forward` / `attention_backward`, FlashAttention in float32 (see
-csrc/attention.cc): q [B, T, N, D], k, v [B, S, K, D], the head dim a multiple of 16.
+csrc/attention.cc): q [B, T, N, D], k, v [B, S, K, D], the head dim a multiple of 16; causal,
+window and boolean masks.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ FORWARD_ROWS = 128
 BACKWARD_ROWS = 128
 KEY_BLOCK = 512
 KEY_ALIGN = 32  # tiles start and end on multiples of this many keys (COL_ALIGN in the source)
-N_STATICS = 5   # is_causal, window, scale, block_q, block_k
+N_STATICS = 6   # is_causal, window, scale, block_q, block_k, has_mask
 TARGETS = {"zoo_attention_forward": "ZooAttentionForward",
            "zoo_attention_backward": "ZooAttentionBackward"}
 
@@ -141,10 +142,11 @@ def unavailable_reason() -> str | None:
     return None if available() else _state.get("error")
 
 
-def _attrs(is_causal, window, scale, block_q, block_k):
+def _attrs(is_causal, window, scale, block_q, block_k, has_mask):
     left, right = window if window is not None else (-1, -1)
     return dict(is_causal=bool(is_causal), window_left=np.int64(left), window_right=np.int64(right),
-                scale=np.float32(scale), block_q=np.int64(block_q), block_k=np.int64(block_k))
+                scale=np.float32(scale), block_q=np.int64(block_q), block_k=np.int64(block_k),
+                has_mask=bool(has_mask))
 
 
 def _by_batch(fn, n_arrays, rule):
@@ -176,22 +178,23 @@ def _by_batch(fn, n_arrays, rule):
     return cp
 
 
-def _forward(q, k, v, *statics):
+def _forward(q, k, v, mask, *statics):
     (B, T, N, _), K = q.shape, k.shape[2]
     out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, K, T, N // K), jnp.float32))
     call = jax.ffi.ffi_call("zoo_attention_forward", out, vmap_method="sequential")
-    return call(q, k, v, **_attrs(*statics))
+    return call(q, k, v, mask, **_attrs(*statics))
 
 
-def _backward(q, k, v, o, lse, do, *statics):
+def _backward(q, k, v, mask, o, lse, do, *statics):
     out = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
     call = jax.ffi.ffi_call("zoo_attention_backward", out, vmap_method="sequential")
-    return call(q, k, v, o, lse, do, **_attrs(*statics))
+    return call(q, k, v, mask, o, lse, do, **_attrs(*statics))
 
 
 _QKV = "b t n d, b s k d, b s k d"
-_forward_by_batch = _by_batch(_forward, 3, f"{_QKV} -> b t n d, b k t g")
-_backward_by_batch = _by_batch(_backward, 6, f"{_QKV}, b t n d, b k t g, b t n d -> {_QKV}")
+_MASK = "b x y z"  # [B, N|1, T|1, S|1]: factors of its own (1 or the full size)
+_forward_by_batch = _by_batch(_forward, 4, f"{_QKV}, {_MASK} -> b t n d, b k t g")
+_backward_by_batch = _by_batch(_backward, 7, f"{_QKV}, {_MASK}, b t n d, b k t g, b t n d -> {_QKV}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -213,28 +216,39 @@ def _call(kind, statics):
     return call
 
 
-def _statics(is_causal, window, scale, block_q, block_k):
+def _mask(q, mask):
+    """The kernel's mask operand: [B, N|1, T|1, S|1] bool (an all-True [B, 1, 1, 1] for none)."""
+    B = q.shape[0]
+    if mask is None:
+        return jnp.ones((B, 1, 1, 1), bool)
+    return jnp.broadcast_to(jnp.asarray(mask, bool), (B,) + tuple(mask.shape[1:]))
+
+
+def _statics(is_causal, window, scale, block_q, block_k, has_mask):
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_q and block_k must be positive; got {block_q}, {block_k}")
     window = None if window is None else (int(window[0]), int(window[1]))
     block_k = -(-int(block_k) // KEY_ALIGN) * KEY_ALIGN
-    return bool(is_causal), window, float(scale), int(block_q), block_k
+    return bool(is_causal), window, float(scale), int(block_q), block_k, bool(has_mask)
 
 
-def attention_forward(q, k, v, *, is_causal=False, window=None, scale=1.0, block_q=FORWARD_ROWS,
-                      block_k=KEY_BLOCK):
+def attention_forward(q, k, v, mask=None, *, is_causal=False, window=None, scale=1.0,
+                      block_q=FORWARD_ROWS, block_k=KEY_BLOCK):
     """(o [B, T, N, D], lse [B, K, T, G]) for float32 q [B, T, N, D], k, v [B, S, K, D]: o the
     attention output (logits q k^T * scale), lse each query row's logsumexp (+inf: no visible key).
+    mask: bool [B|1, N|1, T|1, S|1], True = attend (4D; jnp broadcasting rules), or None.
     Partitioned over the batch axis under jit over a mesh; vmap folds into the batch axis.
     block_q: query rows (positions x grouped heads) per task; block_k: keys per tile (rounded up
     to a multiple of KEY_ALIGN)."""
     load()
-    return _call("forward", _statics(is_causal, window, scale, block_q, block_k))(q, k, v)
+    statics = _statics(is_causal, window, scale, block_q, block_k, mask is not None)
+    return _call("forward", statics)(q, k, v, _mask(q, mask))
 
 
-def attention_backward(q, k, v, o, lse, do, *, is_causal=False, window=None, scale=1.0,
+def attention_backward(q, k, v, o, lse, do, mask=None, *, is_causal=False, window=None, scale=1.0,
                        block_q=BACKWARD_ROWS, block_k=KEY_BLOCK):
     """(dq, dk, dv) of attention_forward's o, given its lse and the output's cotangent do;
     block_q: query rows per step of a (batch, kv head) task."""
     load()
-    return _call("backward", _statics(is_causal, window, scale, block_q, block_k))(q, k, v, o, lse, do)
+    statics = _statics(is_causal, window, scale, block_q, block_k, mask is not None)
+    return _call("backward", statics)(q, k, v, _mask(q, mask), o, lse, do)

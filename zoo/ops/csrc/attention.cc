@@ -5,7 +5,8 @@
 // q [B, T, N, D], k and v [B, S, K, D] (N % K == 0, G = N / K query heads per kv head),
 // o [B, T, N, D], lse [B, K, T, G] (the logsumexp of each query row over its visible keys,
 // +inf where it sees none). Key j is visible from query position t when
-// t - window_left <= j <= t + window_right (a negative bound is open), j <= t if causal, j < S.
+// t - window_left <= j <= t + window_right (a negative bound is open), j <= t if causal, j < S,
+// and, with has_mask, mask[b, n, t, j] (bool [B, N|1, T|1, S|1], read with its broadcast strides).
 //
 // Work is split into tasks that own their outputs, run by a few std::threads per call:
 // forward, one task per (batch, kv head, block of query positions), its G heads' rows
@@ -249,6 +250,8 @@ struct Problem {
   int64_t rows;      // query rows (positions x G, about) per forward task / backward step
   int64_t kv_block;  // keys per tile, a multiple of COL_ALIGN
   int64_t Sp;      // S rounded up to COL_ALIGN
+  const bool* mask = nullptr;  // [B, N|1, T|1, S|1], True = attend; null: none
+  int64_t msb = 0, msn = 0, mst = 0, mss = 0;  // its strides (0 along a broadcast axis)
   int64_t ldt;     // row stride of k^T and v^T packs: Sp + 16, an odd number of 64-byte lines, so
                    // a tile's rows do not all fall in a few L1 sets (1.5x on q k^T at S4096)
 
@@ -275,20 +278,25 @@ void for_key_tiles(const Problem& p, int64_t t0, int64_t t1, Fn fn) {
   for (int64_t k0 = first / COL_ALIGN * COL_ALIGN; k0 <= last; k0 += p.kv_block) {
     const int64_t end = std::min(k0 + p.kv_block, last + 1);
     const int64_t w = (end - k0 + COL_ALIGN - 1) / COL_ALIGN * COL_ALIGN;
-    const bool whole = p.lo(t1 - 1) <= k0 && k0 + w - 1 <= p.hi(t0);
+    const bool whole = p.lo(t1 - 1) <= k0 && k0 + w - 1 <= p.hi(t0) && !p.mask;
     fn(k0, w, !whole);
   }
 }
 
-// -inf where row r (position t0 + r / G) does not see key k0 + j.
-void mask_tile(const Problem& p, float* s, int64_t rows, int64_t t0, int64_t k0, int64_t w) {
+// -inf where row r (position t0 + r / G, head h * G + r % G of batch b) does not see key k0 + j.
+void mask_tile(const Problem& p, float* s, int64_t rows, int64_t b, int64_t h, int64_t t0, int64_t k0,
+               int64_t w) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = t0 + r / p.G;
-    const int64_t a = std::clamp<int64_t>(p.lo(t) - k0, 0, w);
-    const int64_t b = std::clamp<int64_t>(p.hi(t) + 1 - k0, a, w);
+    const int64_t lo = std::clamp<int64_t>(p.lo(t) - k0, 0, w);
+    const int64_t hi = std::clamp<int64_t>(p.hi(t) + 1 - k0, lo, w);
     float* sr = s + r * w;
-    std::fill(sr, sr + a, NEG_INF);
-    std::fill(sr + b, sr + w, NEG_INF);
+    std::fill(sr, sr + lo, NEG_INF);
+    std::fill(sr + hi, sr + w, NEG_INF);
+    if (p.mask) {
+      const bool* m = p.mask + b * p.msb + (h * p.G + r % p.G) * p.msn + t * p.mst + k0 * p.mss;
+      for (int64_t j = lo; j < hi; ++j) sr[j] = m[j * p.mss] ? sr[j] : NEG_INF;
+    }
   }
 }
 
@@ -344,7 +352,7 @@ void forward(const Problem& p, const float* q, const float* k, const float* v, f
     const float* kTh = kT.data() + bh * p.D * p.ldt;
     for_key_tiles(p, t0, t1, [&](int64_t k0, int64_t w, bool masked) {
       gemm_keys(rows, w, p.D, qb, p.D, 1, kTh + k0, p.ldt, s, w);
-      if (masked) mask_tile(p, s, rows, t0, k0, w);
+      if (masked) mask_tile(p, s, rows, b, h, t0, k0, w);
       for (int64_t r = 0; r < rows; ++r) {
         float* sr = s + r * w;
         vf mx = splat(NEG_INF);
@@ -416,7 +424,7 @@ void backward(const Problem& p, const float* q, const float* k, const float* v, 
       std::fill(dqb, dqb + rows * p.D, 0.0f);
       for_key_tiles(p, t0, t1, [&](int64_t k0, int64_t w, bool masked) {
         gemm_keys(rows, w, p.D, qb, p.D, 1, kT + k0, p.ldt, s, w);  // s = q k^T
-        if (masked) mask_tile(p, s, rows, t0, k0, w);
+        if (masked) mask_tile(p, s, rows, b, h, t0, k0, w);
         for (int64_t r = 0; r < rows; ++r) {  // p = exp(s - lse)
           const vf lv = splat(lb[r]);
           for (int64_t j = 0; j < w; j += VW) store(s + r * w + j, vexp(load(s + r * w + j) - lv));
@@ -450,8 +458,8 @@ void backward(const Problem& p, const float* q, const float* k, const float* v, 
 }
 
 ffi::Error problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
-                   bool causal, int64_t wl, int64_t wr, float scale, int64_t rows, int64_t kv_block,
-                   Problem& p) {
+                   ffi::Buffer<ffi::PRED>& mask, bool has_mask, bool causal, int64_t wl, int64_t wr,
+                   float scale, int64_t rows, int64_t kv_block, Problem& p) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return ffi::Error::InvalidArgument("zoo attention: q, k, v must have rank 4");
@@ -467,28 +475,45 @@ ffi::Error problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buff
     return ffi::Error::InvalidArgument("zoo attention: block_q must be >= 1 and block_k a positive "
                                        "multiple of " + std::to_string(COL_ALIGN));
   p.G = p.N / p.K;
+  if (has_mask) {
+    auto md = mask.dimensions();
+    const int64_t full[4] = {p.B, p.N, p.T, p.S};
+    if (md.size() != 4) return ffi::Error::InvalidArgument("zoo attention: the mask must have rank 4");
+    for (int i = 0; i < 4; ++i)
+      if (md[i] != full[i] && !(md[i] == 1 && i > 0))
+        return ffi::Error::InvalidArgument("zoo attention: the mask must be [B, N|1, T|1, S|1]");
+    p.mask = mask.typed_data();
+    p.mss = md[3] == 1 ? 0 : 1;
+    p.mst = md[2] == 1 ? 0 : md[3];
+    p.msn = md[1] == 1 ? 0 : md[2] * md[3];
+    p.msb = md[1] * md[2] * md[3];
+  }
   p.Sp = (p.S + COL_ALIGN - 1) / COL_ALIGN * COL_ALIGN;
   p.ldt = p.Sp + 16;
   return ffi::Error::Success();
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse, bool causal,
-                   int64_t wl, int64_t wr, float scale, int64_t block_q, int64_t block_k) {
+                   ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse, bool causal,
+                   int64_t wl, int64_t wr, float scale, int64_t block_q, int64_t block_k, bool has_mask) {
   Problem p;
-  if (ffi::Error e = problem(q, k, v, causal, wl, wr, scale, block_q, block_k, p); !e.success()) return e;
+  if (ffi::Error e = problem(q, k, v, mask, has_mask, causal, wl, wr, scale, block_q, block_k, p);
+      !e.success())
+    return e;
   if (p.B * p.T * p.N == 0) return ffi::Error::Success();
   forward(p, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(), lse->typed_data());
   return ffi::Error::Success();
 }
 
 ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                    ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv, bool causal, int64_t wl, int64_t wr, float scale,
-                    int64_t block_q, int64_t block_k) {
+                    int64_t block_q, int64_t block_k, bool has_mask) {
   Problem p;
-  if (ffi::Error e = problem(q, k, v, causal, wl, wr, scale, block_q, block_k, p); !e.success()) return e;
+  if (ffi::Error e = problem(q, k, v, mask, has_mask, causal, wl, wr, scale, block_q, block_k, p);
+      !e.success())
+    return e;
   if (p.S == 0) {  // no keys: every output is zero (dk, dv are empty)
     std::fill(dq->typed_data(), dq->typed_data() + p.B * p.T * p.N * p.D, 0.0f);
     return ffi::Error::Success();
@@ -506,6 +531,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionForward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("is_causal")
@@ -513,13 +539,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionForward, Forward,
                                   .Attr<int64_t>("window_right")
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_k"));
+                                  .Attr<int64_t>("block_k")
+                                  .Attr<bool>("has_mask"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -531,4 +559,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionBackward, Backward,
                                   .Attr<int64_t>("window_right")
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_k"));
+                                  .Attr<int64_t>("block_k")
+                                  .Attr<bool>("has_mask"));
