@@ -33,6 +33,7 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -524,40 +525,37 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// Both handlers' inputs start with q, k, v and the mask, and they share their attributes (the
+// binding's methods take it as an rvalue).
+using F32 = ffi::Buffer<ffi::F32>;
+
+template <class Binding>
+auto with_qkv_mask(Binding binding) {
+  return std::move(binding).template Arg<F32>().template Arg<F32>().template Arg<F32>()
+      .template Arg<ffi::Buffer<ffi::PRED>>();
+}
+
+template <class Binding>
+auto with_attrs(Binding binding) {
+  return std::move(binding).template Attr<bool>("is_causal")
+      .template Attr<int64_t>("window_left")
+      .template Attr<int64_t>("window_right")
+      .template Attr<float>("scale")
+      .template Attr<int64_t>("block_q")
+      .template Attr<int64_t>("block_k")
+      .template Attr<bool>("has_mask");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("is_causal")
-                                  .Attr<int64_t>("window_left")
-                                  .Attr<int64_t>("window_right")
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_k")
-                                  .Attr<bool>("has_mask"));
+                              with_attrs(with_qkv_mask(ffi::Ffi::Bind()).Ret<F32>().Ret<F32>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("is_causal")
-                                  .Attr<int64_t>("window_left")
-                                  .Attr<int64_t>("window_right")
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_k")
-                                  .Attr<bool>("has_mask"));
+                              with_attrs(with_qkv_mask(ffi::Ffi::Bind())
+                                             .Arg<F32>()  // o
+                                             .Arg<F32>()  // lse
+                                             .Arg<F32>()  // do
+                                             .Ret<F32>()
+                                             .Ret<F32>()
+                                             .Ret<F32>()));
