@@ -33,7 +33,7 @@ def test_sklearn_peer_matches_numpy_peer():
 
 
 def test_rows_are_well_formed():
-    impls = ("zoo-f32", "zoo-f32-threefry", "zoo-bf16", "matmul-ceiling", "numpy", "sklearn-BernoulliRBM.gibbs")
+    impls = ("zoo-f32", "zoo-f32-xla", "zoo-f32-threefry", "zoo-bf16", "matmul-ceiling", "numpy", "sklearn-BernoulliRBM.gibbs")
     rows = bench.bench_case(8, 6, 16, 3, impls + ("torch-eager",), rounds=2)
     assert [r["impl"] for r in rows][:len(impls)] == list(impls)  # torch-eager only when installed
     for r in rows:

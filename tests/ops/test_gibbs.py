@@ -256,3 +256,132 @@ def test_bad_shapes_and_args():
         gibbs.grbm_free_energy(dict(p, log_sigma=jnp.zeros(4)), jnp.zeros((2, 5)))
     with pytest.raises(ValueError, match="not both"):
         gibbs.ais_log_partition(key, p, 4, 4, base_visible_bias=jnp.zeros(5), data_mean=jnp.zeros(5))
+
+
+# ------------------------------------------------------------------------------------ native (C++)
+
+from zoo.ops import native  # noqa: E402
+
+
+def _methods():
+    """The kernel's GEMMs this machine runs: float32 FMA always, AMX bf16x3 where there is AMX."""
+    if not native.available():
+        return []
+    v0 = jnp.zeros((1, 3))
+    try:
+        gibbs._native_chain(jax.random.PRNGKey(0), rbm(3, 2), v0, 1, False, method="amx").block_until_ready()
+        return ["fma", "amx"]
+    except Exception:  # noqa: BLE001 -- no AMX on this CPU / OS / build
+        return ["fma"]
+
+
+METHODS = _methods()
+
+
+@pytest.fixture(params=METHODS or [pytest.param("none", marks=pytest.mark.skip(reason="no native kernels"))])
+def method(request):
+    return request.param
+
+
+def _binary(B, V, seed=1, p=0.5):
+    return jnp.asarray((np.random.default_rng(seed).random((B, V)) < p).astype(np.float32))
+
+
+def _same_rows(a, b):
+    return float(np.mean(np.all(np.asarray(a) == np.asarray(b), axis=-1)))
+
+
+@pytest.mark.parametrize("V, H, B, K, rows", [(784, 500, 70, 4, 32), (13, 7, 33, 5, 8), (64, 256, 300, 3, 128),
+                                              (1, 1, 3, 2, 1)])
+def test_native_chain_equals_the_xla_chain(method, V, H, B, K, rows):
+    """Same key, same uniforms: the C++ chain is the XLA chain, unit for unit (up to a
+    comparison float32 rounding decides differently, ~1e-7 per unit: whole rows must agree).
+    V, H not multiples of the vectors or tiles; B not of the tasks (block_rows) or AMX's 32 rows."""
+    p = rbm(V, H, 0.05 if V > 100 else 0.8, seed=3)
+    v0, key = _binary(B, V), jax.random.PRNGKey(4)
+    want_v, want_hist = gibbs.run_chain(key, p, v0, K, keep_history=True, implementation="xla")
+    got_v, got_hist = jax.jit(lambda p, v: gibbs._native_chain(key, p, v, K, True, method=method, block_rows=rows))(p, v0)
+    assert got_hist.shape == (K, B, V) and got_hist.dtype == jnp.float32
+    assert set(np.unique(np.asarray(got_hist))) <= {0.0, 1.0}
+    assert _same_rows(got_hist, want_hist) >= 0.98
+    np.testing.assert_array_equal(got_v, got_hist[-1])
+    last = jax.jit(lambda p, v: gibbs._native_chain(key, p, v, K, False, method=method, block_rows=rows))(p, v0)
+    np.testing.assert_array_equal(last, got_v)
+
+
+def test_native_chain_from_probabilities_nans_and_bf16_states(method):
+    """A start state that is not 0 / 1 (AMX: its first product in float32 FMA), a NaN weight
+    (its hidden unit's probability is NaN: never on, as in XLA), bf16 state in, bf16 out."""
+    p = rbm(40, 20, 0.5, seed=6)
+    key = jax.random.PRNGKey(1)
+    v0 = jnp.asarray(np.random.default_rng(2).random((50, 40)), jnp.float32)
+    want = gibbs.run_chain(key, p, v0, 3, implementation="xla")
+    assert _same_rows(gibbs._native_chain(key, p, v0, 3, False, method=method), want) >= 0.98
+    p_nan = dict(p, W=p["W"].at[5, 7].set(jnp.nan))
+    v1 = _binary(50, 40)
+    got_h = gibbs._native_chain(key, p_nan, v1, 1, False, method=method)
+    np.testing.assert_array_equal(got_h, gibbs.run_chain(key, p_nan, v1, 1, implementation="xla"))
+    out = gibbs.run_chain(key, p, v1.astype(jnp.bfloat16), 2, implementation="native")
+    assert out.dtype == jnp.bfloat16
+    assert _same_rows(out, gibbs.run_chain(key, p, v1, 2, implementation="xla")) >= 0.98
+
+
+def test_native_chain_long_run_matches_exact_distribution(method):
+    p = rbm(4, 3, 1.0, seed=11)
+    hist = gibbs._native_chain(jax.random.PRNGKey(0), p, jnp.zeros((4000, 4)), 60, True, method=method)[1]
+    codes = (np.asarray(hist[20:]).reshape(-1, 4) * (2 ** np.arange(3, -1, -1))).sum(1).astype(int)
+    emp = np.bincount(codes, minlength=16) / len(codes)
+    assert 0.5 * np.abs(emp - np_p_v(p)).sum() < 0.03
+
+
+def test_native_chain_under_a_mesh_vmap_and_grad(method):
+    """Chains sharded over 8 devices (each runs its own: the uniforms follow the global rows), a
+    vmap over keys (folded into the kernel's chains), and CD-k's gradient through it."""
+    if method != METHODS[-1]:
+        pytest.skip("the auto method only")
+    p = rbm(30, 20, 0.5, seed=7)
+    v0, key = _binary(64, 30), jax.random.PRNGKey(2)
+    want = gibbs.run_chain(key, p, v0, 4, implementation="xla")
+    mesh = jax.make_mesh((8,), ("data",))
+    sharded = jax.device_put(v0, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    f = jax.jit(lambda p, v: gibbs.run_chain(key, p, v, 4, implementation="native"))
+    got = f(p, sharded)
+    assert _same_rows(got, want) >= 0.98
+    assert got.sharding.spec[0] == "data"
+    assert "all-gather" not in f.lower(p, sharded).compile().as_text()
+    keys = jax.random.split(key, 3)
+    got = jax.vmap(lambda k: gibbs.run_chain(k, p, v0, 2, implementation="native"))(keys)
+    want = jnp.stack([gibbs.run_chain(k, p, v0, 2, implementation="xla") for k in keys])
+    assert _same_rows(got, want) >= 0.98
+    loss = lambda impl: jax.grad(lambda q: gibbs.cd_loss(q, key, v0, k=2, implementation=impl)[0])(p)
+    for g, r in zip(jax.tree.leaves(jax.jit(lambda: loss("native"))()), jax.tree.leaves(loss("xla"))):
+        np.testing.assert_allclose(g, r, atol=0.05)  # the same samples but for a rare flipped unit
+
+
+def test_native_chain_choice_and_errors():
+    p, key, v0 = rbm(5, 4), jax.random.PRNGKey(0), jnp.zeros((2, 5))
+    with pytest.raises(ValueError, match="unknown chain implementation 'fast'"):
+        gibbs.run_chain(key, p, v0, 2, implementation="fast")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        gibbs.run_chain(key, p, v0, 2, implementation="native", compute_dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="uniforms"):
+        gibbs.run_chain(key, p, v0, 2, implementation="native", uniforms="threefry")
+    applies = gibbs._chain_implementation
+    assert applies(None, p, v0, jnp.bfloat16, "hash") == "xla"
+    assert applies(None, p, v0, None, "threefry") == "xla"
+    if native.available():
+        assert applies(None, p, v0, None, "hash") == "native"
+        with pytest.raises(ValueError, match="method must be one of"):
+            native.gibbs_chain(v0, jnp.zeros((2, 1, 2, 2), jnp.uint32), jnp.arange(2, dtype=jnp.uint32),
+                               p["W"], p["b"], p["c"], method="avx")
+        with pytest.raises(ValueError, match="block_rows"):
+            gibbs._native_chain(key, p, v0, 1, False, block_rows=0)
+
+
+def test_native_chain_falls_back_without_a_compiler(monkeypatch):
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native, "unavailable_reason", lambda: "no C++ compiler found")
+    p, key, v0 = rbm(5, 4), jax.random.PRNGKey(0), jnp.zeros((2, 5))
+    assert gibbs._chain_implementation(None, p, v0, None, "hash") == "xla"
+    with pytest.raises(native.NativeUnavailable, match="no C\\+\\+ compiler"):
+        gibbs.run_chain(key, p, v0, 2, implementation="native")

@@ -1,15 +1,18 @@
 """Gibbs-chain throughput: chain-steps/s (batch x sweeps / s) of `zoo.ops.gibbs.run_chain`.
 
-Ours: the whole K-sweep chain is one jitted lax.scan. `zoo-f32`: f32 with the default hashed
-uniforms; `zoo-f32-threefry`: jax.random.uniform per half-sweep; `zoo-bf16`: bf16 matmuls with
-f32 accumulation (no native bf16 on AVX2 CPUs: slower there); on a GPU also `zoo-bf16-cublas`, the
+Ours: `zoo-f32`: f32 with the default hashed uniforms and the default implementation (on CPU the
+C++ kernel, zoo/ops/csrc/gibbs.cc: with Intel AMX its GEMMs are bf16x3, float32-accurate; else
+float32 FMA; on an accelerator one jitted lax.scan); `zoo-f32-xla` (CPU): the same chain as one
+jitted lax.scan, XLA's code; `zoo-f32-threefry`: jax.random.uniform per half-sweep (XLA);
+`zoo-bf16`: bf16 matmuls with f32 accumulation (XLA; no native bf16 on AVX2 CPUs: slower there); on a GPU also `zoo-bf16-cublas`, the
 same program compiled with XLA's GEMMs through cuBLAS only. Peers in the same process:
 scikit-learn's `BernoulliRBM.gibbs` called K times, a plain NumPy chain (matmul + uniform < p),
 PyTorch eager (matmul + bernoulli) when installed (on CUDA also in bf16: `torch-eager-bf16`;
 `torch-eager` is float32 with torch's default of no TF32, while JAX's default GPU precision for
 float32 matmuls may use TF32), and `matmul-ceiling`: the chain's two matmuls
 per sweep with only a `>= 0` threshold between them (binary inputs like the chain's, and no
-denormal decay), jitted as one lax.scan, in the same chain-steps/s (on an accelerator also
+denormal decay), jitted as one lax.scan (XLA's float32 GEMMs, which the C++ kernel's AMX GEMMs
+outrun), in the same chain-steps/s (on an accelerator also
 `matmul-ceiling-bf16`, bf16 operands with f32 accumulation like `zoo-bf16`).
 Implementations are timed in interleaved rounds (each round calls every implementation once, after
 a short pause that lets OpenBLAS's spinning threads go idle) so a drift in machine load hits all
@@ -32,9 +35,9 @@ from zoo.ops import gibbs
 
 QUICK = [(784, 500, 1024, 20), (64, 256, 4096, 50)]
 FULL = [(784, 500, 1024, 100), (784, 500, 16384, 100), (784, 4096, 16384, 100), (4096, 4096, 8192, 100)]
-IMPLS = ("zoo-f32", "zoo-f32-threefry", "zoo-bf16", "zoo-bf16-cublas", "matmul-ceiling", "matmul-ceiling-bf16",
+IMPLS = ("zoo-f32", "zoo-f32-xla", "zoo-f32-threefry", "zoo-bf16", "zoo-bf16-cublas", "matmul-ceiling", "matmul-ceiling-bf16",
          "numpy", "sklearn-BernoulliRBM.gibbs", "torch-eager", "torch-eager-bf16")
-CPU_ONLY = ("numpy", "sklearn-BernoulliRBM.gibbs")
+CPU_ONLY = ("numpy", "sklearn-BernoulliRBM.gibbs", "zoo-f32-xla")  # on an accelerator zoo-f32 is the XLA scan
 ACCELERATOR_ONLY = ("matmul-ceiling-bf16", "torch-eager-bf16", "zoo-bf16-cublas")  # bf16 is emulated (slow) on AVX2 CPUs
 PAUSE_S = 0.3
 
@@ -114,6 +117,7 @@ def _torch(params, v0, K, dtype="float32"):
 
 MAKERS = {
     "zoo-f32": lambda p, v0, K: _zoo(p, v0, K),
+    "zoo-f32-xla": lambda p, v0, K: _zoo(p, v0, K, implementation="xla"),
     "zoo-f32-threefry": lambda p, v0, K: _zoo(p, v0, K, uniforms="threefry"),
     "zoo-bf16": lambda p, v0, K: _zoo(p, v0, K, compute_dtype=jnp.bfloat16),
     # the same program with XLA's GEMMs through cuBLAS, not its Triton emitter (the option per

@@ -37,6 +37,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from zoo.ops import native
+
 MAX_ENUMERATED_UNITS = 24
 UNIFORMS = ("hash", "threefry")
 
@@ -147,14 +149,64 @@ def _chain(sweep, key, params, v0, num_steps: int, keep_history: bool, compute_d
     return (v, hist) if keep_history else v
 
 
+CHAIN_IMPLEMENTATIONS = ("xla", "native")
+
+
+def _native_applies(params, v0, compute_dtype, uniforms) -> bool:
+    return (compute_dtype is None and uniforms == "hash" and params["W"].dtype == jnp.float32
+            and jnp.issubdtype(v0.dtype, jnp.floating))
+
+
+def _chain_implementation(implementation, params, v0, compute_dtype, uniforms) -> str:
+    if implementation is not None and implementation not in CHAIN_IMPLEMENTATIONS:
+        raise ValueError(f"unknown chain implementation {implementation!r}; expected one of "
+                         f"{CHAIN_IMPLEMENTATIONS} or None (auto)")
+    applies = _native_applies(params, v0, compute_dtype, uniforms)
+    if implementation == "native":
+        if not applies:
+            raise ValueError('implementation="native" needs float32 W, a floating v0, compute_dtype=None and '
+                             f'uniforms="hash"; got W {params["W"].dtype}, v0 {v0.dtype}, compute_dtype '
+                             f'{compute_dtype}, uniforms {uniforms!r}')
+        if not native.available():
+            raise native.NativeUnavailable(f"the native kernels are unavailable: {native.unavailable_reason()}")
+        return "native"
+    if implementation is None and applies and jax.default_backend() == "cpu" and native.available():
+        return "native"
+    return "xla"
+
+
+def _native_chain(key, params, v0, num_steps, keep_history, **kernel_opts):
+    """run_chain by the C++ kernel, with the seeds each half-sweep's hash uniforms would draw;
+    kernel_opts go to native.gibbs_chain (method, block_rows)."""
+    def seeds_of(i):  # what gibbs_sweep(fold_in(key, i)) gives sample_h and sample_v
+        return jnp.stack([jax.random.bits(k, (2,), jnp.uint32)
+                          for k in jax.random.split(jax.random.fold_in(key, i))])
+
+    B = v0.shape[0]
+    seeds = jax.vmap(seeds_of)(jnp.arange(num_steps))  # [K, 2, 2]
+    params = jax.lax.stop_gradient(params)  # a sample: no gradient flows through the chain
+    out = native.gibbs_chain(jax.lax.stop_gradient(v0), jnp.broadcast_to(seeds, (B,) + seeds.shape),
+                             jnp.arange(B, dtype=jnp.uint32), params["W"], params["b"], params["c"],
+                             keep_history=keep_history, **kernel_opts).astype(v0.dtype)
+    return (out[:, -1], jnp.swapaxes(out, 0, 1)) if keep_history else out[:, 0]
+
+
 def run_chain(key, params, v0_BxV, num_steps: int, *, keep_history: bool = False, compute_dtype=None,
-              uniforms: str = "hash"):
-    """num_steps Gibbs sweeps as one lax.scan -> final v [B, V] (or (final, history [K, B, V])).
+              uniforms: str = "hash", implementation: str | None = None):
+    """num_steps Gibbs sweeps -> final v [B, V] (or (final, history [K, B, V])).
 
     compute_dtype=jnp.bfloat16: bf16 matmuls with float32 accumulation; sampling stays in float32.
     The chain state keeps v0's dtype.
+    implementation: "xla" (one lax.scan of gibbs_sweep), "native" (a C++ kernel for the CPU,
+    zoo.ops.native: float32 W, compute_dtype None, hash uniforms; the same uniforms as "xla", so
+    the same chain for a key up to float32 rounding deciding a comparison differently, ~1e-7 per
+    unit), or None: "native" on CPU where it applies and builds, else "xla".
     """
     _check(params, v0_BxV)
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if _chain_implementation(implementation, params, v0_BxV, compute_dtype, uniforms) == "native":
+        return _native_chain(key, params, v0_BxV, num_steps, keep_history)
     return _chain(gibbs_sweep, key, params, v0_BxV, num_steps, keep_history, compute_dtype, uniforms=uniforms)
 
 
@@ -167,15 +219,16 @@ def _cd(free_energy_fn, chain_fn, params, key, v_data, k, v_chain, **opts):
     return jnp.mean(free_energy_fn(params, v_data)) - jnp.mean(free_energy_fn(params, v_k)), v_k
 
 
-def cd_loss(params, key, v_data_BxV, k: int = 1, v_chain=None, *, compute_dtype=None, uniforms: str = "hash"):
+def cd_loss(params, key, v_data_BxV, k: int = 1, v_chain=None, *, compute_dtype=None, uniforms: str = "hash",
+            implementation: str | None = None):
     """CD-k surrogate mean F(v_data) - mean F(sg(v_k)) -> (loss, v_k).
 
     Its gradient is minus (positive - negative statistics): dW = -(<v p(h|v)>_data - <v p(h|v)>_k).
     The chain starts at v_data (CD) or at v_chain (PCD, any batch size), and v_k is returned so
-    PCD can keep it.
+    PCD can keep it. implementation: the chain's (see run_chain).
     """
     return _cd(free_energy, run_chain, params, key, v_data_BxV, k, v_chain,
-               compute_dtype=compute_dtype, uniforms=uniforms)
+               compute_dtype=compute_dtype, uniforms=uniforms, implementation=implementation)
 
 
 # ---- partition function ----

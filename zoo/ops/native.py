@@ -9,9 +9,11 @@ fails, `available()` is False, with the reason in `unavailable_reason()`, and ca
 to XLA code. ZOO_NATIVE=0 turns the kernels off. ZOO_NUM_THREADS caps their threads (default: the
 CPUs this process may run on).
 
-Kernels: `attention_forward` / `attention_backward`, FlashAttention in float32 (see
-csrc/attention.cc): q [B, T, N, D], k, v [B, S, K, D], the head dim a multiple of 16; causal,
-window and boolean masks.
+Kernels (all sources in csrc/ build into one library):
+- `attention_forward` / `attention_backward`, FlashAttention in float32 (csrc/attention.cc):
+  q [B, T, N, D], k, v [B, S, K, D], the head dim a multiple of 16; causal, window and boolean masks.
+- `gibbs_chain`, a Bernoulli RBM's block-Gibbs chain in float32 (csrc/gibbs.cc), with the uniforms
+  of zoo.ops.gibbs's "hash" method.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-SOURCE = Path(__file__).with_name("csrc") / "attention.cc"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("attention.cc", "gibbs.cc")  # compiled together; they include simd.h
 HEAD_DIM_MULTIPLE = 16  # the kernel's vectors: 16 floats with AVX-512, 8 without
 # Tile sizes, measured on 2 cores (AVX-512) at B1 N8 D64 S1024-4096 (benchmarks/results/README.md):
 # forward 128 rows: 64 slower, 256 equal full and 4-7% slower causal; 512 keys: 256 and 1024 equal
@@ -44,8 +47,10 @@ BACKWARD_ROWS = 128
 KEY_BLOCK = 512
 KEY_ALIGN = 32  # tiles start and end on multiples of this many keys (COL_ALIGN in the source)
 N_STATICS = 6   # is_causal, window, scale, block_q, block_k, has_mask
+CHAIN_ROWS = 128  # chains per task of gibbs_chain
 TARGETS = {"zoo_attention_forward": "ZooAttentionForward",
-           "zoo_attention_backward": "ZooAttentionBackward"}
+           "zoo_attention_backward": "ZooAttentionBackward",
+           "zoo_gibbs_chain": "ZooGibbsChain"}
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library, or "error": why not
@@ -88,21 +93,23 @@ def build(cxx: str | None = None) -> Path:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeUnavailable(f"C++ compiler {cxx!r} does not run: {e}") from e
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, " ".join(_flags()),
+    texts = [f.read_text() for f in sorted(CSRC.iterdir()) if f.suffix in (".cc", ".h")]
+    key = hashlib.sha256("\0".join([*texts, cxx, version, " ".join(_flags()),
                                     jax.__version__, _cpu_id()]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"attention-{key}.so"
+    out = cache_dir() / f"kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"zoo: compiling {SOURCE.name} with {cxx} (once per machine, ~5 s) into {out.parent}",
+    print(f"zoo: compiling the native kernels ({', '.join(SOURCES)}) with {cxx} (once per machine, "
+          f"~10 s) into {out.parent}",
           file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # then an atomic rename: parallel
     os.close(fd)                                              # builds (test workers) cannot clash
     try:
-        r = subprocess.run([cxx, *_flags(), str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                           timeout=600)
+        r = subprocess.run([cxx, *_flags(), *(str(CSRC / f) for f in SOURCES), "-o", tmp],
+                           capture_output=True, text=True, timeout=600)
         if r.returncode:
-            raise NativeUnavailable(f"compiling {SOURCE.name} with {cxx} failed:\n{r.stderr[-3000:]}")
+            raise NativeUnavailable(f"compiling {', '.join(SOURCES)} with {cxx} failed:\n{r.stderr[-3000:]}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -149,27 +156,32 @@ def _attrs(is_causal, window, scale, block_q, block_k, has_mask):
                 has_mask=bool(has_mask))
 
 
-def _by_batch(fn, n_arrays, rule):
-    """fn(*arrays, *statics) as custom_partitioning over the arrays' leading (batch) axis: under
-    jit over a mesh each device runs the kernel on its own examples, where a custom call would
-    otherwise be given whole, gathered arrays on every device (the other axes, named in `rule`
-    after the first, are replicated). One device and pmap call fn directly."""
-    cp = custom_partitioning(fn, static_argnums=tuple(range(n_arrays, n_arrays + N_STATICS)))
+def _by_batch(fn, n_arrays, rule, *, n_statics=N_STATICS, n_batched=None):
+    """fn(*arrays, *statics) as custom_partitioning over the batch axis: under jit over a mesh each
+    device runs the kernel on its own examples, where a custom call would otherwise be given whole,
+    gathered arrays on every device. The first n_batched arrays (default: all) and every result
+    lead with the batch axis; the other arrays, and the other axes (named in `rule` after the
+    first), are replicated. One device and pmap call fn directly."""
+    n_batched = n_arrays if n_batched is None else n_batched
+    cp = custom_partitioning(fn, static_argnums=tuple(range(n_arrays, n_arrays + n_statics)))
 
     def batch(mesh, arg_shapes):
         s = arg_shapes[0].sharding
         spec = getattr(s, "spec", None)
         return NamedSharding(mesh, PartitionSpec(spec[0] if spec else None))
 
+    def results(sh, result_shape):  # one sharding per result (a bare one for a single array)
+        return tuple(sh for _ in result_shape) if isinstance(result_shape, (tuple, list)) else sh
+
     def infer(*args):
         *_, mesh, arg_shapes, result_shape = args
-        return tuple(batch(mesh, arg_shapes) for _ in result_shape)
+        return results(batch(mesh, arg_shapes), result_shape)
 
     def partition(*args):
         *statics, mesh, arg_shapes, result_shape = args
-        sh = batch(mesh, arg_shapes)
-        return (mesh, lambda *arrays: fn(*arrays, *statics), tuple(sh for _ in result_shape),
-                tuple(sh for _ in arg_shapes))
+        sh, whole = batch(mesh, arg_shapes), NamedSharding(mesh, PartitionSpec())
+        return (mesh, lambda *arrays: fn(*arrays, *statics), results(sh, result_shape),
+                tuple(sh if i < n_batched else whole for i in range(len(arg_shapes))))
 
     names = rule.replace(",", " ").replace("->", " ").split()
     others = tuple(n for i, n in enumerate(names) if n != "b" and n not in names[:i])  # first-seen order
@@ -197,23 +209,31 @@ _forward_by_batch = _by_batch(_forward, 4, f"{_QKV}, {_MASK} -> b t n d, b k t g
 _backward_by_batch = _by_batch(_backward, 7, f"{_QKV}, {_MASK}, b t n d, b k t g, b t n d -> {_QKV}")
 
 
-@functools.lru_cache(maxsize=None)
-def _call(kind, statics):
-    """The kernel call for these static arguments, with a vmap rule that folds the mapped axis
-    into the batch axis (every array in and out is [B, ...]): one call, not one per element."""
-    fn, n_out = (_forward_by_batch, 2) if kind == "forward" else (_backward_by_batch, 3)
-
+def _folding_vmap(fn, n_out, n_batched=None):
+    """fn(*arrays) with a vmap rule that folds the mapped axis into the batch axis (the first
+    n_batched arrays, default all, and every result are [B, ...]): one call, not one per element.
+    Where a mapped array is one of the others (e.g. a vmap over models), it maps fn sequentially."""
     @jax.custom_batching.custom_vmap
     def call(*arrays):
-        return fn(*arrays, *statics)
+        return fn(*arrays)
 
     @call.def_vmap
     def _rule(axis_size, in_batched, *arrays):
         arrays = [x if b else jnp.broadcast_to(x, (axis_size,) + x.shape) for x, b in zip(arrays, in_batched)]
-        outs = call(*(x.reshape((-1,) + x.shape[2:]) for x in arrays))
+        if n_batched is not None and any(in_batched[n_batched:]):
+            return jax.lax.map(lambda xs: call(*xs), tuple(arrays)), (True,) * n_out
+        outs = call(*(x.reshape((-1,) + x.shape[2:]) if i < (n_batched or len(arrays)) else x[0]
+                      for i, x in enumerate(arrays)))
         return tuple(o.reshape((axis_size, -1) + o.shape[1:]) for o in outs), (True,) * n_out
 
     return call
+
+
+@functools.lru_cache(maxsize=None)
+def _call(kind, statics):
+    """The attention kernel call for these static arguments (vmap folds into the batch)."""
+    fn, n_out = (_forward_by_batch, 2) if kind == "forward" else (_backward_by_batch, 3)
+    return _folding_vmap(lambda *arrays: fn(*arrays, *statics), n_out)
 
 
 def _mask(q, mask):
@@ -252,3 +272,42 @@ def attention_backward(q, k, v, o, lse, do, mask=None, *, is_causal=False, windo
     load()
     statics = _statics(is_causal, window, scale, block_q, block_k, mask is not None)
     return _call("backward", statics)(q, k, v, _mask(q, mask), o, lse, do)
+
+
+CHAIN_METHODS = {"auto": 0, "fma": 1, "amx": 2}
+
+
+def _chain(v0, seeds, rows, W, b, c, keep_history, block_rows, method):
+    B, K, V = v0.shape[0], seeds.shape[1], v0.shape[1]
+    out = jax.ShapeDtypeStruct((B, K if keep_history else 1, V), jnp.float32)
+    call = jax.ffi.ffi_call("zoo_gibbs_chain", out, vmap_method="sequential")
+    return call(W, b, c, v0, seeds, rows, keep_history=bool(keep_history), block_rows=np.int64(block_rows),
+                method=np.int64(CHAIN_METHODS[method]))
+
+
+_chain_by_batch = _by_batch(_chain, 6, "b v, b k x y, b, v h, v, h -> b o v", n_statics=3, n_batched=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _chain_call(keep_history, block_rows, method):
+    return _folding_vmap(lambda *arrays: (_chain_by_batch(*arrays, keep_history, block_rows, method),), 1,
+                         n_batched=3)
+
+
+def gibbs_chain(v0, seeds, rows, W, b, c, *, keep_history=False, block_rows=CHAIN_ROWS, method="auto"):
+    """A Bernoulli RBM's block-Gibbs chains (float32; see csrc/gibbs.cc) -> [B, K or 1, V].
+
+    v0 [B, V] the start; seeds [B, K, 2, 2] uint32, each chain's two "hash" seeds per sweep and
+    half-sweep (h, then v); rows [B] uint32, each chain's row in its draws' [B, n] arrays;
+    W [V, H], b [V], c [H]. Every sweep's v with keep_history, else the last. block_rows: chains
+    per task. method: "fma" (float32 FMA GEMMs), "amx" (Intel AMX bf16x3 GEMMs: float32 accuracy;
+    an error where the CPU or OS lacks AMX) or "auto" (AMX where it is there, else FMA).
+    Partitioned over the chains under jit over a mesh; vmap folds into the chains."""
+    load()
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    if method not in CHAIN_METHODS:
+        raise ValueError(f"method must be one of {tuple(CHAIN_METHODS)}, got {method!r}")
+    f32 = jnp.float32
+    return _chain_call(bool(keep_history), int(block_rows), method)(
+        v0.astype(f32), seeds, rows, W.astype(f32), b.astype(f32), c.astype(f32))[0]

@@ -16,23 +16,14 @@
 // where the compiler targets it, else narrower vectors), with exp by Cody-Waite range reduction
 // and a degree-6 polynomial (relative error < 3e-7; exp(-inf) = 0 exactly).
 
-#if defined(__linux__)
-#include <sched.h>
-#endif
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
-#include <system_error>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -42,159 +33,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int VW = 16;  // floats per vector
-#else
-constexpr int VW = 8;
-#endif
-typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));  // aligned(4): unaligned loads
-typedef int32_t vi __attribute__((vector_size(VW * 4), aligned(4)));
-
 constexpr int64_t COL_ALIGN = 32;  // tiles start and end on multiples of this many keys (>= 2 VW)
-constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-
-inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
-inline void store(float* p, vf x) { *reinterpret_cast<vf*>(p) = x; }
-inline vf splat(float x) {  // one vbroadcastss (GCC makes vf{} + x an add of 0.0f, then the broadcast)
-#if defined(__AVX512F__)
-  return reinterpret_cast<vf>(_mm512_set1_ps(x));
-#elif defined(__AVX__)
-  return reinterpret_cast<vf>(_mm256_set1_ps(x));
-#else
-  vf r;
-  for (int i = 0; i < VW; ++i) r[i] = x;
-  return r;
-#endif
-}
-
-// max(a, b), b where either is NaN (so a NaN in b passes through): one vmaxps where there is one.
-inline vf vmax(vf a, vf b) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<vf>(_mm512_max_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b)));
-#elif defined(__AVX__)
-  return reinterpret_cast<vf>(_mm256_max_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b)));
-#else
-  return a > b ? a : b;
-#endif
-}
-
-// exp(x) for x <= 88: round(x / ln2) = n by the 1.5 * 2^23 trick, f = x - n ln2 in two parts,
-// exp(f) by Taylor to degree 6 on |f| <= ln2 / 2, times 2^n built from n's bits. x is clamped at
-// -87.9, where n = -127, whose bit pattern is 0.0: from about -87.3 down (and -inf) the result is
-// exactly 0 (the true value is under 1.2e-38, float32's smallest normal). NaN stays NaN.
-inline vf vexp(vf x) {
-  x = vmax(splat(-87.9f), x);  // then n >= -127
-  const vf magic = splat(12582912.0f);
-  vf n = (x * 1.44269504088896341f + magic) - magic;
-  vf f = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  vf p = splat(1.0f / 720);
-  p = p * f + 1.0f / 120;
-  p = p * f + 1.0f / 24;
-  p = p * f + 1.0f / 6;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
-  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  return p * reinterpret_cast<vf&>(bits);
-}
-
-inline float hmax(vf x) {
-#if defined(__AVX512F__)
-  return _mm512_reduce_max_ps(reinterpret_cast<__m512>(x));
-#else
-  float m = x[0];
-  for (int i = 1; i < VW; ++i) m = std::max(m, x[i]);
-  return m;
-#endif
-}
-
-inline float hsum(vf x) {
-#if defined(__AVX512F__)
-  return _mm512_reduce_add_ps(reinterpret_cast<__m512>(x));
-#else
-  float s = 0;
-  for (int i = 0; i < VW; ++i) s += x[i];
-  return s;
-#endif
-}
-
-// c[MR x NV*VW] (= or +=, rows first scaled by rs[r] when rs) a @ b over kd: a(i, k) =
-// a[i * sai + k * sak], b row k at b + k * ldb, c row i at c + i * ldc.
-template <int MR, int NV>
-inline void tile(int64_t kd, const float* a, int64_t sai, int64_t sak, const float* b,
-                 int64_t ldb, float* c, int64_t ldc, bool accumulate, const float* rs) {
-  vf acc[MR][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) {
-      acc[r][v] = accumulate ? load(c + r * ldc + v * VW) : vf{};
-      if (rs) acc[r][v] *= rs[r];
-    }
-  for (int64_t k = 0; k < kd; ++k) {
-    vf bv[NV];
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) bv[v] = load(b + k * ldb + v * VW);
-    const float* ak = a + k * sak;
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      vf s = splat(ak[r * sai]);
-#pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) acc[r][v] += s * bv[v];
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) store(c + r * ldc + v * VW, acc[r][v]);
-}
-
-// tile<mr, NV> for a runtime mr < MR (the rows left over after whole register tiles).
-template <int MR, int NV>
-inline void tile_rows(int mr, int64_t kd, const float* a, int64_t sai, int64_t sak, const float* b,
-                      int64_t ldb, float* c, int64_t ldc, bool accumulate, const float* rs) {
-  if constexpr (MR > 1) {
-    if (mr == MR - 1) return tile<MR - 1, NV>(kd, a, sai, sak, b, ldb, c, ldc, accumulate, rs);
-    return tile_rows<MR - 1, NV>(mr, kd, a, sai, sak, b, ldb, c, ldc, accumulate, rs);
-  }
-}
-
-// c[m x n] (= or +=) a[m x kd] @ b[kd x n] with the strides of tile(); n % VW == 0. Loops:
-// chunks of KC along kd (so the rows of b in use stay in L1), then column panels (one panel of
-// b, reused by every row block), then row blocks. Rows first and no chunks, as at first, the
-// forward ran at 91 GFLOP/s on one core (S4096, B1 N8 D64); this way 97, and on two cores
-// 189 -> 218; KC 64 and 256 were no better.
-constexpr int64_t KC = 128;
-
-template <int MR, int NV>
-void gemm(int64_t m, int64_t n, int64_t kd, const float* a, int64_t sai, int64_t sak,
-          const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate,
-          const float* rs = nullptr) {
-  const int64_t wide = n / (NV * VW) * (NV * VW);
-  const int64_t chunks = std::max<int64_t>(1, (kd + KC - 1) / KC);  // kd = 0: c = 0, or rs * c
-  for (int64_t k0 = 0; k0 < chunks * KC; k0 += KC) {
-    const int64_t kc = std::max<int64_t>(0, std::min(KC, kd - k0));
-    const bool acc = accumulate || k0 > 0;
-    const float* rk = k0 == 0 ? rs : nullptr;  // rows scaled once, before the first chunk
-    const float* ak = a + k0 * sak;
-    const float* bk = b + k0 * ldb;
-    for (int64_t j = 0; j < n; j += (j < wide ? NV * VW : VW)) {
-      for (int64_t i = 0; i < m; i += MR) {
-        const int mr = static_cast<int>(std::min<int64_t>(MR, m - i));
-        const float* ai = ak + i * sai;
-        float* cij = c + i * ldc + j;
-        const float* ri = rk ? rk + i : nullptr;
-        if (j < wide) {
-          if (mr == MR) tile<MR, NV>(kc, ai, sai, sak, bk + j, ldb, cij, ldc, acc, ri);
-          else tile_rows<MR, NV>(mr, kc, ai, sai, sak, bk + j, ldb, cij, ldc, acc, ri);
-        } else {
-          if (mr == MR) tile<MR, 1>(kc, ai, sai, sak, bk + j, ldb, cij, ldc, acc, ri);
-          else tile_rows<MR, 1>(mr, kc, ai, sai, sak, bk + j, ldb, cij, ldc, acc, ri);
-        }
-      }
-    }
-  }
-}
 
 // Register tiles (accumulators MR x NV vectors): wide-and-short for q k^T (its n is a tile's
 // keys), tall for products whose n is the head dim.
@@ -212,35 +51,6 @@ void gemm_keys(int64_t m, int64_t n, int64_t kd, const float* a, int64_t sai, in
 void gemm_dim(int64_t m, int64_t n, int64_t kd, const float* a, int64_t sai, int64_t sak,
               const float* b, int64_t ldb, float* c, int64_t ldc, const float* rs = nullptr) {
   gemm<MR_DIM, NV_DIM>(m, n, kd, a, sai, sak, b, ldb, c, ldc, true, rs);
-}
-
-int num_threads() {
-  if (const char* env = std::getenv("ZOO_NUM_THREADS")) {
-    int n = std::atoi(env);
-    if (n > 0) return n;
-  }
-#if defined(__linux__)
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-#endif
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
-// body(task, worker) for task in [0, n), on up to num_threads() threads (the caller's one).
-template <class Body>
-void parallel_for(int64_t n, Body body) {
-  const int nt = static_cast<int>(std::min<int64_t>(n, num_threads()));
-  std::atomic<int64_t> next{0};
-  auto work = [&](int worker) {
-    for (int64_t i; (i = next.fetch_add(1)) < n;) body(i, worker);
-  };
-  std::vector<std::thread> threads;
-  try {
-    for (int w = 1; w < nt; ++w) threads.emplace_back(work, w);
-  } catch (const std::system_error&) {  // no more threads to be had: fewer do the work
-  }
-  work(0);
-  for (auto& t : threads) t.join();
 }
 
 struct Problem {

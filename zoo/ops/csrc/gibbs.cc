@@ -1,0 +1,354 @@
+// Block-Gibbs chains of a Bernoulli RBM for the CPU (float32), as an XLA FFI custom call.
+//
+// zoo.ops.native compiles this file with attention.cc into one library. Inputs: W [V, H], b [V],
+// c [H], v0 [B, V]; seeds [B, K, 2, 2] uint32 (for each chain, sweep and half-sweep (h, then v)
+// the two seeds of zoo.ops.gibbs's "hash" uniforms); rows [B] uint32 (each chain's row in the
+// array its uniforms are drawn for). Output [B, Ko, V]: every sweep's v (keep_history, Ko = K) or
+// the last (Ko = 1). Sweep k of chain r:
+//   h = [u < sigmoid(c + v W)],   v = [u < sigmoid(b + h W^T)],
+// u of element j of an n-wide draw: x = mix(mix((rows[r] * n + j) ^ s0) + s1), its top 23 bits as
+// a float in [0, 1), with mix lowbias32 -- the uniforms zoo.ops.gibbs.uniform draws in XLA, so the
+// two give the same chain for a key (up to a comparison that the two programs' roundings of p
+// decide differently, a chance of about 1e-7 per unit).
+//
+// Chains are independent: one task per block of chains runs all K sweeps for them, so tasks
+// never wait for each other. Within a task: v W into an [R, H] tile by the shared GEMM, then the
+// hidden units sampled in place; h W^T into the [R, V] tile that held v, then v sampled in place.
+// W is packed twice per call (as W and as W^T, rows padded to whole vectors) for the two GEMMs.
+
+#include "simd.h"
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef uint32_t vu __attribute__((vector_size(VW * 4), aligned(4)));
+
+#if defined(__AVX512F__)
+constexpr int MR = 8, NV = 2;
+#else
+constexpr int MR = 6, NV = 2;
+#endif
+
+// min(a, b), b where either is NaN (a NaN in b passes through).
+inline vf vmin(vf a, vf b) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf>(_mm512_min_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b)));
+#elif defined(__AVX__)
+  return reinterpret_cast<vf>(_mm256_min_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b)));
+#else
+  return a < b ? a : b;
+#endif
+}
+
+// lowbias32 (C. Wellons' hash prospector), as zoo.ops.gibbs._mix32.
+inline vu mix(vu x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+constexpr int64_t PW = NV * VW;  // columns per packed panel of W
+
+// A row length padded to whole panels, plus one more vector where that is an even number of
+// 64-byte lines: rows read together then do not all fall in the same few L1 sets.
+int64_t padded(int64_t n) {
+  const int64_t p = (n + PW - 1) / PW * PW;
+  return (p * 4 / 64) % 2 ? p : p + 16;
+}
+
+// x [kd, n] (x(k, j) = x[k * sk + j * sj]) packed as panels of PW columns, [n / PW][kd][PW]
+// (n rounded up to whole panels, zero past it): each panel is read front to back.
+std::vector<float> pack_panels(const float* x, int64_t kd, int64_t n, int64_t sk, int64_t sj) {
+  const int64_t panels = (n + PW - 1) / PW;
+  std::vector<float> out(panels * kd * PW, 0.0f);
+  for (int64_t k = 0; k < kd; ++k)
+    for (int64_t j = 0; j < n; ++j) out[(j / PW * kd + k) * PW + j % PW] = x[k * sk + j * sj];
+  return out;
+}
+
+// c[m x panels * PW] = a[m x kd] @ b, b packed by pack_panels; a row i at a + i * lda. Panels
+// outermost (one panel's chunk of KC rows, 16 KB, stays in L1 for every row block), then chunks
+// along kd, then row blocks.
+void gemm_panels(int64_t m, int64_t panels, int64_t kd, const float* a, int64_t lda, const float* b,
+                 float* c, int64_t ldc) {
+  for (int64_t j = 0; j < panels; ++j) {
+    const float* bj = b + j * kd * PW;
+    for (int64_t k0 = 0; k0 < kd; k0 += KC) {
+      const int64_t kc = std::min(KC, kd - k0);
+      for (int64_t i = 0; i < m; i += MR) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, m - i));
+        float* cij = c + i * ldc + j * PW;
+        if (mr == MR) tile<MR, NV>(kc, a + i * lda + k0, lda, 1, bj + k0 * PW, PW, cij, ldc, k0 > 0, nullptr);
+        else tile_rows<MR, NV>(mr, kc, a + i * lda + k0, lda, 1, bj + k0 * PW, PW, cij, ldc, k0 > 0, nullptr);
+      }
+    }
+  }
+}
+
+// x[j] <- [u_j < sigmoid(x[j] + bias[j])] for j < width (a multiple of VW; bias padded to it),
+// u_j the hash uniform of position base + j under seeds (s0, s1); the same 0 / 1 also into
+// state[j] as bfloat16 where state is given. u < 1 / (1 + e^-z) is tested as u (1 + e^-z) < 1 (no
+// division; e^-z is capped at e^88, where p is below float32's normals).
+void sample(float* x, int64_t width, const float* bias, uint32_t base, uint32_t s0, uint32_t s1,
+            uint16_t* state) {
+  typedef int16_t vh __attribute__((vector_size(VW * 2), aligned(2)));
+  vu lane;
+  for (int i = 0; i < VW; ++i) lane[i] = static_cast<uint32_t>(i);
+  const vf one = splat(1.0f), cap = splat(88.0f);
+  const vi one_bits = reinterpret_cast<const vi&>(one);
+  for (int64_t j = 0; j < width; j += VW) {
+    const vu bits = mix(mix((lane + static_cast<uint32_t>(base + j)) ^ s0) + s1);
+    const vu mant = (bits >> 9) | 0x3F800000u;
+    const vf u = reinterpret_cast<const vf&>(mant) - one;
+    const vf z = load(x + j) + load(bias + j);
+    const vi on = u * (one + vexp(vmin(cap, -z))) < one;
+    const vi r = on & one_bits;
+    store(x + j, reinterpret_cast<const vf&>(r));
+    if (state) *reinterpret_cast<vh*>(state + j) = __builtin_convertvector(r >> 16, vh);  // 0x3F80: 1.0
+  }
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__linux__)
+#define ZOO_AMX 1
+// Intel AMX: C [16 x 16] float32 += A [16 x 32] bf16 @ B [32 x 16] bf16 per instruction, about
+// 8x the FMA units' rate. The chain's states are 0 / 1, exact in bfloat16, and W is split into
+// three bfloat16 parts W1 + W2 + W3 (each the rounding of what the previous ones leave): their sum
+// holds W to 2^-24 relative or better, the products are exact and accumulate in float32, so the
+// result has float32's accuracy (the "bf16x3" of XLA's TPU precision), at 3 products per term.
+constexpr int64_t AMX_PARTS = 3;
+
+bool amx_permitted() {  // Linux lends the AMX tile state to a process that asks (kernel >= 5.16)
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void configure_tiles() {  // all 8 tiles 16 rows x 64 bytes; per thread
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+uint16_t bf16(float x) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if (std::isnan(x)) return 0x7FC0;
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+float from_bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// x [kd, n] (x(k, j) = x[k * sk + j * sj]) as AMX B tiles of its three bf16 parts:
+// [n/16][kd/32][part][16 rows: k pairs][16 columns][2: k even, odd] (n to 32, kd to 32, zeros).
+std::vector<uint16_t> pack_amx(const float* x, int64_t kd, int64_t n, int64_t sk, int64_t sj) {
+  const int64_t nb = (n + 31) / 32 * 2, kb = (kd + 31) / 32;
+  std::vector<uint16_t> out(nb * kb * AMX_PARTS * 512, 0);
+  for (int64_t k = 0; k < kd; ++k)
+    for (int64_t j = 0; j < n; ++j) {
+      float rest = x[k * sk + j * sj];
+      const bool finite = std::isfinite(rest);
+      for (int64_t part = 0; part < AMX_PARTS; ++part) {
+        const uint16_t h = part == 0 || finite ? bf16(rest) : 0;  // inf / NaN: all in the first
+        out[(((j / 16 * kb + k / 32) * AMX_PARTS + part) * 16 + k % 32 / 2) * 32 + j % 16 * 2 + k % 2] = h;
+        rest -= from_bf16(h);  // exact: h is rest's rounding
+      }
+    }
+  return out;
+}
+
+// c[rows x nb*16] = a[rows x kb*32] @ b: a bf16 rows lda apart, b packed by pack_amx, rows a
+// multiple of 32, nb even. Blocks of 32 x 32 outputs in four accumulator tiles (0-3); per 32 of
+// kd two tiles of a (4, 5) meet each part's two tiles of b (6, 7).
+void gemm_amx(int64_t rows, int64_t nb, int64_t kb, const uint16_t* a, int64_t lda, const uint16_t* b,
+              float* c, int64_t ldc) {
+  for (int64_t jb = 0; jb < nb; jb += 2) {
+    const uint16_t* b0 = b + jb * kb * AMX_PARTS * 512;
+    const uint16_t* b1 = b0 + kb * AMX_PARTS * 512;
+    for (int64_t i = 0; i < rows; i += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const uint16_t* ai = a + i * lda;
+      for (int64_t k = 0; k < kb; ++k) {
+        _tile_loadd(4, ai + k * 32, lda * 2);
+        _tile_loadd(5, ai + 16 * lda + k * 32, lda * 2);
+        for (int64_t part = 0; part < AMX_PARTS; ++part) {
+          _tile_loadd(6, b0 + (k * AMX_PARTS + part) * 512, 64);
+          _tile_loadd(7, b1 + (k * AMX_PARTS + part) * 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      float* ci = c + i * ldc + jb * 16;
+      _tile_stored(0, ci, ldc * 4);
+      _tile_stored(1, ci + 16, ldc * 4);
+      _tile_stored(2, ci + 16 * ldc, ldc * 4);
+      _tile_stored(3, ci + 16 * ldc + 16, ldc * 4);
+    }
+  }
+}
+#else
+#define ZOO_AMX 0
+bool amx_permitted() { return false; }
+#endif
+
+// bf16 row stride for n columns: n to 32, plus 32 where that is an even number of 64-byte lines.
+int64_t padded_bf16(int64_t n) {
+  const int64_t p = (n + 31) / 32 * 32;
+  return (p * 2 / 64) % 2 ? p : p + 32;
+}
+
+struct Chain {
+  int64_t B, V, H, K;
+  int64_t Vp, Hp;  // float32 row strides: V and H padded (padded())
+  bool keep_history;
+  int64_t rows;    // chains per task
+  bool amx;        // the AMX GEMMs (else the FMA ones)
+};
+
+bool binary(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (x[i] != 0.0f && x[i] != 1.0f) return false;
+  return true;
+}
+
+void run(const Chain& p, const float* W, const float* b, const float* c, const float* v0,
+         const uint32_t* seeds, const uint32_t* row_ids, float* out) {
+  const int64_t panels_v = (p.V + PW - 1) / PW, panels_h = (p.H + PW - 1) / PW;
+  const int64_t width_v = panels_v * PW, width_h = panels_h * PW;
+  std::vector<float> bp(p.Vp, 0.0f), cp(p.Hp, 0.0f);
+  std::copy(b, b + p.V, bp.begin());
+  std::copy(c, c + p.H, cp.begin());
+  // W and W^T packed for the GEMMs: float32 panels, or AMX tiles, with float32 panels of W as
+  // well where a start state is not 0 / 1 (its first product then takes the FMA path)
+  const bool v0_binary = !p.amx || binary(v0, p.B * p.V);
+  std::vector<float> Wp, WTp;
+  std::vector<uint16_t> Wa, WTa;
+  parallel_for(2, [&](int64_t which, int) {
+#if ZOO_AMX
+    if (p.amx) {
+      if (which == 0) Wa = pack_amx(W, p.V, p.H, p.H, 1);
+      else WTa = pack_amx(W, p.H, p.V, 1, p.H);
+    }
+#endif
+    if (which == 0 && (!p.amx || !v0_binary)) Wp = pack_panels(W, p.V, p.H, p.H, 1);
+    if (which == 1 && !p.amx) WTp = pack_panels(W, p.H, p.V, 1, p.H);
+  });
+  const int64_t lda_v = padded_bf16(p.V), lda_h = padded_bf16(p.H);
+  const int nt = num_threads();
+  std::vector<std::vector<float>> scratch(nt);
+  std::vector<std::vector<uint16_t>> states(nt);
+  const int64_t tasks = (p.B + p.rows - 1) / p.rows;
+  parallel_for(tasks, [&](int64_t task, int worker) {
+    const int64_t r0 = task * p.rows, R = std::min(p.rows, p.B - r0), Rp = (R + 31) / 32 * 32;
+    std::vector<float>& buf = scratch[worker];
+    buf.assign(Rp * (p.Vp + p.Hp), 0.0f);
+    float *vb = buf.data(), *hb = vb + Rp * p.Vp;
+    uint16_t *sv = nullptr, *sh = nullptr;  // the states as bf16, for the AMX GEMMs
+    for (int64_t r = 0; r < R; ++r) std::memcpy(vb + r * p.Vp, v0 + (r0 + r) * p.V, p.V * 4);
+#if ZOO_AMX
+    if (p.amx) {
+      states[worker].assign(Rp * (lda_v + lda_h), 0);
+      sv = states[worker].data(), sh = sv + Rp * lda_v;
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = 0; j < p.V; ++j) sv[r * lda_v + j] = bf16(vb[r * p.Vp + j]);
+      configure_tiles();
+    }
+#endif
+    for (int64_t k = 0; k < p.K; ++k) {
+#if ZOO_AMX
+      if (p.amx && (k > 0 || v0_binary))
+        gemm_amx(Rp, width_h / 16, (p.V + 31) / 32, sv, lda_v, Wa.data(), hb, p.Hp);
+      else
+#endif
+        gemm_panels(R, panels_h, p.V, vb, p.Vp, Wp.data(), hb, p.Hp);
+      for (int64_t r = 0; r < R; ++r) {
+        const uint32_t* s = seeds + ((r0 + r) * p.K + k) * 4;
+        sample(hb + r * p.Hp, width_h, cp.data(), row_ids[r0 + r] * static_cast<uint32_t>(p.H), s[0], s[1],
+               sh ? sh + r * lda_h : nullptr);
+      }
+#if ZOO_AMX
+      if (p.amx)
+        gemm_amx(Rp, width_v / 16, (p.H + 31) / 32, sh, lda_h, WTa.data(), vb, p.Vp);
+      else
+#endif
+        gemm_panels(R, panels_v, p.H, hb, p.Hp, WTp.data(), vb, p.Vp);
+      for (int64_t r = 0; r < R; ++r) {
+        const uint32_t* s = seeds + ((r0 + r) * p.K + k) * 4 + 2;
+        sample(vb + r * p.Vp, width_v, bp.data(), row_ids[r0 + r] * static_cast<uint32_t>(p.V), s[0], s[1],
+               sv ? sv + r * lda_v : nullptr);
+      }
+      if (p.keep_history || k == p.K - 1) {
+        const int64_t ko = p.keep_history ? p.K : 1, kk = p.keep_history ? k : 0;
+        for (int64_t r = 0; r < R; ++r)
+          std::memcpy(out + ((r0 + r) * ko + kk) * p.V, vb + r * p.Vp, p.V * 4);
+      }
+    }
+#if ZOO_AMX
+    if (p.amx) _tile_release();
+#endif
+  });
+}
+
+ffi::Error Chain_(ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> c,
+                  ffi::Buffer<ffi::F32> v0, ffi::Buffer<ffi::U32> seeds, ffi::Buffer<ffi::U32> rows,
+                  ffi::ResultBuffer<ffi::F32> out, bool keep_history, int64_t block_rows, int64_t method) {
+  auto wd = W.dimensions(), vd = v0.dimensions(), sd = seeds.dimensions();
+  if (wd.size() != 2 || vd.size() != 2 || sd.size() != 4)
+    return ffi::Error::InvalidArgument("zoo gibbs: W and v0 must have rank 2, seeds rank 4");
+  Chain p{vd[0], wd[0], wd[1], sd[1], 0, 0, keep_history, block_rows, false};
+  if (vd[1] != p.V || b.element_count() != p.V || c.element_count() != p.H)
+    return ffi::Error::InvalidArgument("zoo gibbs: W [V, H], b [V], c [H] and v0 [B, V] disagree");
+  if (sd[0] != p.B || sd[2] != 2 || sd[3] != 2 || rows.element_count() != p.B)
+    return ffi::Error::InvalidArgument("zoo gibbs: seeds must be [B, K, 2, 2] and rows [B]");
+  if (block_rows < 1) return ffi::Error::InvalidArgument("zoo gibbs: block_rows must be >= 1");
+  if (method < 0 || method > 2) return ffi::Error::InvalidArgument("zoo gibbs: method must be 0, 1 or 2");
+  // method 0: AMX where the CPU and the OS allow it, else FMA; 1: FMA; 2: AMX or an error
+  p.amx = method != 1 && amx_permitted();
+  if (method == 2 && !p.amx) return ffi::Error::InvalidArgument("zoo gibbs: no AMX on this CPU / OS / build");
+  if (p.B * p.V * p.K == 0) return ffi::Error::Success();
+  p.Vp = padded(p.V);
+  p.Hp = padded(p.H);
+  run(p, W.typed_data(), b.typed_data(), c.typed_data(), v0.typed_data(), seeds.typed_data(),
+      rows.typed_data(), out->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooGibbsChain, Chain_,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // W
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v0
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // seeds
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // rows
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("keep_history")
+                                  .Attr<int64_t>("block_rows")
+                                  .Attr<int64_t>("method"));
