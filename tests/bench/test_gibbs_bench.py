@@ -3,9 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from zoo.bench import gibbs as bench
-from zoo.ops import gibbs
+from zoo.ops import gibbs, native
 
 
 def _tiny_params():
@@ -33,8 +34,11 @@ def test_sklearn_peer_matches_numpy_peer():
 
 
 def test_rows_are_well_formed():
-    impls = ("zoo-f32", "zoo-f32-xla", "zoo-f32-threefry", "zoo-bf16", "matmul-ceiling", "numpy", "sklearn-BernoulliRBM.gibbs")
+    impls = ("zoo-f32", "zoo-f32-xla", "zoo-f32-threefry", "zoo-bf16", "matmul-ceiling", "matmul-ceiling-native",
+             "numpy", "sklearn-BernoulliRBM.gibbs")
     rows = bench.bench_case(8, 6, 16, 3, impls + ("torch-eager",), rounds=2)
+    if not native.available():  # the native ceiling needs the C++ kernels
+        impls = tuple(i for i in impls if i != "matmul-ceiling-native")
     assert [r["impl"] for r in rows][:len(impls)] == list(impls)  # torch-eager only when installed
     for r in rows:
         assert set(r) == {"case", "impl", "value", "unit"}
@@ -50,3 +54,21 @@ def test_cublas_variant_is_the_same_chain():
     b = bench.MAKERS["zoo-bf16-cublas"](params, v0, 5)()
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert "zoo-bf16-cublas" in bench.ACCELERATOR_ONLY
+
+
+def test_native_ceiling_is_the_thresholded_chain():
+    """matmul-ceiling-native runs the kernel's GEMMs with the XLA ceiling's `>= 0` threshold:
+    the same states (a unit whose input rounds across 0 differently aside)."""
+    if not native.available():
+        pytest.skip(f"the native kernels do not build here: {native.unavailable_reason()}")
+    params = _tiny_params()
+    v0 = (np.random.default_rng(3).random((64, 16)) < 0.5).astype(np.float32)
+    W = jnp.asarray(params["W"])
+    want = v0
+    for _ in range(4):
+        h = (want @ params["W"] >= 0).astype(np.float32)
+        want = (h @ params["W"].T >= 0).astype(np.float32)
+    seeds, rows = jnp.zeros((64, 4, 2, 2), jnp.uint32), jnp.arange(64, dtype=jnp.uint32)
+    got = native.gibbs_chain(jnp.asarray(v0), seeds, rows, W, jnp.ones(16), jnp.ones(12), gemm_only=True)[:, 0]
+    assert np.mean(np.all(np.asarray(got) == want, axis=1)) >= 0.95
+    assert 0.2 < want.mean() < 0.8  # a chain that did not die out

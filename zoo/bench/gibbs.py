@@ -1,19 +1,19 @@
 """Gibbs-chain throughput: chain-steps/s (batch x sweeps / s) of `zoo.ops.gibbs.run_chain`.
 
 Ours: `zoo-f32`: f32 with the default hashed uniforms and the default implementation (on CPU the
-C++ kernel, zoo/ops/csrc/gibbs.cc: with Intel AMX its GEMMs are bf16x3, float32-accurate; else
-float32 FMA; on an accelerator one jitted lax.scan); `zoo-f32-xla` (CPU): the same chain as one
-jitted lax.scan, XLA's code; `zoo-f32-threefry`: jax.random.uniform per half-sweep (XLA);
-`zoo-bf16`: bf16 matmuls with f32 accumulation (XLA; no native bf16 on AVX2 CPUs: slower there); on a GPU also `zoo-bf16-cublas`, the
-same program compiled with XLA's GEMMs through cuBLAS only. Peers in the same process:
-scikit-learn's `BernoulliRBM.gibbs` called K times, a plain NumPy chain (matmul + uniform < p),
-PyTorch eager (matmul + bernoulli) when installed (on CUDA also in bf16: `torch-eager-bf16`;
-`torch-eager` is float32 with torch's default of no TF32, while JAX's default GPU precision for
-float32 matmuls may use TF32), and `matmul-ceiling`: the chain's two matmuls
-per sweep with only a `>= 0` threshold between them (binary inputs like the chain's, and no
-denormal decay), jitted as one lax.scan (XLA's float32 GEMMs, which the C++ kernel's AMX GEMMs
-outrun), in the same chain-steps/s (on an accelerator also
-`matmul-ceiling-bf16`, bf16 operands with f32 accumulation like `zoo-bf16`).
+C++ kernel, zoo/ops/csrc/gibbs.cc, whose GEMMs are bf16x3 on Intel AMX -- float32-accurate --
+and float32 FMA elsewhere; on an accelerator one jitted lax.scan); `zoo-f32-xla` (CPU): the same
+chain as one jitted lax.scan of XLA code; `zoo-f32-threefry`: jax.random.uniform per half-sweep
+(XLA); `zoo-bf16`: bf16 matmuls with f32 accumulation (XLA; no native bf16 on AVX2 CPUs: slower
+there); on a GPU also `zoo-bf16-cublas`, the same program compiled with XLA's GEMMs through cuBLAS
+only. Peers in the same process: scikit-learn's `BernoulliRBM.gibbs` called K times, a plain NumPy
+chain (matmul + uniform < p), PyTorch eager (matmul + bernoulli) when installed (on CUDA also in
+bf16: `torch-eager-bf16`; `torch-eager` is float32 with torch's default of no TF32, while JAX's
+default GPU precision for float32 matmuls may use TF32). Ceilings, in the same chain-steps/s:
+`matmul-ceiling`, the chain's two matmuls per sweep with only a `>= 0` threshold between them
+(binary inputs like the chain's, and no denormal decay), jitted as one lax.scan (XLA's float32
+GEMMs; on an accelerator also `matmul-ceiling-bf16`, bf16 operands with f32 accumulation like
+`zoo-bf16`); `matmul-ceiling-native` (CPU), the C++ kernel's GEMMs with the same threshold.
 Implementations are timed in interleaved rounds (each round calls every implementation once, after
 a short pause that lets OpenBLAS's spinning threads go idle) so a drift in machine load hits all
 alike; the value is the median over rounds.
@@ -35,9 +35,10 @@ from zoo.ops import gibbs
 
 QUICK = [(784, 500, 1024, 20), (64, 256, 4096, 50)]
 FULL = [(784, 500, 1024, 100), (784, 500, 16384, 100), (784, 4096, 16384, 100), (4096, 4096, 8192, 100)]
-IMPLS = ("zoo-f32", "zoo-f32-xla", "zoo-f32-threefry", "zoo-bf16", "zoo-bf16-cublas", "matmul-ceiling", "matmul-ceiling-bf16",
+IMPLS = ("zoo-f32", "zoo-f32-xla", "zoo-f32-threefry", "zoo-bf16", "zoo-bf16-cublas", "matmul-ceiling",
+         "matmul-ceiling-native", "matmul-ceiling-bf16",
          "numpy", "sklearn-BernoulliRBM.gibbs", "torch-eager", "torch-eager-bf16")
-CPU_ONLY = ("numpy", "sklearn-BernoulliRBM.gibbs", "zoo-f32-xla")  # on an accelerator zoo-f32 is the XLA scan
+CPU_ONLY = ("numpy", "sklearn-BernoulliRBM.gibbs", "zoo-f32-xla", "matmul-ceiling-native")  # on an accelerator zoo-f32 is the XLA scan
 ACCELERATOR_ONLY = ("matmul-ceiling-bf16", "torch-eager-bf16", "zoo-bf16-cublas")  # bf16 is emulated (slow) on AVX2 CPUs
 PAUSE_S = 0.3
 
@@ -73,6 +74,19 @@ def _ceiling(params, v0, K, dtype=jnp.float32):
 
     f, W, v0 = jax.jit(chain), jnp.asarray(params["W"], dtype), jnp.asarray(v0, dtype)
     return lambda: f(W, v0).block_until_ready()
+
+
+def _native_ceiling(params, v0, K):
+    """The C++ kernel's GEMMs alone (CPU): the chain with a `>= 0` threshold for its sampling."""
+    from zoo.ops import native
+
+    if jax.default_backend() != "cpu" or not native.available():
+        raise ImportError("the native kernels run on CPU only, and need a C++ compiler")
+    B = v0.shape[0]
+    seeds, rows = jnp.zeros((B, K, 2, 2), jnp.uint32), jnp.arange(B, dtype=jnp.uint32)
+    p, v0 = jax.tree.map(jnp.asarray, params), jnp.asarray(v0)
+    f = jax.jit(lambda p, v: native.gibbs_chain(v, seeds, rows, p["W"], p["b"], p["c"], gemm_only=True))
+    return lambda: f(p, v0).block_until_ready()
 
 
 def _numpy(params, v0, K):
@@ -126,6 +140,7 @@ MAKERS = {
     "zoo-bf16-cublas": lambda p, v0, K: _zoo(p, v0, K, compute_dtype=jnp.bfloat16,
                                              compiler_options={"xla_gpu_enable_triton_gemm": False}),
     "matmul-ceiling": _ceiling,
+    "matmul-ceiling-native": _native_ceiling,
     "matmul-ceiling-bf16": lambda p, v0, K: _ceiling(p, v0, K, jnp.bfloat16),
     "numpy": _numpy,
     "sklearn-BernoulliRBM.gibbs": _sklearn,

@@ -277,24 +277,24 @@ def attention_backward(q, k, v, o, lse, do, mask=None, *, is_causal=False, windo
 CHAIN_METHODS = {"auto": 0, "fma": 1, "amx": 2}
 
 
-def _chain(v0, seeds, rows, W, b, c, keep_history, block_rows, method):
+def _chain(v0, seeds, rows, W, b, c, keep_history, block_rows, method, gemm_only):
     B, K, V = v0.shape[0], seeds.shape[1], v0.shape[1]
     out = jax.ShapeDtypeStruct((B, K if keep_history else 1, V), jnp.float32)
     call = jax.ffi.ffi_call("zoo_gibbs_chain", out, vmap_method="sequential")
     return call(W, b, c, v0, seeds, rows, keep_history=bool(keep_history), block_rows=np.int64(block_rows),
-                method=np.int64(CHAIN_METHODS[method]))
+                method=np.int64(CHAIN_METHODS[method]), gemm_only=bool(gemm_only))
 
 
-_chain_by_batch = _by_batch(_chain, 6, "b v, b k x y, b, v h, v, h -> b o v", n_statics=3, n_batched=3)
+_chain_by_batch = _by_batch(_chain, 6, "b v, b k x y, b, v h, v, h -> b o v", n_statics=4, n_batched=3)
 
 
 @functools.lru_cache(maxsize=None)
-def _chain_call(keep_history, block_rows, method):
-    return _folding_vmap(lambda *arrays: (_chain_by_batch(*arrays, keep_history, block_rows, method),), 1,
-                         n_batched=3)
+def _chain_call(*statics):
+    return _folding_vmap(lambda *arrays: (_chain_by_batch(*arrays, *statics),), 1, n_batched=3)
 
 
-def gibbs_chain(v0, seeds, rows, W, b, c, *, keep_history=False, block_rows=CHAIN_ROWS, method="auto"):
+def gibbs_chain(v0, seeds, rows, W, b, c, *, keep_history=False, block_rows=CHAIN_ROWS, method="auto",
+                gemm_only=False):
     """A Bernoulli RBM's block-Gibbs chains (float32; see csrc/gibbs.cc) -> [B, K or 1, V].
 
     v0 [B, V] the start; seeds [B, K, 2, 2] uint32, each chain's two "hash" seeds per sweep and
@@ -302,6 +302,8 @@ def gibbs_chain(v0, seeds, rows, W, b, c, *, keep_history=False, block_rows=CHAI
     W [V, H], b [V], c [H]. Every sweep's v with keep_history, else the last. block_rows: chains
     per task. method: "fma" (float32 FMA GEMMs), "amx" (Intel AMX bf16x3 GEMMs: float32 accuracy;
     an error where the CPU or OS lacks AMX) or "auto" (AMX where it is there, else FMA).
+    gemm_only: units turn on where their input is >= 0 (no uniforms, biases or exp): the chain's
+    GEMMs alone, a ceiling for benchmarks.
     Partitioned over the chains under jit over a mesh; vmap folds into the chains."""
     load()
     if block_rows < 1:
@@ -309,5 +311,5 @@ def gibbs_chain(v0, seeds, rows, W, b, c, *, keep_history=False, block_rows=CHAI
     if method not in CHAIN_METHODS:
         raise ValueError(f"method must be one of {tuple(CHAIN_METHODS)}, got {method!r}")
     f32 = jnp.float32
-    return _chain_call(bool(keep_history), int(block_rows), method)(
+    return _chain_call(bool(keep_history), int(block_rows), method, bool(gemm_only))(
         v0.astype(f32), seeds, rows, W.astype(f32), b.astype(f32), c.astype(f32))[0]

@@ -98,9 +98,10 @@ void gemm_panels(int64_t m, int64_t panels, int64_t kd, const float* a, int64_t 
 // x[j] <- [u_j < sigmoid(x[j] + bias[j])] for j < width (a multiple of VW; bias padded to it),
 // u_j the hash uniform of position base + j under seeds (s0, s1); the same 0 / 1 also into
 // state[j] as bfloat16 where state is given. u < 1 / (1 + e^-z) is tested as u (1 + e^-z) < 1 (no
-// division; e^-z is capped at e^88, where p is below float32's normals).
+// division; e^-z is capped at e^88, where p is below float32's normals). threshold_only: x[j] >= 0
+// instead (the GEMMs' ceiling: the chain without its sampling).
 void sample(float* x, int64_t width, const float* bias, uint32_t base, uint32_t s0, uint32_t s1,
-            uint16_t* state) {
+            uint16_t* state, bool threshold_only) {
   typedef int16_t vh __attribute__((vector_size(VW * 2), aligned(2)));
   vu lane;
   for (int i = 0; i < VW; ++i) lane[i] = static_cast<uint32_t>(i);
@@ -111,7 +112,7 @@ void sample(float* x, int64_t width, const float* bias, uint32_t base, uint32_t 
     const vu mant = (bits >> 9) | 0x3F800000u;
     const vf u = reinterpret_cast<const vf&>(mant) - one;
     const vf z = load(x + j) + load(bias + j);
-    const vi on = u * (one + vexp(vmin(cap, -z))) < one;
+    const vi on = threshold_only ? load(x + j) >= vf{} : u * (one + vexp(vmin(cap, -z))) < one;
     const vi r = on & one_bits;
     store(x + j, reinterpret_cast<const vf&>(r));
     if (state) *reinterpret_cast<vh*>(state + j) = __builtin_convertvector(r >> 16, vh);  // 0x3F80: 1.0
@@ -228,6 +229,7 @@ struct Chain {
   bool keep_history;
   int64_t rows;    // chains per task
   bool amx;        // the AMX GEMMs (else the FMA ones)
+  bool gemm_only;  // units on where x >= 0: no uniforms, biases or exp (a ceiling for benchmarks)
 };
 
 bool binary(const float* x, int64_t n) {
@@ -289,7 +291,7 @@ void run(const Chain& p, const float* W, const float* b, const float* c, const f
       for (int64_t r = 0; r < R; ++r) {
         const uint32_t* s = seeds + ((r0 + r) * p.K + k) * 4;
         sample(hb + r * p.Hp, width_h, cp.data(), row_ids[r0 + r] * static_cast<uint32_t>(p.H), s[0], s[1],
-               sh ? sh + r * lda_h : nullptr);
+               sh ? sh + r * lda_h : nullptr, p.gemm_only);
       }
 #if ZOO_AMX
       if (p.amx)
@@ -300,7 +302,7 @@ void run(const Chain& p, const float* W, const float* b, const float* c, const f
       for (int64_t r = 0; r < R; ++r) {
         const uint32_t* s = seeds + ((r0 + r) * p.K + k) * 4 + 2;
         sample(vb + r * p.Vp, width_v, bp.data(), row_ids[r0 + r] * static_cast<uint32_t>(p.V), s[0], s[1],
-               sv ? sv + r * lda_v : nullptr);
+               sv ? sv + r * lda_v : nullptr, p.gemm_only);
       }
       if (p.keep_history || k == p.K - 1) {
         const int64_t ko = p.keep_history ? p.K : 1, kk = p.keep_history ? k : 0;
@@ -316,11 +318,12 @@ void run(const Chain& p, const float* W, const float* b, const float* c, const f
 
 ffi::Error Chain_(ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> c,
                   ffi::Buffer<ffi::F32> v0, ffi::Buffer<ffi::U32> seeds, ffi::Buffer<ffi::U32> rows,
-                  ffi::ResultBuffer<ffi::F32> out, bool keep_history, int64_t block_rows, int64_t method) {
+                  ffi::ResultBuffer<ffi::F32> out, bool keep_history, int64_t block_rows, int64_t method,
+                  bool gemm_only) {
   auto wd = W.dimensions(), vd = v0.dimensions(), sd = seeds.dimensions();
   if (wd.size() != 2 || vd.size() != 2 || sd.size() != 4)
     return ffi::Error::InvalidArgument("zoo gibbs: W and v0 must have rank 2, seeds rank 4");
-  Chain p{vd[0], wd[0], wd[1], sd[1], 0, 0, keep_history, block_rows, false};
+  Chain p{vd[0], wd[0], wd[1], sd[1], 0, 0, keep_history, block_rows, false, gemm_only};
   if (vd[1] != p.V || b.element_count() != p.V || c.element_count() != p.H)
     return ffi::Error::InvalidArgument("zoo gibbs: W [V, H], b [V], c [H] and v0 [B, V] disagree");
   if (sd[0] != p.B || sd[2] != 2 || sd[3] != 2 || rows.element_count() != p.B)
@@ -351,4 +354,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooGibbsChain, Chain_,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("keep_history")
                                   .Attr<int64_t>("block_rows")
-                                  .Attr<int64_t>("method"));
+                                  .Attr<int64_t>("method")
+                                  .Attr<bool>("gemm_only"));
