@@ -459,7 +459,7 @@ def _native_case(name, D=16):
     return q, k, v, make(q.shape[0], q.shape[1], k.shape[1], q.shape[2])
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if "bias" not in CASES[n][1](2, 6, 6, 4)])
+@pytest.mark.parametrize("name", list(CASES))
 def test_native_matches_numpy_and_reference_gradients(native_kernel, name):
     q, k, v, kw = _native_case(name)
     got = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, implementation="native", **kw))(q, k, v)
@@ -522,18 +522,15 @@ def test_native_traced_scale_gets_its_gradient(native_kernel):
 def test_cpu_auto_picks_native_where_it_applies(native_kernel):
     q = jnp.zeros((1, 64, 2, 32))
     assert A._auto(q, q, None, None, True, None) == "native"
-    assert A._auto(q, q, jnp.zeros((64, 64)), None, True, None) != "native"
+    assert A._auto(q, q, jnp.zeros((64, 64)), None, True, None) == "native"
     assert A._auto(q, q, None, jnp.ones((1, 1, 1, 64), bool), True, None) == "native"
     assert A._auto(q[..., :24], q[..., :24], None, None, True, None) != "native"  # head dim 24
     assert A._auto(q[:, :32], q[:, :32], None, None, True, None) != "native"  # 32 x 32 logits
 
 
 def test_native_refuses_what_it_does_not_do():
-    q, k, v = _inputs(T=5, S=7, D=16)
-    with pytest.raises(ValueError, match=r"native.*not a bias.*a bias"):
-        A.dot_product_attention(q, k, v, implementation="native", bias=jnp.zeros((5, 7)))
     q, k, v = _inputs(T=5, S=7, D=8)
-    with pytest.raises(ValueError, match="head dim 8"):
+    with pytest.raises(ValueError, match="multiple of 16; got 8"):
         A.dot_product_attention(q, k, v, implementation="native")
 
 
@@ -561,24 +558,29 @@ def test_native_build_is_cached_and_reused(native_kernel, tmp_path, monkeypatch)
 def test_native_runs_per_device_under_a_mesh_and_pmap(native_kernel):
     """Batch-sharded inputs: each device runs the kernel on its own examples (no all-gather in
     the compiled program, forward or backward), and the values and gradients are those of one
-    device; a (data, fsdp) batch axis and pmap too."""
+    device -- a bias shared by the batch (replicated) and its gradient (summed over devices)
+    included; a (data, fsdp) batch axis and pmap too."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     q, k, v = _inputs(B=8, T=64, S=64, N=4, K=2, D=16, seed=4)
     w = jnp.asarray(np.random.default_rng(5).normal(size=q.shape), jnp.float32)
+    bias = jnp.asarray(np.random.default_rng(6).normal(size=(1, 4, 64, 64)), jnp.float32)
     mask = jnp.asarray(_key_padding(8, 64, [64, 10, 33, 64, 1, 50, 64, 64]))  # sharded with the batch
-    loss = lambda q, k, v: jnp.sum(A.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                                           implementation="native") * w)
-    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    loss = lambda q, k, v, bias: jnp.sum(A.dot_product_attention(q, k, v, mask=mask, bias=bias, is_causal=True,
+                                                                 implementation="native") * w)
+    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
     for mesh, spec in ((Mesh(np.array(jax.devices()), ("data",)), P("data")),
                        (Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp")), P(("data", "fsdp")))):
         put = lambda x: jax.device_put(x, NamedSharding(mesh, spec))
-        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-        hlo = step.lower(put(q), put(k), put(v)).compile().as_text()
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+        bias_r = jax.device_put(bias, NamedSharding(mesh, P()))
+        hlo = step.lower(put(q), put(k), put(v), bias_r).compile().as_text()
         assert "all-gather" not in hlo and "custom_call_target=\"zoo_attention_forward\"" in hlo.replace(" ", "")
-        got = step(put(q), put(k), put(v))
+        got = step(put(q), put(k), put(v), bias_r)
         for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(want[0], np.sum(np_attention(q, k, v, mask=mask, bias=bias, is_causal=True) * w),
+                               rtol=1e-5)
     per_device = lambda x: x.reshape(8, 1, *x.shape[1:])
     out = jax.pmap(lambda q, k, v: A.dot_product_attention(q, k, v, is_causal=True, implementation="native"))(
         per_device(q), per_device(k), per_device(v))
@@ -608,3 +610,23 @@ def test_native_with_no_keys_gives_zeros_and_zero_gradients(native_kernel):
     dq, dk, dv = jax.grad(f, (0, 1, 2))(q, k, v)
     assert not np.asarray(out).any() and dk.shape == k.shape and dv.shape == v.shape
     np.testing.assert_array_equal(dq, np.ones(q.shape, np.float32))  # only the "+ q" term
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 300, 613), (1, 4, 300, 613), (2, 1, 1, 613), (1, 1, 300, 1), (4, 1, 613),
+                                   (613,)])  # (1, 1, 300, 1): a per-row constant, dbias 0 up to rounding
+def test_native_bias_of_every_broadcast_shape_and_its_gradient(native_kernel, shape):
+    """A bias broadcast along any axes (batch, heads, queries, keys), several key tiles and query
+    steps, grouped heads: values and gradients (dbias summed over what it broadcasts along) vs
+    NumPy and the reference; without a differentiated bias no dbias is computed (symbolic zeros)."""
+    q, k, v = _inputs(B=2, T=300, S=613, N=4, K=2, D=16, seed=9)
+    bias = jnp.asarray(np.random.default_rng(3).normal(size=shape), jnp.float32)
+    kw = dict(bias=bias, is_causal=True)
+    got = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, implementation="native", **kw))(q, k, v)
+    np.testing.assert_allclose(got, np_attention(q, k, v, **kw), rtol=1e-5, atol=1e-5)
+    for g, r in zip(_grads("native", q, k, v, kw), _grads("reference", q, k, v, kw)):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=max(2e-5, 1e-5 * float(np.abs(r).max())))
+    # bias held fixed (e.g. ALiBi): the backward skips dbias
+    f = lambda q: jnp.sum(A.dot_product_attention(q, k, v, implementation="native", **kw) ** 2)
+    hlo = jax.jit(jax.grad(f)).lower(q).as_text()
+    assert "bias_grad = false" in hlo and "bias_grad = true" not in hlo

@@ -23,7 +23,7 @@ n // (N // K)). Implementations, all giving the same values and gradients:
   "native"     FlashAttention forward and backward in C++ for the CPU (zoo/ops/csrc/attention.cc,
                called through jax.ffi; zoo.ops.native compiles it on first use): each tile of
                logits makes one trip through the core's cache, where XLA writes every op's tile to
-               memory and reads it back. Masks, not bias; head dims a multiple of 16; computes in
+               memory and reads it back. Masks and a bias; head dims a multiple of 16; computes in
                float32. Where no C++ compiler is found, auto falls back to the XLA paths.
 
 Conventions shared by every implementation:
@@ -656,36 +656,42 @@ def _blocked(q, k, v, is_causal, window, scale, q_block_size=None, block_size=No
 # FlashAttention in C++ (zoo/ops/csrc/attention.cc, through jax.ffi; zoo.ops.native builds it on
 # first use): one pass over each tile of logits in the core's cache, exp, row max and sum fused
 # with it, where XLA's CPU runtime writes each op's tile to memory and reads it back. Float32 (other
-# dtypes are computed in float32), head dims a multiple of 16, masks but no bias.
+# dtypes are computed in float32), head dims a multiple of 16, masks and a bias (its gradient only
+# where it is differentiated).
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _native_attention(q, k, v, mask, mask_kw, blocks):
-    return _native_fwd(q, k, v, mask, mask_kw, blocks)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _native_attention(q, k, v, mask, bias, mask_kw, blocks):
+    o, _ = native.attention_forward(q, k, v, mask, bias, **dict(mask_kw), block_q=blocks[0], block_k=blocks[2])
+    return o
 
 
-# mask: bool [B|1, N|1, T|1, S|1] or None; mask_kw: ((name, value), ...) of is_causal, window and
-# scale; blocks: (forward rows, backward rows, keys per tile), hashable since both are static
-def _native_fwd(q, k, v, mask, mask_kw, blocks):
-    o, lse = native.attention_forward(q, k, v, mask, **dict(mask_kw), block_q=blocks[0], block_k=blocks[2])
-    return o, (q, k, v, mask, o, lse)
+# mask: bool [B|1, N|1, T|1, S|1] or None; bias: float32 [B|1, N|1, T|1, S|1] or None; mask_kw:
+# ((name, value), ...) of is_causal, window and scale; blocks: (forward rows, backward rows, keys
+# per tile), hashable since both are static. With symbolic zeros the forward learns whether the
+# bias is differentiated: the backward computes dbias only then.
+def _native_fwd(q, k, v, mask, bias, mask_kw, blocks):
+    bias_grad = bias is not None and bias.perturbed
+    q, k, v, mask, bias = (None if x is None else x.value for x in (q, k, v, mask, bias))
+    o, lse = native.attention_forward(q, k, v, mask, bias, **dict(mask_kw), block_q=blocks[0], block_k=blocks[2])
+    return o, (q, k, v, mask, bias, o, lse, bias_grad)
 
 
 def _native_bwd(mask_kw, blocks, res, do):
-    q, k, v, mask, o, lse = res
-    grads = native.attention_backward(q, k, v, o, lse, do, mask, **dict(mask_kw), block_q=blocks[1],
-                                      block_k=blocks[2])
-    return (*grads, None)  # the mask has no gradient
+    q, k, v, mask, bias, o, lse, bias_grad = res
+    dq, dk, dv, dbias = native.attention_backward(q, k, v, o, lse, do, mask, bias, bias_grad=bias_grad,
+                                                  **dict(mask_kw), block_q=blocks[1], block_k=blocks[2])
+    return dq, dk, dv, None, dbias  # the mask has no gradient; dbias None: not differentiated
 
 
-_native_attention.defvjp(_native_fwd, _native_bwd)
+_native_attention.defvjp(_native_fwd, _native_bwd, symbolic_zeros=True)
 
 
-def _native_applies(q, bias) -> bool:
-    return bias is None and q.shape[-1] % native.HEAD_DIM_MULTIPLE == 0
+def _native_applies(q) -> bool:
+    return q.shape[-1] % native.HEAD_DIM_MULTIPLE == 0
 
 
-def _native(q, k, v, mask, is_causal, window, scale, q_block_size=None, block_size=None):
+def _native(q, k, v, bias, mask, is_causal, window, scale, q_block_size=None, block_size=None):
     """q_block_size: query positions per forward task and backward step (default: the kernel's
     measured rows); block_size: keys per tile."""
     if not isinstance(scale, (int, float)):  # a traced scale: into q, where autodiff sees it
@@ -695,7 +701,8 @@ def _native(q, k, v, mask, is_causal, window, scale, q_block_size=None, block_si
     blocks = (*rows, block_size or native.KEY_BLOCK)
     mask_kw = (("is_causal", bool(is_causal)), ("window", window), ("scale", float(scale)))
     f32 = jnp.float32
-    o = _native_attention(q.astype(f32), k.astype(f32), v.astype(f32), mask, mask_kw, blocks)
+    bias = None if bias is None else bias.astype(f32)
+    o = _native_attention(q.astype(f32), k.astype(f32), v.astype(f32), mask, bias, mask_kw, blocks)
     return o.astype(q.dtype)
 
 
@@ -705,7 +712,7 @@ def _native(q, k, v, mask, is_causal, window, scale, q_block_size=None, block_si
 CPU_BLOCKS = (128, 1024)  # auto on CPU: (query block, key block) of "chunked"
 CPU_NARROW_HEAD = 16      # auto on CPU: heads this narrow, unmasked, go one example at a time
 CPU_NARROW_LOGITS = 2**22  # ... when one example's [N, T, S] float32 logits fit in 16 MiB
-# auto on CPU: "native" (no bias, head dim a multiple of 16) from this many logits per
+# auto on CPU: "native" (head dim a multiple of 16) from this many logits per
 # head. fwd / fwd+bwd vs "xla" on 2 cores (benchmarks/results/README.md): B32 T64 N4 D32 causal
 # 1.4 / 3.2 ms vs 2.1 / 4.8; B8 T256 N4 D64 causal 3.9 / 9.2 vs 11.8 / 25.4; B64 T16 N4 D16
 # 0.81 / 1.46 vs 0.64 / 1.59 (the threads' start-up outweighs 16 x 16 tiles). With a key padding
@@ -745,8 +752,7 @@ def _auto(q, k, bias, mask, is_causal, window):
         return "cudnn"
     B, T, N, _ = q.shape
     S = k.shape[1]
-    if (jax.default_backend() == "cpu" and T * S >= CPU_NATIVE_MIN_LOGITS and _native_applies(q, bias)
-            and native.available()):
+    if jax.default_backend() == "cpu" and T * S >= CPU_NATIVE_MIN_LOGITS and _native_applies(q) and native.available():
         return "native"
     # On CPU, XLA runs each op of "xla" over the whole [B, N, T, S] logits: the matmul writes them
     # to memory and softmax's passes read them back (an elementwise pass over 32 MiB costs as much
@@ -769,7 +775,7 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
     mask[:, None, None, :]). bias: additive, broadcastable to [B, N, T, S]. window: (left, right)
     or an int for both. scale defaults to 1/sqrt(D). implementation: one of IMPLEMENTATIONS or None
     (auto: cuDNN on GPU for fp16/bf16; on CPU "native", a C++ FlashAttention kernel built on first
-    use (zoo.ops.native), without a bias, for head dims that are a multiple of 16 and T * S >=
+    use (zoo.ops.native), for head dims that are a multiple of 16 and T * S >=
     4096; else one example at a time for unmasked heads of D <= 16, and when T, S >= 256 "blocked"
     (no bias or mask) or "chunked" with query blocks; else "xla", or "chunked" when the
     [B, N, T, S] float32 logits would pass 1 GiB). block_size: keys per
@@ -799,14 +805,13 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
         sizes = (q_block_size, block_size) if implementation else (None, None)  # auto: measured sizes
         return _blocked(q, k, v, is_causal, window, scale, *sizes)
     if impl == "native":
-        if not _native_applies(q, bias):
-            raise ValueError(f'implementation "native" takes a mask, is_causal and window, not a bias, and '
-                             f'a head dim that is a multiple of {native.HEAD_DIM_MULTIPLE}; got head dim '
-                             f'{q.shape[-1]}{", a bias" if bias is not None else ""}; use None (auto) for those')
+        if not _native_applies(q):
+            raise ValueError(f'implementation "native" needs a head dim that is a multiple of '
+                             f'{native.HEAD_DIM_MULTIPLE}; got {q.shape[-1]}; use None (auto) for others')
         if not native.available():
             raise RuntimeError(f'implementation "native" is not available here: {native.unavailable_reason()}')
         sizes = (q_block_size, block_size) if implementation else (None, None)  # auto: measured sizes
-        return _native(q, k, v, mask, is_causal, window, scale, *sizes)
+        return _native(q, k, v, bias, mask, is_causal, window, scale, *sizes)
     if impl == "reference":
         return _reference(q, k, v, bias, mask, is_causal, window, scale)
     if impl == "chunked":

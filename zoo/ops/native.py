@@ -11,7 +11,8 @@ CPUs this process may run on).
 
 Kernels (all sources in csrc/ build into one library):
 - `attention_forward` / `attention_backward`, FlashAttention in float32 (csrc/attention.cc):
-  q [B, T, N, D], k, v [B, S, K, D], the head dim a multiple of 16; causal, window and boolean masks.
+  q [B, T, N, D], k, v [B, S, K, D], the head dim a multiple of 16; causal, window, boolean masks
+  and an additive bias (with its gradient).
 - `gibbs_chain`, a Bernoulli RBM's block-Gibbs chain in float32 (csrc/gibbs.cc), with the uniforms
   of zoo.ops.gibbs's "hash" method.
 """
@@ -46,7 +47,7 @@ FORWARD_ROWS = 128
 BACKWARD_ROWS = 128
 KEY_BLOCK = 512
 KEY_ALIGN = 32  # tiles start and end on multiples of this many keys (COL_ALIGN in the source)
-N_STATICS = 6   # is_causal, window, scale, block_q, block_k, has_mask
+N_STATICS = 8   # is_causal, window, scale, block_q, block_k, has_mask, has_bias, bias_grad
 CHAIN_ROWS = 128  # chains per task of gibbs_chain
 TARGETS = {"zoo_attention_forward": "ZooAttentionForward",
            "zoo_attention_backward": "ZooAttentionBackward",
@@ -149,11 +150,12 @@ def unavailable_reason() -> str | None:
     return None if available() else _state.get("error")
 
 
-def _attrs(is_causal, window, scale, block_q, block_k, has_mask):
+def _attrs(is_causal, window, scale, block_q, block_k, has_mask, has_bias, bias_grad):
+    """The kernels' shared attributes, and bias_grad (the backward's own)."""
     left, right = window if window is not None else (-1, -1)
     return dict(is_causal=bool(is_causal), window_left=np.int64(left), window_right=np.int64(right),
                 scale=np.float32(scale), block_q=np.int64(block_q), block_k=np.int64(block_k),
-                has_mask=bool(has_mask))
+                has_mask=bool(has_mask), has_bias=bool(has_bias)), bias_grad
 
 
 def _by_batch(fn, n_arrays, rule, *, n_statics=N_STATICS, n_batched=None):
@@ -190,23 +192,42 @@ def _by_batch(fn, n_arrays, rule, *, n_statics=N_STATICS, n_batched=None):
     return cp
 
 
-def _forward(q, k, v, mask, *statics):
+def _forward(q, k, v, mask, bias, *statics):
     (B, T, N, _), K = q.shape, k.shape[2]
     out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, K, T, N // K), jnp.float32))
     call = jax.ffi.ffi_call("zoo_attention_forward", out, vmap_method="sequential")
-    return call(q, k, v, mask, **_attrs(*statics))
+    return call(q, k, v, mask, bias, **_attrs(*statics)[0])
 
 
-def _backward(q, k, v, mask, o, lse, do, *statics):
+def _dbias_shape(q, k, bias, bias_grad):
+    """[B, K, G|1, T|1, S|1]: what each (batch, kv head) task sees of the bias's gradient."""
+    (B, _, N, _), K = q.shape, k.shape[2]
+    if not bias_grad:
+        return (B, 1, 1, 1, 1)  # not written
+    return (B, K, N // K if bias.shape[1] > 1 else 1, bias.shape[2], bias.shape[3])
+
+
+def _backward(q, k, v, mask, o, lse, do, bias, *statics):  # bias last: it may be unbatched
+    attrs, bias_grad = _attrs(*statics)
     out = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    out += (jax.ShapeDtypeStruct(_dbias_shape(q, k, bias, bias_grad), jnp.float32),)
     call = jax.ffi.ffi_call("zoo_attention_backward", out, vmap_method="sequential")
-    return call(q, k, v, mask, o, lse, do, **_attrs(*statics))
+    return call(q, k, v, mask, bias, o, lse, do, **attrs, bias_grad=bool(bias_grad))
 
 
 _QKV = "b t n d, b s k d, b s k d"
 _MASK = "b x y z"  # [B, N|1, T|1, S|1]: factors of its own (1 or the full size)
-_forward_by_batch = _by_batch(_forward, 4, f"{_QKV}, {_MASK} -> b t n d, b k t g")
-_backward_by_batch = _by_batch(_backward, 7, f"{_QKV}, {_MASK}, b t n d, b k t g, b t n d -> {_QKV}")
+
+
+@functools.lru_cache(maxsize=None)
+def _by_batch_attention(kind, bias_batched):
+    """The kernels as custom_partitioning; a bias [1, ...] under a batch of more is replicated."""
+    bias = "b p r u" if bias_batched else "a p r u"
+    n = 4 + bias_batched
+    if kind == "forward":
+        return _by_batch(_forward, 5, f"{_QKV}, {_MASK}, {bias} -> b t n d, b k t g", n_batched=n)
+    return _by_batch(_backward, 8, f"{_QKV}, {_MASK}, b t n d, b k t g, b t n d, {bias} -> {_QKV}, b k e f h",
+                     n_batched=n + 3)
 
 
 def _folding_vmap(fn, n_out, n_batched=None):
@@ -230,10 +251,11 @@ def _folding_vmap(fn, n_out, n_batched=None):
 
 
 @functools.lru_cache(maxsize=None)
-def _call(kind, statics):
+def _call(kind, statics, bias_batched):
     """The attention kernel call for these static arguments (vmap folds into the batch)."""
-    fn, n_out = (_forward_by_batch, 2) if kind == "forward" else (_backward_by_batch, 3)
-    return _folding_vmap(lambda *arrays: fn(*arrays, *statics), n_out)
+    fn, n_out = _by_batch_attention(kind, bias_batched), (2 if kind == "forward" else 4)
+    n_batched = (4 if kind == "forward" else 7) + bias_batched
+    return _folding_vmap(lambda *arrays: fn(*arrays, *statics), n_out, n_batched=n_batched)
 
 
 def _mask(q, mask):
@@ -244,34 +266,56 @@ def _mask(q, mask):
     return jnp.broadcast_to(jnp.asarray(mask, bool), (B,) + tuple(mask.shape[1:]))
 
 
-def _statics(is_causal, window, scale, block_q, block_k, has_mask):
+def _bias(q, bias):
+    """The kernel's bias operand: float32 [B|1, N|1, T|1, S|1] (zeros [B, 1, 1, 1] for none), and
+    whether it leads with the batch (else it is [1, ...] under a larger batch: one copy for all)."""
+    B = q.shape[0]
+    if bias is None:
+        return jnp.zeros((B, 1, 1, 1), jnp.float32), True
+    bias = jnp.asarray(bias, jnp.float32)
+    return bias, bias.shape[0] == B
+
+
+def _statics(is_causal, window, scale, block_q, block_k, has_mask, has_bias, bias_grad=False):
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_q and block_k must be positive; got {block_q}, {block_k}")
     window = None if window is None else (int(window[0]), int(window[1]))
     block_k = -(-int(block_k) // KEY_ALIGN) * KEY_ALIGN
-    return bool(is_causal), window, float(scale), int(block_q), block_k, bool(has_mask)
+    return (bool(is_causal), window, float(scale), int(block_q), block_k, bool(has_mask), bool(has_bias),
+            bool(bias_grad))
 
 
-def attention_forward(q, k, v, mask=None, *, is_causal=False, window=None, scale=1.0,
+def attention_forward(q, k, v, mask=None, bias=None, *, is_causal=False, window=None, scale=1.0,
                       block_q=FORWARD_ROWS, block_k=KEY_BLOCK):
     """(o [B, T, N, D], lse [B, K, T, G]) for float32 q [B, T, N, D], k, v [B, S, K, D]: o the
-    attention output (logits q k^T * scale), lse each query row's logsumexp (+inf: no visible key).
-    mask: bool [B|1, N|1, T|1, S|1], True = attend (4D; jnp broadcasting rules), or None.
+    attention output (logits q k^T * scale + bias), lse each query row's logsumexp (+inf: no
+    visible key). mask: bool [B|1, N|1, T|1, S|1], True = attend, or None; bias: float
+    [B|1, N|1, T|1, S|1] or None (4D; jnp broadcasting rules; read with their broadcast strides).
     Partitioned over the batch axis under jit over a mesh; vmap folds into the batch axis.
     block_q: query rows (positions x grouped heads) per task; block_k: keys per tile (rounded up
     to a multiple of KEY_ALIGN)."""
     load()
-    statics = _statics(is_causal, window, scale, block_q, block_k, mask is not None)
-    return _call("forward", statics)(q, k, v, _mask(q, mask))
+    statics = _statics(is_causal, window, scale, block_q, block_k, mask is not None, bias is not None)
+    bias, bias_batched = _bias(q, bias)
+    return _call("forward", statics, bias_batched)(q, k, v, _mask(q, mask), bias)
 
 
-def attention_backward(q, k, v, o, lse, do, mask=None, *, is_causal=False, window=None, scale=1.0,
-                       block_q=BACKWARD_ROWS, block_k=KEY_BLOCK):
-    """(dq, dk, dv) of attention_forward's o, given its lse and the output's cotangent do;
-    block_q: query rows per step of a (batch, kv head) task."""
+def attention_backward(q, k, v, o, lse, do, mask=None, bias=None, *, bias_grad=False, is_causal=False,
+                       window=None, scale=1.0, block_q=BACKWARD_ROWS, block_k=KEY_BLOCK):
+    """(dq, dk, dv, dbias) of attention_forward's o, given its lse and the output's cotangent do;
+    dbias (with a bias and bias_grad; else None) in the bias's shape. block_q: query rows per step
+    of a (batch, kv head) task."""
     load()
-    statics = _statics(is_causal, window, scale, block_q, block_k, mask is not None)
-    return _call("backward", statics)(q, k, v, _mask(q, mask), o, lse, do)
+    has_bias = bias is not None
+    statics = _statics(is_causal, window, scale, block_q, block_k, mask is not None, has_bias, has_bias and bias_grad)
+    shape = None if bias is None else jnp.shape(bias)
+    bias, bias_batched = _bias(q, bias)
+    dq, dk, dv, db = _call("backward", statics, bias_batched)(q, k, v, _mask(q, mask), o, lse, do, bias)
+    if not statics[-1]:
+        return dq, dk, dv, None
+    B, K, G = db.shape[:3]  # [B, K, G|1, T|1, S|1] -> the bias's [B|1, N|1, T|1, S|1]
+    db = db.reshape(B, K * G, *db.shape[3:]) if shape[1] > 1 else db.sum(1)
+    return dq, dk, dv, db if shape[0] == B else db.sum(0, keepdims=True)
 
 
 CHAIN_METHODS = {"auto": 0, "fma": 1, "amx": 2}

@@ -7,6 +7,10 @@
 // +inf where it sees none). Key j is visible from query position t when
 // t - window_left <= j <= t + window_right (a negative bound is open), j <= t if causal, j < S,
 // and, with has_mask, mask[b, n, t, j] (bool [B, N|1, T|1, S|1], read with its broadcast strides).
+// With has_bias, bias[b, n, t, j] (float32 [B|1, N|1, T|1, S|1], likewise) is added to the logits
+// (after the scale), and the backward returns its gradient summed over what each (batch, kv head)
+// task sees of its broadcast axes: dbias [B, K, G|1, T|1, S|1] (summed over B and K by the caller
+// where the bias broadcasts there).
 //
 // Work is split into tasks that own their outputs, run by a few std::threads per call:
 // forward, one task per (batch, kv head, block of query positions), its G heads' rows
@@ -63,6 +67,9 @@ struct Problem {
   int64_t Sp;      // S rounded up to COL_ALIGN
   const bool* mask = nullptr;  // [B, N|1, T|1, S|1], True = attend; null: none
   int64_t msb = 0, msn = 0, mst = 0, mss = 0;  // its strides (0 along a broadcast axis)
+  const float* bias = nullptr;  // [B|1, N|1, T|1, S|1]; null: none
+  int64_t bsb = 0, bsn = 0, bst = 0, bss = 0;  // its strides
+  int64_t dbg = 0, dbt = 0, dbs = 0;  // the extents of dbias's last three axes: G|1, T|1, S|1
   int64_t ldt;     // row stride of k^T and v^T packs: Sp + 16, an odd number of 64-byte lines, so
                    // a tile's rows do not all fall in a few L1 sets (1.5x on q k^T at S4096)
 
@@ -107,6 +114,40 @@ void mask_tile(const Problem& p, float* s, int64_t rows, int64_t b, int64_t h, i
     if (p.mask) {
       const bool* m = p.mask + b * p.msb + (h * p.G + r % p.G) * p.msn + t * p.mst + k0 * p.mss;
       for (int64_t j = lo; j < hi; ++j) sr[j] = m[j * p.mss] ? sr[j] : NEG_INF;
+    }
+  }
+}
+
+// s[r, j] += bias[b, head of row r, position of row r, k0 + j] for the tile's keys below S.
+void add_bias(const Problem& p, float* s, int64_t rows, int64_t b, int64_t h, int64_t t0, int64_t k0,
+              int64_t w) {
+  const int64_t valid = std::min(w, p.S - k0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = p.bias + b * p.bsb + (h * p.G + r % p.G) * p.bsn + (t0 + r / p.G) * p.bst + k0 * p.bss;
+    float* sr = s + r * w;
+    if (p.bss) {
+      for (int64_t j = 0; j < valid; ++j) sr[j] += x[j];
+    } else {
+      for (int64_t j = 0; j < valid; ++j) sr[j] += x[0];
+    }
+  }
+}
+
+// The rows' share of dbias: db [G|1, T|1, S|1] of task (b, h) += ds over the tile's keys below S
+// (summed over the axes the bias broadcasts along).
+void add_dbias(const Problem& p, const float* ds, int64_t rows, int64_t t0, int64_t k0, int64_t w,
+               float* db) {
+  const int64_t valid = std::min(w, p.S - k0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t g = p.dbg > 1 ? r % p.G : 0, t = p.dbt > 1 ? t0 + r / p.G : 0;
+    float* out = db + (g * p.dbt + t) * p.dbs;
+    const float* x = ds + r * w;
+    if (p.dbs > 1) {
+      for (int64_t j = 0; j < valid; ++j) out[k0 + j] += x[j];
+    } else {
+      float acc = 0;
+      for (int64_t j = 0; j < valid; ++j) acc += x[j];
+      out[0] += acc;
     }
   }
 }
@@ -163,6 +204,7 @@ void forward(const Problem& p, const float* q, const float* k, const float* v, f
     const float* kTh = kT.data() + bh * p.D * p.ldt;
     for_key_tiles(p, t0, t1, [&](int64_t k0, int64_t w, bool masked) {
       gemm_keys(rows, w, p.D, qb, p.D, 1, kTh + k0, p.ldt, s, w);
+      if (p.bias) add_bias(p, s, rows, b, h, t0, k0, w);
       if (masked) mask_tile(p, s, rows, b, h, t0, k0, w);
       for (int64_t r = 0; r < rows; ++r) {
         float* sr = s + r * w;
@@ -204,7 +246,7 @@ void forward(const Problem& p, const float* q, const float* k, const float* v, f
 }
 
 void backward(const Problem& p, const float* q, const float* k, const float* v, const float* o,
-              const float* lse, const float* dout, float* dq, float* dk, float* dv) {
+              const float* lse, const float* dout, float* dq, float* dk, float* dv, float* dbias) {
   const int64_t tq = std::max<int64_t>(1, p.rows / p.G);
   const int64_t R = tq * p.G;
   const int nt = num_threads();
@@ -219,6 +261,8 @@ void backward(const Problem& p, const float* q, const float* k, const float* v, 
     pack_transposed(p, k, b, h, kT);
     pack_transposed(p, v, b, h, vT);
     pack_rows(p, k, b, h, kh);
+    float* db = dbias ? dbias + bh * p.dbg * p.dbt * p.dbs : nullptr;  // this task's own slice
+    if (db) std::fill(db, db + p.dbg * p.dbt * p.dbs, 0.0f);
     std::fill(dkh, dkh + 2 * p.Sp * p.D, 0.0f);
     for (int64_t t0 = 0; t0 < p.T; t0 += tq) {
       const int64_t t1 = std::min(p.T, t0 + tq), rows = (t1 - t0) * p.G;
@@ -235,6 +279,7 @@ void backward(const Problem& p, const float* q, const float* k, const float* v, 
       std::fill(dqb, dqb + rows * p.D, 0.0f);
       for_key_tiles(p, t0, t1, [&](int64_t k0, int64_t w, bool masked) {
         gemm_keys(rows, w, p.D, qb, p.D, 1, kT + k0, p.ldt, s, w);  // s = q k^T
+        if (p.bias) add_bias(p, s, rows, b, h, t0, k0, w);
         if (masked) mask_tile(p, s, rows, b, h, t0, k0, w);
         for (int64_t r = 0; r < rows; ++r) {  // p = exp(s - lse)
           const vf lv = splat(lb[r]);
@@ -248,6 +293,7 @@ void backward(const Problem& p, const float* q, const float* k, const float* v, 
             store(x, load(s + r * w + j) * (load(x) - dv_));
           }
         }
+        if (db) add_dbias(p, dp, rows, t0, k0, w, db);
         gemm_dim(w, p.D, rows, s, 1, w, dob, p.D, dvh + k0 * p.D, p.D);  // dv += p^T do
         gemm_dim(w, p.D, rows, dp, 1, w, qb, p.D, dkh + k0 * p.D, p.D);  // dk += ds^T q
         const int64_t valid = std::min(w, p.S - k0);
@@ -268,9 +314,25 @@ void backward(const Problem& p, const float* q, const float* k, const float* v, 
   });
 }
 
+// Strides of a [B|1, N|1, T|1, S|1] array x (0 along its broadcast axes) into s; false if x has
+// another shape.
+template <class Buffer>
+bool broadcast_strides(const Buffer& x, const Problem& p, int64_t s[4]) {
+  auto d = x.dimensions();
+  const int64_t full[4] = {p.B, p.N, p.T, p.S};
+  if (d.size() != 4) return false;
+  for (int i = 0; i < 4; ++i)
+    if (d[i] != full[i] && d[i] != 1) return false;
+  s[3] = d[3] == 1 ? 0 : 1;
+  s[2] = d[2] == 1 ? 0 : d[3];
+  s[1] = d[1] == 1 ? 0 : d[2] * d[3];
+  s[0] = d[0] == 1 ? 0 : d[1] * d[2] * d[3];
+  return true;
+}
+
 ffi::Error problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
-                   ffi::Buffer<ffi::PRED>& mask, bool has_mask, bool causal, int64_t wl, int64_t wr,
-                   float scale, int64_t rows, int64_t kv_block, Problem& p) {
+                   ffi::Buffer<ffi::PRED>& mask, ffi::Buffer<ffi::F32>& bias, bool has_mask, bool has_bias,
+                   bool causal, int64_t wl, int64_t wr, float scale, int64_t rows, int64_t kv_block, Problem& p) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return ffi::Error::InvalidArgument("zoo attention: q, k, v must have rank 4");
@@ -286,18 +348,20 @@ ffi::Error problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buff
     return ffi::Error::InvalidArgument("zoo attention: block_q must be >= 1 and block_k a positive "
                                        "multiple of " + std::to_string(COL_ALIGN));
   p.G = p.N / p.K;
+  int64_t st[4];
   if (has_mask) {
-    auto md = mask.dimensions();
-    const int64_t full[4] = {p.B, p.N, p.T, p.S};
-    if (md.size() != 4) return ffi::Error::InvalidArgument("zoo attention: the mask must have rank 4");
-    for (int i = 0; i < 4; ++i)
-      if (md[i] != full[i] && !(md[i] == 1 && i > 0))
-        return ffi::Error::InvalidArgument("zoo attention: the mask must be [B, N|1, T|1, S|1]");
+    if (!broadcast_strides(mask, p, st) || (mask.dimensions()[0] != p.B))
+      return ffi::Error::InvalidArgument("zoo attention: the mask must be [B, N|1, T|1, S|1]");
     p.mask = mask.typed_data();
-    p.mss = md[3] == 1 ? 0 : 1;
-    p.mst = md[2] == 1 ? 0 : md[3];
-    p.msn = md[1] == 1 ? 0 : md[2] * md[3];
-    p.msb = md[1] * md[2] * md[3];
+    p.msb = st[0], p.msn = st[1], p.mst = st[2], p.mss = st[3];
+  }
+  if (has_bias) {
+    if (!broadcast_strides(bias, p, st))
+      return ffi::Error::InvalidArgument("zoo attention: the bias must be [B|1, N|1, T|1, S|1]");
+    p.bias = bias.typed_data();
+    p.bsb = st[0], p.bsn = st[1], p.bst = st[2], p.bss = st[3];
+    auto bd = bias.dimensions();
+    p.dbg = bd[1] == 1 ? 1 : p.G, p.dbt = bd[2], p.dbs = bd[3];
   }
   p.Sp = (p.S + COL_ALIGN - 1) / COL_ALIGN * COL_ALIGN;
   p.ldt = p.Sp + 16;
@@ -305,10 +369,11 @@ ffi::Error problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buff
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse, bool causal,
-                   int64_t wl, int64_t wr, float scale, int64_t block_q, int64_t block_k, bool has_mask) {
+                   ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> o,
+                   ffi::ResultBuffer<ffi::F32> lse, bool causal, int64_t wl, int64_t wr, float scale,
+                   int64_t block_q, int64_t block_k, bool has_mask, bool has_bias) {
   Problem p;
-  if (ffi::Error e = problem(q, k, v, mask, has_mask, causal, wl, wr, scale, block_q, block_k, p);
+  if (ffi::Error e = problem(q, k, v, mask, bias, has_mask, has_bias, causal, wl, wr, scale, block_q, block_k, p);
       !e.success())
     return e;
   if (p.B * p.T * p.N == 0) return ffi::Error::Success();
@@ -317,32 +382,37 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
 }
 
 ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
-                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv, bool causal, int64_t wl, int64_t wr, float scale,
-                    int64_t block_q, int64_t block_k, bool has_mask) {
+                    ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> o,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                    ffi::ResultBuffer<ffi::F32> dbias, bool causal, int64_t wl, int64_t wr, float scale,
+                    int64_t block_q, int64_t block_k, bool has_mask, bool has_bias, bool bias_grad) {
   Problem p;
-  if (ffi::Error e = problem(q, k, v, mask, has_mask, causal, wl, wr, scale, block_q, block_k, p);
+  if (ffi::Error e = problem(q, k, v, mask, bias, has_mask, has_bias, causal, wl, wr, scale, block_q, block_k, p);
       !e.success())
     return e;
+  float* db = has_bias && bias_grad ? dbias->typed_data() : nullptr;
+  if (db && dbias->element_count() != p.B * p.K * p.dbg * p.dbt * p.dbs)
+    return ffi::Error::InvalidArgument("zoo attention: dbias must be [B, K, G|1, T|1, S|1]");
+  if (db) std::fill(db, db + dbias->element_count(), 0.0f);
   if (p.S == 0) {  // no keys: every output is zero (dk, dv are empty)
     std::fill(dq->typed_data(), dq->typed_data() + p.B * p.T * p.N * p.D, 0.0f);
     return ffi::Error::Success();
   }
   if (p.B * p.K * p.D == 0) return ffi::Error::Success();
   backward(p, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(),
-           dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data());
+           dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(), db);
   return ffi::Error::Success();
 }
 
-// Both handlers' inputs start with q, k, v and the mask, and they share their attributes (the
-// binding's methods take it as an rvalue).
+// Both handlers' inputs start with q, k, v, the mask and the bias, and they share their attributes
+// (the backward adds bias_grad: whether to compute dbias). The binding's methods take it as an rvalue.
 using F32 = ffi::Buffer<ffi::F32>;
 
 template <class Binding>
-auto with_qkv_mask(Binding binding) {
+auto with_inputs(Binding binding) {
   return std::move(binding).template Arg<F32>().template Arg<F32>().template Arg<F32>()
-      .template Arg<ffi::Buffer<ffi::PRED>>();
+      .template Arg<ffi::Buffer<ffi::PRED>>().template Arg<F32>();
 }
 
 template <class Binding>
@@ -353,19 +423,22 @@ auto with_attrs(Binding binding) {
       .template Attr<float>("scale")
       .template Attr<int64_t>("block_q")
       .template Attr<int64_t>("block_k")
-      .template Attr<bool>("has_mask");
+      .template Attr<bool>("has_mask")
+      .template Attr<bool>("has_bias");
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionForward, Forward,
-                              with_attrs(with_qkv_mask(ffi::Ffi::Bind()).Ret<F32>().Ret<F32>()));
+                              with_attrs(with_inputs(ffi::Ffi::Bind()).Ret<F32>().Ret<F32>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionBackward, Backward,
-                              with_attrs(with_qkv_mask(ffi::Ffi::Bind())
+                              with_attrs(with_inputs(ffi::Ffi::Bind())
                                              .Arg<F32>()  // o
                                              .Arg<F32>()  // lse
                                              .Arg<F32>()  // do
                                              .Ret<F32>()
                                              .Ret<F32>()
-                                             .Ret<F32>()));
+                                             .Ret<F32>()
+                                             .Ret<F32>())  // dbias
+                                  .Attr<bool>("bias_grad"));
