@@ -292,11 +292,12 @@ def _same_rows(a, b):
 
 
 @pytest.mark.parametrize("V, H, B, K, rows", [(784, 500, 70, 4, 32), (13, 7, 33, 5, 8), (64, 256, 300, 3, 128),
-                                              (1, 1, 3, 2, 1)])
+                                              (1, 1, 3, 2, 1), (5, 0, 7, 2, 4)])
 def test_native_chain_equals_the_xla_chain(method, V, H, B, K, rows):
     """Same key, same uniforms: the C++ chain is the XLA chain, unit for unit (up to a
     comparison float32 rounding decides differently, ~1e-7 per unit: whole rows must agree).
-    V, H not multiples of the vectors or tiles; B not of the tasks (block_rows) or AMX's 32 rows."""
+    V, H not multiples of the vectors or tiles; B not of the tasks (block_rows) or AMX's 32 rows;
+    no hidden units at all (the visible units sample from their biases)."""
     p = rbm(V, H, 0.05 if V > 100 else 0.8, seed=3)
     v0, key = _binary(B, V), jax.random.PRNGKey(4)
     want_v, want_hist = gibbs.run_chain(key, p, v0, K, keep_history=True, implementation="xla")

@@ -81,6 +81,8 @@ std::vector<float> pack_panels(const float* x, int64_t kd, int64_t n, int64_t sk
 // along kd, then row blocks.
 void gemm_panels(int64_t m, int64_t panels, int64_t kd, const float* a, int64_t lda, const float* b,
                  float* c, int64_t ldc) {
+  if (kd == 0)  // an empty sum (a layer of no units): zeros
+    for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + panels * PW, 0.0f);
   for (int64_t j = 0; j < panels; ++j) {
     const float* bj = b + j * kd * PW;
     for (int64_t k0 = 0; k0 < kd; k0 += KC) {
