@@ -368,10 +368,14 @@ def test_native_chain_choice_and_errors():
     with pytest.raises(ValueError, match="uniforms"):
         gibbs.run_chain(key, p, v0, 2, implementation="native", uniforms="threefry")
     applies = gibbs._chain_implementation
-    assert applies(None, p, v0, jnp.bfloat16, "hash") == "xla"
-    assert applies(None, p, v0, None, "threefry") == "xla"
+    v_many = jnp.zeros((100, 5))
+    assert applies(None, p, v_many, jnp.bfloat16, "hash", 5) == "xla"
+    assert applies(None, p, v_many, None, "threefry", 5) == "xla"
+    assert applies(None, p, v_many, None, "hash", 4) == "xla"  # CD-1 .. CD-4: packing W costs more
+    assert applies(None, p, v0, None, "hash", 200) == "xla"  # 2 chains x 200 sweeps: too few
     if native.available():
-        assert applies(None, p, v0, None, "hash") == "native"
+        assert applies(None, p, v_many, None, "hash", 5) == "native"
+        assert applies("native", p, v0, None, "hash", 1) == "native"
         with pytest.raises(ValueError, match="method must be one of"):
             native.gibbs_chain(v0, jnp.zeros((2, 1, 2, 2), jnp.uint32), jnp.arange(2, dtype=jnp.uint32),
                                p["W"], p["b"], p["c"], method="avx")
@@ -383,6 +387,6 @@ def test_native_chain_falls_back_without_a_compiler(monkeypatch):
     monkeypatch.setattr(native, "available", lambda: False)
     monkeypatch.setattr(native, "unavailable_reason", lambda: "no C++ compiler found")
     p, key, v0 = rbm(5, 4), jax.random.PRNGKey(0), jnp.zeros((2, 5))
-    assert gibbs._chain_implementation(None, p, v0, None, "hash") == "xla"
+    assert gibbs._chain_implementation(None, p, jnp.zeros((100, 5)), None, "hash", 5) == "xla"
     with pytest.raises(native.NativeUnavailable, match="no C\\+\\+ compiler"):
         gibbs.run_chain(key, p, v0, 2, implementation="native")

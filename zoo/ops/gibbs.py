@@ -32,7 +32,8 @@ kernel for the CPU (zoo/ops/csrc/gibbs.cc through zoo.ops.native): tasks of 128 
 sweeps without synchronising, with the same hash uniforms (so the same chain for a key), and
 GEMMs in Intel AMX as bf16x3 (states are 0 / 1, exact in bf16; W as three bf16 parts: float32
 accuracy) or in float32 FMA. Auto (None) takes "native" on CPU for float32 W, hash uniforms and
-compute_dtype None where the kernel builds. Measured at 784x500 B1024 K20 on a 2-core AVX-512 +
+compute_dtype None where the kernel builds, from 5 sweeps and 500 chains x sweeps per call (so CD-1
+training stays on XLA, where packing W each call would cost more than the chain). Measured at 784x500 B1024 K20 on a 2-core AVX-512 +
 AMX CPU: 186k chain-steps/s vs 98k for the scan and 54k for NumPy (benchmarks/results/README.md).
 
 Shape letters: B batch (chains), V visible units, H hidden units, K sweeps / temperatures.
@@ -158,6 +159,13 @@ def _chain(sweep, key, params, v0, num_steps: int, keep_history: bool, compute_d
 
 
 CHAIN_IMPLEMENTATIONS = ("xla", "native")
+# auto takes "native" from this many sweeps and chain-sweeps (B x K) per call: below, packing W
+# (twice, as bf16 parts for AMX) and starting threads outweigh the chain. Measured on 2 cores
+# (AVX-512 + AMX), native / xla time: 784x500 B100 K1 2.6 / 1.1 ms, B32 K5 2.9 / 2.1, B100 K5
+# 6.1 / 7.2, B32 K20 7.1 / 7.9, B1024 K20 123 / 224; 64x100 B256 K1 0.25 / 0.18, B100 K5 0.26 /
+# 0.35 (benchmarks/results/README.md "CPU Gibbs: a native chain").
+CHAIN_NATIVE_MIN_STEPS = 5
+CHAIN_NATIVE_MIN_CHAIN_STEPS = 500
 
 
 def _native_applies(params, v0, compute_dtype, uniforms) -> bool:
@@ -165,7 +173,7 @@ def _native_applies(params, v0, compute_dtype, uniforms) -> bool:
             and jnp.issubdtype(v0.dtype, jnp.floating))
 
 
-def _chain_implementation(implementation, params, v0, compute_dtype, uniforms) -> str:
+def _chain_implementation(implementation, params, v0, compute_dtype, uniforms, num_steps) -> str:
     if implementation is not None and implementation not in CHAIN_IMPLEMENTATIONS:
         raise ValueError(f"unknown chain implementation {implementation!r}; expected one of "
                          f"{CHAIN_IMPLEMENTATIONS} or None (auto)")
@@ -178,7 +186,8 @@ def _chain_implementation(implementation, params, v0, compute_dtype, uniforms) -
         if not native.available():
             raise native.NativeUnavailable(f"the native kernels are unavailable: {native.unavailable_reason()}")
         return "native"
-    if implementation is None and applies and jax.default_backend() == "cpu" and native.available():
+    worth_it = num_steps >= CHAIN_NATIVE_MIN_STEPS and v0.shape[0] * num_steps >= CHAIN_NATIVE_MIN_CHAIN_STEPS
+    if implementation is None and applies and worth_it and jax.default_backend() == "cpu" and native.available():
         return "native"
     return "xla"
 
@@ -208,12 +217,13 @@ def run_chain(key, params, v0_BxV, num_steps: int, *, keep_history: bool = False
     implementation: "xla" (one lax.scan of gibbs_sweep), "native" (a C++ kernel for the CPU,
     zoo.ops.native: float32 W, compute_dtype None, hash uniforms; the same uniforms as "xla", so
     the same chain for a key up to float32 rounding deciding a comparison differently, ~1e-7 per
-    unit), or None: "native" on CPU where it applies and builds, else "xla".
+    unit), or None: "native" on CPU where it applies and builds, for at least 5 sweeps and 500
+    chain-sweeps (B x num_steps; below, packing W costs more than it saves), else "xla".
     """
     _check(params, v0_BxV)
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if _chain_implementation(implementation, params, v0_BxV, compute_dtype, uniforms) == "native":
+    if _chain_implementation(implementation, params, v0_BxV, compute_dtype, uniforms, num_steps) == "native":
         return _native_chain(key, params, v0_BxV, num_steps, keep_history)
     return _chain(gibbs_sweep, key, params, v0_BxV, num_steps, keep_history, compute_dtype, uniforms=uniforms)
 

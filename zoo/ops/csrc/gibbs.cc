@@ -66,13 +66,25 @@ int64_t padded(int64_t n) {
   return (p * 4 / 64) % 2 ? p : p + 16;
 }
 
-// x [kd, n] (x(k, j) = x[k * sk + j * sj]) packed as panels of PW columns, [n / PW][kd][PW]
-// (n rounded up to whole panels, zero past it): each panel is read front to back.
-std::vector<float> pack_panels(const float* x, int64_t kd, int64_t n, int64_t sk, int64_t sj) {
+// x [m, n] (row-major) transposed, [n, m], in 32 x 32 blocks (both sides stay in cache).
+std::vector<float> transpose(const float* x, int64_t m, int64_t n) {
+  std::vector<float> out(m * n);
+  for (int64_t i0 = 0; i0 < m; i0 += 32)
+    for (int64_t j0 = 0; j0 < n; j0 += 32)
+      for (int64_t i = i0; i < std::min(m, i0 + 32); ++i)
+        for (int64_t j = j0; j < std::min(n, j0 + 32); ++j) out[j * m + i] = x[i * n + j];
+  return out;
+}
+
+// x [kd, n] (row-major) packed as panels of PW columns, [n / PW][kd][PW] (n rounded up to whole
+// panels, zero past it): each panel is read front to back.
+std::vector<float> pack_panels(const float* x, int64_t kd, int64_t n) {
   const int64_t panels = (n + PW - 1) / PW;
   std::vector<float> out(panels * kd * PW, 0.0f);
-  for (int64_t k = 0; k < kd; ++k)
-    for (int64_t j = 0; j < n; ++j) out[(j / PW * kd + k) * PW + j % PW] = x[k * sk + j * sj];
+  for (int64_t j = 0; j < panels; ++j) {
+    const int64_t w = std::min(PW, n - j * PW);
+    for (int64_t k = 0; k < kd; ++k) std::memcpy(&out[(j * kd + k) * PW], x + k * n + j * PW, w * 4);
+  }
   return out;
 }
 
@@ -108,20 +120,21 @@ void sample(float* x, int64_t width, const float* bias, uint32_t base, uint32_t 
   vu lane;
   for (int i = 0; i < VW; ++i) lane[i] = static_cast<uint32_t>(i);
   const vf one = splat(1.0f), cap = splat(88.0f);
-  const vi one_bits = reinterpret_cast<const vi&>(one);
+  const vi one_bits = (vi)one;  // GCC: a cast between vector types of one size keeps the bits
   for (int64_t j = 0; j < width; j += VW) {
     const vu bits = mix(mix((lane + static_cast<uint32_t>(base + j)) ^ s0) + s1);
     const vu mant = (bits >> 9) | 0x3F800000u;
-    const vf u = reinterpret_cast<const vf&>(mant) - one;
+    const vf u = (vf)mant - one;
     const vf z = load(x + j) + load(bias + j);
     const vi on = threshold_only ? load(x + j) >= vf{} : u * (one + vexp(vmin(cap, -z))) < one;
     const vi r = on & one_bits;
-    store(x + j, reinterpret_cast<const vf&>(r));
+    store(x + j, (vf)r);
     if (state) *reinterpret_cast<vh*>(state + j) = __builtin_convertvector(r >> 16, vh);  // 0x3F80: 1.0
   }
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__linux__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && \
+    defined(__linux__)
 #define ZOO_AMX 1
 // Intel AMX: C [16 x 16] float32 += A [16 x 32] bf16 @ B [32 x 16] bf16 per instruction, about
 // 8x the FMA units' rate. The chain's states are 0 / 1, exact in bfloat16, and W is split into
@@ -148,35 +161,39 @@ void configure_tiles() {  // all 8 tiles 16 rows x 64 bytes; per thread
   _tile_loadconfig(&cfg);
 }
 
-uint16_t bf16(float x) {  // round to nearest even; NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if (std::isnan(x)) return 0x7FC0;
-  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-
-float from_bf16(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-
-// x [kd, n] (x(k, j) = x[k * sk + j * sj]) as AMX B tiles of its three bf16 parts:
-// [n/16][kd/32][part][16 rows: k pairs][16 columns][2: k even, odd] (n to 32, kd to 32, zeros).
-std::vector<uint16_t> pack_amx(const float* x, int64_t kd, int64_t n, int64_t sk, int64_t sj) {
+// x [kd, n] (row-major) as AMX B tiles of its three bf16 parts: [n/16][kd/32][part][16 rows: k
+// pairs][16 columns][2: k even, odd] (n to 32, kd to 32, zeros). Each part is the rounding of
+// what the earlier ones leave (a non-finite x: all in the first part). Vectorised: 16 columns of
+// two rows of x at a time become one 64-byte tile row per part.
+std::vector<uint16_t> pack_amx(const float* x, int64_t kd, int64_t n) {
   const int64_t nb = (n + 31) / 32 * 2, kb = (kd + 31) / 32;
   std::vector<uint16_t> out(nb * kb * AMX_PARTS * 512, 0);
-  for (int64_t k = 0; k < kd; ++k)
-    for (int64_t j = 0; j < n; ++j) {
-      float rest = x[k * sk + j * sj];
-      const bool finite = std::isfinite(rest);
+  __m512i pairs;  // [a0, b0, a1, b1, ...] from a (lanes 0-15) and b (lanes 32-47)
+  alignas(64) uint16_t idx[32];
+  for (int i = 0; i < 16; ++i) idx[2 * i] = static_cast<uint16_t>(i), idx[2 * i + 1] = static_cast<uint16_t>(32 + i);
+  pairs = _mm512_load_si512(idx);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t jb = 0; jb < nb; ++jb) {
+    const int64_t j0 = jb * 16;
+    if (j0 >= n) break;  // the zero columns past n
+    const __mmask16 cols = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - j0)) - 1);
+    for (int64_t k = 0; k < kd; k += 2) {
+      __m512 r0 = _mm512_maskz_loadu_ps(cols, x + k * n + j0);
+      __m512 r1 = k + 1 < kd ? _mm512_maskz_loadu_ps(cols, x + (k + 1) * n + j0) : zero;
+      const __mmask16 f0 = _mm512_cmp_ps_mask(_mm512_sub_ps(r0, r0), zero, _CMP_EQ_OQ);  // finite
+      const __mmask16 f1 = _mm512_cmp_ps_mask(_mm512_sub_ps(r1, r1), zero, _CMP_EQ_OQ);
+      uint16_t* row = out.data() + ((jb * kb + k / 32) * AMX_PARTS * 16 + k % 32 / 2) * 32;
       for (int64_t part = 0; part < AMX_PARTS; ++part) {
-        const uint16_t h = part == 0 || finite ? bf16(rest) : 0;  // inf / NaN: all in the first
-        out[(((j / 16 * kb + k / 32) * AMX_PARTS + part) * 16 + k % 32 / 2) * 32 + j % 16 * 2 + k % 2] = h;
-        rest -= from_bf16(h);  // exact: h is rest's rounding
+        const __m256i h0 = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(r0));
+        const __m256i h1 = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(r1));
+        _mm512_storeu_si512(row + part * 512, _mm512_permutex2var_epi16(_mm512_castsi256_si512(h0), pairs,
+                                                                          _mm512_castsi256_si512(h1)));
+        // what is left: exact (h is its rounding); zero where x is not finite
+        r0 = _mm512_maskz_sub_ps(f0, r0, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h0), 16)));
+        r1 = _mm512_maskz_sub_ps(f1, r1, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h1), 16)));
       }
     }
+  }
   return out;
 }
 
@@ -234,9 +251,12 @@ struct Chain {
   bool gemm_only;  // units on where x >= 0: no uniforms, biases or exp (a ceiling for benchmarks)
 };
 
-bool binary(const float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    if (x[i] != 0.0f && x[i] != 1.0f) return false;
+bool binary(const float* x, int64_t n) {  // branch-free within blocks (0 / 1 at random defeats a
+  for (int64_t i0 = 0; i0 < n; i0 += 4096) {  // predictor: 7 ns per element with a branch each)
+    bool other = false;
+    for (int64_t i = i0; i < std::min(n, i0 + 4096); ++i) other |= (x[i] != 0.0f) & (x[i] != 1.0f);
+    if (other) return false;
+  }
   return true;
 }
 
@@ -252,23 +272,28 @@ void run(const Chain& p, const float* W, const float* b, const float* c, const f
   const bool v0_binary = !p.amx || binary(v0, p.B * p.V);
   std::vector<float> Wp, WTp;
   std::vector<uint16_t> Wa, WTa;
-  parallel_for(2, [&](int64_t which, int) {
+  parallel_for(2, [&](int64_t which, int) {  // W on one thread, W^T on another
+    std::vector<float> WT = which == 1 ? transpose(W, p.V, p.H) : std::vector<float>();
 #if ZOO_AMX
     if (p.amx) {
-      if (which == 0) Wa = pack_amx(W, p.V, p.H, p.H, 1);
-      else WTa = pack_amx(W, p.H, p.V, 1, p.H);
+      if (which == 0) Wa = pack_amx(W, p.V, p.H);
+      else WTa = pack_amx(WT.data(), p.H, p.V);
     }
 #endif
-    if (which == 0 && (!p.amx || !v0_binary)) Wp = pack_panels(W, p.V, p.H, p.H, 1);
-    if (which == 1 && !p.amx) WTp = pack_panels(W, p.H, p.V, 1, p.H);
+    if (which == 0 && (!p.amx || !v0_binary)) Wp = pack_panels(W, p.V, p.H);
+    if (which == 1 && !p.amx) WTp = pack_panels(WT.data(), p.H, p.V);
   });
   const int64_t lda_v = padded_bf16(p.V), lda_h = padded_bf16(p.H);
   const int nt = num_threads();
   std::vector<std::vector<float>> scratch(nt);
   std::vector<std::vector<uint16_t>> states(nt);
-  const int64_t tasks = (p.B + p.rows - 1) / p.rows;
+  // chains per task: p.rows, or fewer where that leaves a thread idle (in multiples of the AMX
+  // GEMM's 32 rows, else of the FMA tile's rows)
+  const int64_t unit = p.amx ? 32 : MR;
+  const int64_t rows = std::min(p.rows, std::max(unit, (p.B + nt * unit - 1) / (nt * unit) * unit));
+  const int64_t tasks = (p.B + rows - 1) / rows;
   parallel_for(tasks, [&](int64_t task, int worker) {
-    const int64_t r0 = task * p.rows, R = std::min(p.rows, p.B - r0), Rp = (R + 31) / 32 * 32;
+    const int64_t r0 = task * rows, R = std::min(rows, p.B - r0), Rp = (R + 31) / 32 * 32;
     std::vector<float>& buf = scratch[worker];
     buf.assign(Rp * (p.Vp + p.Hp), 0.0f);
     float *vb = buf.data(), *hb = vb + Rp * p.Vp;
@@ -279,7 +304,11 @@ void run(const Chain& p, const float* W, const float* b, const float* c, const f
       states[worker].assign(Rp * (lda_v + lda_h), 0);
       sv = states[worker].data(), sh = sv + Rp * lda_v;
       for (int64_t r = 0; r < R; ++r)
-        for (int64_t j = 0; j < p.V; ++j) sv[r * lda_v + j] = bf16(vb[r * p.Vp + j]);
+        for (int64_t j = 0; j < p.V; j += 16) {  // 0 / 1 (else the first product is FMA's)
+          const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, p.V - j)) - 1);
+          const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, vb + r * p.Vp + j)));
+          _mm256_mask_storeu_epi16(sv + r * lda_v + j, m, h);
+        }
       configure_tiles();
     }
 #endif
@@ -326,9 +355,9 @@ ffi::Error Chain_(ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> b, ffi::Buffer<
   if (wd.size() != 2 || vd.size() != 2 || sd.size() != 4)
     return ffi::Error::InvalidArgument("zoo gibbs: W and v0 must have rank 2, seeds rank 4");
   Chain p{vd[0], wd[0], wd[1], sd[1], 0, 0, keep_history, block_rows, false, gemm_only};
-  if (vd[1] != p.V || b.element_count() != p.V || c.element_count() != p.H)
+  if (vd[1] != p.V || int64_t(b.element_count()) != p.V || int64_t(c.element_count()) != p.H)
     return ffi::Error::InvalidArgument("zoo gibbs: W [V, H], b [V], c [H] and v0 [B, V] disagree");
-  if (sd[0] != p.B || sd[2] != 2 || sd[3] != 2 || rows.element_count() != p.B)
+  if (sd[0] != p.B || sd[2] != 2 || sd[3] != 2 || int64_t(rows.element_count()) != p.B)
     return ffi::Error::InvalidArgument("zoo gibbs: seeds must be [B, K, 2, 2] and rows [B]");
   if (block_rows < 1) return ffi::Error::InvalidArgument("zoo gibbs: block_rows must be >= 1");
   if (method < 0 || method > 2) return ffi::Error::InvalidArgument("zoo gibbs: method must be 0, 1 or 2");
