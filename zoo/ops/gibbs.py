@@ -32,9 +32,10 @@ kernel for the CPU (zoo/ops/csrc/gibbs.cc through zoo.ops.native): tasks of 128 
 sweeps without synchronising, with the same hash uniforms (so the same chain for a key), and
 GEMMs in Intel AMX as bf16x3 (states are 0 / 1, exact in bf16; W as three bf16 parts: float32
 accuracy) or in float32 FMA. Auto (None) takes "native" on CPU for float32 W, hash uniforms and
-compute_dtype None where the kernel builds, from 5 sweeps and 500 chains x sweeps per call (so CD-1
-training stays on XLA, where packing W each call would cost more than the chain). Measured at 784x500 B1024 K20 on a 2-core AVX-512 +
-AMX CPU: 186k chain-steps/s vs 98k for the scan and 54k for NumPy (benchmarks/results/README.md).
+compute_dtype None where the kernel builds, from 5 sweeps and 500 chains x sweeps per call (so
+CD-1 training stays on XLA, where packing W each call would cost more than the chain). Measured
+at 784x500 B1024 K20 on a 2-core AVX-512 + AMX CPU: 200k chain-steps/s vs 109k for the scan and
+64k for NumPy (benchmarks/results/README.md).
 
 Shape letters: B batch (chains), V visible units, H hidden units, K sweeps / temperatures.
 """
