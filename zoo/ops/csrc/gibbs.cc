@@ -14,7 +14,8 @@
 // Chains are independent: one task per block of chains runs all K sweeps for them, so tasks
 // never wait for each other. Within a task: v W into an [R, H] tile by the shared GEMM, then the
 // hidden units sampled in place; h W^T into the [R, V] tile that held v, then v sampled in place.
-// W is packed twice per call (as W and as W^T, rows padded to whole vectors) for the two GEMMs.
+// W is packed twice per call, as W and as W^T, for the two GEMMs: float32 panels for the FMA
+// GEMM, bf16 AMX tiles of its three parts for the AMX one (below).
 
 #include "simd.h"
 
