@@ -38,17 +38,6 @@ constexpr int MR = 8, NV = 2;
 constexpr int MR = 6, NV = 2;
 #endif
 
-// min(a, b), b where either is NaN (a NaN in b passes through).
-inline vf vmin(vf a, vf b) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<vf>(_mm512_min_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b)));
-#elif defined(__AVX__)
-  return reinterpret_cast<vf>(_mm256_min_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b)));
-#else
-  return a < b ? a : b;
-#endif
-}
-
 // lowbias32 (C. Wellons' hash prospector), as zoo.ops.gibbs._mix32.
 inline vu mix(vu x) {
   x ^= x >> 16;

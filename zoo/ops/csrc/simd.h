@@ -51,16 +51,22 @@ inline vf splat(float x) {  // one vbroadcastss (GCC makes vf{} + x an add of 0.
 #endif
 }
 
-// max(a, b), b where either is NaN (so a NaN in b passes through): one vmaxps where there is one.
-inline vf vmax(vf a, vf b) {
+// max(a, b) or min(a, b), b where either is NaN (so a NaN in b passes through): one vmaxps /
+// vminps where there is one.
+template <bool Max>
+inline vf vminmax(vf a, vf b) {
 #if defined(__AVX512F__)
-  return reinterpret_cast<vf>(_mm512_max_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b)));
+  const __m512 x = reinterpret_cast<__m512>(a), y = reinterpret_cast<__m512>(b);
+  return reinterpret_cast<vf>(Max ? _mm512_max_ps(x, y) : _mm512_min_ps(x, y));
 #elif defined(__AVX__)
-  return reinterpret_cast<vf>(_mm256_max_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b)));
+  const __m256 x = reinterpret_cast<__m256>(a), y = reinterpret_cast<__m256>(b);
+  return reinterpret_cast<vf>(Max ? _mm256_max_ps(x, y) : _mm256_min_ps(x, y));
 #else
-  return a > b ? a : b;
+  return Max ? (a > b ? a : b) : (a < b ? a : b);
 #endif
 }
+inline vf vmax(vf a, vf b) { return vminmax<true>(a, b); }
+inline vf vmin(vf a, vf b) { return vminmax<false>(a, b); }
 
 // exp(x) for x <= 88: round(x / ln2) = n by the 1.5 * 2^23 trick, f = x - n ln2 in two parts,
 // exp(f) by Taylor to degree 6 on |f| <= ln2 / 2, times 2^n built from n's bits. x is clamped at
