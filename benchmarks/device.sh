@@ -62,6 +62,7 @@ CUBLASLT="--xla_gpu_enable_cublaslt=true"  # lets XLA fuse bias adds (and bias +
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import jax, flax, optax, torch, sys; print(sys.version.split()[0], 'jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)"
+  timeout 60 python3 benchmarks/scripts/cudnn_libs.py  # each side's cuDNN, and whether they share one library
 } 2>&1 | tee -a "$log"
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu \
   --format=csv -l 1 >"$out/clocks-${part//,/_}.csv" 2>/dev/null &

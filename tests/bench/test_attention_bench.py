@@ -109,6 +109,12 @@ def test_case_selection_from_the_environment(monkeypatch):
     monkeypatch.setenv("ZOO_ATTENTION_LENGTHS", "4k")
     with pytest.raises(ValueError, match="comma list"):
         bench._selected(lengths)
+    assert bench._dtype("float32") == "float32"
+    monkeypatch.setenv("ZOO_ATTENTION_DTYPE", "bfloat16")
+    assert bench._dtype("float32") == "bfloat16"
+    monkeypatch.setenv("ZOO_ATTENTION_DTYPE", "fp8")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        bench._dtype("float32")
 
 
 def test_gpt_step_run_selection(monkeypatch):

@@ -511,6 +511,75 @@ def test_native_under_vmap_and_in_bfloat16(native_kernel):
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
 
 
+def np_lse(q, k, bias=None, mask=None, is_causal=False, window=None, scale=None):
+    """Float64 logsumexp of each query row's visible logits as the kernel returns it: [B, K, T, G]
+    (+inf where a row sees no key)."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    (B, T, N, D), (S, K) = q.shape, k.shape[1:3]
+    scale = 1 / np.sqrt(D) if scale is None else scale
+    logits = np.einsum("btnd,bsnd->bnts", q, np.repeat(k, N // K, axis=2)) * scale
+    if bias is not None:
+        logits = logits + np.asarray(bias, np.float64)
+    t, s = np.arange(T)[:, None], np.arange(S)[None, :]
+    seen = np.ones((T, S), bool) & ((s <= t) if is_causal else True)
+    if window is not None:
+        seen = seen & (s >= t - window[0]) & (s <= t + window[1])
+    seen = np.broadcast_to(seen, logits.shape) & (True if mask is None else np.broadcast_to(mask, logits.shape))
+    x = np.where(seen, logits, -np.inf)
+    m = x.max(-1, keepdims=True)
+    total = np.exp(x - np.where(np.isfinite(m), m, 0)).sum(-1)
+    lse = np.where(total > 0, m[..., 0] + np.log(np.maximum(total, 1e-300)), np.inf)
+    return lse.reshape(B, K, N // K, T).transpose(0, 1, 3, 2)
+
+
+BF16_CASES = [  # (shape, kw): every tile and padding path of the bfloat16 forward
+    (dict(B=2, T=700, S=613, N=4, K=2, D=48), dict(is_causal=True)),  # head dim padded to 64
+    (dict(B=1, T=300, S=1100, N=2, K=1, D=16), dict(window=(150, 40), scale=0.3)),
+    (dict(B=2, T=130, S=200, N=3, K=3, D=64), dict(mask=_key_padding(2, 200, [200, 77]), scale=-0.2)),
+    (dict(B=1, T=96, S=530, N=4, K=1, D=32), dict(bias="alibi", is_causal=True)),
+    (dict(B=1, T=7, S=3, N=2, K=2, D=16), dict(window=(0, 0))),  # rows with no key
+]
+
+
+@pytest.mark.parametrize("amx", ["1", "0"])  # "0": the inputs widened to float32 (as without AMX)
+@pytest.mark.parametrize("shape,kw", BF16_CASES)
+def test_native_bfloat16_forward_matches_numpy(native_kernel, monkeypatch, amx, shape, kw):
+    """bfloat16 q, k, v: the logits' logsumexp to float32 accuracy (exact products, float32
+    sums), the output to bfloat16's (its probabilities rounded to bfloat16 for p v), with Intel
+    AMX where the CPU has it and without; gradients through the float32 backward."""
+    monkeypatch.setenv("ZOO_NATIVE_AMX", amx)
+    q, k, v = _inputs(**shape, seed=8, dtype=jnp.bfloat16)
+    B, T, N, _ = q.shape
+    if kw.get("bias") == "alibi":
+        slopes = 2.0 ** -np.arange(1, N + 1)
+        kw = dict(kw, bias=(-slopes[:, None, None] * np.abs(np.arange(T)[:, None] - np.arange(k.shape[1])))[None]
+                  .astype(np.float32))
+    f32 = [np.asarray(x, np.float32) for x in (q, k, v)]  # the bf16 inputs, exactly
+    o, lse = native.attention_forward(q, k, v, kw.get("mask"), kw.get("bias"), is_causal=kw.get("is_causal", False),
+                                      window=kw.get("window"), scale=kw.get("scale", 1 / np.sqrt(q.shape[-1])))
+    assert o.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
+    np.testing.assert_allclose(lse, np_lse(*f32[:2], **kw), rtol=1e-5, atol=1e-5)
+    want = np_attention(*f32, **kw)
+    np.testing.assert_allclose(np.asarray(o, np.float32), want, rtol=2e-2, atol=1e-2)
+    got = A.dot_product_attention(q, k, v, implementation="native", **kw)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(o, np.float32))
+    kw = {n: jnp.asarray(x) if isinstance(x, np.ndarray) else x for n, x in kw.items()}
+    for i, (g, r) in enumerate(zip(_grads("native", q, k, v, kw, jnp.bfloat16),
+                                   _grads("reference", *(jnp.asarray(x) for x in f32), kw))):
+        assert g.dtype == (jnp.bfloat16 if i < 3 else jnp.float32)  # dq, dk, dv; dbias: the bias's
+        np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=3e-2, atol=3e-2)
+
+
+def test_native_bfloat16_nan_key_reaches_only_the_rows_that_see_it(native_kernel):
+    q, k, v = _inputs(B=1, T=40, S=40, N=2, K=2, D=32, seed=12)
+    k = k.at[0, 39, 1, 3].set(jnp.nan).astype(jnp.bfloat16)
+    q, v = q.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+    out = np.asarray(A.dot_product_attention(q, k, v, is_causal=True, implementation="native"), np.float32)
+    want = np_attention(*(np.asarray(x, np.float32) for x in (q, k, v)), is_causal=True)
+    np.testing.assert_allclose(out[:, :39], want[:, :39], rtol=2e-2, atol=1e-2)
+    assert np.isnan(out[0, 39, 1]).all() and np.isfinite(out[0, 39, 0]).all()
+
+
 def test_native_traced_scale_gets_its_gradient(native_kernel):
     q, k, v = _inputs(B=1, T=20, S=20, N=2, K=2, D=16, seed=3)
     loss = lambda scale, impl: jnp.sum(A.dot_product_attention(q, k, v, scale=scale, implementation=impl) ** 2)

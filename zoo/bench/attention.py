@@ -11,7 +11,8 @@ Implementations: `zoo-auto` (implementation=None: what users get), `zoo-xla`, `z
 (GPU only). Environment, for runs in
 parts (benchmarks/device.sh, so that a kernel fault loses one part, not the run):
 ZOO_ATTENTION_SKIP=zoo-xla,torch-sdpa-math,... leaves those rows out;
-ZOO_ATTENTION_LENGTHS=1024,4096 and ZOO_ATTENTION_MASKS=full|causal keep those cases only.
+ZOO_ATTENTION_LENGTHS=1024,4096 and ZOO_ATTENTION_MASKS=full|causal keep those cases only;
+ZOO_ATTENTION_DTYPE=float32|bfloat16 replaces the set's dtype (e.g. the quick set in bfloat16).
 Peers, when torch is installed: `torch-sdpa` (PyTorch's own dispatch) and, on CUDA,
 `torch-sdpa-flash|efficient|cudnn|math`, each only where it applies.
 `matmul-ceiling`: the forward's two matmuls with no softmax between them, jitted; on CPU per head
@@ -376,13 +377,22 @@ def _selected(lengths):
     return lengths, {"": (False, True), "full": (False,), "causal": (True,)}[mask]
 
 
+def _dtype(default):
+    """The set's dtype, or the one ZOO_ATTENTION_DTYPE names."""
+    dtype = os.environ.get("ZOO_ATTENTION_DTYPE", "").strip()
+    if dtype not in ("", "float32", "bfloat16"):
+        raise ValueError(f"ZOO_ATTENTION_DTYPE={dtype!r}: expected float32 or bfloat16 (or unset)")
+    return dtype or default
+
+
 QUICK_ROUNDS = 7
 QUICK_LONG_SKIP = {"zoo-reference", "zoo-xla", "zoo-chunked"}
 
 
 def run(quick: bool) -> list[dict]:
-    spec = QUICK if quick else FULL
+    spec = dict(QUICK if quick else FULL)
     lengths, masks = _selected(spec["lengths"])
+    spec["dtype"] = _dtype(spec["dtype"])
     rows = []
     for S in lengths:
         for causal in masks:

@@ -656,8 +656,9 @@ def _blocked(q, k, v, is_causal, window, scale, q_block_size=None, block_size=No
 # FlashAttention in C++ (zoo/ops/csrc/attention.cc, through jax.ffi; zoo.ops.native builds it on
 # first use): one pass over each tile of logits in the core's cache, exp, row max and sum fused
 # with it, where XLA's CPU runtime writes each op's tile to memory and reads it back. Float32 (other
-# dtypes are computed in float32), head dims a multiple of 16, masks and a bias (its gradient only
-# where it is differentiated).
+# dtypes are computed in float32, but a bfloat16 forward runs its products on Intel AMX where the
+# CPU has it), head dims a multiple of 16, masks and a bias (its gradient only where it is
+# differentiated).
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -679,9 +680,12 @@ def _native_fwd(q, k, v, mask, bias, mask_kw, blocks):
 
 def _native_bwd(mask_kw, blocks, res, do):
     q, k, v, mask, bias, o, lse, bias_grad = res
-    dq, dk, dv, dbias = native.attention_backward(q, k, v, o, lse, do, mask, bias, bias_grad=bias_grad,
-                                                  **dict(mask_kw), block_q=blocks[1], block_k=blocks[2])
-    return dq, dk, dv, None, dbias  # the mask has no gradient; dbias None: not differentiated
+    f32 = jnp.float32  # the backward kernel is float32's (bf16 inputs: their forward ran on AMX)
+    dq, dk, dv, dbias = native.attention_backward(*(x.astype(f32) for x in (q, k, v, o)), lse, do.astype(f32),
+                                                  mask, bias, bias_grad=bias_grad, **dict(mask_kw),
+                                                  block_q=blocks[1], block_k=blocks[2])
+    # the mask has no gradient; dbias None: not differentiated
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, dbias
 
 
 _native_attention.defvjp(_native_fwd, _native_bwd, symbolic_zeros=True)
@@ -702,7 +706,9 @@ def _native(q, k, v, bias, mask, is_causal, window, scale, q_block_size=None, bl
     mask_kw = (("is_causal", bool(is_causal)), ("window", window), ("scale", float(scale)))
     f32 = jnp.float32
     bias = None if bias is None else bias.astype(f32)
-    o = _native_attention(q.astype(f32), k.astype(f32), v.astype(f32), mask, bias, mask_kw, blocks)
+    # bfloat16 q, k, v stay bfloat16 (the forward's products on AMX where the CPU has it); others float32
+    dtype = jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in (q, k, v)) else f32
+    o = _native_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask, bias, mask_kw, blocks)
     return o.astype(q.dtype)
 
 

@@ -50,6 +50,7 @@ KEY_ALIGN = 32  # tiles start and end on multiples of this many keys (COL_ALIGN 
 N_STATICS = 8   # is_causal, window, scale, block_q, block_k, has_mask, has_bias, bias_grad
 CHAIN_ROWS = 128  # chains per task of gibbs_chain
 TARGETS = {"zoo_attention_forward": "ZooAttentionForward",
+           "zoo_attention_forward_bf16": "ZooAttentionForwardBf16",
            "zoo_attention_backward": "ZooAttentionBackward",
            "zoo_gibbs_chain": "ZooGibbsChain"}
 
@@ -194,8 +195,10 @@ def _by_batch(fn, n_arrays, rule, *, n_statics=N_STATICS, n_batched=None):
 
 def _forward(q, k, v, mask, bias, *statics):
     (B, T, N, _), K = q.shape, k.shape[2]
-    out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, K, T, N // K), jnp.float32))
-    call = jax.ffi.ffi_call("zoo_attention_forward", out, vmap_method="sequential")
+    bf16 = q.dtype == jnp.bfloat16  # then k and v are too (attention_forward)
+    out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, K, T, N // K), jnp.float32))
+    call = jax.ffi.ffi_call("zoo_attention_forward_bf16" if bf16 else "zoo_attention_forward", out,
+                            vmap_method="sequential")
     return call(q, k, v, mask, bias, **_attrs(*statics)[0])
 
 
@@ -287,9 +290,12 @@ def _statics(is_causal, window, scale, block_q, block_k, has_mask, has_bias, bia
 
 def attention_forward(q, k, v, mask=None, bias=None, *, is_causal=False, window=None, scale=1.0,
                       block_q=FORWARD_ROWS, block_k=KEY_BLOCK):
-    """(o [B, T, N, D], lse [B, K, T, G]) for float32 q [B, T, N, D], k, v [B, S, K, D]: o the
-    attention output (logits q k^T * scale + bias), lse each query row's logsumexp (+inf: no
-    visible key). mask: bool [B|1, N|1, T|1, S|1], True = attend, or None; bias: float
+    """(o [B, T, N, D], lse [B, K, T, G]) for q [B, T, N, D], k, v [B, S, K, D]: o the attention
+    output (logits q k^T * scale + bias; float32, or bfloat16 when q, k and v all are), lse each
+    query row's logsumexp (float32; +inf: no visible key). bfloat16 inputs run on Intel AMX where
+    the CPU has it (ZOO_NATIVE_AMX=0: not), as a GPU's flash attention does: exact products with
+    float32 accumulation, the probabilities rounded to bfloat16 for p v; otherwise widened to
+    float32. Other dtypes are computed in float32. mask: bool [B|1, N|1, T|1, S|1], True = attend, or None; bias: float
     [B|1, N|1, T|1, S|1] or None (4D; jnp broadcasting rules; read with their broadcast strides).
     Partitioned over the batch axis under jit over a mesh; vmap folds into the batch axis.
     block_q: query rows (positions x grouped heads) per task; block_k: keys per tile (rounded up
@@ -297,6 +303,8 @@ def attention_forward(q, k, v, mask=None, bias=None, *, is_causal=False, window=
     load()
     statics = _statics(is_causal, window, scale, block_q, block_k, mask is not None, bias is not None)
     bias, bias_batched = _bias(q, bias)
+    dtype = jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in (q, k, v)) else jnp.float32
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
     return _call("forward", statics, bias_batched)(q, k, v, _mask(q, mask), bias)
 
 

@@ -65,6 +65,7 @@ struct Problem {
   int64_t rows;      // query rows (positions x G, about) per forward task / backward step
   int64_t kv_block;  // keys per tile, a multiple of COL_ALIGN
   int64_t Sp;      // S rounded up to COL_ALIGN
+  int64_t Dp;      // D rounded up to 32 (the bf16 AMX tiles' depth)
   const bool* mask = nullptr;  // [B, N|1, T|1, S|1], True = attend; null: none
   int64_t msb = 0, msn = 0, mst = 0, mss = 0;  // its strides (0 along a broadcast axis)
   const float* bias = nullptr;  // [B|1, N|1, T|1, S|1]; null: none
@@ -80,7 +81,8 @@ struct Problem {
     if (causal) h = std::min(h, t);
     return h;
   }
-  const float* row(const float* x, int64_t b, int64_t t, int64_t n, int64_t heads, int64_t len) const {
+  template <class T>
+  const T* row(const T* x, int64_t b, int64_t t, int64_t n, int64_t heads, int64_t len) const {
     return x + ((b * len + t) * heads + n) * D;
   }
 };
@@ -103,12 +105,13 @@ void for_key_tiles(const Problem& p, int64_t t0, int64_t t1, Fn fn) {
 
 // -inf where row r (position t0 + r / G, head h * G + r % G of batch b) does not see key k0 + j.
 void mask_tile(const Problem& p, float* s, int64_t rows, int64_t b, int64_t h, int64_t t0, int64_t k0,
-               int64_t w) {
-  for (int64_t r = 0; r < rows; ++r) {
+               int64_t w, int64_t ld = 0, int64_t r0 = 0) {  // ld: s's row stride (0: w); rows [r0, rows)
+  ld = ld ? ld : w;
+  for (int64_t r = r0; r < rows; ++r) {
     const int64_t t = t0 + r / p.G;
     const int64_t lo = std::clamp<int64_t>(p.lo(t) - k0, 0, w);
     const int64_t hi = std::clamp<int64_t>(p.hi(t) + 1 - k0, lo, w);
-    float* sr = s + r * w;
+    float* sr = s + r * ld;
     std::fill(sr, sr + lo, NEG_INF);
     std::fill(sr + hi, sr + w, NEG_INF);
     if (p.mask) {
@@ -120,11 +123,12 @@ void mask_tile(const Problem& p, float* s, int64_t rows, int64_t b, int64_t h, i
 
 // s[r, j] += bias[b, head of row r, position of row r, k0 + j] for the tile's keys below S.
 void add_bias(const Problem& p, float* s, int64_t rows, int64_t b, int64_t h, int64_t t0, int64_t k0,
-              int64_t w) {
+              int64_t w, int64_t ld = 0, int64_t r0 = 0) {  // ld: s's row stride (0: w); rows [r0, rows)
+  ld = ld ? ld : w;
   const int64_t valid = std::min(w, p.S - k0);
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = r0; r < rows; ++r) {
     const float* x = p.bias + b * p.bsb + (h * p.G + r % p.G) * p.bsn + (t0 + r / p.G) * p.bst + k0 * p.bss;
-    float* sr = s + r * w;
+    float* sr = s + r * ld;
     if (p.bss) {
       for (int64_t j = 0; j < valid; ++j) sr[j] += x[j];
     } else {
@@ -245,6 +249,231 @@ void forward(const Problem& p, const float* q, const float* k, const float* v, f
   });
 }
 
+// ------------------------------------------------------------------------- bfloat16 inputs
+// q, k, v in bfloat16 (o bfloat16, lse float32). With Intel AMX: both products on the tile unit,
+// as FlashAttention does on a GPU: q k^T from the bf16 inputs with float32 accumulation (exact
+// products), the softmax in float32, its probabilities rounded to bf16 for p v (float32
+// accumulation), the row sums l from the float32 probabilities. Where the scale is positive and
+// there is no bias, it is folded into the exponent (max and mask act on the unscaled logits).
+// Without AMX the inputs are widened and the float32 kernel runs.
+
+inline uint16_t to_bf16(float x) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+inline float from_bf16(uint16_t x) {
+  const uint32_t u = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+#if ZOO_AMX
+inline void store_bf16(uint16_t* dst, vf lo, vf hi) {  // 32 floats, rounded to nearest even
+  const __m512bh r = _mm512_cvtne2ps_pbh(reinterpret_cast<__m512>(hi), reinterpret_cast<__m512>(lo));
+  _mm512_storeu_si512(dst, reinterpret_cast<__m512i>(r));
+}
+
+inline void store_bf16(uint16_t* dst, vf x) {  // 16 floats
+  const __m256bh r = _mm512_cvtneps_pbh(reinterpret_cast<__m512>(x));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), reinterpret_cast<__m256i>(r));
+}
+
+// k^T of kv head (b, h) of k [B, S, K, D] as AMX B tiles: [Sp / 16 key blocks][Dp / 32 dim
+// blocks][16 rows: dim pairs][16 keys][2], zeros past S and D (Dp: D rounded up to 32). A key's
+// row of dim pairs becomes a column of the tile: a transpose of 32-bit pairs.
+void pack_k_amx(const Problem& p, const uint16_t* k, int64_t b, int64_t h, uint16_t* out) {
+  const int64_t nd = p.Dp / 32;
+  std::fill(out, out + p.Sp * p.Dp, uint16_t(0));
+  uint32_t* o32 = reinterpret_cast<uint32_t*>(out);
+  for (int64_t j = 0; j < p.S; ++j) {
+    const uint16_t* src = p.row(k, b, j, h, p.K, p.S);
+    uint32_t* blk = o32 + (j / 16) * nd * 256 + j % 16;
+    for (int64_t i = 0; i < p.D / 2; ++i) {
+      uint32_t pair;
+      std::memcpy(&pair, src + 2 * i, 4);
+      blk[(i / 16) * 256 + (i % 16) * 16] = pair;
+    }
+  }
+}
+
+// v of kv head (b, h) of v [B, S, K, D] as AMX B tiles: [D / 16 column blocks][Sp / 32 key
+// blocks][16 rows: key pairs][16 columns][2], zeros past S.
+void pack_v_amx(const Problem& p, const uint16_t* v, int64_t b, int64_t h, uint16_t* out) {
+  const int64_t nk = p.Sp / 32;
+  std::fill(out, out + p.Sp * p.D, uint16_t(0));
+  for (int64_t j = 0; j < p.S; ++j) {
+    const uint16_t* src = p.row(v, b, j, h, p.K, p.S);
+    uint16_t* dst = out + (j / 32) * 512 + (j % 32 / 2) * 32 + j % 2;
+    for (int64_t d = 0; d < p.D; ++d) dst[(d / 16) * nk * 512 + (d % 16) * 2] = src[d];
+  }
+}
+
+// s[i : i + 32, j : j + 32] (float32, row stride lds) = qb[i : i + 32] (bf16 [* x Dp]) @ the k^T
+// tiles of keys [k0 + j, k0 + j + 32); i, j, k0 multiples of 32. Four accumulator tiles.
+inline void amx_qk_block(const Problem& p, const uint16_t* qb, int64_t i, const uint16_t* kp, int64_t k0,
+                         int64_t j, float* s, int64_t lds) {
+  const int64_t nd = p.Dp / 32;
+  const uint16_t* b0 = kp + (k0 + j) / 16 * nd * 512;
+  const uint16_t* b1 = b0 + nd * 512;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t d = 0; d < nd; ++d) {
+    _tile_loadd(4, qb + i * p.Dp + d * 32, p.Dp * 2);
+    _tile_loadd(5, qb + (i + 16) * p.Dp + d * 32, p.Dp * 2);
+    _tile_loadd(6, b0 + d * 512, 64);
+    _tile_loadd(7, b1 + d * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  float* c = s + i * lds + j;
+  _tile_stored(0, c, lds * 4);
+  _tile_stored(1, c + 16, lds * 4);
+  _tile_stored(2, c + 16 * lds, lds * 4);
+  _tile_stored(3, c + 16 * lds + 16, lds * 4);
+}
+
+// t[rp x D] (float32) = pb[rp x w] (bf16, row stride ldp) @ the v tiles of keys [k0, k0 + w).
+void amx_pv(const Problem& p, const uint16_t* pb, int64_t rp, int64_t w, int64_t ldp, const uint16_t* vp,
+            int64_t k0, float* t) {
+  const int64_t nk = p.Sp / 32;
+  for (int64_t c = 0; c < p.D; c += 32) {
+    const bool two = c + 16 < p.D;  // D is a multiple of 16: a last block of 16 columns alone
+    const uint16_t* b0 = vp + (c / 16 * nk + k0 / 32) * 512;
+    const uint16_t* b1 = b0 + nk * 512;
+    for (int64_t i = 0; i < rp; i += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t kk = 0; kk < w / 32; ++kk) {
+        _tile_loadd(4, pb + i * ldp + kk * 32, ldp * 2);
+        _tile_loadd(5, pb + (i + 16) * ldp + kk * 32, ldp * 2);
+        _tile_loadd(6, b0 + kk * 512, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+        if (two) {
+          _tile_loadd(7, b1 + kk * 512, 64);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      float* ci = t + i * p.D + c;
+      _tile_stored(0, ci, p.D * 4);
+      _tile_stored(2, ci + 16 * p.D, p.D * 4);
+      if (two) {
+        _tile_stored(1, ci + 16, p.D * 4);
+        _tile_stored(3, ci + 16 * p.D + 16, p.D * 4);
+      }
+    }
+  }
+}
+
+void forward_amx(const Problem& p, const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* o,
+                 float* lse) {
+  const int64_t ksz = p.Sp * p.Dp, vsz = p.Sp * p.D;
+  std::vector<uint16_t> kp(p.B * p.K * ksz), vp(p.B * p.K * vsz);
+  parallel_for(p.B * p.K, [&](int64_t bh, int) {
+    pack_k_amx(p, k, bh / p.K, bh % p.K, kp.data() + bh * ksz);
+    pack_v_amx(p, v, bh / p.K, bh % p.K, vp.data() + bh * vsz);
+  });
+  const int64_t tq = std::max<int64_t>(1, p.rows / p.G);
+  const int64_t nq = (p.T + tq - 1) / tq;
+  const int64_t R = tq * p.G, Rp = (R + 31) / 32 * 32;
+  const bool prescale = p.bias || !(p.scale > 0);  // else the scale goes into the exponent
+  const float sc = prescale ? 1.0f : p.scale;
+  const int nt = num_threads();
+  std::vector<std::vector<float>> scratch(nt);
+  std::vector<std::vector<uint16_t>> scratch16(nt);
+  parallel_for(p.B * p.K * nq, [&](int64_t task, int worker) {
+    const int64_t bh = task % (p.B * p.K), b = bh / p.K, h = bh % p.K;
+    const int64_t t0 = (nq - 1 - task / (p.B * p.K)) * tq, t1 = std::min(p.T, t0 + tq);
+    const int64_t rows = (t1 - t0) * p.G, rp = (rows + 31) / 32 * 32;
+    std::vector<float>& buf = scratch[worker];
+    std::vector<uint16_t>& buf16 = scratch16[worker];
+    // row strides of the logits and probabilities: an odd number of 64-byte lines (as p.ldt)
+    const int64_t lds = p.kv_block + 16, ldp = p.kv_block + 32;
+    buf.resize(R * p.D + Rp * p.D + Rp * lds + R * 3);
+    buf16.resize(Rp * p.Dp + Rp * ldp);
+    float *acc = buf.data(), *t = acc + R * p.D, *s = t + Rp * p.D, *m = s + Rp * lds, *l = m + R,
+          *alpha = l + R;
+    uint16_t *qb = buf16.data(), *pb = qb + Rp * p.Dp;
+    std::fill(buf16.begin(), buf16.end(), uint16_t(0));  // padding rows and columns: zeros
+    for (int64_t tt = t0; tt < t1; ++tt)
+      for (int64_t g = 0; g < p.G; ++g)
+        std::memcpy(qb + ((tt - t0) * p.G + g) * p.Dp, p.row(q, b, tt, h * p.G + g, p.N, p.T), p.D * 2);
+    std::fill(acc, acc + rows * p.D, 0.0f);
+    std::fill(m, m + rows, NEG_INF);
+    std::fill(l, l + rows, 0.0f);
+    configure_tiles();
+    const uint16_t* kh = kp.data() + bh * ksz;
+    const uint16_t* vh = vp.data() + bh * vsz;
+    // Each key tile in strips of 32 rows, each through q k^T, softmax and p v while its logits
+    // are in L1 / L2 (the whole tile's q k^T first, then its softmax, then p v: 10-20% slower; q k^T
+    // of the next strip issued between this strip's rows, for the tile unit to work beside the
+    // vector units: 10% slower still).
+    for_key_tiles(p, t0, t1, [&](int64_t k0, int64_t w, bool masked) {
+      const vf scv = splat(sc), pscv = splat(p.scale);
+      for (int64_t r0 = 0; r0 < rp; r0 += 32) {
+        const int64_t r1 = std::min(rows, r0 + 32);
+        for (int64_t j = 0; j < w; j += 32) amx_qk_block(p, qb, r0, kh, k0, j, s, lds);
+        if (prescale) {
+          for (int64_t r = r0; r < r1; ++r)
+            for (int64_t j = 0; j < w; j += VW) store(s + r * lds + j, load(s + r * lds + j) * pscv);
+          if (p.bias) add_bias(p, s, r1, b, h, t0, k0, w, lds, r0);
+        }
+        if (masked) mask_tile(p, s, r1, b, h, t0, k0, w, lds, r0);
+        for (int64_t r = r0; r < r1; ++r) {
+          const float* sr = s + r * lds;
+          uint16_t* pr = pb + r * ldp;
+          vf mx = splat(NEG_INF);
+          for (int64_t j = 0; j < w; j += VW) mx = vmax(mx, load(sr + j));  // a NaN logit: m = NaN
+          const float m_new = std::max(m[r], hmax(mx));
+          if (m_new == NEG_INF) {  // nothing visible yet: p = 0
+            std::fill(pr, pr + w, uint16_t(0));
+            alpha[r] = 1.0f;
+            continue;
+          }
+          vf sum0{}, sum1{};
+          const vf mv = splat(m_new);
+          for (int64_t j = 0; j < w; j += 2 * VW) {
+            const vf e0 = vexp((load(sr + j) - mv) * scv), e1 = vexp((load(sr + j + VW) - mv) * scv);
+            store_bf16(pr + j, e0, e1);
+            sum0 += e0;
+            sum1 += e1;
+          }
+          alpha[r] = std::exp((m[r] - m_new) * sc);  // 0 when m[r] = -inf
+          l[r] = l[r] * alpha[r] + hsum(sum0 + sum1);
+          m[r] = m_new;
+        }
+        amx_pv(p, pb + r0 * ldp, 32, w, ldp, vh, k0, t + r0 * p.D);
+        for (int64_t r = r0; r < r1; ++r) {
+          const vf a = splat(alpha[r]);
+          for (int64_t d = 0; d < p.D; d += VW)
+            store(acc + r * p.D + d, load(acc + r * p.D + d) * a + load(t + r * p.D + d));
+        }
+      }
+    });
+    _tile_release();
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t tt = t0 + r / p.G, g = r % p.G;
+      uint16_t* dst = const_cast<uint16_t*>(p.row(o, b, tt, h * p.G + g, p.N, p.T));
+      const vf inv = splat(l[r] > 0 ? 1.0f / l[r] : 0.0f);
+      for (int64_t d = 0; d < p.D; d += VW) store_bf16(dst + d, load(acc + r * p.D + d) * inv);
+      lse[((b * p.K + h) * p.T + tt) * p.G + g] =
+          l[r] > 0 ? m[r] * sc + std::log(l[r]) : std::numeric_limits<float>::infinity();
+    }
+  });
+}
+#endif  // ZOO_AMX
+
 void backward(const Problem& p, const float* q, const float* k, const float* v, const float* o,
               const float* lse, const float* dout, float* dq, float* dk, float* dv, float* dbias) {
   const int64_t tq = std::max<int64_t>(1, p.rows / p.G);
@@ -330,8 +559,8 @@ bool broadcast_strides(const Buffer& x, const Problem& p, int64_t s[4]) {
   return true;
 }
 
-ffi::Error problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
-                   ffi::Buffer<ffi::PRED>& mask, ffi::Buffer<ffi::F32>& bias, bool has_mask, bool has_bias,
+template <class QKV>
+ffi::Error problem(QKV& q, QKV& k, QKV& v, ffi::Buffer<ffi::PRED>& mask, ffi::Buffer<ffi::F32>& bias, bool has_mask, bool has_bias,
                    bool causal, int64_t wl, int64_t wr, float scale, int64_t rows, int64_t kv_block, Problem& p) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
@@ -365,6 +594,7 @@ ffi::Error problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buff
   }
   p.Sp = (p.S + COL_ALIGN - 1) / COL_ALIGN * COL_ALIGN;
   p.ldt = p.Sp + 16;
+  p.Dp = (p.D + 31) / 32 * 32;
   return ffi::Error::Success();
 }
 
@@ -378,6 +608,37 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
     return e;
   if (p.B * p.T * p.N == 0) return ffi::Error::Success();
   forward(p, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(), lse->typed_data());
+  return ffi::Error::Success();
+}
+
+// The forward on bfloat16 q, k, v: the AMX kernel where it runs (amx_enabled()), else the float32
+// kernel on widened copies.
+ffi::Error ForwardBf16(ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
+                       ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::BF16> o,
+                       ffi::ResultBuffer<ffi::F32> lse, bool causal, int64_t wl, int64_t wr, float scale,
+                       int64_t block_q, int64_t block_k, bool has_mask, bool has_bias) {
+  Problem p;
+  if (ffi::Error e = problem(q, k, v, mask, bias, has_mask, has_bias, causal, wl, wr, scale, block_q, block_k, p);
+      !e.success())
+    return e;
+  if (p.B * p.T * p.N == 0) return ffi::Error::Success();
+#if ZOO_AMX
+  if (amx_enabled()) {
+    forward_amx(p, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(), lse->typed_data());
+    return ffi::Error::Success();
+  }
+#endif
+  auto widen = [](const uint16_t* x, size_t n) {
+    std::vector<float> out(n);
+    for (size_t i = 0; i < n; ++i) out[i] = from_bf16(x[i]);
+    return out;
+  };
+  const std::vector<float> qf = widen(q.typed_data(), q.element_count()),
+                           kf = widen(k.typed_data(), k.element_count()),
+                           vf_ = widen(v.typed_data(), v.element_count());
+  std::vector<float> of(q.element_count());
+  forward(p, qf.data(), kf.data(), vf_.data(), of.data(), lse->typed_data());
+  for (size_t i = 0; i < of.size(); ++i) o->typed_data()[i] = to_bf16(of[i]);
   return ffi::Error::Success();
 }
 
@@ -408,6 +669,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
 // Both handlers' inputs start with q, k, v, the mask and the bias, and they share their attributes
 // (the backward adds bias_grad: whether to compute dbias). The binding's methods take it as an rvalue.
 using F32 = ffi::Buffer<ffi::F32>;
+using BF16 = ffi::Buffer<ffi::BF16>;
 
 template <class Binding>
 auto with_inputs(Binding binding) {
@@ -431,6 +693,16 @@ auto with_attrs(Binding binding) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionForward, Forward,
                               with_attrs(with_inputs(ffi::Ffi::Bind()).Ret<F32>().Ret<F32>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionForwardBf16, ForwardBf16,
+                              with_attrs(ffi::Ffi::Bind()
+                                             .Arg<BF16>()
+                                             .Arg<BF16>()
+                                             .Arg<BF16>()
+                                             .Arg<ffi::Buffer<ffi::PRED>>()
+                                             .Arg<F32>()
+                                             .Ret<BF16>()
+                                             .Ret<F32>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionBackward, Backward,
                               with_attrs(with_inputs(ffi::Ffi::Bind())

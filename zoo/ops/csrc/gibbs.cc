@@ -19,11 +19,6 @@
 
 #include "simd.h"
 
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -123,33 +118,12 @@ void sample(float* x, int64_t width, const float* bias, uint32_t base, uint32_t 
   }
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && \
-    defined(__linux__)
-#define ZOO_AMX 1
-// Intel AMX: C [16 x 16] float32 += A [16 x 32] bf16 @ B [32 x 16] bf16 per instruction, about
-// 8x the FMA units' rate. The chain's states are 0 / 1, exact in bfloat16, and W is split into
-// three bfloat16 parts W1 + W2 + W3 (each the rounding of what the previous ones leave): their sum
-// holds W to 2^-24 relative or better, the products are exact and accumulate in float32, so the
-// result has float32's accuracy (the "bf16x3" of XLA's TPU precision), at 3 products per term.
+#if ZOO_AMX
+// The chain's states are 0 / 1, exact in bfloat16, and W is split into three bfloat16 parts
+// W1 + W2 + W3 (each the rounding of what the previous ones leave): their sum holds W to 2^-24
+// relative or better, the products are exact and accumulate in float32, so the result has
+// float32's accuracy (the "bf16x3" of XLA's TPU precision), at 3 products per term.
 constexpr int64_t AMX_PARTS = 3;
-
-bool amx_permitted() {  // Linux lends the AMX tile state to a process that asks (kernel >= 5.16)
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
-                                 18 /* XFEATURE_XTILEDATA */) == 0;
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-void configure_tiles() {  // all 8 tiles 16 rows x 64 bytes; per thread
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-  _tile_loadconfig(&cfg);
-}
 
 // x [kd, n] (row-major) as AMX B tiles of its three bf16 parts: [n/16][kd/32][part][16 rows: k
 // pairs][16 columns][2: k even, odd] (n to 32, kd to 32, zeros). Each part is the rounding of
@@ -222,8 +196,6 @@ void gemm_amx(int64_t rows, int64_t nb, int64_t kb, const uint16_t* a, int64_t l
   }
 }
 #else
-#define ZOO_AMX 0
-bool amx_permitted() { return false; }
 #endif
 
 // bf16 row stride for n columns: n to 32, plus 32 where that is an even number of 64-byte lines.
@@ -351,8 +323,9 @@ ffi::Error Chain_(ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> b, ffi::Buffer<
     return ffi::Error::InvalidArgument("zoo gibbs: seeds must be [B, K, 2, 2] and rows [B]");
   if (block_rows < 1) return ffi::Error::InvalidArgument("zoo gibbs: block_rows must be >= 1");
   if (method < 0 || method > 2) return ffi::Error::InvalidArgument("zoo gibbs: method must be 0, 1 or 2");
-  // method 0: AMX where the CPU and the OS allow it, else FMA; 1: FMA; 2: AMX or an error
-  p.amx = method != 1 && amx_permitted();
+  // method 0: AMX where the CPU and the OS allow it (and ZOO_NATIVE_AMX is not 0), else FMA;
+  // 1: FMA; 2: AMX or an error
+  p.amx = method == 0 ? amx_enabled() : method == 2 && amx_permitted();
   if (method == 2 && !p.amx) return ffi::Error::InvalidArgument("zoo gibbs: no AMX on this CPU / OS / build");
   if (p.B * p.V * p.K == 0) return ffi::Error::Success();
   p.Vp = padded(p.V);

@@ -11,6 +11,10 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -184,6 +188,39 @@ void gemm(int64_t m, int64_t n, int64_t kd, const float* a, int64_t sai, int64_t
       }
     }
   }
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && \
+    defined(__linux__)
+#define ZOO_AMX 1
+// Intel AMX: C [16 x 16] float32 += A [16 x 32] bf16 @ B [32 x 16] bf16 per instruction (B in
+// the "VNNI" layout: 16 rows of k pairs, [16 columns][2]), about 8x the FMA units' rate.
+bool amx_permitted() {  // Linux lends the AMX tile state to a process that asks (kernel >= 5.16)
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void configure_tiles() {  // all 8 tiles 16 rows x 64 bytes; per thread
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+}
+#else
+#define ZOO_AMX 0
+bool amx_permitted() { return false; }
+#endif
+
+// A kernel's AMX path runs where the CPU, the OS and the build allow it, unless ZOO_NATIVE_AMX=0.
+bool amx_enabled() {
+  const char* env = std::getenv("ZOO_NATIVE_AMX");
+  return amx_permitted() && !(env && std::string(env) == "0");
 }
 
 int num_threads() {
