@@ -543,10 +543,11 @@ BF16_CASES = [  # (shape, kw): every tile and padding path of the bfloat16 forwa
 
 @pytest.mark.parametrize("amx", ["1", "0"])  # "0": the inputs widened to float32 (as without AMX)
 @pytest.mark.parametrize("shape,kw", BF16_CASES)
-def test_native_bfloat16_forward_matches_numpy(native_kernel, monkeypatch, amx, shape, kw):
+def test_native_bfloat16_matches_numpy_and_reference_gradients(native_kernel, monkeypatch, amx, shape, kw):
     """bfloat16 q, k, v: the logits' logsumexp to float32 accuracy (exact products, float32
     sums), the output to bfloat16's (its probabilities rounded to bfloat16 for p v), with Intel
-    AMX where the CPU has it and without; gradients through the float32 backward."""
+    AMX where the CPU has it and without; the gradients (AMX: p and ds rounded to bfloat16 for
+    their products) against the float32 reference's on the same bf16 inputs."""
     monkeypatch.setenv("ZOO_NATIVE_AMX", amx)
     q, k, v = _inputs(**shape, seed=8, dtype=jnp.bfloat16)
     B, T, N, _ = q.shape

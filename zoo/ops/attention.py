@@ -680,10 +680,10 @@ def _native_fwd(q, k, v, mask, bias, mask_kw, blocks):
 
 def _native_bwd(mask_kw, blocks, res, do):
     q, k, v, mask, bias, o, lse, bias_grad = res
-    f32 = jnp.float32  # the backward kernel is float32's (bf16 inputs: their forward ran on AMX)
-    dq, dk, dv, dbias = native.attention_backward(*(x.astype(f32) for x in (q, k, v, o)), lse, do.astype(f32),
-                                                  mask, bias, bias_grad=bias_grad, **dict(mask_kw),
-                                                  block_q=blocks[1], block_k=blocks[2])
+    # bf16 q, k, v (and o, do): the bf16 kernel (AMX); otherwise float32
+    dq, dk, dv, dbias = native.attention_backward(q, k, v, o, lse, do.astype(o.dtype), mask, bias,
+                                                  bias_grad=bias_grad, **dict(mask_kw), block_q=blocks[1],
+                                                  block_k=blocks[2])
     # the mask has no gradient; dbias None: not differentiated
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, dbias
 

@@ -51,6 +51,7 @@ N_STATICS = 8   # is_causal, window, scale, block_q, block_k, has_mask, has_bias
 CHAIN_ROWS = 128  # chains per task of gibbs_chain
 TARGETS = {"zoo_attention_forward": "ZooAttentionForward",
            "zoo_attention_forward_bf16": "ZooAttentionForwardBf16",
+           "zoo_attention_backward_bf16": "ZooAttentionBackwardBf16",
            "zoo_attention_backward": "ZooAttentionBackward",
            "zoo_gibbs_chain": "ZooGibbsChain"}
 
@@ -212,9 +213,11 @@ def _dbias_shape(q, k, bias, bias_grad):
 
 def _backward(q, k, v, mask, o, lse, do, bias, *statics):  # bias last: it may be unbatched
     attrs, bias_grad = _attrs(*statics)
-    out = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    out = tuple(jax.ShapeDtypeStruct(x.shape, q.dtype) for x in (q, k, v))
     out += (jax.ShapeDtypeStruct(_dbias_shape(q, k, bias, bias_grad), jnp.float32),)
-    call = jax.ffi.ffi_call("zoo_attention_backward", out, vmap_method="sequential")
+    bf16 = q.dtype == jnp.bfloat16  # then k, v, o and do are too (attention_backward)
+    call = jax.ffi.ffi_call("zoo_attention_backward_bf16" if bf16 else "zoo_attention_backward", out,
+                            vmap_method="sequential")
     return call(q, k, v, mask, bias, o, lse, do, **attrs, bias_grad=bool(bias_grad))
 
 
@@ -312,8 +315,12 @@ def attention_backward(q, k, v, o, lse, do, mask=None, bias=None, *, bias_grad=F
                        window=None, scale=1.0, block_q=BACKWARD_ROWS, block_k=KEY_BLOCK):
     """(dq, dk, dv, dbias) of attention_forward's o, given its lse and the output's cotangent do;
     dbias (with a bias and bias_grad; else None) in the bias's shape. block_q: query rows per step
-    of a (batch, kv head) task."""
+    of a (batch, kv head) task. bfloat16 q, k, v, o and do give bfloat16 gradients, their products
+    on Intel AMX where the CPU has it (p and ds rounded to bfloat16, float32 accumulation, as a
+    GPU's flash attention backward); else everything is float32."""
     load()
+    dtype = jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in (q, k, v, o, do)) else jnp.float32
+    q, k, v, o, do = (x.astype(dtype) for x in (q, k, v, o, do))
     has_bias = bias is not None
     statics = _statics(is_causal, window, scale, block_q, block_k, mask is not None, has_bias, has_bias and bias_grad)
     shape = None if bias is None else jnp.shape(bias)

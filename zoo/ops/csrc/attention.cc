@@ -140,12 +140,13 @@ void add_bias(const Problem& p, float* s, int64_t rows, int64_t b, int64_t h, in
 // The rows' share of dbias: db [G|1, T|1, S|1] of task (b, h) += ds over the tile's keys below S
 // (summed over the axes the bias broadcasts along).
 void add_dbias(const Problem& p, const float* ds, int64_t rows, int64_t t0, int64_t k0, int64_t w,
-               float* db) {
+               float* db, int64_t ld = 0) {  // ld: ds's row stride (0: w)
+  ld = ld ? ld : w;
   const int64_t valid = std::min(w, p.S - k0);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t g = p.dbg > 1 ? r % p.G : 0, t = p.dbt > 1 ? t0 + r / p.G : 0;
     float* out = db + (g * p.dbt + t) * p.dbs;
-    const float* x = ds + r * w;
+    const float* x = ds + r * ld;
     if (p.dbs > 1) {
       for (int64_t j = 0; j < valid; ++j) out[k0 + j] += x[j];
     } else {
@@ -342,17 +343,27 @@ inline void amx_qk_block(const Problem& p, const uint16_t* qb, int64_t i, const 
 
 // t[rp x D] (float32) = pb[rp x w] (bf16, row stride ldp) @ the v tiles of keys [k0, k0 + w).
 void amx_pv(const Problem& p, const uint16_t* pb, int64_t rp, int64_t w, int64_t ldp, const uint16_t* vp,
-            int64_t k0, float* t) {
+            int64_t k0, float* t, bool accumulate = false) {  // accumulate: t += the product
   const int64_t nk = p.Sp / 32;
   for (int64_t c = 0; c < p.D; c += 32) {
     const bool two = c + 16 < p.D;  // D is a multiple of 16: a last block of 16 columns alone
     const uint16_t* b0 = vp + (c / 16 * nk + k0 / 32) * 512;
     const uint16_t* b1 = b0 + nk * 512;
     for (int64_t i = 0; i < rp; i += 32) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
+      float* ci = t + i * p.D + c;
+      if (accumulate) {
+        _tile_loadd(0, ci, p.D * 4);
+        _tile_loadd(2, ci + 16 * p.D, p.D * 4);
+        if (two) {
+          _tile_loadd(1, ci + 16, p.D * 4);
+          _tile_loadd(3, ci + 16 * p.D + 16, p.D * 4);
+        }
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
       for (int64_t kk = 0; kk < w / 32; ++kk) {
         _tile_loadd(4, pb + i * ldp + kk * 32, ldp * 2);
         _tile_loadd(5, pb + (i + 16) * ldp + kk * 32, ldp * 2);
@@ -365,7 +376,6 @@ void amx_pv(const Problem& p, const uint16_t* pb, int64_t rp, int64_t w, int64_t
           _tile_dpbf16ps(3, 5, 7);
         }
       }
-      float* ci = t + i * p.D + c;
       _tile_stored(0, ci, p.D * 4);
       _tile_stored(2, ci + 16 * p.D, p.D * 4);
       if (two) {
@@ -469,6 +479,164 @@ void forward_amx(const Problem& p, const uint16_t* q, const uint16_t* k, const u
       for (int64_t d = 0; d < p.D; d += VW) store_bf16(dst + d, load(acc + r * p.D + d) * inv);
       lse[((b * p.K + h) * p.T + tt) * p.G + g] =
           l[r] > 0 ? m[r] * sc + std::log(l[r]) : std::numeric_limits<float>::infinity();
+    }
+  });
+}
+
+// Two rows of 16 floats as bf16 pairs [a0 b0 a1 b1 ... a15 b15]: one 64-byte row of a B tile
+// whose k runs over the rows (the VNNI layout).
+inline void store_bf16_pairs(uint16_t* dst, vf a, vf b) {
+  alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512bh ab = _mm512_cvtne2ps_pbh(reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(a));
+  _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(_mm512_load_si512(order), reinterpret_cast<__m512i>(ab)));
+}
+
+// c[D x w] (float32, row stride ldc) += aT[D x rp] (bf16, row stride rp: a matrix's transpose)
+// @ b, b's rows the rp query rows as VNNI tiles [w / 16 key blocks][rp / 2 row pairs][32]: dv^T
+// += do^T p and dk^T += q^T ds, with the keys along c's rows.
+void amx_tn(const Problem& p, const uint16_t* aT, int64_t rp, const uint16_t* b, int64_t w, float* c,
+            int64_t ldc) {
+  for (int64_t j = 0; j < w; j += 32) {
+    const uint16_t* b0 = b + j / 16 * (rp / 2) * 32;
+    const uint16_t* b1 = b0 + (rp / 2) * 32;
+    for (int64_t d = 0; d < p.D; d += 32) {
+      const bool two = d + 16 < p.D;
+      float* cd = c + d * ldc + j;
+      _tile_loadd(0, cd, ldc * 4);
+      _tile_loadd(1, cd + 16, ldc * 4);
+      if (two) {
+        _tile_loadd(2, cd + 16 * ldc, ldc * 4);
+        _tile_loadd(3, cd + 16 * ldc + 16, ldc * 4);
+      }
+      for (int64_t kk = 0; kk < rp / 32; ++kk) {
+        _tile_loadd(4, aT + d * rp + kk * 32, rp * 2);
+        _tile_loadd(6, b0 + kk * 16 * 32, 64);
+        _tile_loadd(7, b1 + kk * 16 * 32, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {
+          _tile_loadd(5, aT + (d + 16) * rp + kk * 32, rp * 2);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, cd, ldc * 4);
+      _tile_stored(1, cd + 16, ldc * 4);
+      if (two) {
+        _tile_stored(2, cd + 16 * ldc, ldc * 4);
+        _tile_stored(3, cd + 16 * ldc + 16, ldc * 4);
+      }
+    }
+  }
+}
+
+// The backward on bfloat16 inputs with AMX, FlashAttention-2's order per (batch, kv head) task:
+// for each block of query rows and each key tile, s = q k^T and dp = do v^T on the tile unit
+// (float32 accumulation), p = exp(s - lse) and ds = p (dp - delta) in float32, then p and ds
+// rounded to bf16 for dv^T += do^T p, dk^T += q^T ds and dq += ds k (float32 accumulators in
+// memory). Gradients are returned in bf16.
+void backward_amx(const Problem& p, const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* o,
+                  const float* lse, const uint16_t* dout, uint16_t* dq, uint16_t* dk, uint16_t* dv, float* dbias) {
+  const int64_t tq = std::max<int64_t>(1, p.rows / p.G);
+  const int64_t R = tq * p.G, Rp = (R + 31) / 32 * 32;
+  const int64_t lds = p.kv_block + 16, ldp = p.kv_block + 32, ldk = p.Sp + 16;
+  const bool prescale = p.bias || !(p.scale > 0);
+  const float sc = prescale ? 1.0f : p.scale;
+  const int nt = num_threads();
+  std::vector<std::vector<float>> scratch(nt);
+  std::vector<std::vector<uint16_t>> scratch16(nt);
+  parallel_for(p.B * p.K, [&](int64_t bh, int worker) {
+    const int64_t b = bh / p.K, h = bh % p.K;
+    std::vector<float>& buf = scratch[worker];
+    std::vector<uint16_t>& buf16 = scratch16[worker];
+    buf.resize(2 * p.D * ldk + 2 * Rp * lds + Rp * p.D + 2 * Rp);
+    buf16.resize(3 * p.Sp * p.Dp + 2 * Rp * p.Dp + 2 * p.D * Rp + 2 * p.kv_block * Rp + Rp * ldp);
+    float *dkT = buf.data(), *dvT = dkT + p.D * ldk, *s = dvT + p.D * ldk, *dp = s + Rp * lds, *dqb = dp + Rp * lds,
+          *lb = dqb + Rp * p.D, *delta = lb + Rp;
+    uint16_t *kT = buf16.data(), *vT = kT + p.Sp * p.Dp, *kV = vT + p.Sp * p.Dp, *qb = kV + p.Sp * p.Dp,
+             *dob = qb + Rp * p.Dp, *qT = dob + Rp * p.Dp, *doT = qT + p.D * Rp, *pV = doT + p.D * Rp,
+             *dsV = pV + p.kv_block * Rp, *dsr = dsV + p.kv_block * Rp;
+    pack_k_amx(p, k, b, h, kT);
+    pack_k_amx(p, v, b, h, vT);
+    pack_v_amx(p, k, b, h, kV);
+    std::fill(dkT, dkT + 2 * p.D * ldk, 0.0f);
+    float* db = dbias ? dbias + bh * p.dbg * p.dbt * p.dbs : nullptr;  // this task's own slice
+    if (db) std::fill(db, db + p.dbg * p.dbt * p.dbs, 0.0f);
+    configure_tiles();
+    for (int64_t t0 = 0; t0 < p.T; t0 += tq) {
+      const int64_t t1 = std::min(p.T, t0 + tq), rows = (t1 - t0) * p.G, rp = (rows + 31) / 32 * 32;
+      std::fill(qb, qb + 2 * Rp * p.Dp + 2 * p.D * Rp, uint16_t(0));  // qb, dob, qT, doT: zero padding
+      for (int64_t r = 0; r < rp; ++r) {
+        if (r >= rows) {  // padding rows: no visible key (p = 0), ds = 0
+          lb[r] = std::numeric_limits<float>::infinity();
+          delta[r] = 0;
+          continue;
+        }
+        const int64_t t = t0 + r / p.G, g = r % p.G;
+        const uint16_t* qr = p.row(q, b, t, h * p.G + g, p.N, p.T);
+        const uint16_t* dr = p.row(dout, b, t, h * p.G + g, p.N, p.T);
+        const uint16_t* orow = p.row(o, b, t, h * p.G + g, p.N, p.T);
+        std::memcpy(qb + r * p.Dp, qr, p.D * 2);
+        std::memcpy(dob + r * p.Dp, dr, p.D * 2);
+        float acc = 0;
+        for (int64_t d = 0; d < p.D; ++d) {
+          qT[d * rp + r] = qr[d];
+          doT[d * rp + r] = dr[d];
+          acc += from_bf16(orow[d]) * from_bf16(dr[d]);
+        }
+        delta[r] = acc;
+        lb[r] = lse[((b * p.K + h) * p.T + t) * p.G + g];
+      }
+      std::fill(dqb, dqb + rp * p.D, 0.0f);
+      for_key_tiles(p, t0, t1, [&](int64_t k0, int64_t w, bool masked) {
+        for (int64_t j = 0; j < w; j += 32)
+          for (int64_t i = 0; i < rp; i += 32) {
+            amx_qk_block(p, qb, i, kT, k0, j, s, lds);
+            amx_qk_block(p, dob, i, vT, k0, j, dp, lds);
+          }
+        if (prescale) {
+          const vf scv = splat(p.scale);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < w; j += VW) store(s + r * lds + j, load(s + r * lds + j) * scv);
+          if (p.bias) add_bias(p, s, rows, b, h, t0, k0, w, lds);
+        }
+        if (masked) mask_tile(p, s, rows, b, h, t0, k0, w, lds);
+        const vf scv = splat(sc);
+        for (int64_t r = 0; r < rp; r += 2) {  // row pairs: the VNNI tiles interleave them
+          const vf l0 = splat(lb[r]), l1 = splat(lb[r + 1]), d0 = splat(delta[r]), d1 = splat(delta[r + 1]);
+          float *s0 = s + r * lds, *s1 = s0 + lds, *dp0 = dp + r * lds, *dp1 = dp0 + lds;
+          for (int64_t j = 0; j < w; j += VW) {
+            const vf p0 = vexp(load(s0 + j) * scv - l0), p1 = vexp(load(s1 + j) * scv - l1);
+            const vf ds0 = p0 * (load(dp0 + j) - d0), ds1 = p1 * (load(dp1 + j) - d1);
+            store(dp0 + j, ds0);
+            store(dp1 + j, ds1);
+            const int64_t tile_row = (j / 16 * (rp / 2) + r / 2) * 32;
+            store_bf16_pairs(pV + tile_row, p0, p1);
+            store_bf16_pairs(dsV + tile_row, ds0, ds1);
+            store_bf16(dsr + r * ldp + j, ds0);
+            store_bf16(dsr + (r + 1) * ldp + j, ds1);
+          }
+        }
+        if (db) add_dbias(p, dp, rows, t0, k0, w, db, lds);
+        amx_tn(p, doT, rp, pV, w, dvT + k0, ldk);   // dv^T += do^T p
+        amx_tn(p, qT, rp, dsV, w, dkT + k0, ldk);   // dk^T += q^T ds
+        amx_pv(p, dsr, rp, w, ldp, kV, k0, dqb, true);  // dq += ds k
+      });
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t t = t0 + r / p.G, g = r % p.G;
+        uint16_t* dst = const_cast<uint16_t*>(p.row(dq, b, t, h * p.G + g, p.N, p.T));
+        for (int64_t d = 0; d < p.D; d += VW) store_bf16(dst + d, load(dqb + r * p.D + d) * p.scale);
+      }
+    }
+    _tile_release();
+    for (int64_t j = 0; j < p.S; ++j) {
+      uint16_t* dkj = const_cast<uint16_t*>(p.row(dk, b, j, h, p.K, p.S));
+      uint16_t* dvj = const_cast<uint16_t*>(p.row(dv, b, j, h, p.K, p.S));
+      for (int64_t d = 0; d < p.D; ++d) {
+        dkj[d] = to_bf16(dkT[d * ldk + j] * p.scale);
+        dvj[d] = to_bf16(dvT[d * ldk + j]);
+      }
     }
   });
 }
@@ -642,6 +810,53 @@ ffi::Error ForwardBf16(ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k, ffi::
   return ffi::Error::Success();
 }
 
+// The backward on bfloat16 q, k, v, o and do (gradients bf16, dbias float32): the AMX kernel where
+// it runs, else the float32 kernel on widened copies.
+ffi::Error BackwardBf16(ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
+                        ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::BF16> o,
+                        ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::BF16> dout, ffi::ResultBuffer<ffi::BF16> dq,
+                        ffi::ResultBuffer<ffi::BF16> dk, ffi::ResultBuffer<ffi::BF16> dv,
+                        ffi::ResultBuffer<ffi::F32> dbias, bool causal, int64_t wl, int64_t wr, float scale,
+                        int64_t block_q, int64_t block_k, bool has_mask, bool has_bias, bool bias_grad) {
+  Problem p;
+  if (ffi::Error e = problem(q, k, v, mask, bias, has_mask, has_bias, causal, wl, wr, scale, block_q, block_k, p);
+      !e.success())
+    return e;
+  float* db = has_bias && bias_grad ? dbias->typed_data() : nullptr;
+  if (db && dbias->element_count() != p.B * p.K * p.dbg * p.dbt * p.dbs)
+    return ffi::Error::InvalidArgument("zoo attention: dbias must be [B, K, G|1, T|1, S|1]");
+  if (db) std::fill(db, db + dbias->element_count(), 0.0f);
+  if (p.S == 0) {
+    std::fill(dq->typed_data(), dq->typed_data() + p.B * p.T * p.N * p.D, uint16_t(0));
+    return ffi::Error::Success();
+  }
+  if (p.B * p.K * p.D == 0) return ffi::Error::Success();
+#if ZOO_AMX
+  if (amx_enabled()) {
+    backward_amx(p, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(),
+                 dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(), db);
+    return ffi::Error::Success();
+  }
+#endif
+  auto widen = [](const uint16_t* x, size_t n) {
+    std::vector<float> out(n);
+    for (size_t i = 0; i < n; ++i) out[i] = from_bf16(x[i]);
+    return out;
+  };
+  const std::vector<float> qf = widen(q.typed_data(), q.element_count()),
+                           kf = widen(k.typed_data(), k.element_count()),
+                           vf_ = widen(v.typed_data(), v.element_count()),
+                           of = widen(o.typed_data(), o.element_count()),
+                           df = widen(dout.typed_data(), dout.element_count());
+  std::vector<float> dqf(q.element_count()), dkf(k.element_count()), dvf(v.element_count());
+  backward(p, qf.data(), kf.data(), vf_.data(), of.data(), lse.typed_data(), df.data(), dqf.data(), dkf.data(),
+           dvf.data(), db);
+  for (size_t i = 0; i < dqf.size(); ++i) dq->typed_data()[i] = to_bf16(dqf[i]);
+  for (size_t i = 0; i < dkf.size(); ++i) dk->typed_data()[i] = to_bf16(dkf[i]);
+  for (size_t i = 0; i < dvf.size(); ++i) dv->typed_data()[i] = to_bf16(dvf[i]);
+  return ffi::Error::Success();
+}
+
 ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                     ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> o,
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
@@ -703,6 +918,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionForwardBf16, ForwardBf16,
                                              .Arg<F32>()
                                              .Ret<BF16>()
                                              .Ret<F32>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionBackwardBf16, BackwardBf16,
+                              with_attrs(ffi::Ffi::Bind()
+                                             .Arg<BF16>()
+                                             .Arg<BF16>()
+                                             .Arg<BF16>()
+                                             .Arg<ffi::Buffer<ffi::PRED>>()
+                                             .Arg<F32>()
+                                             .Arg<BF16>()  // o
+                                             .Arg<F32>()   // lse
+                                             .Arg<BF16>()  // do
+                                             .Ret<BF16>()
+                                             .Ret<BF16>()
+                                             .Ret<BF16>()
+                                             .Ret<F32>())  // dbias
+                                  .Attr<bool>("bias_grad"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionBackward, Backward,
                               with_attrs(with_inputs(ffi::Ffi::Bind())
