@@ -12,7 +12,8 @@ CPUs this process may run on).
 Kernels (all sources in csrc/ build into one library):
 - `attention_forward` / `attention_backward`, FlashAttention in float32 (csrc/attention.cc):
   q [B, T, N, D], k, v [B, S, K, D], the head dim a multiple of 16; causal, window, boolean masks
-  and an additive bias (with its gradient).
+  and an additive bias (with its gradient); bfloat16 inputs on Intel AMX tiles where the CPU and
+  OS allow it (ZOO_NATIVE_AMX=0: not; then widened to float32).
 - `gibbs_chain`, a Bernoulli RBM's block-Gibbs chain in float32 (csrc/gibbs.cc), with the uniforms
   of zoo.ops.gibbs's "hash" method.
 """
