@@ -656,9 +656,9 @@ def _blocked(q, k, v, is_causal, window, scale, q_block_size=None, block_size=No
 # FlashAttention in C++ (zoo/ops/csrc/attention.cc, through jax.ffi; zoo.ops.native builds it on
 # first use): one pass over each tile of logits in the core's cache, exp, row max and sum fused
 # with it, where XLA's CPU runtime writes each op's tile to memory and reads it back. Float32 (other
-# dtypes are computed in float32, but a bfloat16 forward runs its products on Intel AMX where the
-# CPU has it), head dims a multiple of 16, masks and a bias (its gradient only where it is
-# differentiated).
+# dtypes are computed in float32, but bfloat16 runs its products on Intel AMX tiles, forward and
+# backward, where the CPU has them), head dims a multiple of 16, masks and a bias (its gradient
+# only where it is differentiated).
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))

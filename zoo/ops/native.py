@@ -299,8 +299,9 @@ def attention_forward(q, k, v, mask=None, bias=None, *, is_causal=False, window=
     query row's logsumexp (float32; +inf: no visible key). bfloat16 inputs run on Intel AMX where
     the CPU has it (ZOO_NATIVE_AMX=0: not), as a GPU's flash attention does: exact products with
     float32 accumulation, the probabilities rounded to bfloat16 for p v; otherwise widened to
-    float32. Other dtypes are computed in float32. mask: bool [B|1, N|1, T|1, S|1], True = attend, or None; bias: float
-    [B|1, N|1, T|1, S|1] or None (4D; jnp broadcasting rules; read with their broadcast strides).
+    float32. Other dtypes are computed in float32. mask: bool [B|1, N|1, T|1, S|1], True =
+    attend, or None; bias: float [B|1, N|1, T|1, S|1] or None (4D; jnp broadcasting rules; read
+    with their broadcast strides).
     Partitioned over the batch axis under jit over a mesh; vmap folds into the batch axis.
     block_q: query rows (positions x grouped heads) per task; block_k: keys per tile (rounded up
     to a multiple of KEY_ALIGN)."""

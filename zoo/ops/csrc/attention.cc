@@ -1,4 +1,5 @@
-// FlashAttention for the CPU, forward and backward, as XLA FFI custom calls (float32).
+// FlashAttention for the CPU, forward and backward, as XLA FFI custom calls (float32; and
+// bfloat16 entry points that run on Intel AMX tiles where the CPU has them, below).
 //
 // zoo.ops.native compiles this file on first use with the machine's C++ compiler (-O3
 // -march=native) and registers the two handlers with jax.ffi. Layouts are the zoo's:
