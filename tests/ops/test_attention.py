@@ -657,6 +657,27 @@ def test_native_runs_per_device_under_a_mesh_and_pmap(native_kernel):
     np.testing.assert_allclose(out.reshape(q.shape), np_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-5)
 
 
+def test_native_bfloat16_runs_per_device_under_a_mesh(native_kernel):
+    """The bf16 kernels under a batch-sharded jit: no all-gather, and each example's values and
+    gradients bit for bit those of one device (every (batch, kv head) task is independent)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    q, k, v = _inputs(B=8, T=96, S=96, N=4, K=2, D=32, seed=13, dtype=jnp.bfloat16)
+    loss = lambda q, k, v: jnp.sum(A.dot_product_attention(q, k, v, is_causal=True, implementation="native")
+                                   .astype(jnp.float32) ** 2)
+    grads = jax.grad(loss, argnums=(0, 1, 2))
+    want = jax.jit(grads)(q, k, v)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
+    hlo = jax.jit(grads).lower(put(q), put(k), put(v)).compile().as_text().replace(" ", "")
+    assert "all-gather" not in hlo
+    assert 'custom_call_target="zoo_attention_forward_bf16"' in hlo
+    assert 'custom_call_target="zoo_attention_backward_bf16"' in hlo
+    for g, r in zip(jax.jit(grads)(put(q), put(k), put(v)), want):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))
+
+
 @pytest.mark.parametrize("blocks", [(3, 33), (1, 32), (50, 1000)])
 def test_native_block_sizes_match_numpy(native_kernel, blocks):
     """Explicit sizes: 3 positions x 2 grouped heads per task with 64-key tiles (33 rounds up),
