@@ -23,6 +23,7 @@ def test_bench_case_rows(monkeypatch):
                             impls=("zoo-auto", "zoo-chunked", "matmul-ceiling"))
     assert {r["impl"] for r in rows} == {"zoo-auto", "zoo-chunked", "matmul-ceiling"}
     assert all(r["unit"] == "GFLOP/s" and r["value"] > 0 for r in rows)
+    assert all(r["paired_vs"] == {} for r in rows if r["impl"].startswith("zoo-"))  # no PyTorch row here
 
 
 @pytest.mark.parametrize("backward", [False, True])
@@ -159,3 +160,11 @@ def test_gpt_step_rows_carry_the_first_losses():
     assert ceiling["impl"] == "matmul-ceiling" and 0 < step["mfu"] < 1
     first = step["first_losses"]
     assert len(first) == 3 and abs(first[0] - np.log(64)) < 0.2 and first[0] > first[1] > first[2]
+
+
+def test_zoo_rows_carry_paired_ratios_to_each_torch_row():
+    pytest.importorskip("torch")
+    rows = bench.bench_case(1, 2, 64, 16, False, False, "float32", rounds=3, impls=("zoo-auto", "torch-sdpa"))
+    by = {r["impl"]: r for r in rows}
+    assert set(by["zoo-auto"]["paired_vs"]) == {"torch-sdpa"} and "paired_vs" not in by["torch-sdpa"]
+    assert 0 < by["zoo-auto"]["paired_vs"]["torch-sdpa"] < float("inf")

@@ -29,3 +29,14 @@ def test_interleaved_times_warms_only_short_calls_after_the_first_round():
     order.clear()  # three implementations: each starts one round
     interleaved_times({k: make(k, 0.0) for k in "abc"}, 3)
     assert order == list("abc" "bca" "cab")
+
+
+def test_paired_speedup_cancels_a_drift_that_a_ratio_of_medians_keeps():
+    from zoo.bench import paired_speedup
+
+    # the machine slows 3x after two rounds; ours is 2x the peer's speed in every round
+    ours, peer = [1.0, 1.0, 3.0, 3.0, 3.0], [2.0, 2.0, 6.0, 6.0, 6.0]
+    assert paired_speedup(ours, peer) == 2.0
+    # a drift between the two calls of a round is what it cannot cancel: the median keeps one
+    # round's outlier out (2.0, not the mean 2.4)
+    assert paired_speedup([1.0, 1.0, 1.0, 1.0, 0.5], [2.0, 2.0, 2.0, 2.0, 2.0]) == 2.0

@@ -62,6 +62,13 @@ def interleaved_times(fns: dict, rounds: int, *, pause_s: float = 0.0,
     return times
 
 
+def paired_speedup(times: list[float], peer_times: list[float]) -> float:
+    """How many times faster than a peer, round by round: the median over rounds of the peer's
+    time over this one's, both from interleaved_times (each round times both within a second or
+    so, so a drift in machine load between rounds cancels where a ratio of medians keeps it)."""
+    return statistics.median(p / t for t, p in zip(times, peer_times))
+
+
 def git_sha() -> str:
     """The checkout's short SHA; ZOO_GIT_SHA wins (a copied tree without .git, as on a lent GPU)."""
     if os.environ.get("ZOO_GIT_SHA"):

@@ -24,7 +24,9 @@ call dispatches the same kernel `reps` times back to back (about 25 ms in all) a
 row's value is per kernel; kernels shorter than that run GPU_GROUP to a dispatch (one jitted
 program for the zoo, one CUDA graph for PyTorch), so short ones time the kernel, not Python's
 dispatch. Implementations are timed in interleaved rounds so a drift in machine
-load hits all alike; the value is the median over rounds.
+load hits all alike; the value is the median over rounds. Each zoo row's `paired_vs` gives, for
+each PyTorch row, the median over rounds of the two per-kernel times' ratio (zoo's speed over
+the peer's; steadier than a ratio of the two medians on a noisy machine).
 
 Quick (CPU): B1 N8 D64, S = T in {1024, 4096}, causal and not, float32, 7 rounds (zoo-reference,
 zoo-xla and zoo-chunked at S1024 only).
@@ -42,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.bench import emit, interleaved_times, median_seconds
+from zoo.bench import emit, interleaved_times, median_seconds, paired_speedup
 from zoo.ops import native
 from zoo.ops.attention import _add_rows, _blocked_cfg, _rows, _scan_tiles, dot_product_attention
 
@@ -342,8 +344,12 @@ def bench_case(B, N, S, D, causal, backward, dtype, *, rounds=5, impls=None) -> 
         # the GPU ceiling runs the full (not causal) matmuls and counts their FLOPs
         flops = attention_flops(B, N, S, S, D, causal and not (ceiling and on_gpu), backward and not ceiling)
         sec = statistics.median(t) / reps[impl]
-        rows.append({"case": case, "impl": impl, "value": flops / sec / scale, "unit": unit,
-                     "median_s": sec, "reps": reps[impl], "group": groups[impl]})
+        row = {"case": case, "impl": impl, "value": flops / sec / scale, "unit": unit,
+               "median_s": sec, "reps": reps[impl], "group": groups[impl]}
+        if impl.startswith("zoo-"):  # per-kernel time ratios, round by round, to each PyTorch row
+            row["paired_vs"] = {peer: paired_speedup([x / reps[impl] for x in t], [x / reps[peer] for x in tp])
+                                for peer, tp in times.items() if peer.startswith("torch-")}
+        rows.append(row)
     if on_gpu:
         _free_torch_cache()
     return emit(rows)
