@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -289,7 +290,8 @@ inline void store_bf16(uint16_t* dst, vf x) {  // 16 floats
 // row of dim pairs becomes a column of the tile: a transpose of 32-bit pairs.
 void pack_k_amx(const Problem& p, const uint16_t* k, int64_t b, int64_t h, uint16_t* out) {
   const int64_t nd = p.Dp / 32;
-  std::fill(out, out + p.Sp * p.Dp, uint16_t(0));
+  // zeros where the loop below does not write: every block when D < Dp, else the blocks past S
+  std::fill(out + (p.Dp > p.D ? 0 : p.S / 16 * 16 * p.Dp), out + p.Sp * p.Dp, uint16_t(0));
   uint32_t* o32 = reinterpret_cast<uint32_t*>(out);
   for (int64_t j = 0; j < p.S; ++j) {
     const uint16_t* src = p.row(k, b, j, h, p.K, p.S);
@@ -302,15 +304,32 @@ void pack_k_amx(const Problem& p, const uint16_t* k, int64_t b, int64_t h, uint1
   }
 }
 
+// The 16-bit lanes [0 16 1 17 ... 15 31]: two rows of 16 bf16 (a in the low half, b in the high)
+// as pairs [a0 b0 a1 b1 ... a15 b15], the VNNI layout's 64-byte tile row.
+inline __m512i pair_order() {
+  alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_load_si512(order);
+}
+
+inline __m512i interleave_bf16(__m256i a, __m256i b) {
+  return _mm512_permutexvar_epi16(pair_order(), _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+}
+
 // v of kv head (b, h) of v [B, S, K, D] as AMX B tiles: [D / 16 column blocks][Sp / 32 key
-// blocks][16 rows: key pairs][16 columns][2], zeros past S.
+// blocks][16 rows: key pairs][16 columns][2], zeros past S. Every element is written.
 void pack_v_amx(const Problem& p, const uint16_t* v, int64_t b, int64_t h, uint16_t* out) {
   const int64_t nk = p.Sp / 32;
-  std::fill(out, out + p.Sp * p.D, uint16_t(0));
-  for (int64_t j = 0; j < p.S; ++j) {
-    const uint16_t* src = p.row(v, b, j, h, p.K, p.S);
-    uint16_t* dst = out + (j / 32) * 512 + (j % 32 / 2) * 32 + j % 2;
-    for (int64_t d = 0; d < p.D; ++d) dst[(d / 16) * nk * 512 + (d % 16) * 2] = src[d];
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t j = 0; j < p.Sp; j += 2) {
+    const uint16_t* a = j < p.S ? p.row(v, b, j, h, p.K, p.S) : nullptr;
+    const uint16_t* c = j + 1 < p.S ? p.row(v, b, j + 1, h, p.K, p.S) : nullptr;
+    uint16_t* dst = out + (j / 32) * 512 + (j % 32 / 2) * 32;
+    for (int64_t d = 0; d < p.D; d += 16) {
+      const __m256i x = a ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + d)) : zero;
+      const __m256i y = c ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + d)) : zero;
+      _mm512_storeu_si512(dst + (d / 16) * nk * 512, interleave_bf16(x, y));
+    }
   }
 }
 
@@ -390,10 +409,11 @@ void amx_pv(const Problem& p, const uint16_t* pb, int64_t rp, int64_t w, int64_t
 void forward_amx(const Problem& p, const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* o,
                  float* lse) {
   const int64_t ksz = p.Sp * p.Dp, vsz = p.Sp * p.D;
-  std::vector<uint16_t> kp(p.B * p.K * ksz), vp(p.B * p.K * vsz);
+  // not zeroed here: the packs write every element (a vector's zeroing cost 3% at S1024)
+  std::unique_ptr<uint16_t[]> kp(new uint16_t[p.B * p.K * ksz]), vp(new uint16_t[p.B * p.K * vsz]);
   parallel_for(p.B * p.K, [&](int64_t bh, int) {
-    pack_k_amx(p, k, bh / p.K, bh % p.K, kp.data() + bh * ksz);
-    pack_v_amx(p, v, bh / p.K, bh % p.K, vp.data() + bh * vsz);
+    pack_k_amx(p, k, bh / p.K, bh % p.K, kp.get() + bh * ksz);
+    pack_v_amx(p, v, bh / p.K, bh % p.K, vp.get() + bh * vsz);
   });
   const int64_t tq = std::max<int64_t>(1, p.rows / p.G);
   const int64_t nq = (p.T + tq - 1) / tq;
@@ -416,7 +436,10 @@ void forward_amx(const Problem& p, const uint16_t* q, const uint16_t* k, const u
     float *acc = buf.data(), *t = acc + R * p.D, *s = t + Rp * p.D, *m = s + Rp * lds, *l = m + R,
           *alpha = l + R;
     uint16_t *qb = buf16.data(), *pb = qb + Rp * p.Dp;
-    std::fill(buf16.begin(), buf16.end(), uint16_t(0));  // padding rows and columns: zeros
+    // padding: rows [rows, rp) of q and p, q's columns [D, Dp) (the scratch holds an earlier task's)
+    if (p.Dp > p.D) std::fill(qb, qb + rp * p.Dp, uint16_t(0));
+    std::fill(qb + rows * p.Dp, qb + rp * p.Dp, uint16_t(0));
+    std::fill(pb + rows * ldp, pb + rp * ldp, uint16_t(0));
     for (int64_t tt = t0; tt < t1; ++tt)
       for (int64_t g = 0; g < p.G; ++g)
         std::memcpy(qb + ((tt - t0) * p.G + g) * p.Dp, p.row(q, b, tt, h * p.G + g, p.N, p.T), p.D * 2);
@@ -424,8 +447,8 @@ void forward_amx(const Problem& p, const uint16_t* q, const uint16_t* k, const u
     std::fill(m, m + rows, NEG_INF);
     std::fill(l, l + rows, 0.0f);
     configure_tiles();
-    const uint16_t* kh = kp.data() + bh * ksz;
-    const uint16_t* vh = vp.data() + bh * vsz;
+    const uint16_t* kh = kp.get() + bh * ksz;
+    const uint16_t* vh = vp.get() + bh * vsz;
     // Each key tile in strips of 32 rows, each through q k^T, softmax and p v while its logits
     // are in L1 / L2 (the whole tile's q k^T first, then its softmax, then p v: 10-20% slower; q k^T
     // of the next strip issued between this strip's rows, for the tile unit to work beside the
@@ -487,10 +510,8 @@ void forward_amx(const Problem& p, const uint16_t* q, const uint16_t* k, const u
 // Two rows of 16 floats as bf16 pairs [a0 b0 a1 b1 ... a15 b15]: one 64-byte row of a B tile
 // whose k runs over the rows (the VNNI layout).
 inline void store_bf16_pairs(uint16_t* dst, vf a, vf b) {
-  alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512bh ab = _mm512_cvtne2ps_pbh(reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(a));
-  _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(_mm512_load_si512(order), reinterpret_cast<__m512i>(ab)));
+  _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(pair_order(), reinterpret_cast<__m512i>(ab)));
 }
 
 // c[D x w] (float32, row stride ldc) += aT[D x rp] (bf16, row stride rp: a matrix's transpose)
