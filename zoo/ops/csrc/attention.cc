@@ -788,101 +788,72 @@ ffi::Error problem(QKV& q, QKV& k, QKV& v, ffi::Buffer<ffi::PRED>& mask, ffi::Bu
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> o,
-                   ffi::ResultBuffer<ffi::F32> lse, bool causal, int64_t wl, int64_t wr, float scale,
-                   int64_t block_q, int64_t block_k, bool has_mask, bool has_bias) {
+// The kernels for each input dtype. float32: the FMA kernels. bfloat16: the AMX kernels where
+// they run (amx_enabled()), else the float32 kernels on widened copies (outputs rounded back).
+void run_forward(const Problem& p, const float* q, const float* k, const float* v, float* o, float* lse) {
+  forward(p, q, k, v, o, lse);
+}
+
+void run_backward(const Problem& p, const float* q, const float* k, const float* v, const float* o,
+                  const float* lse, const float* dout, float* dq, float* dk, float* dv, float* db) {
+  backward(p, q, k, v, o, lse, dout, dq, dk, dv, db);
+}
+
+std::vector<float> widen(const uint16_t* x, size_t n) {
+  std::vector<float> out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = from_bf16(x[i]);
+  return out;
+}
+
+void narrow(const std::vector<float>& x, uint16_t* out) {
+  for (size_t i = 0; i < x.size(); ++i) out[i] = to_bf16(x[i]);
+}
+
+void run_forward(const Problem& p, const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* o,
+                 float* lse) {
+#if ZOO_AMX
+  if (amx_enabled()) return forward_amx(p, q, k, v, o, lse);
+#endif
+  const size_t nq = p.B * p.T * p.N * p.D, nk = p.B * p.S * p.K * p.D;
+  std::vector<float> of(nq);
+  forward(p, widen(q, nq).data(), widen(k, nk).data(), widen(v, nk).data(), of.data(), lse);
+  narrow(of, o);
+}
+
+void run_backward(const Problem& p, const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* o,
+                  const float* lse, const uint16_t* dout, uint16_t* dq, uint16_t* dk, uint16_t* dv, float* db) {
+#if ZOO_AMX
+  if (amx_enabled()) return backward_amx(p, q, k, v, o, lse, dout, dq, dk, dv, db);
+#endif
+  const size_t nq = p.B * p.T * p.N * p.D, nk = p.B * p.S * p.K * p.D;
+  std::vector<float> dqf(nq), dkf(nk), dvf(nk);
+  backward(p, widen(q, nq).data(), widen(k, nk).data(), widen(v, nk).data(), widen(o, nq).data(), lse,
+           widen(dout, nq).data(), dqf.data(), dkf.data(), dvf.data(), db);
+  narrow(dqf, dq);
+  narrow(dkf, dk);
+  narrow(dvf, dv);
+}
+
+// The handlers, for T = F32 or BF16 (q, k, v, o, do and the gradients; mask, bias, lse and dbias
+// keep their types).
+template <ffi::DataType T>
+ffi::Error Forward(ffi::Buffer<T> q, ffi::Buffer<T> k, ffi::Buffer<T> v, ffi::Buffer<ffi::PRED> mask,
+                   ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<T> o, ffi::ResultBuffer<ffi::F32> lse, bool causal,
+                   int64_t wl, int64_t wr, float scale, int64_t block_q, int64_t block_k, bool has_mask,
+                   bool has_bias) {
   Problem p;
   if (ffi::Error e = problem(q, k, v, mask, bias, has_mask, has_bias, causal, wl, wr, scale, block_q, block_k, p);
       !e.success())
     return e;
   if (p.B * p.T * p.N == 0) return ffi::Error::Success();
-  forward(p, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(), lse->typed_data());
+  run_forward(p, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(), lse->typed_data());
   return ffi::Error::Success();
 }
 
-// The forward on bfloat16 q, k, v: the AMX kernel where it runs (amx_enabled()), else the float32
-// kernel on widened copies.
-ffi::Error ForwardBf16(ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
-                       ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::BF16> o,
-                       ffi::ResultBuffer<ffi::F32> lse, bool causal, int64_t wl, int64_t wr, float scale,
-                       int64_t block_q, int64_t block_k, bool has_mask, bool has_bias) {
-  Problem p;
-  if (ffi::Error e = problem(q, k, v, mask, bias, has_mask, has_bias, causal, wl, wr, scale, block_q, block_k, p);
-      !e.success())
-    return e;
-  if (p.B * p.T * p.N == 0) return ffi::Error::Success();
-#if ZOO_AMX
-  if (amx_enabled()) {
-    forward_amx(p, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(), lse->typed_data());
-    return ffi::Error::Success();
-  }
-#endif
-  auto widen = [](const uint16_t* x, size_t n) {
-    std::vector<float> out(n);
-    for (size_t i = 0; i < n; ++i) out[i] = from_bf16(x[i]);
-    return out;
-  };
-  const std::vector<float> qf = widen(q.typed_data(), q.element_count()),
-                           kf = widen(k.typed_data(), k.element_count()),
-                           vf_ = widen(v.typed_data(), v.element_count());
-  std::vector<float> of(q.element_count());
-  forward(p, qf.data(), kf.data(), vf_.data(), of.data(), lse->typed_data());
-  for (size_t i = 0; i < of.size(); ++i) o->typed_data()[i] = to_bf16(of[i]);
-  return ffi::Error::Success();
-}
-
-// The backward on bfloat16 q, k, v, o and do (gradients bf16, dbias float32): the AMX kernel where
-// it runs, else the float32 kernel on widened copies.
-ffi::Error BackwardBf16(ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
-                        ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::BF16> o,
-                        ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::BF16> dout, ffi::ResultBuffer<ffi::BF16> dq,
-                        ffi::ResultBuffer<ffi::BF16> dk, ffi::ResultBuffer<ffi::BF16> dv,
-                        ffi::ResultBuffer<ffi::F32> dbias, bool causal, int64_t wl, int64_t wr, float scale,
-                        int64_t block_q, int64_t block_k, bool has_mask, bool has_bias, bool bias_grad) {
-  Problem p;
-  if (ffi::Error e = problem(q, k, v, mask, bias, has_mask, has_bias, causal, wl, wr, scale, block_q, block_k, p);
-      !e.success())
-    return e;
-  float* db = has_bias && bias_grad ? dbias->typed_data() : nullptr;
-  if (db && dbias->element_count() != p.B * p.K * p.dbg * p.dbt * p.dbs)
-    return ffi::Error::InvalidArgument("zoo attention: dbias must be [B, K, G|1, T|1, S|1]");
-  if (db) std::fill(db, db + dbias->element_count(), 0.0f);
-  if (p.S == 0) {
-    std::fill(dq->typed_data(), dq->typed_data() + p.B * p.T * p.N * p.D, uint16_t(0));
-    return ffi::Error::Success();
-  }
-  if (p.B * p.K * p.D == 0) return ffi::Error::Success();
-#if ZOO_AMX
-  if (amx_enabled()) {
-    backward_amx(p, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(),
-                 dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(), db);
-    return ffi::Error::Success();
-  }
-#endif
-  auto widen = [](const uint16_t* x, size_t n) {
-    std::vector<float> out(n);
-    for (size_t i = 0; i < n; ++i) out[i] = from_bf16(x[i]);
-    return out;
-  };
-  const std::vector<float> qf = widen(q.typed_data(), q.element_count()),
-                           kf = widen(k.typed_data(), k.element_count()),
-                           vf_ = widen(v.typed_data(), v.element_count()),
-                           of = widen(o.typed_data(), o.element_count()),
-                           df = widen(dout.typed_data(), dout.element_count());
-  std::vector<float> dqf(q.element_count()), dkf(k.element_count()), dvf(v.element_count());
-  backward(p, qf.data(), kf.data(), vf_.data(), of.data(), lse.typed_data(), df.data(), dqf.data(), dkf.data(),
-           dvf.data(), db);
-  for (size_t i = 0; i < dqf.size(); ++i) dq->typed_data()[i] = to_bf16(dqf[i]);
-  for (size_t i = 0; i < dkf.size(); ++i) dk->typed_data()[i] = to_bf16(dkf[i]);
-  for (size_t i = 0; i < dvf.size(); ++i) dv->typed_data()[i] = to_bf16(dvf[i]);
-  return ffi::Error::Success();
-}
-
-ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> o,
-                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
-                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+template <ffi::DataType T>
+ffi::Error Backward(ffi::Buffer<T> q, ffi::Buffer<T> k, ffi::Buffer<T> v, ffi::Buffer<ffi::PRED> mask,
+                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<T> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<T> dout,
+                    ffi::ResultBuffer<T> dq, ffi::ResultBuffer<T> dk, ffi::ResultBuffer<T> dv,
                     ffi::ResultBuffer<ffi::F32> dbias, bool causal, int64_t wl, int64_t wr, float scale,
                     int64_t block_q, int64_t block_k, bool has_mask, bool has_bias, bool bias_grad) {
   Problem p;
@@ -894,24 +865,24 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
     return ffi::Error::InvalidArgument("zoo attention: dbias must be [B, K, G|1, T|1, S|1]");
   if (db) std::fill(db, db + dbias->element_count(), 0.0f);
   if (p.S == 0) {  // no keys: every output is zero (dk, dv are empty)
-    std::fill(dq->typed_data(), dq->typed_data() + p.B * p.T * p.N * p.D, 0.0f);
+    std::fill(dq->typed_data(), dq->typed_data() + p.B * p.T * p.N * p.D, 0);
     return ffi::Error::Success();
   }
   if (p.B * p.K * p.D == 0) return ffi::Error::Success();
-  backward(p, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(),
-           dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(), db);
+  run_backward(p, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(),
+               dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(), db);
   return ffi::Error::Success();
 }
 
-// Both handlers' inputs start with q, k, v, the mask and the bias, and they share their attributes
-// (the backward adds bias_grad: whether to compute dbias). The binding's methods take it as an rvalue.
+// Both handlers' inputs start with q, k, v (of type T), the mask and the bias, and they share
+// their attributes (the backward adds bias_grad: whether to compute dbias). The binding's methods
+// take it as an rvalue.
 using F32 = ffi::Buffer<ffi::F32>;
-using BF16 = ffi::Buffer<ffi::BF16>;
 
-template <class Binding>
+template <ffi::DataType T, class Binding>
 auto with_inputs(Binding binding) {
-  return std::move(binding).template Arg<F32>().template Arg<F32>().template Arg<F32>()
-      .template Arg<ffi::Buffer<ffi::PRED>>().template Arg<F32>();
+  return std::move(binding).template Arg<ffi::Buffer<T>>().template Arg<ffi::Buffer<T>>()
+      .template Arg<ffi::Buffer<T>>().template Arg<ffi::Buffer<ffi::PRED>>().template Arg<F32>();
 }
 
 template <class Binding>
@@ -926,44 +897,28 @@ auto with_attrs(Binding binding) {
       .template Attr<bool>("has_bias");
 }
 
+template <ffi::DataType T>
+auto forward_binding() {
+  return with_attrs(with_inputs<T>(ffi::Ffi::Bind()).template Ret<ffi::Buffer<T>>().template Ret<F32>());
+}
+
+template <ffi::DataType T>
+auto backward_binding() {
+  using X = ffi::Buffer<T>;
+  return with_attrs(with_inputs<T>(ffi::Ffi::Bind())
+                        .template Arg<X>()    // o
+                        .template Arg<F32>()  // lse
+                        .template Arg<X>()    // do
+                        .template Ret<X>()
+                        .template Ret<X>()
+                        .template Ret<X>()
+                        .template Ret<F32>())  // dbias
+      .template Attr<bool>("bias_grad");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionForward, Forward,
-                              with_attrs(with_inputs(ffi::Ffi::Bind()).Ret<F32>().Ret<F32>()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionForwardBf16, ForwardBf16,
-                              with_attrs(ffi::Ffi::Bind()
-                                             .Arg<BF16>()
-                                             .Arg<BF16>()
-                                             .Arg<BF16>()
-                                             .Arg<ffi::Buffer<ffi::PRED>>()
-                                             .Arg<F32>()
-                                             .Ret<BF16>()
-                                             .Ret<F32>()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionBackwardBf16, BackwardBf16,
-                              with_attrs(ffi::Ffi::Bind()
-                                             .Arg<BF16>()
-                                             .Arg<BF16>()
-                                             .Arg<BF16>()
-                                             .Arg<ffi::Buffer<ffi::PRED>>()
-                                             .Arg<F32>()
-                                             .Arg<BF16>()  // o
-                                             .Arg<F32>()   // lse
-                                             .Arg<BF16>()  // do
-                                             .Ret<BF16>()
-                                             .Ret<BF16>()
-                                             .Ret<BF16>()
-                                             .Ret<F32>())  // dbias
-                                  .Attr<bool>("bias_grad"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionBackward, Backward,
-                              with_attrs(with_inputs(ffi::Ffi::Bind())
-                                             .Arg<F32>()  // o
-                                             .Arg<F32>()  // lse
-                                             .Arg<F32>()  // do
-                                             .Ret<F32>()
-                                             .Ret<F32>()
-                                             .Ret<F32>()
-                                             .Ret<F32>())  // dbias
-                                  .Attr<bool>("bias_grad"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionForward, Forward<ffi::F32>, forward_binding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionForwardBf16, Forward<ffi::BF16>, forward_binding<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionBackward, Backward<ffi::F32>, backward_binding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionBackwardBf16, Backward<ffi::BF16>, backward_binding<ffi::BF16>());
