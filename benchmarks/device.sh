@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark runs, as one command on a lent accelerator machine (see benchmarks/results/README.md).
 #   bash benchmarks/device.sh PART OUTDIR [SHA]
-# PART: "a" = the GPU tests, then `zoo bench attention` (full set, in two processes: full, causal);
+# PART: "a" = the GPU tests, then `zoo bench attention` (full set, in two processes: full, causal),
+#       then benchmarks/scripts/attention_plans.py (each side's cuDNN kernels, by name);
 #       "b" = `zoo bench gpt_step` (the step at B64, default and bf16 logits, synced and pipelined
 #       rows, each with a kernel table of synced steps and one of three pipelined steps; the
 #       cuBLASLt-epilogue and no-command-buffer variants, measured on 2026-11-26, stay available
@@ -9,7 +10,7 @@
 #       diffusion` (full set, with the diffusers / torch.compile peers; its goals were met on
 #       2026-11-26) and `zoo bench gibbs` (issue 4 is blocked): only when a lease has time left;
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
-#       attention, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
+#       attention, plans, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
 # A 15-minute lease: b first (<= 300 s by its limit; ~230 s expected: on the 2026-11-26 H200 each
 # B64 run took ~110 s with its profiles), then a with what is left (<= 400 s by its limits, 490 with
 # the rerun of a faulting part; ~170 s on 2026-11-26). The GPU's SM clock, power and temperature
@@ -26,14 +27,14 @@ set -u
 [ $# -ge 2 ] || { echo "usage: bash benchmarks/device.sh a|b|c|STEPS OUTDIR [SHA]" >&2; exit 2; }
 part=$1 out=$2
 case $part in
-  a) steps=tests,attention ;;
+  a) steps=tests,attention,plans ;;
   b) steps=gpt_step ;;
   c) steps=diffusion,gibbs ;;
   *) steps=$part ;;
 esac
 for step in ${steps//,/ }; do
-  case $step in tests|gibbs|gibbs-cublas|attention|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
-    *) echo "device.sh: unknown PART or step '$step' (a, b, c, or a comma list of: tests gibbs gibbs-cublas attention gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
+  case $step in tests|gibbs|gibbs-cublas|attention|plans|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
+    *) echo "device.sh: unknown PART or step '$step' (a, b, c, or a comma list of: tests gibbs gibbs-cublas attention plans gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
   esac
 done
 export ZOO_GIT_SHA=${3:-unknown} ZOO_PROFILE=1 ZOO_PROFILE_DIR=$2 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
@@ -81,13 +82,18 @@ for step in ${steps//,/ }; do
       # part only; a faulting part is run again without XLA's command buffers (CUDA graphs), to tell
       # whether they are the cause
       # the unfused rows (each measured on the 2026-11-25/26 leases) are left out for the time
-      export ZOO_ATTENTION_SKIP=${ZOO_ATTENTION_SKIP-zoo-reference,zoo-xla,zoo-chunked,torch-sdpa-math,torch-sdpa-efficient}
+      # (and zoo-cudnn: on a GPU it is what zoo-auto runs)
+      export ZOO_ATTENTION_SKIP=${ZOO_ATTENTION_SKIP-zoo-cudnn,zoo-reference,zoo-xla,zoo-chunked,torch-sdpa-math,torch-sdpa-efficient}
       for mask in full causal; do
         ZOO_ATTENTION_MASKS=$mask bench attention 150 -$mask
         if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then
           ZOO_ATTENTION_MASKS=$mask bench attention 90 -$mask-nocmdbuf "--xla_gpu_enable_command_buffer="
         fi
       done ;;
+    plans)
+      echo "=== attention plans $(date -u +%T)" | tee -a "$log"
+      timeout 120 python3 benchmarks/scripts/attention_plans.py 2>&1 \
+        | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
     gpt_step) bench gpt_step 300 ;;
     gpt_step-cublas) bench gpt_step 110 -cublas "$CUBLAS" ;;
     gpt_step-cublaslt) ZOO_GPT_STEP_RUNS=64-bf16-logits bench gpt_step 130 -cublaslt "$CUBLASLT" ;;

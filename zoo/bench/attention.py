@@ -47,6 +47,7 @@ import numpy as np
 from zoo.bench import emit, interleaved_times, median_seconds, paired_speedup
 from zoo.ops import native
 from zoo.ops.attention import _add_rows, _blocked_cfg, _rows, _scan_tiles, dot_product_attention
+from zoo.ops.attention import _cudnn_head_major as _cudnn_head_major_op
 
 QUICK = dict(B=1, N=8, D=64, lengths=(1024, 4096), dtype="float32")
 FULL = dict(B=4, N=16, D=128, lengths=(1024, 4096, 8192, 16384), dtype="bfloat16")
@@ -84,6 +85,15 @@ def _cudnn_bnth(arrays, causal, backward, dtype):
     mask_type = MaskType.CAUSAL if causal else MaskType.NO_MASK
     attn = lambda q, k, v: cudnn_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask_type=mask_type,
                                            qkv_layout="BNTH")
+    return _timed_jax(attn, q, k, v, do, backward)
+
+
+def _cudnn_head_major(arrays, causal, backward, dtype):
+    """A candidate for auto on a GPU: the zoo's [B, T, N, D] inputs transposed to head major inside
+    the program, JAX's cuDNN attention in that layout, the output (and gradients) transposed back
+    (zoo.ops.attention._cudnn_head_major): whether the layout's gain outlasts the transposes."""
+    q, k, v, do = (jnp.asarray(a, dtype) for a in arrays)
+    attn = lambda q, k, v: _cudnn_head_major_op(q, k, v, causal, None, q.shape[-1] ** -0.5)
     return _timed_jax(attn, q, k, v, do, backward)
 
 
@@ -263,6 +273,7 @@ def _makers(on_gpu, S):
         pass
     if on_gpu:
         makers["zoo-cudnn-bnth"] = _cudnn_bnth
+        makers["zoo-cudnn-head-major"] = _cudnn_head_major
         makers["matmul-ceiling"] = lambda a, c, b, d: _ceiling_gpu(a, d)
     else:
         makers["matmul-ceiling"] = lambda a, c, b, d: _ceiling(a, c, b, d)

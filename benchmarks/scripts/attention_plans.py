@@ -1,0 +1,93 @@
+"""Which cuDNN kernels each side of the GPU attention benchmark runs, and for how long.
+
+On the 2026-11-26 H200 leases the zoo's cuDNN attention (JAX, inputs [B, T, N, D]) ran at
+0.81-0.88x PyTorch's cuDNN SDPA (inputs [B, N, S, D]) from S4096 on, and JAX's cuDNN on inputs
+already head major 5-17% faster than on the zoo's layout. This profiles one call of each of: JAX
+cuDNN on [B, T, N, D] ("BTNH", what auto runs), JAX cuDNN on [B, N, T, D] ("BNTH"), PyTorch cuDNN
+SDPA on contiguous [B, N, S, D], and PyTorch cuDNN SDPA on [B, N, S, D] views of [B, S, N, D]
+memory, at B4 N16 D128 bf16, forward and forward+backward, and prints each call's kernels (name,
+ms): the same kernel names at different times say the layout costs (strided tile loads); different
+kernel names (the engine's knob, its tile shape) say each side's cuDNN picks another plan.
+Run on a GPU machine with jax[cuda] and torch: python benchmarks/scripts/attention_plans.py
+(benchmarks/device.sh part a runs it). Environment: ZOO_PLAN_LENGTHS=4096,16384 (default).
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo.bench.profile import kernel_table
+
+B, N, D = 4, 16, 128
+LENGTHS = [int(s) for s in os.environ.get("ZOO_PLAN_LENGTHS", "4096,16384").split(",")]
+
+
+def jax_call(layout, S, backward):
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    r = np.random.default_rng(0)
+    shape = (B, S, N, D) if layout == "BTNH" else (B, N, S, D)
+    q, k, v, do = (jnp.asarray(r.standard_normal(shape), jnp.bfloat16) for _ in range(4))
+    attn = lambda q, k, v: cudnn_attention(q, k, v, scale=D ** -0.5, mask_type=MaskType.NO_MASK,
+                                           qkv_layout=layout)
+    one = (lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do)) if backward else (lambda q, k, v, do: attn(q, k, v))
+    f = jax.jit(one)
+    run = lambda: jax.block_until_ready(f(q, k, v, do))
+    run()
+    return run
+
+
+def torch_table(S, backward, zoo_layout):
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda: (torch.randn((B, S, N, D), generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                    if zoo_layout else torch.randn((B, N, S, D), generator=g, device="cuda", dtype=torch.bfloat16))
+    q, k, v, do = (make().requires_grad_(backward) for _ in range(4))
+
+    def run():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            if backward:
+                torch.autograd.grad(o, (q, k, v), do)
+        torch.cuda.synchronize()
+
+    for _ in range(2):
+        run()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            run()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if us:
+            rows.append((us / 3 / 1e3, e.key))
+    rows.sort(reverse=True)
+    print(f"--- torch cuDNN SDPA {'[B, N, S, D] views of [B, S, N, D]' if zoo_layout else '[B, N, S, D]'}: "
+          f"{sum(ms for ms, _ in rows):.3f} ms per call", flush=True)
+    for ms, name in rows[:6]:
+        print(f"  {ms:9.3f} ms {name[:120]}", flush=True)
+
+
+def main():
+    print("jax", jax.__version__, jax.devices())
+    for S in LENGTHS:
+        for backward in (False, True):
+            print(f"=== B{B} N{N} S{S} D{D} bf16 full {'fwd+bwd' if backward else 'fwd'}", flush=True)
+            for layout in ("BTNH", "BNTH"):
+                try:
+                    kernel_table(jax_call(layout, S, backward), calls=3, top=6, title=f"JAX cuDNN {layout}")
+                except Exception as e:  # noqa: BLE001 - a diagnostic: say why and go on
+                    print(f"--- JAX cuDNN {layout} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            for zoo_layout in (False, True):
+                try:
+                    torch_table(S, backward, zoo_layout)
+                except Exception as e:  # noqa: BLE001
+                    print(f"--- torch cuDNN failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
+if __name__ == "__main__":
+    main()
