@@ -8,6 +8,8 @@ SDPA on contiguous [B, N, S, D], and PyTorch cuDNN SDPA on [B, N, S, D] views of
 memory, at B4 N16 D128 bf16, forward and forward+backward, and prints each call's kernels (name,
 ms): the same kernel names at different times say the layout costs (strided tile loads); different
 kernel names (the engine's knob, its tile shape) say each side's cuDNN picks another plan.
+Last, the GPT-124M train step's attention (B64 N12 T1024 D64, causal): whether the GPT's q, k, v
+should leave their projection head major (an einsum can write either layout at no cost).
 Run on a GPU machine with jax[cuda] and torch: python benchmarks/scripts/attention_plans.py
 (benchmarks/device.sh part a runs it). Environment: ZOO_PLAN_LENGTHS=4096,16384 (default).
 """
@@ -15,22 +17,21 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from zoo.bench.profile import kernel_table
 
-B, N, D = 4, 16, 128
 LENGTHS = [int(s) for s in os.environ.get("ZOO_PLAN_LENGTHS", "4096,16384").split(",")]
+CASES = [(4, 16, S, 128, False) for S in LENGTHS] + [(64, 12, 1024, 64, True)]  # B, N, S, D, causal
 
 
-def jax_call(layout, S, backward):
+def jax_call(layout, B, N, S, D, causal, backward):
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
 
-    r = np.random.default_rng(0)
     shape = (B, S, N, D) if layout == "BTNH" else (B, N, S, D)
-    q, k, v, do = (jnp.asarray(r.standard_normal(shape), jnp.bfloat16) for _ in range(4))
-    attn = lambda q, k, v: cudnn_attention(q, k, v, scale=D ** -0.5, mask_type=MaskType.NO_MASK,
+    q, k, v, do = (jax.random.normal(key, shape, jnp.bfloat16) for key in jax.random.split(jax.random.key(0), 4))
+    mask_type = MaskType.CAUSAL if causal else MaskType.NO_MASK
+    attn = lambda q, k, v: cudnn_attention(q, k, v, scale=D ** -0.5, mask_type=mask_type,
                                            qkv_layout=layout)
     one = (lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do)) if backward else (lambda q, k, v, do: attn(q, k, v))
     f = jax.jit(one)
@@ -39,7 +40,7 @@ def jax_call(layout, S, backward):
     return run
 
 
-def torch_table(S, backward, zoo_layout):
+def torch_table(B, N, S, D, causal, backward, zoo_layout):
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -50,7 +51,7 @@ def torch_table(S, backward, zoo_layout):
 
     def run():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
             if backward:
                 torch.autograd.grad(o, (q, k, v), do)
         torch.cuda.synchronize()
@@ -74,17 +75,19 @@ def torch_table(S, backward, zoo_layout):
 
 def main():
     print("jax", jax.__version__, jax.devices())
-    for S in LENGTHS:
+    for B, N, S, D, causal in CASES:
         for backward in (False, True):
-            print(f"=== B{B} N{N} S{S} D{D} bf16 full {'fwd+bwd' if backward else 'fwd'}", flush=True)
+            print(f"=== B{B} N{N} S{S} D{D} bf16 {'causal' if causal else 'full'} "
+                  f"{'fwd+bwd' if backward else 'fwd'}", flush=True)
             for layout in ("BTNH", "BNTH"):
                 try:
-                    kernel_table(jax_call(layout, S, backward), calls=3, top=6, title=f"JAX cuDNN {layout}")
+                    kernel_table(jax_call(layout, B, N, S, D, causal, backward), calls=3, top=6,
+                                 title=f"JAX cuDNN {layout}")
                 except Exception as e:  # noqa: BLE001 - a diagnostic: say why and go on
                     print(f"--- JAX cuDNN {layout} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             for zoo_layout in (False, True):
                 try:
-                    torch_table(S, backward, zoo_layout)
+                    torch_table(B, N, S, D, causal, backward, zoo_layout)
                 except Exception as e:  # noqa: BLE001
                     print(f"--- torch cuDNN failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
