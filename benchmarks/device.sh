@@ -83,7 +83,7 @@ for step in ${steps//,/ }; do
       # whether they are the cause
       # the unfused rows (each measured on the 2026-11-25/26 leases) are left out for the time
       # (and zoo-cudnn: on a GPU it is what zoo-auto runs)
-      export ZOO_ATTENTION_SKIP=${ZOO_ATTENTION_SKIP-zoo-cudnn,zoo-reference,zoo-xla,zoo-chunked,torch-sdpa-math,torch-sdpa-efficient}
+      export ZOO_ATTENTION_SKIP=${ZOO_ATTENTION_SKIP-zoo-cudnn,zoo-cudnn-head-major,torch-sdpa-cudnn-bsnd,zoo-reference,zoo-xla,zoo-chunked,torch-sdpa-math,torch-sdpa-efficient}
       for mask in full causal; do
         ZOO_ATTENTION_MASKS=$mask bench attention 150 -$mask
         if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then

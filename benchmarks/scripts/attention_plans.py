@@ -74,22 +74,27 @@ def torch_table(B, N, S, D, causal, backward, zoo_layout):
 
 
 def main():
+    # every JAX profile first: once PyTorch's profiler has run, JAX's trace (2026-11-27 H200) held
+    # host events only
     print("jax", jax.__version__, jax.devices())
-    for B, N, S, D, causal in CASES:
-        for backward in (False, True):
-            print(f"=== B{B} N{N} S{S} D{D} bf16 {'causal' if causal else 'full'} "
-                  f"{'fwd+bwd' if backward else 'fwd'}", flush=True)
-            for layout in ("BTNH", "BNTH"):
-                try:
-                    kernel_table(jax_call(layout, B, N, S, D, causal, backward), calls=3, top=6,
-                                 title=f"JAX cuDNN {layout}")
-                except Exception as e:  # noqa: BLE001 - a diagnostic: say why and go on
-                    print(f"--- JAX cuDNN {layout} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            for zoo_layout in (False, True):
-                try:
-                    torch_table(B, N, S, D, causal, backward, zoo_layout)
-                except Exception as e:  # noqa: BLE001
-                    print(f"--- torch cuDNN failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    cases = [(c, backward) for c in CASES for backward in (False, True)]
+    title = lambda B, N, S, D, causal, backward: (f"B{B} N{N} S{S} D{D} bf16 {'causal' if causal else 'full'} "
+                                                  f"{'fwd+bwd' if backward else 'fwd'}")
+    for (B, N, S, D, causal), backward in cases:
+        print(f"=== {title(B, N, S, D, causal, backward)}", flush=True)
+        for layout in ("BTNH", "BNTH"):
+            try:
+                kernel_table(jax_call(layout, B, N, S, D, causal, backward), calls=3, top=6,
+                             title=f"JAX cuDNN {layout}")
+            except Exception as e:  # noqa: BLE001 - a diagnostic: say why and go on
+                print(f"--- JAX cuDNN {layout} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    for (B, N, S, D, causal), backward in cases:
+        print(f"=== {title(B, N, S, D, causal, backward)}", flush=True)
+        for zoo_layout in (False, True):
+            try:
+                torch_table(B, N, S, D, causal, backward, zoo_layout)
+            except Exception as e:  # noqa: BLE001
+                print(f"--- torch cuDNN failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
 if __name__ == "__main__":
