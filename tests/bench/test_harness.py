@@ -31,6 +31,23 @@ def test_interleaved_times_warms_only_short_calls_after_the_first_round():
     assert order == list("abc" "bca" "cab")
 
 
+def test_interleaved_times_shuffled_order_varies_each_implementations_predecessor():
+    order = []
+    fns = {k: (lambda k=k: order.append(k)) for k in "abcd"}
+    interleaved_times(fns, 12, order="shuffle")
+    rounds = [order[i:i + 4] for i in range(0, len(order), 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds)  # each implementation once per round
+    predecessors = {k: {r[r.index(k) - 1] for r in rounds if r.index(k) > 0} for k in "abcd"}
+    assert all(len(p) >= 2 for p in predecessors.values()), predecessors  # rotation gives one each
+    first = list(order)
+    order.clear()
+    interleaved_times(fns, 12, order="shuffle")
+    assert order == first  # seeded: a rerun times in the same order
+    import pytest
+    with pytest.raises(ValueError, match="order"):
+        interleaved_times(fns, 1, order="random")
+
+
 def test_paired_speedup_cancels_a_drift_that_a_ratio_of_medians_keeps():
     from zoo.bench import paired_speedup
 

@@ -12,6 +12,7 @@ import datetime
 import importlib
 import json
 import os
+import random
 import statistics
 import subprocess
 import time
@@ -41,7 +42,7 @@ def median_seconds(fn: Callable[[], object], *, warmup: int = 2, iters: int = 10
 
 
 def interleaved_times(fns: dict, rounds: int, *, pause_s: float = 0.0,
-                      warm_below_s: float = 0.0) -> dict:
+                      warm_below_s: float = 0.0, order: str = "rotate") -> dict:
     """{impl: [seconds of one call per round]}: every implementation once per round, in turn, so a
     drift in machine load hits all alike, and round r starts at the r-th implementation (the order
     rotates) so none always runs first or after the same neighbour: on an H200 the first of each
@@ -49,11 +50,24 @@ def interleaved_times(fns: dict, rounds: int, *, pause_s: float = 0.0,
     later in the round. Each call follows a pause of pause_s (threads still spinning from the
     previous implementation go idle); from the second round on, an implementation whose fastest
     call so far is under warm_below_s is timed right after an untimed call, so a short call does
-    not pay for waking the idle thread pools after the pause."""
+    not pay for waking the idle thread pools after the pause.
+
+    order="shuffle": round r runs the implementations in a random order (seeded by r, so runs
+    repeat) instead of rotating. Rotation keeps each implementation's predecessor (b always
+    follows a), and on a GPU whose clock drops under sustained power (the H200 of 2026-11-27:
+    1500-1980 MHz during the attention benchmark) what ran just before moves a kernel's time: the
+    same cuDNN kernel (PyTorch's, by two rows) timed up to 13% faster after PyTorch's flash row
+    than after the zoo's. Shuffled, each implementation follows a different neighbour from round to round."""
+    if order not in ("rotate", "shuffle"):
+        raise ValueError(f"order must be 'rotate' or 'shuffle'; got {order!r}")
     times = {impl: [] for impl in fns}
     names = list(fns)
     for r in range(rounds):
-        for impl in names[r % len(names):] + names[:r % len(names)]:
+        if order == "shuffle":
+            sequence = random.Random(r).sample(names, len(names))
+        else:
+            sequence = names[r % len(names):] + names[:r % len(names)]
+        for impl in sequence:
             fn = fns[impl]
             if pause_s:
                 time.sleep(pause_s)

@@ -280,6 +280,12 @@ def _makers(on_gpu, S):
     return {impl: make for impl, make in makers.items() if impl not in skip}
 
 
+# Before each timed call on a GPU: an idle pause, so that no row inherits the clock its predecessor
+# left. The H200's SM clock moved between 1500 and 1980 MHz under this benchmark's load (2026-11-27),
+# and in rotated rounds the same PyTorch cuDNN kernel ran up to 13% faster as the row after PyTorch's
+# flash row than as the row after the zoo's; attention_dispatch.py, timing only cuDNN attentions in
+# one process, found the zoo's and PyTorch's forward equal (S4096 0.955 vs 0.955 ms per call).
+GPU_PAUSE_S = 0.1
 GPU_CALL_S = 0.025  # on a GPU a timed call repeats the kernel until it lasts about this long
 # On a GPU, kernels that need more than one repetition run GPU_GROUP (or fewer) to a dispatch: one
 # jitted program with the runs in sequence for the zoo, one CUDA graph for PyTorch. Dispatched one
@@ -343,8 +349,8 @@ def bench_case(B, N, S, D, causal, backward, dtype, *, rounds=5, impls=None) -> 
             reps[impl] = n * groups[impl]
             fn = functools.partial(fn, n)
         fns[impl] = fn
-    if on_gpu:
-        times = interleaved_times(fns, rounds)
+    if on_gpu:  # a pause and a shuffled order: each call starts from an idle GPU's clock (GPU_PAUSE_S)
+        times = interleaved_times(fns, rounds, pause_s=GPU_PAUSE_S, order="shuffle")
     else:
         times = interleaved_times(fns, rounds, pause_s=0.05, warm_below_s=0.25)
     scale, unit = (1e12, "TFLOP/s") if on_gpu else (1e9, "GFLOP/s")
