@@ -3,7 +3,8 @@
 #   bash benchmarks/device.sh PART OUTDIR [SHA]
 # PART: "a" = the GPU tests, then `zoo bench attention` (full set, in two processes: full, causal),
 #       then benchmarks/scripts/attention_plans.py (each side's cuDNN kernels, by name);
-#       "b" = `zoo bench gpt_step` (the step at B64, default and bf16 logits, synced and pipelined
+#       "b" = `zoo bench gpt_step` (the step at B64: bf16 logits, the same with GPTConfig.qkv
+#       "fused-split-grad" and "separate", then the default f32 logits; synced and pipelined
 #       rows, each with a kernel table of synced steps and one of three pipelined steps; the
 #       cuBLASLt-epilogue and no-command-buffer variants, measured on 2026-11-26, stay available
 #       as steps: neither gained); "c" = `zoo bench
@@ -11,9 +12,9 @@
 #       2026-11-26) and `zoo bench gibbs` (issue 4 is blocked): only when a lease has time left;
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
 #       attention, plans, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
-# A 15-minute lease: b first (<= 300 s by its limit; ~230 s expected: on the 2026-11-26 H200 each
-# B64 run took ~110 s with its profiles), then a with what is left (<= 400 s by its limits, 490 with
-# the rerun of a faulting part; ~170 s on 2026-11-26). The GPU's SM clock, power and temperature
+# A 15-minute lease: b first (<= 300 s by its limit; ~250 s expected: on the 2026-11-27 H200 each
+# B64 run took ~62 s with its profiles), then a with what is left (<= 520 s by its limits, 610 with
+# the rerun of a faulting part; ~150 s for tests and attention, ~50 s for plans, 2026-11-27). The GPU's SM clock, power and temperature
 # are logged each second to OUTDIR/clocks-PART.csv (does a sustained step run below the boost clock?).
 # gpt_step and diffusion print a kernel table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) with the idle time between
 # kernels and the largest gaps, and write the compiled program (NAME.hlo.txt.gz, ZOO_PROFILE_DIR),
@@ -83,7 +84,7 @@ for step in ${steps//,/ }; do
       # whether they are the cause
       # the unfused rows (each measured on the 2026-11-25/26 leases) are left out for the time
       # (and zoo-cudnn: on a GPU it is what zoo-auto runs)
-      export ZOO_ATTENTION_SKIP=${ZOO_ATTENTION_SKIP-zoo-cudnn,zoo-cudnn-head-major,torch-sdpa-cudnn-bsnd,zoo-reference,zoo-xla,zoo-chunked,torch-sdpa-math,torch-sdpa-efficient}
+      export ZOO_ATTENTION_SKIP=${ZOO_ATTENTION_SKIP-zoo-cudnn,zoo-reference,zoo-xla,zoo-chunked,torch-sdpa-math,torch-sdpa-efficient}
       for mask in full causal; do
         ZOO_ATTENTION_MASKS=$mask bench attention 150 -$mask
         if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then

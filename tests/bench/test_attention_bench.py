@@ -77,10 +77,8 @@ def test_torch_peer_computes_the_same_attention():
     t = lambda a: torch.as_tensor(a).transpose(1, 2)
     theirs = sdpa(t(q), t(k), t(v), is_causal=True).transpose(1, 2).numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-5)
-    for zoo_layout in (False, True):  # the bench's rows: contiguous [B, N, S, D], and views of [B, S, N, D]
-        run = bench._torch(None, [q, k, v, q], True, False, "float32", zoo_layout=zoo_layout)
-        out = run()
-        np.testing.assert_allclose(out.transpose(1, 2).numpy(), np.asarray(ours), atol=1e-5)
+    out = bench._torch(None, [q, k, v, q], True, False, "float32")()  # the bench's row
+    np.testing.assert_allclose(out.transpose(1, 2).numpy(), np.asarray(ours), atol=1e-5)
 
 
 def test_gpt_model_flops_match_the_parameter_count():
@@ -122,7 +120,9 @@ def test_gpt_step_run_selection(monkeypatch):
     runs = gpt_step.FULL["runs"]
     assert gpt_step.selected_runs(runs) == runs
     monkeypatch.setenv("ZOO_GPT_STEP_RUNS", "64-bf16-logits, 64")
-    assert gpt_step.selected_runs(runs) == ((64, None), (64, gpt_step.BF16_LOGITS))
+    assert gpt_step.selected_runs(runs) == ((64, gpt_step.BF16_LOGITS), (64, None))  # FULL's order
+    monkeypatch.setenv("ZOO_GPT_STEP_RUNS", "64-bf16-logits-qkv-separate")
+    assert gpt_step.selected_runs(runs) == ((64, gpt_step.QKV_SEPARATE),)
     monkeypatch.setenv("ZOO_GPT_STEP_RUNS", "32")
     with pytest.raises(ValueError, match=r"\['32'\] not among.*64-bf16-logits"):
         gpt_step.selected_runs(runs)

@@ -186,7 +186,74 @@ def test_self_attention_projections_as_one_matmul(rank):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="gelu"):
         fused_dense(x, [LoRADense(8, gelu=True), LoRADense(8)])
+    with pytest.raises(ValueError, match="qkv"):
+        Attention(num_heads=2, num_kv_heads=1, head_dim=4, qkv="fused3").init(jax.random.key(0), x)
     attn = Attention(num_heads=2, num_kv_heads=1, head_dim=4, lora_rank=rank, implementation="reference")
     p = attn.init(jax.random.key(0), x)
     dots = [e for e in equations(jax.make_jaxpr(lambda x: attn.apply(p, x)[0])(x)) if e.primitive.name == "dot_general"]
     assert len(dots) == 4 + (2 * 3 + 2 if rank else 0)  # qkv, out, two in "reference"; LoRA's two per layer
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_fused_projections_split_grad_equal_plain_and_never_concatenate_the_gradients(rank):
+    """fused_dense(split_grad=True): the forward's one matmul, a backward per projection. Outputs
+    and gradients (x's, kernels', biases', LoRA's) equal the three layers applied one by one, and
+    the gradient's jaxpr concatenates no [..., 16] array (the plain fused backward does: the
+    three outputs' gradients side by side)."""
+    from tests.jaxprs import equations
+    from zoo.nn.transformer import LoRADense, fused_dense
+
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
+
+    class Three(nn.Module):
+        mode: str
+
+        @nn.compact
+        def __call__(self, x):
+            ls = [LoRADense(f, rank, name=n) for f, n in ((8, "query"), (4, "key"), (4, "value"))]
+            if self.mode == "separate":
+                return [layer(x) for layer in ls]
+            return fused_dense(x, ls, split_grad=self.mode == "split")
+
+    params = Three("split").init(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    loss = lambda p, x, mode: sum(jnp.sum(jnp.sin(o) * (i + 1)) for i, o in enumerate(Three(mode).apply(p, x)))  # noqa: E731
+    for got, want in zip(Three("split").apply(params, x), Three("separate").apply(params, x)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    got = jax.grad(loss, argnums=(0, 1))(params, x, "split")
+    want = jax.grad(loss, argnums=(0, 1))(params, x, "separate")
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+    def concatenated_widths(mode):
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=1), static_argnums=2)(params, x, mode)
+        return [e.outvars[0].aval.shape for e in equations(jaxpr) if e.primitive.name == "concatenate"]
+
+    assert (2, 5, 16) in concatenated_widths("fused")  # the plain backward's copy of the three gradients
+    assert all(shape[-1] != 16 or len(shape) == 2 for shape in concatenated_widths("split"))
+
+
+def test_gpt_qkv_modes_give_one_model():
+    """GPTConfig.qkv: "fused", "fused-split-grad" and "separate" are one model (same params, same
+    loss and gradients); an unknown mode is a ConfigError naming the valid ones."""
+    import dataclasses
+
+    from zoo.errors import ConfigError
+    from zoo.models.gpt import GPTConfig, make_gpt
+
+    cfg = GPTConfig(vocab_size=32, max_len=8, num_layers=2, hidden=16, num_heads=2)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 32, (2, 9)), jnp.int32)
+    batch = {"x": tokens, "idx": jnp.arange(2, dtype=jnp.int32)}
+    results = {}
+    for mode in ("fused", "fused-split-grad", "separate"):
+        md = make_gpt(dataclasses.replace(cfg, qkv=mode))
+        params = md.init(jax.random.key(0), batch) if not results else results["fused"][0]
+        loss = lambda p: md.loss(p, jax.random.key(1), batch)[0]  # noqa: E731
+        results[mode] = (params, loss(params), jax.grad(loss)(params))
+    for mode in ("fused-split-grad", "separate"):
+        np.testing.assert_allclose(results[mode][1], results["fused"][1], rtol=1e-6)
+        for g, r in zip(jax.tree.leaves(results[mode][2]), jax.tree.leaves(results["fused"][2])):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="model.qkv.*fused-split-grad"):
+        GPTConfig(qkv="fused3")

@@ -24,7 +24,9 @@ call dispatches the same kernel `reps` times back to back (about 25 ms in all) a
 row's value is per kernel; kernels shorter than that run GPU_GROUP to a dispatch (one jitted
 program for the zoo, one CUDA graph for PyTorch), so short ones time the kernel, not Python's
 dispatch. Implementations are timed in interleaved rounds so a drift in machine
-load hits all alike; the value is the median over rounds. Each zoo row's `paired_vs` gives, for
+load hits all alike; the value is the median over rounds. On a GPU each round runs them in a
+shuffled order, each call after an idle pause (GPU_PAUSE_S): the H200's clock drops under
+sustained load, and in a fixed cyclic order a row's time depended on its neighbour's. Each zoo row's `paired_vs` gives, for
 each PyTorch row, the median over rounds of the two per-kernel times' ratio (zoo's speed over
 the peer's; steadier than a ratio of the two medians on a noisy machine).
 
@@ -47,7 +49,6 @@ import numpy as np
 from zoo.bench import emit, interleaved_times, median_seconds, paired_speedup
 from zoo.ops import native
 from zoo.ops.attention import _add_rows, _blocked_cfg, _rows, _scan_tiles, dot_product_attention
-from zoo.ops.attention import _cudnn_head_major as _cudnn_head_major_op
 
 QUICK = dict(B=1, N=8, D=64, lengths=(1024, 4096), dtype="float32")
 FULL = dict(B=4, N=16, D=128, lengths=(1024, 4096, 8192, 16384), dtype="bfloat16")
@@ -70,30 +71,6 @@ def _zoo(impl, arrays, causal, backward, dtype):
     q, k, v, do = (jnp.asarray(a, dtype) for a in arrays)
     name = None if impl == "zoo-auto" else impl[len("zoo-"):]
     attn = lambda q, k, v: dot_product_attention(q, k, v, is_causal=causal, implementation=name)
-    return _timed_jax(attn, q, k, v, do, backward)
-
-
-def _cudnn_bnth(arrays, causal, backward, dtype):
-    """A diagnostic row on a GPU: JAX's cuDNN attention on inputs already in [B, N, T, D] (PyTorch's
-    layout; the zoo's is [B, T, N, D]). On the H200 of 2026-11-26 the zoo's cuDNN forward ran at
-    0.90-0.94x PyTorch's cuDNN SDPA forward at S1024 and S4096, single kernels of ~1 ms included,
-    so not dispatch: this row says whether the layout is the difference."""
-    from jax._src.cudnn.fused_attention_stablehlo import MaskType
-    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
-
-    q, k, v, do = (jnp.asarray(a, dtype).transpose(0, 2, 1, 3) for a in arrays)
-    mask_type = MaskType.CAUSAL if causal else MaskType.NO_MASK
-    attn = lambda q, k, v: cudnn_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask_type=mask_type,
-                                           qkv_layout="BNTH")
-    return _timed_jax(attn, q, k, v, do, backward)
-
-
-def _cudnn_head_major(arrays, causal, backward, dtype):
-    """A candidate for auto on a GPU: the zoo's [B, T, N, D] inputs transposed to head major inside
-    the program, JAX's cuDNN attention in that layout, the output (and gradients) transposed back
-    (zoo.ops.attention._cudnn_head_major): whether the layout's gain outlasts the transposes."""
-    q, k, v, do = (jnp.asarray(a, dtype) for a in arrays)
-    attn = lambda q, k, v: _cudnn_head_major_op(q, k, v, causal, None, q.shape[-1] ** -0.5)
     return _timed_jax(attn, q, k, v, do, backward)
 
 
@@ -185,19 +162,17 @@ def _ceiling_gpu(arrays, dtype, q_chunk=4096):
     return _repeat(lambda: f(q, k, v), grouped=lambda g: _jax_group(two_matmuls, g, (q, k, v)))
 
 
-def _torch(backend, arrays, causal, backward, dtype, zoo_layout=False):
-    """PyTorch SDPA on inputs in its own layout [B, N, S, D]; with zoo_layout, [B, N, S, D] views
-    of [B, S, N, D] memory (the zoo's layout, as a PyTorch model that splits heads with
-    .view(B, S, N, D).transpose(1, 2) passes them): a diagnostic row, since JAX's cuDNN attention
-    ran 5-11% faster on [B, N, T, D] inputs than on the zoo's at S4096-16384 (H200, 2026-11-26)."""
+def _torch(backend, arrays, causal, backward, dtype):
+    """PyTorch SDPA on inputs in its own layout [B, N, S, D] (on the 2026-11-27 H200 its cuDNN
+    kernels ran at the same speed on [B, N, S, D] views of the zoo's [B, S, N, D] memory, and JAX's
+    on either layout: benchmarks/scripts/attention_plans.py)."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tdtype = getattr(torch, dtype)
-    as_bnsd = (lambda t: t.transpose(1, 2)) if zoo_layout else (lambda t: t.transpose(1, 2).contiguous())
-    q, k, v, do = (as_bnsd(torch.as_tensor(a, device=dev).to(tdtype)) for a in arrays)
+    q, k, v, do = (torch.as_tensor(a, device=dev).to(tdtype).transpose(1, 2).contiguous() for a in arrays)
     if backward:
         for t in (q, k, v):
             t.requires_grad_(True)
@@ -268,12 +243,9 @@ def _makers(on_gpu, S):
                 if backend == "math" and S > REFERENCE_MAX_S:
                     continue  # materialises the logits like the reference
                 makers[f"torch-sdpa-{backend}"] = lambda a, c, b, d, backend=backend: _torch(backend, a, c, b, d)
-            makers["torch-sdpa-cudnn-bsnd"] = lambda a, c, b, d: _torch("cudnn", a, c, b, d, zoo_layout=True)
     except ImportError:
         pass
     if on_gpu:
-        makers["zoo-cudnn-bnth"] = _cudnn_bnth
-        makers["zoo-cudnn-head-major"] = _cudnn_head_major
         makers["matmul-ceiling"] = lambda a, c, b, d: _ceiling_gpu(a, d)
     else:
         makers["matmul-ceiling"] = lambda a, c, b, d: _ceiling(a, c, b, d)

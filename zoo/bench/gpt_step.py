@@ -19,7 +19,8 @@ T 1024), bf16 compute with float32 params, at B64, and at B64 with the variant
 `bf16-logits` (GPTConfig.f32_logits=False: bf16 logits and logit gradients, as PyTorch autocast's,
 for half the traffic over the [B * T, V] logits; an H200, 2026-11-26: 46.8% MFU pipelined at B64,
 the default 45.8%; B16, measured on three leases, reached 43.4%; B128 ran out of memory on the
-H200). ZOO_GPT_STEP_RUNS=64-bf16-logits,... times only the runs it names.
+H200), and two variants of it in GPTConfig.qkv (`bf16-logits-qkv-split-grad`,
+`bf16-logits-qkv-separate`). ZOO_GPT_STEP_RUNS=64-bf16-logits,... times only the runs it names.
 Quick (CPU): L4 H256 8 heads, V 256, T 256, batch 8, float32.
 """
 
@@ -41,10 +42,15 @@ from zoo.train.strategy import make_train_step
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
 BF16_LOGITS = ("bf16-logits", dict(f32_logits=False))
+# the q/k/v projections' backward per projection, or three matmuls (GPTConfig.qkv): the fused
+# default's backward concatenates the three gradients twice per layer (3.4 ms of 114.6, H200
+# 2026-11-27), the other two never do
+QKV_SPLIT_GRAD = ("bf16-logits-qkv-split-grad", dict(f32_logits=False, qkv="fused-split-grad"))
+QKV_SEPARATE = ("bf16-logits-qkv-separate", dict(f32_logits=False, qkv="separate"))
 # (batch, (variant name, GPTConfig changes) or None) per run, in order
 FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=768, num_heads=12,
                           dtype="bfloat16"),
-            runs=((64, None), (64, BF16_LOGITS)))
+            runs=((64, BF16_LOGITS), (64, QKV_SPLIT_GRAD), (64, QKV_SEPARATE), (64, None)))
 QUICK = dict(cfg=GPTConfig(vocab_size=256, max_len=256, num_layers=4, hidden=256, num_heads=8), runs=((8, None),))
 
 

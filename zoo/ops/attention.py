@@ -171,27 +171,6 @@ def _jax_nn(q, k, v, bias, mask, is_causal, window, scale, implementation):
     return _zero_empty_rows(out, _rows_with_keys(mask, is_causal, window, T, S))
 
 
-def _cudnn_head_major(q, k, v, is_causal, window, scale):
-    """cuDNN attention run on head-major copies ([B, N, T, D], PyTorch's layout) of q, k, v and the
-    output transposed back: a candidate for auto at long sequences, timed by `zoo bench attention`
-    (row zoo-cudnn-head-major). On the 2026-11-26 H200 leases JAX's cuDNN on inputs already head
-    major ran 5-17% above the same call on [B, T, N, D] from S4096 on; the four transposes cost one
-    pass over q, k, v and the output each. No bias or mask; window as jax.nn maps it (left only)."""
-    from jax._src.cudnn.fused_attention_stablehlo import MaskType
-    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
-
-    sliding = None
-    if window is not None:
-        if window[1] > 0 and not is_causal:
-            raise ValueError("cuDNN's sliding window is left-only")
-        sliding = window[0] + 1
-    head_major = lambda x: x.transpose(0, 2, 1, 3)
-    out = cudnn_attention(head_major(q), head_major(k), head_major(v), scale=scale,
-                          mask_type=MaskType.CAUSAL if is_causal else MaskType.NO_MASK,
-                          qkv_layout="BNTH", sliding_window_length=sliding)
-    return head_major(out)
-
-
 def _cudnn_applies(q, k) -> bool:
     """Shapes/dtypes cuDNN flash attention takes (fp16/bf16, D <= 128 and a multiple of 8)."""
     D = q.shape[-1]
