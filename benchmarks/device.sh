@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmark runs, as one command on a lent accelerator machine (see benchmarks/results/README.md).
 #   bash benchmarks/device.sh PART OUTDIR [SHA]
-# PART: "a" = the GPU tests, then `zoo bench attention` (full set, in two processes: full, causal),
-#       then benchmarks/scripts/attention_plans.py (each side's cuDNN kernels, by name);
+# PART: "a" = the GPU tests, then `zoo bench attention` (full set, in two processes: full, causal;
+#       the step "plans", benchmarks/scripts/attention_plans.py, prints each side's cuDNN kernels by
+#       name: run on 2026-11-27, the same on both sides);
 #       "b" = `zoo bench gpt_step` (the step at B64: bf16 logits, the same with GPTConfig.qkv
 #       "fused-split-grad" and "separate", then the default f32 logits; synced and pipelined
 #       rows, each with a kernel table of synced steps and one of three pipelined steps; the
@@ -13,8 +14,8 @@
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
 #       attention, plans, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
 # A 15-minute lease: b first (<= 300 s by its limit; ~250 s expected: on the 2026-11-27 H200 each
-# B64 run took ~62 s with its profiles), then a with what is left (<= 520 s by its limits, 610 with
-# the rerun of a faulting part; ~150 s for tests and attention, ~50 s for plans, 2026-11-27). The GPU's SM clock, power and temperature
+# B64 run took ~62 s with its profiles), then a with what is left (<= 400 s by its limits, 490 with
+# the rerun of a faulting part; ~190 s expected: 2026-11-27, attention with its pauses 167 s). The GPU's SM clock, power and temperature
 # are logged each second to OUTDIR/clocks-PART.csv (does a sustained step run below the boost clock?).
 # gpt_step and diffusion print a kernel table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) with the idle time between
 # kernels and the largest gaps, and write the compiled program (NAME.hlo.txt.gz, ZOO_PROFILE_DIR),
@@ -28,7 +29,7 @@ set -u
 [ $# -ge 2 ] || { echo "usage: bash benchmarks/device.sh a|b|c|STEPS OUTDIR [SHA]" >&2; exit 2; }
 part=$1 out=$2
 case $part in
-  a) steps=tests,attention,plans ;;
+  a) steps=tests,attention ;;
   b) steps=gpt_step ;;
   c) steps=diffusion,gibbs ;;
   *) steps=$part ;;
