@@ -13,7 +13,7 @@
 #       2026-11-26) and `zoo bench gibbs` (issue 4 is blocked): only when a lease has time left;
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
 #       attention, plans, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
-# A 15-minute lease: b first (<= 300 s by its limit; ~250 s expected: on the 2026-11-27 H200 each
+# A 15-minute lease: b first (<= 360 s by its limit; ~250 s expected: on the 2026-11-27 H200 each
 # B64 run took ~62 s with its profiles), then a with what is left (<= 400 s by its limits, 490 with
 # the rerun of a faulting part; ~190 s expected: 2026-11-27, attention with its pauses 167 s). The GPU's SM clock, power and temperature
 # are logged each second to OUTDIR/clocks-PART.csv (does a sustained step run below the boost clock?).
@@ -96,7 +96,7 @@ for step in ${steps//,/ }; do
       echo "=== attention plans $(date -u +%T)" | tee -a "$log"
       timeout 120 python3 benchmarks/scripts/attention_plans.py 2>&1 \
         | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
-    gpt_step) bench gpt_step 300 ;;
+    gpt_step) bench gpt_step 360 ;;
     gpt_step-cublas) bench gpt_step 110 -cublas "$CUBLAS" ;;
     gpt_step-cublaslt) ZOO_GPT_STEP_RUNS=64-bf16-logits bench gpt_step 130 -cublaslt "$CUBLASLT" ;;
     gpt_step-nocmdbuf) ZOO_GPT_STEP_RUNS=64-bf16-logits bench gpt_step 90 -nocmdbuf "--xla_gpu_enable_command_buffer=" ;;
