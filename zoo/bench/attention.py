@@ -16,20 +16,21 @@ ZOO_ATTENTION_DTYPE=float32|bfloat16 replaces the set's dtype (e.g. the quick se
 Peers, when torch is installed: `torch-sdpa` (PyTorch's own dispatch) and, on CUDA,
 `torch-sdpa-flash|efficient|cudnn|math`, each only where it applies.
 `matmul-ceiling`: the forward's two matmuls with no softmax between them, jitted; on CPU per head
-and per tile of "blocked"'s forward walk (causal: the tiles on or below the diagonal), counted
-with the same FLOPs as the attention they bound; on a GPU as batched matmuls over all heads, full
-(not causal), counted with the full FLOPs: there the logits go through device memory, so it bounds
+and per tile of "blocked"'s forward walk (causal: the tiles on or below the diagonal), counted with
+the same FLOPs as the attention they bound; on a GPU as batched matmuls over all heads, full (not
+causal), counted with the full FLOPs: there the logits go through device memory, so it bounds
 unfused attention only (fused kernels beat it: ~400 vs ~600 TFLOP/s on an H200). On a GPU a timed
 call dispatches the same kernel `reps` times back to back (about 25 ms in all) and waits once; the
 row's value is per kernel; kernels shorter than that run GPU_GROUP to a dispatch (one jitted
 program for the zoo, one CUDA graph for PyTorch, each run on its own copy of the inputs, so that
 neither side re-reads one set from the L2 cache: B4 N16 S1024 D128's q, k, v are 50 MB, the H200's
-L2 60 MB), so short ones time the kernel, not Python's dispatch. Implementations are timed in interleaved rounds so a drift in machine
-load hits all alike; the value is the median over rounds. On a GPU each round runs them in a
-shuffled order, each call after an idle pause (GPU_PAUSE_S): the H200's clock drops under
-sustained load, and in a fixed cyclic order a row's time depended on its neighbour's. Each zoo row's `paired_vs` gives, for
-each PyTorch row, the median over rounds of the two per-kernel times' ratio (zoo's speed over
-the peer's; steadier than a ratio of the two medians on a noisy machine).
+L2 60 MB), so short ones time the kernel, not Python's dispatch. Implementations are timed in
+interleaved rounds so a drift in machine load hits all alike; the value is the median over rounds.
+On a GPU each round runs them in a shuffled order, each call after an idle pause (GPU_PAUSE_S): the
+H200's clock drops under sustained load, and in a fixed cyclic order a row's time depended on its
+neighbour's. Each zoo row's `paired_vs` gives, for each PyTorch row, the median over rounds of the
+two per-kernel times' ratio (zoo's speed over the peer's; steadier than a ratio of the two medians
+on a noisy machine).
 
 Quick (CPU): B1 N8 D64, S = T in {1024, 4096}, causal and not, float32, 7 rounds (zoo-reference,
 zoo-xla and zoo-chunked at S1024 only).
