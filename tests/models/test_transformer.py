@@ -156,6 +156,23 @@ def test_bias_gelu_keeps_only_the_matmul_output(capsys):
                                    rtol=1e-5, atol=1e-6)
 
 
+class _Projections(nn.Module):
+    """Query / key / value projections (8, 4, 4 features) of one input: "separate" (each layer on
+    its own), "fused" (fused_dense) or "split" (fused_dense(split_grad=True))."""
+
+    mode: str
+    rank: int = 0
+
+    @nn.compact
+    def __call__(self, x):
+        from zoo.nn.transformer import LoRADense, fused_dense
+
+        ls = [LoRADense(f, self.rank, name=n) for f, n in ((8, "query"), (4, "key"), (4, "value"))]
+        if self.mode == "separate":
+            return [layer(x) for layer in ls]
+        return fused_dense(x, ls, split_grad=self.mode == "split")
+
+
 @pytest.mark.parametrize("rank", [0, 2])
 def test_self_attention_projections_as_one_matmul(rank):
     """Attention's query / key / value projections of one input run as one matmul (fused_dense)
@@ -168,13 +185,7 @@ def test_self_attention_projections_as_one_matmul(rank):
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
 
-    class Three(nn.Module):
-        fused: bool
-
-        @nn.compact
-        def __call__(self, x):
-            ls = [LoRADense(f, rank, name=n) for f, n in ((8, "query"), (4, "key"), (4, "value"))]
-            return fused_dense(x, ls) if self.fused else [layer(x) for layer in ls]
+    Three = lambda fused: _Projections("fused" if fused else "separate", rank)  # noqa: E731
 
     params = Three(True).init(jax.random.key(0), x)
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, Three(False).init(jax.random.key(0), x))
@@ -201,20 +212,10 @@ def test_fused_projections_split_grad_equal_plain_and_never_concatenate_the_grad
     the gradient's jaxpr concatenates no [..., 16] array (the plain fused backward does: the
     three outputs' gradients side by side)."""
     from tests.jaxprs import equations
-    from zoo.nn.transformer import LoRADense, fused_dense
 
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
-
-    class Three(nn.Module):
-        mode: str
-
-        @nn.compact
-        def __call__(self, x):
-            ls = [LoRADense(f, rank, name=n) for f, n in ((8, "query"), (4, "key"), (4, "value"))]
-            if self.mode == "separate":
-                return [layer(x) for layer in ls]
-            return fused_dense(x, ls, split_grad=self.mode == "split")
+    Three = lambda mode: _Projections(mode, rank)  # noqa: E731
 
     params = Three("split").init(jax.random.key(0), x)
     params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
