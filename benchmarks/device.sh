@@ -5,16 +5,17 @@
 #       the step "plans", benchmarks/scripts/attention_plans.py, prints each side's cuDNN kernels by
 #       name: run on 2026-11-27, the same on both sides);
 #       "b" = `zoo bench gpt_step` (the step at B64: bf16 logits, the same with GPTConfig.qkv
-#       "fused-split-grad" and "separate", then the default f32 logits; synced and pipelined
-#       rows, each with a kernel table of synced steps and one of three pipelined steps; the
+#       "fused-split-grad" and "separate", then the default f32 logits, then the PyTorch peer,
+#       nanoGPT's step, torch.compile'd and eager; synced and pipelined rows, the zoo's each with
+#       a kernel table of synced steps and one of three pipelined steps; the
 #       cuBLASLt-epilogue and no-command-buffer variants, measured on 2026-11-26, stay available
 #       as steps: neither gained); "c" = `zoo bench
 #       diffusion` (full set, with the diffusers / torch.compile peers; its goals were met on
 #       2026-11-26) and `zoo bench gibbs` (issue 4 is blocked): only when a lease has time left;
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
 #       attention, plans, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
-# A 15-minute lease: b first (<= 360 s by its limit; ~250 s expected: on the 2026-11-27 H200 each
-# B64 run took ~62 s with its profiles), then a with what is left (<= 400 s by its limits, 490 with
+# A 15-minute lease: b first (<= 480 s by its limit; ~340 s expected: on the 2026-11-27 H200 each
+# B64 run took ~62 s with its profiles, the peer's compile is guessed at ~60 s), then a with what is left (<= 400 s by its limits, 490 with
 # the rerun of a faulting part; ~190 s expected: 2026-11-27, attention with its pauses 167 s). The GPU's SM clock, power and temperature
 # are logged each second to OUTDIR/clocks-PART.csv (does a sustained step run below the boost clock?).
 # gpt_step and diffusion print a kernel table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) with the idle time between
@@ -96,7 +97,7 @@ for step in ${steps//,/ }; do
       echo "=== attention plans $(date -u +%T)" | tee -a "$log"
       timeout 120 python3 benchmarks/scripts/attention_plans.py 2>&1 \
         | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
-    gpt_step) bench gpt_step 360 ;;
+    gpt_step) bench gpt_step 480 ;;
     gpt_step-cublas) bench gpt_step 110 -cublas "$CUBLAS" ;;
     gpt_step-cublaslt) ZOO_GPT_STEP_RUNS=64-bf16-logits bench gpt_step 130 -cublaslt "$CUBLASLT" ;;
     gpt_step-nocmdbuf) ZOO_GPT_STEP_RUNS=64-bf16-logits bench gpt_step 90 -nocmdbuf "--xla_gpu_enable_command_buffer=" ;;

@@ -154,6 +154,7 @@ def test_gpt_step_rows_carry_the_first_losses():
     steps' losses on the one fixed batch (a variant that changed the numerics would show there):
     from about log(V) at init, falling as the step trains on that batch."""
     cfg = GPTConfig(vocab_size=64, max_len=16, num_layers=1, hidden=32, num_heads=2)
+    gpt_step._CEILINGS.clear()  # a run measures the ceiling once, with its first rows
     rows = gpt_step.step_rows(cfg, 2, iters=2)
     step, pipelined, ceiling = rows
     assert step["impl"] == "zoo-train-step" and pipelined["impl"] == "zoo-train-step-pipelined"

@@ -22,6 +22,13 @@ the default 45.8%; B16, measured on three leases, reached 43.4%; B128 ran out of
 H200), and two variants of it in GPTConfig.qkv (`bf16-logits-qkv-split-grad`,
 `bf16-logits-qkv-separate`). ZOO_GPT_STEP_RUNS=64-bf16-logits,... times only the runs it names.
 Quick (CPU): L4 H256 8 heads, V 256, T 256, batch 8, float32.
+
+The peer, when torch is installed: the same model and step in PyTorch as nanoGPT writes it
+(zoo.bench.torch_gpt: bf16 autocast, SDPA, fused AdamW; its weights are the zoo's init), rows
+`torch-nanogpt` eager and, on CUDA (full set), `torch-nanogpt-compiled` (torch.compile), each
+synced and pipelined, with MFU counted as the zoo's. It runs last (a slow compile or an
+out-of-memory loses its own rows only: JAX keeps the memory its runs took) and hands its cached
+GPU memory back when done.
 """
 
 from __future__ import annotations
@@ -48,10 +55,16 @@ BF16_LOGITS = ("bf16-logits", dict(f32_logits=False))
 QKV_SPLIT_GRAD = ("bf16-logits-qkv-split-grad", dict(f32_logits=False, qkv="fused-split-grad"))
 QKV_SEPARATE = ("bf16-logits-qkv-separate", dict(f32_logits=False, qkv="separate"))
 # (batch, (variant name, GPTConfig changes) or None) per run, in order
+# the PyTorch peer (zoo.bench.torch_gpt): eager, and torch.compile'd
+TORCH = ("torch", {})
+TORCH_COMPILED = ("torch-compiled", {})
+PEERS = {"torch": "torch-nanogpt", "torch-compiled": "torch-nanogpt-compiled"}  # run variant -> row name
 FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=768, num_heads=12,
                           dtype="bfloat16"),
-            runs=((64, BF16_LOGITS), (64, QKV_SPLIT_GRAD), (64, QKV_SEPARATE), (64, None)))
-QUICK = dict(cfg=GPTConfig(vocab_size=256, max_len=256, num_layers=4, hidden=256, num_heads=8), runs=((8, None),))
+            runs=((64, BF16_LOGITS), (64, QKV_SPLIT_GRAD), (64, QKV_SEPARATE), (64, None), (64, TORCH_COMPILED),
+                  (64, TORCH)))
+QUICK = dict(cfg=GPTConfig(vocab_size=256, max_len=256, num_layers=4, hidden=256, num_heads=8),
+             runs=((8, None), (8, TORCH)))
 
 
 def model_flops_per_token(cfg: GPTConfig, T: int) -> float:
@@ -67,6 +80,9 @@ def _peak(device) -> float | None:
         if name in kind:
             return tflops * 1e12
     return None
+
+
+_CEILINGS: dict[int, float] = {}  # hidden width -> the same-run matmul ceiling (FLOP/s)
 
 
 def _matmul_ceiling(H: int) -> float:
@@ -95,10 +111,12 @@ def selected_runs(runs):
 def run(quick: bool) -> list[dict]:
     spec = QUICK if quick else FULL
     rows = []
+    _CEILINGS.clear()
     for B, variant in selected_runs(spec["runs"]):
         name, changes = variant or ("", {})
+        make_rows = peer_rows if name in PEERS else step_rows
         try:
-            rows += step_rows(dataclasses.replace(spec["cfg"], **changes), B, iters=10 if quick else 20,
+            rows += make_rows(dataclasses.replace(spec["cfg"], **changes), B, iters=10 if quick else 20,
                               variant=name)
         except Exception as e:  # noqa: BLE001 - a batch too big for this device loses its own rows only
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
@@ -112,11 +130,9 @@ def step_rows(cfg: GPTConfig, B: int, *, iters: int = 10, variant: str = "") -> 
     variant's rows are named zoo-train-step-VARIANT(-pipelined)."""
     import optax
 
-    T = cfg.max_len
     md = make_gpt(cfg)
-    tx = optax.adamw(3e-4, weight_decay=0.1)
-    x = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1)), jnp.int32)
-    batch = {"x": x, "idx": jnp.arange(B, dtype=jnp.int32)}
+    tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
+    batch = _batch(cfg, B)
     state = jax.jit(lambda k: init_state(md.init(k, batch), tx, 0.0))(jax.random.PRNGKey(0))
     step = jax.jit(make_train_step(md, tx, 0.0), donate_argnums=(0,))
     key = jax.random.PRNGKey(1)
@@ -157,26 +173,65 @@ def step_rows(cfg: GPTConfig, B: int, *, iters: int = 10, variant: str = "") -> 
     profile.report(one_step, calls=3, title=f"the GPT train step{suffix} at B{B}", name=f"gpt_step{suffix}-B{B}",
                    hlo=lambda: step.lower(state, key, batch).compile().as_text())
     profile.report(three_steps, calls=1, top=3, title=f"three pipelined GPT train steps{suffix} at B{B}")
-    tokens = B * T / sec
-    flops = model_flops_per_token(cfg, T) * tokens
-    dev = jax.devices()[0]
-    peak = _peak(dev)
-    case = f"gpt-L{cfg.num_layers}-H{cfg.hidden}-T{T}-B{B}-{cfg.dtype}"
+    del state
+    return emit(_rows(cfg, B, f"zoo-train-step{suffix}", sec, sec_pipelined, losses_first))
+
+
+def peer_rows(cfg: GPTConfig, B: int, *, iters: int = 10, variant: str = "torch") -> list[dict]:
+    """The PyTorch peer's rows (zoo.bench.torch_gpt; none, with a note, without torch): the same
+    init, batch, optimizer and timing as step_rows."""
+    try:
+        import torch
+
+        from zoo.bench import torch_gpt
+    except ImportError:
+        print(f"  skip B{B} {variant}: torch is not installed (the `peers` extra)", flush=True)
+        return []
+    batch = _batch(cfg, B)
+    params = jax.device_get(jax.jit(make_gpt(cfg).init)(jax.random.PRNGKey(0), batch))
+    try:
+        step, dev = torch_gpt.make_step(cfg, params, compiled=variant == "torch-compiled", lr=LR,
+                                        weight_decay=WEIGHT_DECAY)
+        x = torch.as_tensor(np.array(batch["x"]), dtype=torch.long, device=dev)
+        first, sec, sec_pipelined = torch_gpt.time_steps(step, x, dev, iters)
+        print(f"  first losses at B{B} {variant}: {first}", flush=True)
+        del step, x
+    finally:
+        torch_gpt.free()
+    return emit(_rows(cfg, B, PEERS[variant], sec, sec_pipelined, first))
+
+
+LR, WEIGHT_DECAY = 3e-4, 0.1  # AdamW, both sides
+
+
+def _batch(cfg: GPTConfig, B: int) -> dict:
+    """Random tokens [B, T + 1] (the same in every run: the first losses compare across runs)."""
+    x = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, cfg.max_len + 1)), jnp.int32)
+    return {"x": x, "idx": jnp.arange(B, dtype=jnp.int32)}
+
+
+def _rows(cfg: GPTConfig, B: int, impl: str, sec: float, sec_pipelined: float, losses_first) -> list[dict]:
+    """impl's synced and pipelined rows (tokens/s, MFU), and, without a known peak, the matmul
+    ceiling the MFU is counted against."""
+    T = cfg.max_len
     per_token = model_flops_per_token(cfg, T)
+    peak = _peak(jax.devices()[0])
+    case = f"gpt-L{cfg.num_layers}-H{cfg.hidden}-T{T}-B{B}-{cfg.dtype}"
     # the first steps' losses: same init and batch in every run, so a variant that changes the
     # numerics (another XLA flag, say) shows it here
-    rows = [{"case": case, "impl": f"zoo-train-step{suffix}", "value": tokens, "unit": "tokens/s",
-             "model_tflops": flops / 1e12, "step_s": sec, "first_losses": losses_first},
-            {"case": case, "impl": f"zoo-train-step{suffix}-pipelined", "value": B * T / sec_pipelined,
-             "unit": "tokens/s",
+    rows = [{"case": case, "impl": impl, "value": B * T / sec, "unit": "tokens/s",
+             "model_tflops": per_token * B * T / sec / 1e12, "step_s": sec, "first_losses": losses_first},
+            {"case": case, "impl": f"{impl}-pipelined", "value": B * T / sec_pipelined, "unit": "tokens/s",
              "model_tflops": per_token * B * T / sec_pipelined / 1e12, "step_s": sec_pipelined}]
-    if peak is None:
-        peak = _matmul_ceiling(cfg.hidden)
-        rows.append({"case": case, "impl": "matmul-ceiling", "value": peak / 1e9, "unit": "GFLOP/s"})
+    if peak is None:  # measured once per width in a run, its row beside the first run's
+        if cfg.hidden not in _CEILINGS:
+            _CEILINGS[cfg.hidden] = _matmul_ceiling(cfg.hidden)
+            rows.append({"case": case, "impl": "matmul-ceiling", "value": _CEILINGS[cfg.hidden] / 1e9,
+                         "unit": "GFLOP/s"})
+        peak = _CEILINGS[cfg.hidden]
         mfu_of = "same-run float32 matmul"
     else:
         mfu_of = f"{peak / 1e12:.0f} TFLOP/s bf16 spec peak"
     for row in rows[:2]:
         row["mfu"], row["mfu_of"] = row["model_tflops"] * 1e12 / peak, mfu_of
-    del state
-    return emit(rows)
+    return rows
