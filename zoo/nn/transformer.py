@@ -32,6 +32,8 @@ class LoRADense(nn.Module):
     """x @ kernel + bias, plus (alpha / r) * (x @ lora_a) @ lora_b when rank r > 0 (Hu et al. 2021);
     with gelu=True, GELU of that, the bias add inside the GELU's checkpoint (bias_gelu_tanh).
 
+    In a bf16 compute dtype the float32 bias is added in float32 (add_bias), so its gradient, a
+    sum over every token, is summed in float32.
     lora_a starts Gaussian and lora_b at zero, so adapters start as the identity update.
     """
 
@@ -45,12 +47,12 @@ class LoRADense(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxI, *, weights_only=False):
-        """The layer's output; with weights_only, its (kernel, bias or None, lora term) in the
-        compute dtype instead, for fused_dense (the lora term a function of x, or None)."""
+        """The layer's output; with weights_only, its (kernel and lora term in the compute dtype,
+        bias as stored or None) instead, for fused_dense (the lora term a function of x, or None)."""
         I = x_BxI.shape[-1]
         kernel = self.param("kernel", nn.initializers.normal(self.kernel_std), (I, self.features))
         dtype = self.dtype or x_BxI.dtype
-        bias = self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype) if self.use_bias else None
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
         lora = None
         if self.rank:
             a = self.param("lora_a", nn.initializers.normal(1.0 / self.rank), (I, self.rank))
@@ -64,7 +66,17 @@ class LoRADense(nn.Module):
             y = y + lora(x)
         if self.gelu:
             return bias_gelu_tanh(y, bias) if bias is not None else gelu_tanh(y)
-        return y if bias is None else y + bias
+        return y if bias is None else add_bias(y, bias)
+
+
+def add_bias(y, bias):
+    """y + bias, in float32 at least, returned in y's dtype: with y in bf16, autodiff's bias
+    gradient (the sum of y's gradient over every other axis) then sums in float32, where a bf16
+    sum loses ~2% over 4,096 tokens (tests/models/test_transformer.py; GPT-124M's step sums
+    65,536). The converts fuse into the add's elementwise pass and the reduction's accumulator:
+    no more bytes move (the GPU kernel table is to confirm it on the next lent machine)."""
+    acc = jnp.promote_types(y.dtype, jnp.float32)
+    return (y.astype(acc) + bias.astype(acc)).astype(y.dtype)
 
 
 def fused_dense(x, layers, *, split_grad=False):
@@ -83,12 +95,12 @@ def fused_dense(x, layers, *, split_grad=False):
     kernels, biases, loras = zip(*[layer(x, weights_only=True) for layer in layers])
     x = x.astype(kernels[0].dtype)
     if split_grad:
-        ys = [y if b is None else y + b for y, b in zip(_matmul_side_by_side(x, tuple(kernels)), biases)]
+        ys = [y if b is None else add_bias(y, b) for y, b in zip(_matmul_side_by_side(x, tuple(kernels)), biases)]
     else:
         y = x @ jnp.concatenate(kernels, axis=1)
         if any(b is not None for b in biases):
-            y = y + jnp.concatenate([jnp.zeros(k.shape[1], k.dtype) if b is None else b
-                                     for k, b in zip(kernels, biases)])
+            y = add_bias(y, jnp.concatenate([jnp.zeros(k.shape[1], jnp.float32) if b is None else b
+                                             for k, b in zip(kernels, biases)]))
         ys = jnp.split(y, _split_points(kernels), axis=-1)
     return [o if lora is None else o + lora(x) for o, lora in zip(ys, loras)]
 
@@ -172,7 +184,9 @@ class Attention(nn.Module):
 
 def gelu_tanh(h):
     """GELU, tanh approximation (as GPT-2), under jax.checkpoint: its backward recomputes the tanh
-    from h instead of the forward writing tanh(...) out beside h for the backward to read back."""
+    from h instead of the forward writing tanh(...) out beside h for the backward to read back.
+    Computed in float32 at least, returned in h's dtype (a bf16 h: one rounding, at the output, as
+    PyTorch's autocast GELU; the bf16 formula rounds at each of its ~10 steps)."""
     return _gelu_tanh_remat(h)
 
 
@@ -181,12 +195,19 @@ def bias_gelu_tanh(y, bias):
     matmul's output, in memory anyway) and recomputes y + bias and the tanh from it. With the add
     outside, XLA writes y + bias out as the residual: GPT-124M at B64 on an H200 (2026-11-26), the
     GELU forward fusion read y and wrote two [65536, 3072] bf16 arrays (4.3 ms for 12 layers),
-    whether the second was tanh(...) (plain autodiff) or y + bias (gelu_tanh alone)."""
+    whether the second was tanh(...) (plain autodiff) or y + bias (gelu_tanh alone). In float32
+    at least, as gelu_tanh and add_bias."""
     return _bias_gelu_tanh_remat(y, bias)
 
 
-_gelu_tanh_remat = jax.checkpoint(lambda h: jax.nn.gelu(h, approximate=True))
-_bias_gelu_tanh_remat = jax.checkpoint(lambda y, b: jax.nn.gelu(y + b, approximate=True))
+def _bias_gelu_f32(y, b=None):
+    acc = jnp.promote_types(y.dtype, jnp.float32)
+    h = y.astype(acc) if b is None else y.astype(acc) + b.astype(acc)
+    return jax.nn.gelu(h, approximate=True).astype(y.dtype)
+
+
+_gelu_tanh_remat = jax.checkpoint(_bias_gelu_f32)
+_bias_gelu_tanh_remat = jax.checkpoint(_bias_gelu_f32)
 
 
 class MLP(nn.Module):
