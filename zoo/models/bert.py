@@ -26,6 +26,7 @@ import ml_collections
 
 from zoo.errors import ConfigError, DataError
 from zoo.models.base import ModelDef
+from zoo.nn.dense import Dense
 from zoo.nn.transformer import INIT_STD, Stack
 from zoo.ops import losses
 from zoo.ops.random import example_keys
@@ -78,7 +79,7 @@ class BERT(nn.Module):
         x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
         x, _ = Stack(c.num_layers, c.num_heads, c.num_heads, c.mlp_ratio, dropout=c.dropout,
                      implementation=c.implementation or None, name="encoder")(x, deterministic=deterministic)
-        h = nn.LayerNorm(1e-5, name="head_ln")(nn.gelu(nn.Dense(c.hidden, name="head_dense")(x)))
+        h = nn.LayerNorm(1e-5, name="head_ln")(nn.gelu(Dense(c.hidden, name="head_dense")(x)))
         bias = self.param("head_bias", nn.initializers.zeros, (c.vocab_size,))
         return h @ wte.embedding[: c.vocab_size].T + bias
 

@@ -27,6 +27,7 @@ import ml_collections
 
 from zoo.errors import ConfigError, DataError, unknown
 from zoo.models.base import ModelDef
+from zoo.nn.dense import Dense
 from zoo.nn.transformer import INIT_STD, Stack
 from zoo.ops import losses
 from zoo.ops.random import example_keys
@@ -105,7 +106,7 @@ class ViT(nn.Module):
         cfg = self.cfg
         patches_BxNxP = patchify(x_BxYxXxC.astype(jnp.float32), cfg.patch_size)
         B = patches_BxNxP.shape[0]
-        emb_BxNxD = nn.Dense(cfg.width, name="embed")(patches_BxNxP)  # eq. 1: x_p^i E
+        emb_BxNxD = Dense(cfg.width, name="embed")(patches_BxNxP)  # eq. 1: x_p^i E
         cls_1x1xD = self.param("cls", nn.initializers.zeros, (1, 1, cfg.width))
         h_BxTxD = jnp.concatenate([jnp.broadcast_to(cls_1x1xD, (B, 1, cfg.width)), emb_BxNxD], axis=1)
         if cfg.pos_embedding:

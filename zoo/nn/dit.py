@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.errors import ConfigError, DataError
+from zoo.nn.dense import Dense
 from zoo.nn.embeddings import timestep_embedding  # noqa: F401  (public here too)
 from zoo.nn.transformer import gelu_tanh
 from zoo.ops.attention import dot_product_attention
@@ -94,8 +95,8 @@ def modulate(x_BxNxD: jax.Array, shift_BxD: jax.Array, scale_BxD: jax.Array) -> 
 # ---------------------------------------------------------------------------------- layers
 
 
-def _dense(features: int, dtype, name: str, init=_xavier, bias_init=_zeros) -> nn.Dense:
-    return nn.Dense(features, kernel_init=init, bias_init=bias_init, dtype=dtype, name=name)
+def _dense(features: int, dtype, name: str, init=_xavier, bias_init=_zeros) -> Dense:
+    return Dense(features, kernel_init=init, bias_init=bias_init, dtype=dtype, name=name)
 
 
 def _layer_norm(dtype, name: str) -> nn.LayerNorm:

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from zoo.nn.dense import matmul
 from zoo.ops.attention import (KVCache, decode_attention, dot_product_attention, init_kv_cache,
                                update_kv_cache)
 
@@ -57,11 +58,11 @@ class LoRADense(nn.Module):
         if self.rank:
             a = self.param("lora_a", nn.initializers.normal(1.0 / self.rank), (I, self.rank))
             b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features))
-            lora = lambda x: (self.alpha / self.rank) * ((x @ a.astype(dtype)) @ b.astype(dtype))  # noqa: E731
+            lora = lambda x: (self.alpha / self.rank) * matmul(matmul(x, a.astype(dtype)), b.astype(dtype))  # noqa: E731
         if weights_only:
             return kernel.astype(dtype), bias, lora
         x = x_BxI.astype(dtype)
-        y = x @ kernel.astype(dtype)
+        y = matmul(x, kernel.astype(dtype))
         if lora is not None:
             y = y + lora(x)
         if self.gelu:
@@ -97,7 +98,7 @@ def fused_dense(x, layers, *, split_grad=False):
     if split_grad:
         ys = [y if b is None else add_bias(y, b) for y, b in zip(_matmul_side_by_side(x, tuple(kernels)), biases)]
     else:
-        y = x @ jnp.concatenate(kernels, axis=1)
+        y = matmul(x, jnp.concatenate(kernels, axis=1))
         if any(b is not None for b in biases):
             y = add_bias(y, jnp.concatenate([jnp.zeros(k.shape[1], jnp.float32) if b is None else b
                                              for k, b in zip(kernels, biases)]))
@@ -112,7 +113,7 @@ def _split_points(kernels):
 @jax.custom_vjp
 def _matmul_side_by_side(x, kernels):
     """[x @ k for k in kernels] by one matmul over the kernels side by side; the backward per kernel."""
-    return tuple(jnp.split(x @ jnp.concatenate(kernels, axis=1), _split_points(kernels), axis=-1))
+    return tuple(jnp.split(matmul(x, jnp.concatenate(kernels, axis=1)), _split_points(kernels), axis=-1))
 
 
 def _matmul_side_by_side_fwd(x, kernels):
@@ -121,9 +122,9 @@ def _matmul_side_by_side_fwd(x, kernels):
 
 def _matmul_side_by_side_bwd(res, dys):
     x, kernels = res
-    dx = dys[0] @ kernels[0].T
+    dx = matmul(dys[0], kernels[0].T)
     for dy, k in zip(dys[1:], kernels[1:]):
-        dx = dx + dy @ k.T
+        dx = dx + matmul(dy, k.T)
     x_MxI = x.reshape(-1, x.shape[-1])
     dks = tuple((x_MxI.T @ dy.reshape(-1, dy.shape[-1])).astype(k.dtype) for dy, k in zip(dys, kernels))
     return dx.astype(x.dtype), dks

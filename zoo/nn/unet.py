@@ -39,6 +39,7 @@ import numpy as np
 from flax import traverse_util
 
 from zoo.errors import ConfigError, DataError
+from zoo.nn.dense import Dense
 from zoo.nn.embeddings import timestep_embedding  # noqa: F401  (public here too)
 from zoo.ops.attention import dot_product_attention
 
@@ -145,10 +146,10 @@ class AttentionBlock(nn.Module):
         B, H, W, C = x_BxHxWxC.shape
         D = cfg.attention_head_dim
         h_BxTxC = _norm(cfg, "group_norm")(x_BxHxWxC).reshape(B, H * W, C)
-        q, k, v = (nn.Dense(C, dtype=cfg.dtype, name=f"to_{n}")(h_BxTxC).reshape(B, H * W, C // D, D)
+        q, k, v = (Dense(C, dtype=cfg.dtype, name=f"to_{n}")(h_BxTxC).reshape(B, H * W, C // D, D)
                    for n in "qkv")
         o_BxTxNxD = dot_product_attention(q, k, v)  # scale 1/sqrt(D), as torch's SDPA
-        o_BxTxC = nn.Dense(C, dtype=cfg.dtype, name="to_out_0")(o_BxTxNxD.reshape(B, H * W, C))
+        o_BxTxC = Dense(C, dtype=cfg.dtype, name="to_out_0")(o_BxTxNxD.reshape(B, H * W, C))
         return x_BxHxWxC + o_BxTxC.reshape(B, H, W, C)
 
 

@@ -1,0 +1,41 @@
+"""zoo.nn.dense: the 2-D matmul form is flax's Dense / x @ w in params, values and gradients, and
+its dots are 2-D (the weight gradient contracts one axis, the point of the layer)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tests.jaxprs import equations
+from zoo.nn.dense import Dense, matmul
+
+
+def test_dense_is_flax_dense_with_two_dimensional_dots():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 3, 5, 4)), jnp.float32)
+    ours, flax_dense = Dense(6), nn.Dense(6)
+    params = ours.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, flax_dense.init(jax.random.key(1), x))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(flax_dense.init(jax.random.key(1), x))):
+        np.testing.assert_array_equal(a, b)  # the same init
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    w = jnp.asarray(rng.standard_normal((2, 3, 5, 6)), jnp.float32)
+    loss = lambda layer: lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x)) * w)  # noqa: E731
+    np.testing.assert_allclose(ours.apply(params, x), flax_dense.apply(params, x), rtol=1e-6, atol=1e-6)
+    for g, r in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)),
+                    jax.tree.leaves(jax.grad(loss(flax_dense), (0, 1))(params, x))):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    jaxpr = jax.make_jaxpr(jax.grad(loss(ours)))(params, x)
+    dots = [e for e in equations(jaxpr) if e.primitive.name == "dot_general"]
+    assert len(dots) == 2  # y and the kernel's gradient, each on [30, ...] operands
+    assert all(v.aval.shape[0] in (30, 4, 6) and len(v.aval.shape) == 2 for e in dots for v in e.invars)
+    plain = [e for e in equations(jax.make_jaxpr(jax.grad(loss(flax_dense)))(params, x))
+             if e.primitive.name == "dot_general"]
+    assert any(len(v.aval.shape) == 4 for e in plain for v in e.invars)  # flax's dots see [2, 3, 5, 4]
+
+
+def test_matmul_is_x_at_w():
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((3, 4, 5)), rng.standard_normal((5, 2))
+    np.testing.assert_allclose(np.asarray(matmul(jnp.asarray(x), jnp.asarray(w))), x @ w, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(matmul(jnp.asarray(x[0, 0]), jnp.asarray(w))), x[0, 0] @ w, rtol=1e-5)
