@@ -32,6 +32,18 @@ def _params(x, scale=8.0):
     return jax.tree.map(lambda p: p * scale, params)
 
 
+def test_peer_rows_are_skipped_when_torch_cannot_reach_the_zoos_device(monkeypatch, capsys):
+    torch = pytest.importorskip("torch")
+
+    class Gpu:
+        platform = "gpu"
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [Gpu()])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpt_step.peer_rows(CFG, 2, iters=1, variant="torch") == []
+    assert "no CUDA" in capsys.readouterr().out
+
+
 def test_peer_computes_the_zoos_logits():
     torch = pytest.importorskip("torch")
     from zoo.bench import torch_gpt

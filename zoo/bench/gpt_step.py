@@ -187,6 +187,10 @@ def peer_rows(cfg: GPTConfig, B: int, *, iters: int = 10, variant: str = "torch"
     except ImportError:
         print(f"  skip B{B} {variant}: torch is not installed (the `peers` extra)", flush=True)
         return []
+    if jax.devices()[0].platform != "cpu" and not torch.cuda.is_available():
+        print(f"  skip B{B} {variant}: this torch has no CUDA (the zoo runs on "
+              f"{jax.devices()[0].platform}; a CPU peer would compare nothing)", flush=True)
+        return []
     batch = _batch(cfg, B)
     params = jax.device_get(jax.jit(make_gpt(cfg).init)(jax.random.PRNGKey(0), batch))
     try:
