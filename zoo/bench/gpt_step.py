@@ -48,17 +48,18 @@ from zoo.train.state import init_state
 from zoo.train.strategy import make_train_step
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
+LR, WEIGHT_DECAY = 3e-4, 0.1  # AdamW, both sides
 BF16_LOGITS = ("bf16-logits", dict(f32_logits=False))
 # the q/k/v projections' backward per projection, or three matmuls (GPTConfig.qkv): the fused
 # default's backward concatenates the three gradients twice per layer (3.4 ms of 114.6, H200
 # 2026-11-27), the other two never do
 QKV_SPLIT_GRAD = ("bf16-logits-qkv-split-grad", dict(f32_logits=False, qkv="fused-split-grad"))
 QKV_SEPARATE = ("bf16-logits-qkv-separate", dict(f32_logits=False, qkv="separate"))
-# (batch, (variant name, GPTConfig changes) or None) per run, in order
 # the PyTorch peer (zoo.bench.torch_gpt): eager, and torch.compile'd
 TORCH = ("torch", {})
 TORCH_COMPILED = ("torch-compiled", {})
 PEERS = {"torch": "torch-nanogpt", "torch-compiled": "torch-nanogpt-compiled"}  # run variant -> row name
+# (batch, (variant name, GPTConfig changes) or None) per run, in order
 FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=768, num_heads=12,
                           dtype="bfloat16"),
             runs=((64, BF16_LOGITS), (64, QKV_SPLIT_GRAD), (64, QKV_SEPARATE), (64, None), (64, TORCH_COMPILED),
@@ -204,8 +205,6 @@ def peer_rows(cfg: GPTConfig, B: int, *, iters: int = 10, variant: str = "torch"
         torch_gpt.free()
     return emit(_rows(cfg, B, PEERS[variant], sec, sec_pipelined, first))
 
-
-LR, WEIGHT_DECAY = 3e-4, 0.1  # AdamW, both sides
 
 
 def _batch(cfg: GPTConfig, B: int) -> dict:
