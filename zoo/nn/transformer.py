@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zoo.nn.dense import matmul
+from zoo.nn.dense import add_bias, matmul
 from zoo.ops.attention import (KVCache, decode_attention, dot_product_attention, init_kv_cache,
                                update_kv_cache)
 
@@ -68,16 +68,6 @@ class LoRADense(nn.Module):
         if self.gelu:
             return bias_gelu_tanh(y, bias) if bias is not None else gelu_tanh(y)
         return y if bias is None else add_bias(y, bias)
-
-
-def add_bias(y, bias):
-    """y + bias, in float32 at least, returned in y's dtype: with y in bf16, autodiff's bias
-    gradient (the sum of y's gradient over every other axis) then sums in float32, where a bf16
-    sum loses ~2% over 4,096 tokens (tests/models/test_transformer.py; GPT-124M's step sums
-    65,536). The converts fuse into the add's elementwise pass and the reduction's accumulator:
-    no more bytes move (the GPU kernel table is to confirm it on the next lent machine)."""
-    acc = jnp.promote_types(y.dtype, jnp.float32)
-    return (y.astype(acc) + bias.astype(acc)).astype(y.dtype)
 
 
 def fused_dense(x, layers, *, split_grad=False):
