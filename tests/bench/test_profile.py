@@ -61,6 +61,23 @@ def test_idle_gaps_merge_streams_and_leave_out_the_wait_between_calls():
     assert g["span_ms"] == pytest.approx(5060 / 1e3 / 2)  # 0 to b's end at 5060 us
 
 
+def test_memsets_by_size_from_the_trace_arguments():
+    k = lambda name, dur, **args: {"ph": "X", "ts": 0, "dur": dur, "name": name, "args": args}
+    ev = [k("Memset 3", 6.0, Memset_details="num_bytes:16777216 kind:DEVICE", stream="7"),
+          k("Memset 3", 1.0, Memset_details="num_bytes:4096 kind:DEVICE"),
+          k("cudnn_flash_fprop", 50.0, kernel_details="regs:168"),
+          k("Memset 3", 6.0, Memset_details="num_bytes:16777216 kind:DEVICE"),
+          k("Memset 3", 1.0, Memset_details="num_bytes:4096 kind:DEVICE"),
+          k("cudnn_flash_fprop", 50.0)]
+    m = profile.memsets(ev, calls=2)
+    assert m["count"] == 2 and m["ms"] == pytest.approx(0.007)  # (6 + 1) us per call
+    assert list(m["sizes"].items()) == [(16777216, 1), (4096, 1)]  # largest first, per call
+    assert m["args"] == ["Memset_details", "stream"]
+    bare = profile.memsets([k("Memset 0", 2.0), k("memset_kernel", 2.0, other="x")], calls=1)
+    assert bare["sizes"] == {None: 2} and bare["args"] == []
+    assert profile.memsets([k("gemm", 1.0)], calls=1) == {"count": 0, "ms": 0, "sizes": {}, "args": []}
+
+
 def test_kernel_table_on_this_backend(capsys):
     a = jnp.asarray(np.random.default_rng(0).standard_normal((256, 256)), jnp.float32)
     f = jax.jit(lambda a: jnp.tanh(a @ a))

@@ -119,6 +119,26 @@ def idle_gaps(events: list[dict], calls: int, *, between_calls_us: float = 2000.
             "largest": [{"us": g, "after": a, "before": b} for g, a, b in largest[:top]], "long": long}
 
 
+_BYTES = re.compile(r"bytes\D{0,3}(\d+)", re.I)
+
+
+def memsets(events: list[dict], calls: int) -> dict:
+    """The memsets among the kernels, by size where the trace gives one (CUPTI's memset record
+    reaches the trace as an argument, e.g. "Memset_details": "num_bytes:16777216 ..."):
+    {"count": per call, "ms": per call, "sizes": {bytes (None: not in the trace): count per call},
+    "args": the first memset's argument names}. Which buffers a library's call zeroes (JAX's cuDNN
+    attention runs three memsets before each forward kernel, whose time grows with the sequence,
+    where PyTorch's call runs one of ~1 us) shows in their sizes."""
+    found = [e for e in events if e["name"].lower().startswith("memset")]
+    sizes = collections.Counter()
+    for e in found:
+        m = next((m for v in e.get("args", {}).values() if (m := _BYTES.search(str(v)))), None)
+        sizes[int(m.group(1)) if m else None] += 1
+    return {"count": len(found) / calls, "ms": sum(e["dur"] for e in found) / 1e3 / calls,
+            "sizes": {b: n / calls for b, n in sorted(sizes.items(), key=lambda kv: -(kv[0] or 0))},
+            "args": sorted(found[0].get("args", {})) if found else []}
+
+
 def kernel_table(fn: Callable[[], object], *, calls: int = 3, top: int = 25, title: str = "") -> dict:
     """Profile `calls` calls of fn (already compiled and warm) and print the kernel table."""
     import jax
@@ -144,6 +164,13 @@ def kernel_table(fn: Callable[[], object], *, calls: int = 3, top: int = 25, tit
     print(f"--- gaps of 2 ms or more (between the {calls} calls: {calls - 1} expected): {len(g['long'])}", flush=True)
     for x in g["long"]:
         print(f"  {x['us'] / 1e3:9.2f} ms after {x['after'][:60]} before {x['before'][:60]}", flush=True)
+    m = summary["memsets"] = memsets(events, calls)
+    if m["count"]:
+        sizes = ", ".join(f"{'size not in the trace' if b is None else f'{b:,} B'} x{n:g}"
+                          for b, n in m["sizes"].items())
+        print(f"--- memsets per call: {m['count']:g} ({m['ms']:.3f} ms): {sizes}"
+              + ("" if None not in m["sizes"] else f" (their trace arguments: {', '.join(m['args']) or 'none'})"),
+              flush=True)
     return summary
 
 
