@@ -4,8 +4,10 @@
 # PART: "a" = the GPU tests, then `zoo bench attention` (full set, in two processes: full, causal;
 #       the step "plans", benchmarks/scripts/attention_plans.py, prints each side's cuDNN kernels by
 #       name: run on 2026-11-27, the same on both sides);
-#       "b" = `zoo bench gpt_step` (the step at B64: bf16 logits, the same with GPTConfig.qkv
-#       "fused-split-grad" and "separate", then the default f32 logits, then the PyTorch peer,
+#       "b" = the MLP's GELU forms alone (benchmarks/scripts/gelu_forms.py: bias + GELU forward and
+#       backward as tanh in bf16, tanh in float32, and the sigmoid form, with their kernels), then
+#       `zoo bench gpt_step` (the step at B64: bf16 logits, the same with GPTConfig.qkv
+#       "fused-split-grad" and "separate", and with GPTConfig.gelu "sigmoid", then the PyTorch peer,
 #       nanoGPT's step, torch.compile'd and eager; synced and pipelined rows, the zoo's each with
 #       a kernel table of synced steps and one of three pipelined steps; the
 #       cuBLASLt-epilogue and no-command-buffer variants, measured on 2026-11-26, stay available
@@ -13,9 +15,9 @@
 #       diffusion` (full set, with the diffusers / torch.compile peers; its goals were met on
 #       2026-11-26) and `zoo bench gibbs` (issue 4 is blocked): only when a lease has time left;
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
-#       attention, plans, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
-# A 15-minute lease: b first (<= 480 s by its limit; ~340 s expected: on the 2026-11-27 H200 each
-# B64 run took ~62 s with its profiles, the peer's compile is guessed at ~60 s), then a with what is left (<= 400 s by its limits, 490 with
+#       attention, plans, gelu, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
+# A 15-minute lease: b first (<= 570 s by its limits; ~380 s expected: the GELU forms ~30 s, and on
+# the 2026-11-27 H200 each B64 run took ~62 s with its profiles, the peer's compile is guessed at ~60 s), then a with what is left (<= 400 s by its limits, 490 with
 # the rerun of a faulting part; ~190 s expected: 2026-11-27, attention with its pauses 167 s). The GPU's SM clock, power and temperature
 # are logged each second to OUTDIR/clocks-PART.csv (does a sustained step run below the boost clock?).
 # gpt_step and diffusion print a kernel table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) with the idle time between
@@ -31,13 +33,13 @@ set -u
 part=$1 out=$2
 case $part in
   a) steps=tests,attention ;;
-  b) steps=gpt_step ;;
+  b) steps=gelu,gpt_step ;;
   c) steps=diffusion,gibbs ;;
   *) steps=$part ;;
 esac
 for step in ${steps//,/ }; do
-  case $step in tests|gibbs|gibbs-cublas|attention|plans|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
-    *) echo "device.sh: unknown PART or step '$step' (a, b, c, or a comma list of: tests gibbs gibbs-cublas attention plans gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
+  case $step in tests|gibbs|gibbs-cublas|attention|plans|gelu|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
+    *) echo "device.sh: unknown PART or step '$step' (a, b, c, or a comma list of: tests gibbs gibbs-cublas attention plans gelu gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
   esac
 done
 export ZOO_GIT_SHA=${3:-unknown} ZOO_PROFILE=1 ZOO_PROFILE_DIR=$2 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
@@ -96,6 +98,10 @@ for step in ${steps//,/ }; do
     plans)
       echo "=== attention plans $(date -u +%T)" | tee -a "$log"
       timeout 120 python3 benchmarks/scripts/attention_plans.py 2>&1 \
+        | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
+    gelu)
+      echo "=== GELU forms $(date -u +%T)" | tee -a "$log"
+      timeout 90 python3 benchmarks/scripts/gelu_forms.py 2>&1 \
         | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
     gpt_step) bench gpt_step 480 ;;
     gpt_step-cublas) bench gpt_step 110 -cublas "$CUBLAS" ;;

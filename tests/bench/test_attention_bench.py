@@ -117,15 +117,16 @@ def test_case_selection_from_the_environment(monkeypatch):
 
 
 def test_gpt_step_run_selection(monkeypatch):
-    runs = gpt_step.FULL["runs"]
-    assert gpt_step.selected_runs(runs) == runs
-    monkeypatch.setenv("ZOO_GPT_STEP_RUNS", "64-bf16-logits, 64")
-    assert gpt_step.selected_runs(runs) == ((64, gpt_step.BF16_LOGITS), (64, None))  # FULL's order
+    runs, more = gpt_step.FULL["runs"], gpt_step.FULL["more"]
+    assert gpt_step.selected_runs(runs, more) == runs and (64, None) not in runs  # `more` only when named
+    monkeypatch.setenv("ZOO_GPT_STEP_RUNS", "64, 64-bf16-logits-gelu-sigmoid,64-bf16-logits")
+    assert gpt_step.selected_runs(runs, more) == ((64, gpt_step.BF16_LOGITS), (64, gpt_step.GELU_SIGMOID),
+                                                  (64, None))  # FULL's order
     monkeypatch.setenv("ZOO_GPT_STEP_RUNS", "64-bf16-logits-qkv-separate")
-    assert gpt_step.selected_runs(runs) == ((64, gpt_step.QKV_SEPARATE),)
+    assert gpt_step.selected_runs(runs, more) == ((64, gpt_step.QKV_SEPARATE),)
     monkeypatch.setenv("ZOO_GPT_STEP_RUNS", "32")
     with pytest.raises(ValueError, match=r"\['32'\] not among.*64-bf16-logits"):
-        gpt_step.selected_runs(runs)
+        gpt_step.selected_runs(runs, more)
 
 
 def test_gpt_step_out_of_memory_loses_only_its_rows(monkeypatch, capsys):

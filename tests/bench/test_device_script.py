@@ -54,6 +54,8 @@ def test_part_a_runs_attention_in_two_processes_and_reruns_the_faulting_one(tmp_
 def test_part_b_and_the_gpt_step_variants(tmp_path):
     calls = _run(tmp_path, "b")
     out = tmp_path / "out"
+    log = (out / "log-b.txt").read_text()
+    assert "=== GELU forms" in log and log.index("=== GELU forms") < log.index("=== zoo bench gpt_step")
     assert [c.split(" --out ")[0] for c in calls] == ["-m zoo bench gpt_step"]
     assert _outputs(calls, out) == ["gpt_step-gpu.json"]
     assert "|RUNS=|XLA=|" in calls[0] and f"|DIR={out}|" in calls[0]

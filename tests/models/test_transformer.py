@@ -130,7 +130,7 @@ def test_gelu_tanh_recomputes_in_the_backward(dtype, capsys):
 
 def test_bias_gelu_keeps_only_the_matmul_output(capsys):
     """bias_gelu_tanh(y, b) == gelu(y + b) in value and gradients (both arguments), and its
-    backward keeps y itself, not y + b nor tanh(...); LoRADense(gelu=True) is GELU of the plain
+    backward keeps y itself, not y + b nor tanh(...); LoRADense(gelu="tanh") is GELU of the plain
     layer, with the same parameters."""
     from jax.ad_checkpoint import print_saved_residuals
 
@@ -150,12 +150,58 @@ def test_bias_gelu_keeps_only_the_matmul_output(capsys):
     assert "f32[6,8] from the argument y" in saved and not any("output of" in s for s in saved), saved
     for rank in (0, 2):
         x = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
-        fused, plain = LoRADense(8, rank, gelu=True), LoRADense(8, rank)
+        fused, plain = LoRADense(8, rank, gelu="tanh"), LoRADense(8, rank)
         params = fused.init(jax.random.key(1), x)
         assert jax.tree.structure(params) == jax.tree.structure(plain.init(jax.random.key(1), x))
         params = jax.tree.map(lambda p: p + 0.1, params)  # nonzero bias and LoRA b
         np.testing.assert_allclose(fused.apply(params, x), jax.nn.gelu(plain.apply(params, x), approximate=True),
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_bias_gelu_sigmoid_is_the_tanh_gelu_with_its_derivative_in_closed_form(dtype, capsys):
+    """bias_gelu_sigmoid(y, b) = h * sigmoid(2 sqrt(2/pi) (h + 0.044715 h^3)), h = y + b, is
+    GPT-2's tanh GELU: value, y's gradient and the bias gradient against NumPy's tanh formula in
+    float64 (its hand-written derivative included: a wrong constant fails it), float32 math for a
+    bf16 y (one rounding, at the output), the bias gradient summed in float32; its backward keeps
+    y and the bias only. LoRADense / MLP with gelu="sigmoid" equal gelu="tanh" on the same params,
+    and an unknown form is a clear error."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from zoo.nn.transformer import LoRADense, bias_gelu, bias_gelu_sigmoid
+
+    rng = np.random.default_rng(5)
+    y64, b64, g64 = rng.standard_normal((512, 6)) * 3, rng.standard_normal(6), rng.standard_normal((512, 6))
+    y, g = jnp.asarray(y64, dtype), jnp.asarray(g64, dtype)
+    b = jnp.asarray(b64, jnp.float32)
+    h = np.asarray(y, np.float64) + np.asarray(b, np.float64)  # y as rounded to dtype
+    t = np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3))
+    dh = np.asarray(g, np.float64) * (0.5 * (1 + t) + 0.5 * h * (1 - t**2) * np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * h**2))
+    out, vjp = jax.vjp(bias_gelu_sigmoid, y, b)
+    dy, db = vjp(g)
+    assert out.dtype == dy.dtype == dtype and db.dtype == jnp.float32
+    # float32: a few ulps; bf16: the output's one rounding (2^-8 relative), nothing accumulated
+    tol = 2e-6 if dtype == jnp.float32 else 2 ** -8
+    np.testing.assert_allclose(np.asarray(out, np.float64), 0.5 * h * (1 + t), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(dy, np.float64), dh, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(db, np.float64), dh.sum(0), rtol=1e-5, atol=1e-4)
+    capsys.readouterr()
+    print_saved_residuals(lambda y, b: jnp.sum(bias_gelu_sigmoid(y, b)), y, b)
+    saved = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(saved) == 2 and all("from the argument" in line for line in saved), saved
+    x = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+    layer = lambda form: LoRADense(8, 2, gelu=form)  # noqa: E731
+    params = jax.tree.map(lambda p: p + 0.1, layer("tanh").init(jax.random.key(1), x))
+    loss = lambda p, form: jnp.sum(jnp.sin(layer(form).apply(p, x)))  # noqa: E731
+    np.testing.assert_allclose(loss(params, "sigmoid"), loss(params, "tanh"), rtol=1e-6)
+    for a, c in zip(jax.tree.leaves(jax.grad(loss)(params, "sigmoid")), jax.tree.leaves(jax.grad(loss)(params, "tanh"))):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+    no_bias = LoRADense(8, use_bias=False, gelu="sigmoid")
+    p = no_bias.init(jax.random.key(2), x)
+    np.testing.assert_allclose(no_bias.apply(p, x), jax.nn.gelu(x @ p["params"]["kernel"], approximate=True),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="GELU form must be one of tanh, sigmoid; got 'erf'"):
+        bias_gelu(y, b, "erf")
 
 
 class _Projections(nn.Module):
@@ -199,7 +245,7 @@ def test_self_attention_projections_as_one_matmul(rank):
     for g, r in zip(jax.tree.leaves(jax.grad(loss)(params, True)), jax.tree.leaves(jax.grad(loss)(params, False))):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="gelu"):
-        fused_dense(x, [LoRADense(8, gelu=True), LoRADense(8)])
+        fused_dense(x, [LoRADense(8, gelu="tanh"), LoRADense(8)])
     with pytest.raises(ValueError, match="qkv"):
         Attention(num_heads=2, num_kv_heads=1, head_dim=4, qkv="fused3").init(jax.random.key(0), x)
     attn = Attention(num_heads=2, num_kv_heads=1, head_dim=4, lora_rank=rank, implementation="reference")
@@ -238,9 +284,10 @@ def test_fused_projections_split_grad_equal_plain_and_never_concatenate_the_grad
     assert all(shape[-1] != 16 or len(shape) == 2 for shape in concatenated_widths("split"))
 
 
-def test_gpt_qkv_modes_give_one_model():
-    """GPTConfig.qkv: "fused", "fused-split-grad" and "separate" are one model (same params, same
-    loss and gradients); an unknown mode is a ConfigError naming the valid ones."""
+def test_gpt_qkv_modes_and_gelu_forms_give_one_model():
+    """GPTConfig.qkv: "fused", "fused-split-grad" and "separate", and GPTConfig.gelu: "tanh" and
+    "sigmoid", are one model (same params, same loss and gradients); an unknown mode or form is a
+    ConfigError naming the valid ones."""
     import dataclasses
 
     from zoo.errors import ConfigError
@@ -250,22 +297,27 @@ def test_gpt_qkv_modes_give_one_model():
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, 32, (2, 9)), jnp.int32)
     batch = {"x": tokens, "idx": jnp.arange(2, dtype=jnp.int32)}
     results = {}
-    for mode in ("fused", "fused-split-grad", "separate"):
-        md = make_gpt(dataclasses.replace(cfg, qkv=mode))
+    variants = {"fused": {}, "fused-split-grad": dict(qkv="fused-split-grad"), "separate": dict(qkv="separate"),
+                "gelu-sigmoid": dict(gelu="sigmoid")}
+    for mode, changes in variants.items():
+        md = make_gpt(dataclasses.replace(cfg, **changes))
         params = md.init(jax.random.key(0), batch) if not results else results["fused"][0]
         loss = lambda p: md.loss(p, jax.random.key(1), batch)[0]  # noqa: E731
         results[mode] = (params, loss(params), jax.grad(loss)(params))
-    for mode in ("fused-split-grad", "separate"):
+    for mode in ("fused-split-grad", "separate", "gelu-sigmoid"):
         np.testing.assert_allclose(results[mode][1], results["fused"][1], rtol=1e-6)
         for g, r in zip(jax.tree.leaves(results[mode][2]), jax.tree.leaves(results["fused"][2])):
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
     with pytest.raises(ConfigError, match="model.qkv.*fused-split-grad"):
         GPTConfig(qkv="fused3")
+    with pytest.raises(ConfigError, match="model.gelu .erf.; valid: sigmoid, tanh"):
+        GPTConfig(gelu="erf")
 
 
 class _Biased(nn.Module):
-    """One bf16-able layer with a bias: a LoRADense ("dense"), the same with GELU ("gelu"), or
-    q/k/v projections of one input in a GPTConfig.qkv mode ("fused", "split", "separate")."""
+    """One bf16-able layer with a bias: a LoRADense ("dense"), the same with GELU ("gelu"; its
+    sigmoid formula: "gelu-sigmoid"), or q/k/v projections of one input in a GPTConfig.qkv mode
+    ("fused", "split", "separate")."""
 
     kind: str
     dtype: Any = None
@@ -274,12 +326,13 @@ class _Biased(nn.Module):
     def __call__(self, x):
         from zoo.nn.transformer import LoRADense
 
-        if self.kind in ("dense", "gelu"):
-            return [LoRADense(48, dtype=self.dtype, gelu=self.kind == "gelu")(x)]
+        if self.kind in ("dense", "gelu", "gelu-sigmoid"):
+            form = {"dense": "", "gelu": "tanh", "gelu-sigmoid": "sigmoid"}[self.kind]
+            return [LoRADense(48, dtype=self.dtype, gelu=form)(x)]
         return _Projections(self.kind, dtype=self.dtype)(x)
 
 
-@pytest.mark.parametrize("kind", ["dense", "gelu", "fused", "split", "separate"])
+@pytest.mark.parametrize("kind", ["dense", "gelu", "gelu-sigmoid", "fused", "split", "separate"])
 def test_bf16_layers_sum_bias_gradients_in_float32(kind):
     """A bf16 layer's bias gradient is a sum over every token (4096 here): summed in bf16 it is
     off by ~2% (measured, 2026-11-27: 1.7e-2 to 2.1e-2); the layers add their float32 bias in

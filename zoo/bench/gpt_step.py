@@ -15,12 +15,13 @@ back and waits once, so dispatch overlaps the device's work, as in the training 
 each step's metrics only after dispatching the next (zoo/train/loop.py).
 
 Full (accelerator): GPT-2 124M (L12 H768 12 heads, V 50304 = 50257 padded to a multiple of 64,
-T 1024), bf16 compute with float32 params, at B64, and at B64 with the variant
-`bf16-logits` (GPTConfig.f32_logits=False: bf16 logits and logit gradients, as PyTorch autocast's,
-for half the traffic over the [B * T, V] logits; an H200, 2026-11-26: 46.8% MFU pipelined at B64,
-the default 45.8%; B16, measured on three leases, reached 43.4%; B128 ran out of memory on the
-H200), and two variants of it in GPTConfig.qkv (`bf16-logits-qkv-split-grad`,
-`bf16-logits-qkv-separate`). ZOO_GPT_STEP_RUNS=64-bf16-logits,... times only the runs it names.
+T 1024), bf16 compute with float32 params, at B64 with the variant `bf16-logits`
+(GPTConfig.f32_logits=False: bf16 logits and logit gradients, as PyTorch autocast's, for half the
+traffic over the [B * T, V] logits; an H200, 2026-11-26: 46.8% MFU pipelined at B64, the default
+45.8%; B16, measured on three leases, reached 43.4%; B128 ran out of memory on the H200), two
+variants of it in GPTConfig.qkv (`bf16-logits-qkv-split-grad`, `bf16-logits-qkv-separate`) and
+one in GPTConfig.gelu (`bf16-logits-gelu-sigmoid`). ZOO_GPT_STEP_RUNS=64-bf16-logits,... times
+only the runs it names; `64` (the default config, f32 logits) runs only when named.
 Quick (CPU): L4 H256 8 heads, V 256, T 256, batch 8, float32.
 
 The peer, when torch is installed: the same model and step in PyTorch as nanoGPT writes it
@@ -55,15 +56,21 @@ BF16_LOGITS = ("bf16-logits", dict(f32_logits=False))
 # 2026-11-27), the other two never do
 QKV_SPLIT_GRAD = ("bf16-logits-qkv-split-grad", dict(f32_logits=False, qkv="fused-split-grad"))
 QKV_SEPARATE = ("bf16-logits-qkv-separate", dict(f32_logits=False, qkv="separate"))
+# the MLP's GELU as h * sigmoid(2z) with its derivative in closed form (GPTConfig.gelu): the tanh
+# form's two fusions ran arithmetic-bound (8.7 ms of 114.6, H200 2026-11-27)
+GELU_SIGMOID = ("bf16-logits-gelu-sigmoid", dict(f32_logits=False, gelu="sigmoid"))
 # the PyTorch peer (zoo.bench.torch_gpt): eager, and torch.compile'd
 TORCH = ("torch", {})
 TORCH_COMPILED = ("torch-compiled", {})
 PEERS = {"torch": "torch-nanogpt", "torch-compiled": "torch-nanogpt-compiled"}  # run variant -> row name
-# (batch, (variant name, GPTConfig changes) or None) per run, in order
+# (batch, (variant name, GPTConfig changes) or None) per run, in order; `more`: runs timed only
+# when ZOO_GPT_STEP_RUNS names them (the default, f32 logits: 45.1% MFU, H200 2026-11-27, measured
+# on four leases)
 FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=768, num_heads=12,
                           dtype="bfloat16"),
-            runs=((64, BF16_LOGITS), (64, QKV_SPLIT_GRAD), (64, QKV_SEPARATE), (64, None), (64, TORCH_COMPILED),
-                  (64, TORCH)))
+            runs=((64, BF16_LOGITS), (64, QKV_SPLIT_GRAD), (64, QKV_SEPARATE), (64, GELU_SIGMOID),
+                  (64, TORCH_COMPILED), (64, TORCH)),
+            more=((64, None),))
 QUICK = dict(cfg=GPTConfig(vocab_size=256, max_len=256, num_layers=4, hidden=256, num_heads=8),
              runs=((8, None), (8, TORCH)))
 
@@ -97,23 +104,24 @@ def _run_name(B, variant):
     return f"{B}-{variant[0]}" if variant else str(B)
 
 
-def selected_runs(runs):
-    """The runs to time: all, or those ZOO_GPT_STEP_RUNS names (e.g. "64,64-bf16-logits")."""
+def selected_runs(runs, more=()):
+    """The runs to time: all of `runs`, or those ZOO_GPT_STEP_RUNS names (e.g. "64,64-bf16-logits")
+    among runs and `more`, in that order."""
     want = [w for w in os.environ.get("ZOO_GPT_STEP_RUNS", "").replace(" ", "").split(",") if w]
     if not want:
         return runs
-    names = [_run_name(*r) for r in runs]
+    names = [_run_name(*r) for r in runs + more]
     unknown = [w for w in want if w not in names]
     if unknown:
         raise ValueError(f"ZOO_GPT_STEP_RUNS: {unknown} not among this benchmark's runs {names}")
-    return tuple(r for r in runs if _run_name(*r) in want)
+    return tuple(r for r in runs + more if _run_name(*r) in want)
 
 
 def run(quick: bool) -> list[dict]:
     spec = QUICK if quick else FULL
     rows = []
     _CEILINGS.clear()
-    for B, variant in selected_runs(spec["runs"]):
+    for B, variant in selected_runs(spec["runs"], spec.get("more", ())):
         name, changes = variant or ("", {})
         make_rows = peer_rows if name in PEERS else step_rows
         try:

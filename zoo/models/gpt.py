@@ -34,7 +34,7 @@ import numpy as np
 
 from zoo.errors import ConfigError, DataError, unknown
 from zoo.models.base import ModelDef
-from zoo.nn.transformer import INIT_STD, QKV_MODES, Stack, init_caches
+from zoo.nn.transformer import GELU_FORMS, INIT_STD, QKV_MODES, Stack, init_caches
 from zoo.ops import losses, sampling
 from zoo.ops.precision import dot_f32
 from zoo.ops.attention import IMPLEMENTATIONS
@@ -65,6 +65,7 @@ class GPTConfig:
     lora_alpha: float = 16.0
     prompt_len: int = 16
     qkv: str = "fused"            # attention's q/k/v projections: fused | fused-split-grad | separate (same params)
+    gelu: str = "tanh"            # the MLP's GELU formula: tanh | sigmoid (the same function, zoo.nn.transformer.bias_gelu)
 
     def __post_init__(self):
         for name in ("vocab_size", "max_len", "num_layers", "hidden", "num_heads"):
@@ -79,6 +80,8 @@ class GPTConfig:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.qkv not in QKV_MODES:
             raise ConfigError(unknown("model.qkv", self.qkv, QKV_MODES))
+        if self.gelu not in GELU_FORMS:
+            raise ConfigError(unknown("model.gelu", self.gelu, GELU_FORMS))
         if self.implementation and self.implementation not in IMPLEMENTATIONS:
             raise ConfigError(unknown("model.implementation", self.implementation, IMPLEMENTATIONS))
         if self.dtype not in DTYPES:
@@ -127,7 +130,7 @@ class GPT(nn.Module):
         x, caches = Stack(c.num_layers, c.num_heads, c.kv_heads, c.mlp_ratio, causal=True,
                           dropout=c.dropout, lora_rank=c.lora_rank if c.finetune == "lora" else 0,
                           lora_alpha=c.lora_alpha, implementation=c.implementation or None,
-                          dtype=dtype, qkv=c.qkv, name="stack")(x, caches=caches, deterministic=deterministic)
+                          dtype=dtype, qkv=c.qkv, gelu=c.gelu, name="stack")(x, caches=caches, deterministic=deterministic)
         # the tied output layer in the compute dtype with float32 logits: nn.Embed.attend would
         # promote a bf16 x to the float32 table's dtype and run the largest matmul in float32, and
         # jnp.dot's own backward would too (float32 cotangent): dot_f32 keeps both in bf16

@@ -27,11 +27,13 @@ from zoo.ops.attention import (KVCache, decode_attention, dot_product_attention,
 
 INIT_STD = 0.02  # GPT-2 / BERT initialiser scale
 QKV_MODES = ("fused", "fused-split-grad", "separate")  # Attention.qkv
+GELU_FORMS = ("tanh", "sigmoid")  # MLP.gelu: two formulas of GPT-2's GELU (bias_gelu_tanh, bias_gelu_sigmoid)
 
 
 class LoRADense(nn.Module):
     """x @ kernel + bias, plus (alpha / r) * (x @ lora_a) @ lora_b when rank r > 0 (Hu et al. 2021);
-    with gelu=True, GELU of that, the bias add inside the GELU's checkpoint (bias_gelu_tanh).
+    with gelu="tanh" (or "sigmoid", the same function: GELU_FORMS), GELU of that, the bias add
+    inside the GELU (bias_gelu_tanh, bias_gelu_sigmoid).
 
     In a bf16 compute dtype the float32 bias is added in float32 (add_bias), so its gradient, a
     sum over every token, is summed in float32.
@@ -44,7 +46,7 @@ class LoRADense(nn.Module):
     use_bias: bool = True
     kernel_std: float = INIT_STD
     dtype: Any = None  # compute dtype (params stay float32)
-    gelu: bool = False  # gelu_tanh(x @ kernel + bias), the bias add inside the GELU's checkpoint
+    gelu: str = ""  # "" (none) or a GELU_FORMS entry: GELU(x @ kernel + bias), the bias add inside the GELU
 
     @nn.compact
     def __call__(self, x_BxI, *, weights_only=False):
@@ -66,7 +68,7 @@ class LoRADense(nn.Module):
         if lora is not None:
             y = y + lora(x)
         if self.gelu:
-            return bias_gelu_tanh(y, bias) if bias is not None else gelu_tanh(y)
+            return bias_gelu(y, bias, self.gelu)
         return y if bias is None else add_bias(y, bias)
 
 
@@ -82,7 +84,7 @@ def fused_dense(x, layers, *, split_grad=False):
     for its two matmuls (GPT-124M at B64 on an H200, 2026-11-27: two such copies per layer, 3.4 ms
     per train step of 114.6)."""
     if any(layer.gelu for layer in layers):
-        raise ValueError("fused_dense: layers with gelu=True cannot share a matmul (GELU is per layer)")
+        raise ValueError("fused_dense: layers with a gelu cannot share a matmul (GELU is per layer)")
     kernels, biases, loras = zip(*[layer(x, weights_only=True) for layer in layers])
     x = x.astype(kernels[0].dtype)
     if split_grad:
@@ -200,19 +202,67 @@ def _bias_gelu_f32(y, b=None):
 _gelu_tanh_remat = jax.checkpoint(_bias_gelu_f32)
 _bias_gelu_tanh_remat = jax.checkpoint(_bias_gelu_f32)
 
+_C = 0.7978845608028654  # sqrt(2 / pi)
+_A = 0.044715
+
+
+def _sigmoid_form(y, b):
+    """(h, s, h^2): h = y + b in float32 at least, s = sigmoid(2 sqrt(2/pi) (h + 0.044715 h^3))."""
+    acc = jnp.promote_types(y.dtype, jnp.float32)
+    h = y.astype(acc) + b.astype(acc)
+    h2 = h * h
+    return h, jax.nn.sigmoid(h * (2 * _C + 2 * _C * _A * h2)), h2
+
+
+@jax.custom_vjp
+def bias_gelu_sigmoid(y, bias):
+    """bias_gelu_tanh's function, written without tanh: 0.5 (1 + tanh(z)) = sigmoid(2 z), so
+    GELU(h) = h * sigmoid(2 sqrt(2/pi) (h + 0.044715 h^3)) (one exp and one division where XLA's
+    float32 tanh is a rational approximation of ~20 operations), with its derivative in closed
+    form, s + h s (1 - s) 2 sqrt(2/pi) (1 + 3 * 0.044715 h^2), from y and the bias alone (as the
+    checkpointed tanh form keeps them: the backward recomputes s). bias [F] against y [..., F];
+    float32 math at least, the output in y's dtype, the bias gradient summed in float32."""
+    h, s, _ = _sigmoid_form(y, bias)
+    return (h * s).astype(y.dtype)
+
+
+def _bias_gelu_sigmoid_fwd(y, bias):
+    return bias_gelu_sigmoid(y, bias), (y, bias)
+
+
+def _bias_gelu_sigmoid_bwd(res, g):
+    y, bias = res
+    h, s, h2 = _sigmoid_form(y, bias)
+    dh = g.astype(h.dtype) * (s + h * s * (1 - s) * (2 * _C + 6 * _C * _A * h2))
+    return dh.astype(y.dtype), dh.reshape(-1, dh.shape[-1]).sum(0).astype(bias.dtype)
+
+
+bias_gelu_sigmoid.defvjp(_bias_gelu_sigmoid_fwd, _bias_gelu_sigmoid_bwd)
+
+
+def bias_gelu(y, bias, form: str = "tanh"):
+    """GELU(y + bias), tanh approximation, by one of GELU_FORMS: "tanh" (bias_gelu_tanh) or
+    "sigmoid" (bias_gelu_sigmoid; the same function); bias None: no bias."""
+    if form not in GELU_FORMS:
+        raise ValueError(f"GELU form must be one of {', '.join(GELU_FORMS)}; got {form!r}")
+    if form == "sigmoid":
+        return bias_gelu_sigmoid(y, jnp.zeros(y.shape[-1], jnp.float32) if bias is None else bias)
+    return gelu_tanh(y) if bias is None else bias_gelu_tanh(y, bias)
+
 
 class MLP(nn.Module):
-    """Dense(F) -> GELU (tanh approximation, as GPT-2) -> Dense(H)."""
+    """Dense(F) -> GELU (tanh approximation, as GPT-2; `gelu` picks its formula) -> Dense(H)."""
 
     width: int
     lora_rank: int = 0
     lora_alpha: float = 16.0
     out_std: float = INIT_STD
     dtype: Any = None
+    gelu: str = "tanh"  # GELU_FORMS
 
     @nn.compact
     def __call__(self, x_BxTxH):
-        h = LoRADense(self.width, self.lora_rank, self.lora_alpha, dtype=self.dtype, gelu=True, name="fc")(x_BxTxH)
+        h = LoRADense(self.width, self.lora_rank, self.lora_alpha, dtype=self.dtype, gelu=self.gelu, name="fc")(x_BxTxH)
         return LoRADense(x_BxTxH.shape[-1], self.lora_rank, self.lora_alpha, kernel_std=self.out_std,
                          dtype=self.dtype, name="proj")(h)
 
@@ -236,6 +286,7 @@ class Block(nn.Module):
     ln_eps: float = 1e-5
     dtype: Any = None
     qkv: str = "fused"  # Attention.qkv
+    gelu: str = "tanh"  # MLP.gelu
 
     @nn.compact
     def __call__(self, x_BxTxH, *, mask=None, memory=None, memory_mask=None, cache=None,
@@ -256,7 +307,7 @@ class Block(nn.Module):
             cross_mask = None if memory_mask is None else memory_mask[:, None, None, :]
             h, _ = Attention(**kw, name="cross_attn")(ln("ln_cross")(x), memory, mask=cross_mask)
             x = x + drop(h, deterministic=deterministic)
-        h = MLP(int(H * self.mlp_ratio), self.lora_rank, self.lora_alpha, out_std, self.dtype,
+        h = MLP(int(H * self.mlp_ratio), self.lora_rank, self.lora_alpha, out_std, self.dtype, self.gelu,
                 name="mlp")(ln("ln_2")(x))
         return x + drop(h, deterministic=deterministic), cache
 
@@ -277,6 +328,7 @@ class Stack(nn.Module):
     ln_eps: float = 1e-5
     dtype: Any = None
     qkv: str = "fused"  # Attention.qkv
+    gelu: str = "tanh"  # MLP.gelu
 
     @nn.compact
     def __call__(self, x_BxTxH, *, mask=None, memory=None, memory_mask=None,
@@ -286,7 +338,7 @@ class Stack(nn.Module):
             x_BxTxH, c = Block(self.num_heads, self.num_kv_heads, self.mlp_ratio, self.num_layers,
                                self.causal, self.cross_attention, self.dropout, self.lora_rank,
                                self.lora_alpha, self.implementation, self.ln_eps, self.dtype,
-                               qkv=self.qkv, name=f"block_{i}")(
+                               qkv=self.qkv, gelu=self.gelu, name=f"block_{i}")(
                 x_BxTxH, mask=mask, memory=memory, memory_mask=memory_mask,
                 cache=None if caches is None else caches[i], deterministic=deterministic)
             new_caches.append(c)
