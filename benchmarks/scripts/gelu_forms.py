@@ -11,7 +11,9 @@ the step's MLP feeds them (y the fc matmul's output):
 - `tanh`: zoo.nn.transformer.bias_gelu_tanh, the same in float32 (the default since then);
 - `sigmoid`: zoo.nn.transformer.bias_gelu_sigmoid, h * sigmoid(2 sqrt(2/pi) (h + 0.044715 h^3)),
   the same function without tanh (XLA's float32 tanh is a rational approximation), with its
-  derivative in closed form.
+  derivative in closed form;
+- `tanh-closed` (here only): the tanh formula with its derivative in closed form, to tell the
+  sigmoid form's two changes apart (the formula; the hand-written derivative).
 
 Each form's forward and its VJP (gradients of y and the bias) are timed in shuffled, interleaved
 rounds (n calls dispatched back to back, one wait, per timing; medians), with the bytes each
@@ -32,10 +34,31 @@ import numpy as np
 from zoo.bench import interleaved_times, paired_speedup, profile
 from zoo.nn.transformer import bias_gelu_sigmoid, bias_gelu_tanh
 
+C, A = float(np.sqrt(2 / np.pi)), 0.044715
+
+
+@jax.custom_vjp
+def tanh_closed(y, b):
+    h = y.astype(jnp.float32) + b
+    return (0.5 * h * (1 + jnp.tanh(h * (C + C * A * h * h)))).astype(y.dtype)
+
+
+def _tanh_closed_bwd(res, g):
+    y, b = res
+    h = y.astype(jnp.float32) + b
+    h2 = h * h
+    t = jnp.tanh(h * (C + C * A * h2))
+    dh = g.astype(jnp.float32) * (0.5 + 0.5 * t + 0.5 * h * (1 - t * t) * (C + 3 * C * A * h2))
+    return dh.astype(y.dtype), dh.reshape(-1, dh.shape[-1]).sum(0)
+
+
+tanh_closed.defvjp(lambda y, b: (tanh_closed(y, b), (y, b)), _tanh_closed_bwd)
+
 FORMS = {
     "tanh-bf16": jax.checkpoint(lambda y, b: jax.nn.gelu(y + b.astype(y.dtype), approximate=True)),
     "tanh": bias_gelu_tanh,
     "sigmoid": bias_gelu_sigmoid,
+    "tanh-closed": tanh_closed,
 }
 
 
@@ -84,7 +107,7 @@ def main():
         fwd = jax.jit(f)
         vjp = jax.jit(lambda y, b, g, f=f: jax.vjp(f, y, b)[1](g))
         out, dy, db = errors(fwd, vjp, y, b, g)
-        print(f"  {name:10s} error vs float64: output {out:.1e}, y's gradient {dy:.1e}, bias gradient {db:.1e}",
+        print(f"  {name:11s} error vs float64: output {out:.1e}, y's gradient {dy:.1e}, bias gradient {db:.1e}",
               flush=True)
         for kind, prog, argv in (("fwd", fwd, (y, b)), ("vjp", vjp, (y, b, g))):
             jax.block_until_ready(prog(*argv))
@@ -102,7 +125,7 @@ def main():
         for name in FORMS:
             t = times[name, kind]
             sec = statistics.median(t) / n
-            print(f"{kind} {name:10s} {sec * 1e3:8.3f} ms per call  {moved[kind] / sec / 1e9:7.1f} GB/s  "
+            print(f"{kind} {name:11s} {sec * 1e3:8.3f} ms per call  {moved[kind] / sec / 1e9:7.1f} GB/s  "
                   f"speed vs tanh (paired) {paired_speedup(t, base):.3f}", flush=True)
     if on_gpu and profile.enabled():
         for (name, kind), fn in programs.items():
