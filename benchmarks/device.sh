@@ -16,9 +16,11 @@
 #       2026-11-26) and `zoo bench gibbs` (issue 4 is blocked): only when a lease has time left;
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
 #       attention, plans, gelu, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
-# A 15-minute lease: b first (<= 570 s by its limits; ~380 s expected: the GELU forms ~30 s, and on
-# the 2026-11-27 H200 each B64 run took ~62 s with its profiles, the peer's compile is guessed at ~60 s), then a with what is left (<= 400 s by its limits, 490 with
-# the rerun of a faulting part; ~190 s expected: 2026-11-27, attention with its pauses 167 s). The GPU's SM clock, power and temperature
+# A 15-minute lease: benchmarks/lease.sh runs a then b in one call, every step cut at a deadline
+# (ZOO_DEVICE_DEADLINE, below). a: <= 400 s by its limits, 490 with the rerun of a faulting part;
+# ~190 s expected (2026-11-27: attention with its pauses 167 s). b: <= 570 s by its limits; ~410 s
+# expected: the GELU forms ~30 s, and on the 2026-11-27 H200 each B64 run took ~62 s with its
+# profiles, the peer's compile is guessed at ~60 s. The GPU's SM clock, power and temperature
 # are logged each second to OUTDIR/clocks-PART.csv (does a sustained step run below the boost clock?).
 # gpt_step and diffusion print a kernel table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) with the idle time between
 # kernels and the largest gaps, and write the compiled program (NAME.hlo.txt.gz, ZOO_PROFILE_DIR),
@@ -54,10 +56,31 @@ else
   export PYTHONPATH=$PWD
 fi
 
+# ZOO_DEVICE_DEADLINE (seconds since the epoch; benchmarks/lease.sh sets it): no step runs past it,
+# each step's limit is cut to what is left and a step with nothing left is skipped (status 124)
+cap() {  # LIMIT_S -> that, or the seconds left before the deadline if fewer (0: none left)
+  local lim=$1 left
+  if [ -n "${ZOO_DEVICE_DEADLINE:-}" ]; then
+    left=$(( ZOO_DEVICE_DEADLINE - $(date +%s) ))
+    [ "$left" -lt "$lim" ] && lim=$left
+  fi
+  [ "$lim" -lt 0 ] && lim=0
+  echo "$lim"
+}
+capped() {  # LIMIT_S COMMAND...: COMMAND under `timeout`, its limit cut at the deadline
+  local lim
+  lim=$(cap "$1"); shift
+  if [ "$lim" -le 0 ]; then echo "=== skipped, past the deadline: $*"; return 124; fi
+  timeout "$lim" "$@"
+}
+
 bench() {  # NAME LIMIT_S [SUFFIX XLA_FLAGS]
-  echo "=== zoo bench $1${3:-} (limit $2 s) ${4:-} $(date -u +%T)" | tee -a "$log"
+  local lim
+  lim=$(cap "$2")
+  echo "=== zoo bench $1${3:-} (limit $lim s) ${4:-} $(date -u +%T)" | tee -a "$log"
+  if [ "$lim" -le 0 ]; then rc=124; echo "=== $1${3:-} skipped, past the deadline" | tee -a "$log"; return; fi
   # a variant's compiled programs go to a folder of their own (same file names as the default run's)
-  XLA_FLAGS="${4:-}" ZOO_PROFILE_DIR="$out${3:+/${3#-}}" timeout "$2" python3 -m zoo bench "$1" --out "$out/$1${3:-}-gpu.json" 2>&1 \
+  XLA_FLAGS="${4:-}" ZOO_PROFILE_DIR="$out${3:+/${3#-}}" timeout "$lim" python3 -m zoo bench "$1" --out "$out/$1${3:-}-gpu.json" 2>&1 \
     | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/\|EXECUTION FAILED" | tee -a "$log"
   rc=${PIPESTATUS[0]}
   echo "=== $1${3:-} exit $rc $(date -u +%T)" | tee -a "$log"
@@ -68,7 +91,7 @@ CUBLASLT="--xla_gpu_enable_cublaslt=true"  # lets XLA fuse bias adds (and bias +
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import jax, flax, optax, torch, sys; print(sys.version.split()[0], 'jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)"
-  timeout 60 python3 benchmarks/scripts/cudnn_libs.py  # each side's cuDNN, and whether they share one library
+  capped 60 python3 benchmarks/scripts/cudnn_libs.py  # each side's cuDNN, and whether they share one library
 } 2>&1 | tee -a "$log"
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu \
   --format=csv -l 1 >"$out/clocks-${part//,/_}.csv" 2>/dev/null &
@@ -78,7 +101,7 @@ for step in ${steps//,/ }; do
   case $step in
     tests)
       echo "=== GPU tests $(date -u +%T)" | tee -a "$log"
-      JAX_PLATFORMS=cuda timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_attention.py 2>&1 \
+      capped 90 env JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_attention.py 2>&1 \
         | tail -5 | tee -a "$log" ;;
     gibbs) bench gibbs 120 ;;
     gibbs-cublas) bench gibbs 90 -cublas "$CUBLAS" ;;
@@ -97,11 +120,11 @@ for step in ${steps//,/ }; do
       done ;;
     plans)
       echo "=== attention plans $(date -u +%T)" | tee -a "$log"
-      timeout 120 python3 benchmarks/scripts/attention_plans.py 2>&1 \
+      capped 120 python3 benchmarks/scripts/attention_plans.py 2>&1 \
         | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
     gelu)
       echo "=== GELU forms $(date -u +%T)" | tee -a "$log"
-      timeout 90 python3 benchmarks/scripts/gelu_forms.py 2>&1 \
+      capped 90 python3 benchmarks/scripts/gelu_forms.py 2>&1 \
         | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
     gpt_step) bench gpt_step 480 ;;
     gpt_step-cublas) bench gpt_step 110 -cublas "$CUBLAS" ;;

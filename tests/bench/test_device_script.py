@@ -13,6 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = """#!/bin/bash
 echo "$* |MASKS=${ZOO_ATTENTION_MASKS:-}|RUNS=${ZOO_GPT_STEP_RUNS:-}|XLA=${XLA_FLAGS:-}|DIR=${ZOO_PROFILE_DIR:-}|SKIP=${ZOO_ATTENTION_SKIP:-}" >> "$CALLS"
+if [[ "$*" == *"bench attention"* && -n "${FAKE_SLEEP:-}" ]]; then sleep "$FAKE_SLEEP"; fi
+prev=""; for a in "$@"; do if [[ "$prev" == --out ]]; then echo '{"rows": []}' > "$a"; fi; prev=$a; done
 if [[ "$*" == *"bench attention"* && "${ZOO_ATTENTION_MASKS:-}" == causal && -z "${XLA_FLAGS:-}" ]]; then exit 3; fi
 exit 0
 """
@@ -69,3 +71,48 @@ def test_unknown_part_is_refused(tmp_path):
     out = subprocess.run(["bash", "benchmarks/device.sh", "gpt", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unknown PART or step 'gpt'" in out.stderr
+
+
+def _lease(tmp_path, *args, sleep=""):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python3").write_text(FAKE)
+    (bin_dir / "python3").chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), "FAKE_SLEEP": sleep}
+    return subprocess.run(["bash", "benchmarks/lease.sh", str(tmp_path / "out"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120), calls
+
+
+def test_lease_runs_part_a_then_b_and_returns_few_files(tmp_path):
+    """benchmarks/lease.sh: part a then part b in one command, and at most 8 files back (the
+    device tool's limit): both logs as text, everything else in one tarball."""
+    import tarfile
+
+    if shutil.which("bash") is None or shutil.which("tar") is None:
+        pytest.skip("no bash or tar")
+    out, calls = _lease(tmp_path, "abc123")
+    assert out.returncode == 0, out.stderr
+    benches = [line.split(" --out ")[0] for line in calls.read_text().splitlines() if line.startswith("-m zoo bench ")]
+    assert benches[:2] == ["-m zoo bench attention"] * 2 and benches[-1] == "-m zoo bench gpt_step"
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["lease.tar.gz", "log-a.txt", "log-b.txt"]
+    with tarfile.open(tmp_path / "out" / "lease.tar.gz") as tar:
+        names = {os.path.basename(n) for n in tar.getnames()}
+    assert {"log-a.txt", "log-b.txt", "attention-full-gpu.json", "gpt_step-gpu.json"} <= names
+
+
+def test_lease_cuts_a_part_at_the_budget_and_skips_what_has_no_time(tmp_path):
+    if shutil.which("bash") is None or shutil.which("tar") is None:
+        pytest.skip("no bash or tar")
+    out, calls = _lease(tmp_path, "abc123", "6", sleep="30")  # attention hangs past the budget
+    assert out.returncode == 0, out.stderr
+    log_a, log_b = ((tmp_path / "out" / f"log-{p}.txt").read_text() for p in "ab")
+    # attention (full) cut at the deadline, the causal half and part b skipped: nothing runs on
+    assert "attention-full exit 124" in log_a and "attention-causal skipped, past the deadline" in log_a
+    assert "part b skipped" in log_b and "bench gpt_step" not in calls.read_text()
+    if shutil.which("pgrep"):
+        assert subprocess.run(["pgrep", "-f", "sleep 30"], capture_output=True).returncode == 1  # none left running
+    bad = subprocess.run(["bash", "benchmarks/lease.sh", str(tmp_path / "o2"), "sha", "ten"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "BUDGET_S must be a whole number" in bad.stderr

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# A lease's GPU runs as one command: the device tool's one call of at most 600 s, on a machine that
+# goes back 30 s after a call (a second call would likely pay a second start of the 15 minutes).
+#   bash benchmarks/lease.sh OUTDIR [SHA] [BUDGET_S]
+# Runs benchmarks/device.sh part a (the GPU tests, `zoo bench attention` full and causal; ~190 s
+# on 2026-11-27), then part b (the GELU forms alone, `zoo bench gpt_step` with the PyTorch peer;
+# ~380 s expected), each cut at what is left of BUDGET_S (default 580) into a scratch folder, then
+# leaves in OUTDIR what the tool returns (at most 8 files): the two logs as text (log-a.txt,
+# log-b.txt: their ends are what one reads first) and everything, results JSON, clocks, compiled
+# programs and logs, in lease.tar.gz. Part a comes first: the attention goal is the nearer one
+# (13 of 16 cases met), and part b's last rows, the PyTorch peer's, are the ones a cut would lose.
+# Run from the repository root with `.whl` carried (see device.sh), e.g.
+#   bash benchmarks/lease.sh $OUT 0123abc
+set -u
+[ $# -ge 1 ] || { echo "usage: bash benchmarks/lease.sh OUTDIR [SHA] [BUDGET_S]" >&2; exit 2; }
+out=$1 sha=${2:-unknown} budget=${3:-580}
+case $budget in
+  ''|*[!0-9]*) echo "lease.sh: BUDGET_S must be a whole number of seconds, got '$budget'" >&2; exit 2 ;;
+esac
+work=$(mktemp -d /tmp/lease.XXXXXX)
+start=$SECONDS
+# every step of device.sh is cut at this deadline (its own `timeout`s are process groups of their
+# own, which a `timeout` around device.sh would not reach)
+export ZOO_DEVICE_DEADLINE=$(( $(date +%s) + budget ))
+for part in a b; do
+  left=$(( budget - (SECONDS - start) ))
+  if [ "$left" -lt 5 ]; then
+    echo "=== lease.sh: part $part skipped, ${left} s of the ${budget} s budget left" | tee -a "$work/log-$part.txt"
+    continue
+  fi
+  echo "=== lease.sh: part $part, ${left} s of the ${budget} s budget left $(date -u +%T)"
+  bash benchmarks/device.sh "$part" "$work" "$sha"
+done
+mkdir -p "$out"
+cp "$work"/log-a.txt "$work"/log-b.txt "$out"/ 2>/dev/null
+tar czf "$out/lease.tar.gz" -C "$work" .
+echo "=== lease.sh: done in $(( SECONDS - start )) s; in $out:"
+ls -l "$out"
