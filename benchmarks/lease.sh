@@ -4,7 +4,7 @@
 #   bash benchmarks/lease.sh OUTDIR [SHA] [BUDGET_S]
 # Runs benchmarks/device.sh part a (the GPU tests, `zoo bench attention` full and causal; ~190 s
 # on 2026-11-27), then part b (the GELU forms alone, `zoo bench gpt_step` with the PyTorch peer;
-# ~380 s expected), each cut at what is left of BUDGET_S (default 580) into a scratch folder, then
+# ~410 s expected), each cut at what is left of BUDGET_S (default 580) into a scratch folder, then
 # leaves in OUTDIR what the tool returns (at most 8 files): the two logs as text (log-a.txt,
 # log-b.txt: their ends are what one reads first) and everything, results JSON, clocks, compiled
 # programs and logs, in lease.tar.gz. Part a comes first: the attention goal is the nearer one
