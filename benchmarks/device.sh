@@ -75,12 +75,10 @@ capped() {  # LIMIT_S COMMAND...: COMMAND under `timeout`, its limit cut at the 
 }
 
 bench() {  # NAME LIMIT_S [SUFFIX XLA_FLAGS]
-  local lim
-  lim=$(cap "$2")
-  echo "=== zoo bench $1${3:-} (limit $lim s) ${4:-} $(date -u +%T)" | tee -a "$log"
-  if [ "$lim" -le 0 ]; then rc=124; echo "=== $1${3:-} skipped, past the deadline" | tee -a "$log"; return; fi
+  echo "=== zoo bench $1${3:-} (limit $(cap "$2") s) ${4:-} $(date -u +%T)" | tee -a "$log"
   # a variant's compiled programs go to a folder of their own (same file names as the default run's)
-  XLA_FLAGS="${4:-}" ZOO_PROFILE_DIR="$out${3:+/${3#-}}" timeout "$lim" python3 -m zoo bench "$1" --out "$out/$1${3:-}-gpu.json" 2>&1 \
+  capped "$2" env XLA_FLAGS="${4:-}" ZOO_PROFILE_DIR="$out${3:+/${3#-}}" \
+    python3 -m zoo bench "$1" --out "$out/$1${3:-}-gpu.json" 2>&1 \
     | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/\|EXECUTION FAILED" | tee -a "$log"
   rc=${PIPESTATUS[0]}
   echo "=== $1${3:-} exit $rc $(date -u +%T)" | tee -a "$log"

@@ -109,7 +109,8 @@ def test_lease_cuts_a_part_at_the_budget_and_skips_what_has_no_time(tmp_path):
     assert out.returncode == 0, out.stderr
     log_a, log_b = ((tmp_path / "out" / f"log-{p}.txt").read_text() for p in "ab")
     # attention (full) cut at the deadline, the causal half and part b skipped: nothing runs on
-    assert "attention-full exit 124" in log_a and "attention-causal skipped, past the deadline" in log_a
+    assert "attention-full exit 124" in log_a and "=== skipped, past the deadline" in log_a
+    assert "attention-causal exit 124" in log_a
     assert "part b skipped" in log_b and "bench gpt_step" not in calls.read_text()
     if shutil.which("pgrep"):
         assert subprocess.run(["pgrep", "-f", "sleep 30"], capture_output=True).returncode == 1  # none left running
