@@ -1,24 +1,29 @@
-"""The MLP's bias + GELU, forward and backward, in three forms of the same function, timed alone.
+"""The MLP's bias + GELU, forward and backward, in four forms of the same function, timed alone.
 
 GPT-124M's train step on an H200 (2026-11-27, bf16 logits, B64) spent 8.7 ms of its 114.6 ms of
 kernels in two fusions of the MLP's GELU (tanh approximation): the forward (bias add + GELU,
-3.7 ms) and the backward (GELU's derivative + the fc bias gradient, 5.0 ms), at 2.6-2.9 TB/s where
-the step's copies ran at 4.2-4.3: arithmetic-bound. The forms, each [B * T, 3072] = y + bias, as
-the step's MLP feeds them (y the fc matmul's output):
+3.7 ms) and the backward (GELU's derivative + the fc bias gradient, 5.0 ms). The next lease
+(2026-11-27, thirteenth session) showed the backward's cost: XLA wrote the float32 y gradient
+out (0.8 GB per layer) for a second fusion that read it back to sum the bias gradient and round
+dy to bf16 (0.46 + 0.28 ms per layer). The forms, each [B * T, 3072] = y + bias, as the step's
+MLP feeds them (y the fc matmul's output):
 
 - `tanh-bf16`: the step's form until 2026-11-27, jax.nn.gelu in the compute dtype under
   jax.checkpoint (the bias added in bf16, every step of the formula rounded to bf16);
-- `tanh`: zoo.nn.transformer.bias_gelu_tanh, the same in float32 (the default since then);
+- `tanh-autodiff`: the same in float32 under jax.checkpoint, autodiff's derivative, the bias
+  gradient summed from the float32 y gradient: the step's form until the thirteenth session;
+- `tanh`: zoo.nn.transformer.bias_gelu_tanh, its derivative in closed form and the bias gradient
+  the float32 sum of the y gradient as returned, read in bf16 (sum_rows_f32: no float32 array
+  written for it);
 - `sigmoid`: zoo.nn.transformer.bias_gelu_sigmoid, h * sigmoid(2 sqrt(2/pi) (h + 0.044715 h^3)),
-  the same function without tanh (XLA's float32 tanh is a rational approximation), with its
-  derivative in closed form;
-- `tanh-closed` (here only): the tanh formula with its derivative in closed form, to tell the
-  sigmoid form's two changes apart (the formula; the hand-written derivative).
+  the same function without tanh (XLA's float32 tanh is a rational approximation), the bias
+  gradient as `tanh`'s.
 
 Each form's forward and its VJP (gradients of y and the bias) are timed in shuffled, interleaved
 rounds (n calls dispatched back to back, one wait, per timing; medians), with the bytes each
-moves per second, and checked against a float64 NumPy GELU on a slice. On a GPU (bf16,
-[65536, 3072], GPT-124M at B64) each form's kernels are listed too (ZOO_PROFILE=1).
+moves per second and its speed against `tanh-autodiff` (paired, round by round), and checked
+against a float64 NumPy GELU on a slice. On a GPU (bf16, [65536, 3072], GPT-124M at B64) each
+form's kernels are listed too (ZOO_PROFILE=1): how many fusions the backward takes.
 Run: python benchmarks/scripts/gelu_forms.py [--quick] [--dtype bfloat16]   (--quick, the default
 off a GPU: [4096, 1024] float32, to check the script on a CPU, where the forms' times say nothing
 of a GPU's).
@@ -34,32 +39,14 @@ import numpy as np
 from zoo.bench import interleaved_times, paired_speedup, profile
 from zoo.nn.transformer import bias_gelu_sigmoid, bias_gelu_tanh
 
-C, A = float(np.sqrt(2 / np.pi)), 0.044715
-
-
-@jax.custom_vjp
-def tanh_closed(y, b):
-    h = y.astype(jnp.float32) + b
-    return (0.5 * h * (1 + jnp.tanh(h * (C + C * A * h * h)))).astype(y.dtype)
-
-
-def _tanh_closed_bwd(res, g):
-    y, b = res
-    h = y.astype(jnp.float32) + b
-    h2 = h * h
-    t = jnp.tanh(h * (C + C * A * h2))
-    dh = g.astype(jnp.float32) * (0.5 + 0.5 * t + 0.5 * h * (1 - t * t) * (C + 3 * C * A * h2))
-    return dh.astype(y.dtype), dh.reshape(-1, dh.shape[-1]).sum(0)
-
-
-tanh_closed.defvjp(lambda y, b: (tanh_closed(y, b), (y, b)), _tanh_closed_bwd)
-
 FORMS = {
     "tanh-bf16": jax.checkpoint(lambda y, b: jax.nn.gelu(y + b.astype(y.dtype), approximate=True)),
+    "tanh-autodiff": jax.checkpoint(lambda y, b: jax.nn.gelu(y.astype(jnp.float32) + b,
+                                                             approximate=True).astype(y.dtype)),
     "tanh": bias_gelu_tanh,
     "sigmoid": bias_gelu_sigmoid,
-    "tanh-closed": tanh_closed,
 }
+BASE = "tanh-autodiff"  # the form the others' speeds are against
 
 
 def reference(y, b, g):
@@ -107,7 +94,7 @@ def main():
         fwd = jax.jit(f)
         vjp = jax.jit(lambda y, b, g, f=f: jax.vjp(f, y, b)[1](g))
         out, dy, db = errors(fwd, vjp, y, b, g)
-        print(f"  {name:11s} error vs float64: output {out:.1e}, y's gradient {dy:.1e}, bias gradient {db:.1e}",
+        print(f"  {name:13s} error vs float64: output {out:.1e}, y's gradient {dy:.1e}, bias gradient {db:.1e}",
               flush=True)
         for kind, prog, argv in (("fwd", fwd, (y, b)), ("vjp", vjp, (y, b, g))):
             jax.block_until_ready(prog(*argv))
@@ -121,12 +108,12 @@ def main():
             fns[name, kind] = timed
     times = interleaved_times(fns, args.rounds, pause_s=0.05 if on_gpu else 0.0, order="shuffle")
     for kind in ("fwd", "vjp"):
-        base = times["tanh", kind]
+        base = times[BASE, kind]
         for name in FORMS:
             t = times[name, kind]
             sec = statistics.median(t) / n
-            print(f"{kind} {name:11s} {sec * 1e3:8.3f} ms per call  {moved[kind] / sec / 1e9:7.1f} GB/s  "
-                  f"speed vs tanh (paired) {paired_speedup(t, base):.3f}", flush=True)
+            print(f"{kind} {name:13s} {sec * 1e3:8.3f} ms per call  {moved[kind] / sec / 1e9:7.1f} GB/s  "
+                  f"speed vs {BASE} (paired) {paired_speedup(t, base):.3f}", flush=True)
     if on_gpu and profile.enabled():
         for (name, kind), fn in programs.items():
             profile.kernel_table(fn, calls=3, top=4, title=f"{kind} {name}")

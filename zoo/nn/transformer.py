@@ -183,27 +183,65 @@ def gelu_tanh(h):
     return _gelu_tanh_remat(h)
 
 
-def bias_gelu_tanh(y, bias):
-    """gelu_tanh(y + bias) with the bias add inside the checkpoint: the backward keeps y (a
-    matmul's output, in memory anyway) and recomputes y + bias and the tanh from it. With the add
-    outside, XLA writes y + bias out as the residual: GPT-124M at B64 on an H200 (2026-11-26), the
-    GELU forward fusion read y and wrote two [65536, 3072] bf16 arrays (4.3 ms for 12 layers),
-    whether the second was tanh(...) (plain autodiff) or y + bias (gelu_tanh alone). In float32
-    at least, as gelu_tanh and add_bias."""
-    return _bias_gelu_tanh_remat(y, bias)
+def _gelu_f32(y):
+    return jax.nn.gelu(y.astype(jnp.promote_types(y.dtype, jnp.float32)), approximate=True).astype(y.dtype)
 
 
-def _bias_gelu_f32(y, b=None):
-    acc = jnp.promote_types(y.dtype, jnp.float32)
-    h = y.astype(acc) if b is None else y.astype(acc) + b.astype(acc)
-    return jax.nn.gelu(h, approximate=True).astype(y.dtype)
-
-
-_gelu_tanh_remat = jax.checkpoint(_bias_gelu_f32)
-_bias_gelu_tanh_remat = jax.checkpoint(_bias_gelu_f32)
+_gelu_tanh_remat = jax.checkpoint(_gelu_f32)
 
 _C = 0.7978845608028654  # sqrt(2 / pi)
 _A = 0.044715
+
+
+def sum_rows_f32(x):
+    """x [..., F] summed over every axis but the last, in float32, reading x in its own dtype.
+
+    For a bf16 x the float32 value of each element is made from its bits (a bf16 is a float32's
+    upper 16 bits: exact), not by convert: XLA's GPU compiler folds convert(convert(d, bf16),
+    float32) back into d (SimplifyFPConversions, on under its default xla_allow_excess_precision),
+    so a sum of d.astype(bf16).astype(float32) would read the float32 d, which then must be written
+    out for it: GPT-124M at B64 on an H200 (2026-11-27), the GELU backward wrote its float32 y
+    gradient (0.8 GB per layer) for the bias gradient's reduction alone (0.74 ms of kernels per
+    layer where reading y and g and writing dy, 1.2 GB, takes ~0.3 ms)."""
+    x = x.reshape(-1, x.shape[-1])
+    if x.dtype == jnp.bfloat16:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
+        return jax.lax.bitcast_convert_type(bits, jnp.float32).sum(0)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32)).sum(0)
+
+
+def _tanh_form(y, b):
+    """(h, t, h^2): h = y + b in float32 at least, t = tanh(sqrt(2/pi) (h + 0.044715 h^3))."""
+    acc = jnp.promote_types(y.dtype, jnp.float32)
+    h = y.astype(acc) + b.astype(acc)
+    h2 = h * h
+    return h, jnp.tanh(h * (_C + _C * _A * h2)), h2
+
+
+@jax.custom_vjp
+def bias_gelu_tanh(y, bias):
+    """gelu_tanh(y + bias): GPT-2's GELU, 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))) of
+    h = y + bias, in float32 at least, the output in y's dtype. Its backward keeps y (a matmul's
+    output, in memory anyway) and the bias, recomputes h and the tanh, and writes its derivative
+    out in closed form, 0.5 (1 + t) + 0.5 h (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 h^2). Keeping
+    y + bias or tanh(...) instead (plain autodiff, or the add outside a checkpoint) had XLA write
+    a second [B * T, F] array in the forward (GPT-124M at B64 on an H200, 2026-11-26: 4.3 ms for
+    12 layers). The bias gradient is the float32 sum of the y gradient as returned (rounded to
+    y's dtype, as PyTorch autocast's linear layers sum their bf16 output gradient, and as the
+    weight gradient x^T dy reads it): sum_rows_f32."""
+    h, t, _ = _tanh_form(y, bias)
+    return (0.5 * h * (1 + t)).astype(y.dtype)
+
+
+def _bias_gelu_tanh_bwd(res, g):
+    y, bias = res
+    h, t, h2 = _tanh_form(y, bias)
+    dh = g.astype(h.dtype) * (0.5 + 0.5 * t + 0.5 * h * (1 - t * t) * (_C + 3 * _C * _A * h2))
+    dy = dh.astype(y.dtype)
+    return dy, sum_rows_f32(dy).astype(bias.dtype)
+
+
+bias_gelu_tanh.defvjp(lambda y, bias: (bias_gelu_tanh(y, bias), (y, bias)), _bias_gelu_tanh_bwd)
 
 
 def _sigmoid_form(y, b):
@@ -219,9 +257,10 @@ def bias_gelu_sigmoid(y, bias):
     """bias_gelu_tanh's function, written without tanh: 0.5 (1 + tanh(z)) = sigmoid(2 z), so
     GELU(h) = h * sigmoid(2 sqrt(2/pi) (h + 0.044715 h^3)) (one exp and one division where XLA's
     float32 tanh is a rational approximation of ~20 operations), with its derivative in closed
-    form, s + h s (1 - s) 2 sqrt(2/pi) (1 + 3 * 0.044715 h^2), from y and the bias alone (as the
-    checkpointed tanh form keeps them: the backward recomputes s). bias [F] against y [..., F];
-    float32 math at least, the output in y's dtype, the bias gradient summed in float32."""
+    form, s + h s (1 - s) 2 sqrt(2/pi) (1 + 3 * 0.044715 h^2), from y and the bias alone (as
+    bias_gelu_tanh keeps them: the backward recomputes s). bias [F] against y [..., F]; float32
+    math at least, the output in y's dtype, the bias gradient the float32 sum of the y gradient
+    as returned (sum_rows_f32, as bias_gelu_tanh)."""
     h, s, _ = _sigmoid_form(y, bias)
     return (h * s).astype(y.dtype)
 
@@ -234,7 +273,8 @@ def _bias_gelu_sigmoid_bwd(res, g):
     y, bias = res
     h, s, h2 = _sigmoid_form(y, bias)
     dh = g.astype(h.dtype) * (s + h * s * (1 - s) * (2 * _C + 6 * _C * _A * h2))
-    return dh.astype(y.dtype), dh.reshape(-1, dh.shape[-1]).sum(0).astype(bias.dtype)
+    dy = dh.astype(y.dtype)
+    return dy, sum_rows_f32(dy).astype(bias.dtype)
 
 
 bias_gelu_sigmoid.defvjp(_bias_gelu_sigmoid_fwd, _bias_gelu_sigmoid_bwd)
