@@ -57,3 +57,41 @@ def test_paired_speedup_cancels_a_drift_that_a_ratio_of_medians_keeps():
     # a drift between the two calls of a round is what it cannot cancel: the median keeps one
     # round's outlier out (2.0, not the mean 2.4)
     assert paired_speedup([1.0, 1.0, 1.0, 1.0, 0.5], [2.0, 2.0, 2.0, 2.0, 2.0]) == 2.0
+
+
+def test_run_benchmark_keeps_a_cut_runs_finished_rows(tmp_path, monkeypatch):
+    """run_benchmark(out=...): each emitted row goes to OUT.partial.jsonl as it is measured (the
+    header first), so a run that dies keeps its finished rows as data; a run that completes
+    writes OUT whole and removes the partial file."""
+    import json
+    import sys
+    import types
+
+    import pytest
+
+    import zoo.bench as bench
+
+    fake = types.ModuleType("zoo_fake_bench")
+    row = {"case": "c1", "impl": "zoo", "value": 2.0, "unit": "x/s"}
+
+    def run(quick):
+        bench.emit([row])
+        if fake.fail:
+            raise RuntimeError("cut off")
+        return [row, *bench.emit([{**row, "case": "c2"}])]
+
+    fake.run, fake.fail = run, True
+    monkeypatch.setitem(sys.modules, "zoo_fake_bench", fake)
+    monkeypatch.setitem(bench.BENCHMARKS, "fake", "zoo_fake_bench")
+    out = tmp_path / "r" / "fake.json"
+    with pytest.raises(RuntimeError, match="cut off"):
+        bench.run_benchmark("fake", quick=True, out=str(out))
+    lines = [json.loads(x) for x in (tmp_path / "r" / "fake.json.partial.jsonl").read_text().splitlines()]
+    assert lines[0]["benchmark"] == "fake" and lines[0]["quick"] is True and lines[1:] == [row]
+    assert not out.exists()
+    bench.emit([row])  # outside run_benchmark: printed only
+    assert len((tmp_path / "r" / "fake.json.partial.jsonl").read_text().splitlines()) == 2
+    fake.fail = False
+    result = bench.run_benchmark("fake", quick=True, out=str(out))
+    assert json.loads(out.read_text())["rows"] == result["rows"] == [row, {**row, "case": "c2"}]
+    assert not (tmp_path / "r" / "fake.json.partial.jsonl").exists()

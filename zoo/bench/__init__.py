@@ -114,24 +114,42 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+_partial: str | None = None  # run_benchmark's OUT.partial.jsonl while it runs, else None
+
+
 def emit(rows: list[dict]) -> list[dict]:
     """Print rows as soon as a case is measured (flushed), so a run cut off by a time limit still
-    leaves every finished case in its log; returns rows."""
+    leaves every finished case in its log, and, under run_benchmark with an output file, append
+    them to OUT.partial.jsonl (its first line the header): a cut run's finished rows as data;
+    returns rows."""
     for r in rows:
         print(f"  {r['case']:40s} {r['impl']:24s} {r['value']:12.4g} {r['unit']}", flush=True)
+    if _partial:
+        with open(_partial, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
     return rows
 
 
 def run_benchmark(name: str, *, quick: bool = False, out: str | None = None) -> dict:
     if name not in BENCHMARKS:
         raise ZooError(unknown("benchmark", name, BENCHMARKS))
+    global _partial
     module = importlib.import_module(BENCHMARKS[name])
-    result = {**header(name), "quick": quick, "rows": module.run(quick)}
-    print(table(result["rows"]))
+    head = {**header(name), "quick": quick}
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        _partial = out + ".partial.jsonl"
+        with open(_partial, "w") as f:
+            f.write(json.dumps(head) + "\n")
+    try:
+        result = {**head, "rows": module.run(quick)}
+    finally:
+        partial, _partial = _partial, None
+    print(table(result["rows"]))
+    if out:
         with open(out, "w") as f:
             json.dump(result, f, indent=2)
             f.write("\n")
+        os.remove(partial)  # the whole result is in out
         print(f"wrote {out}")
     return result
