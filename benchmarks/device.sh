@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
 # The GPU benchmark runs, as one command on a lent accelerator machine (see benchmarks/results/README.md).
 #   bash benchmarks/device.sh PART OUTDIR [SHA]
-# PART: "a" = the GPU tests, then `zoo bench attention` (full set, in two processes: full, causal;
-#       the step "plans", benchmarks/scripts/attention_plans.py, prints each side's cuDNN kernels by
-#       name: run on 2026-11-27, the same on both sides);
+# PART: "a" = the GPU tests, then the S1024 forwards' dispatch (benchmarks/scripts/
+#       attention_dispatch.py, full and causal: per-call times of the zoo's, JAX's direct and
+#       PyTorch's cuDNN attention, the memsets per call by size, the compiled programs), then
+#       `zoo bench attention` (full set, in two processes: full, causal; the step "plans",
+#       benchmarks/scripts/attention_plans.py, prints each side's cuDNN kernels by name: run on
+#       2026-11-27, the same on both sides);
 #       "b" = the MLP's GELU forms alone (benchmarks/scripts/gelu_forms.py: bias + GELU forward and
-#       backward as tanh in bf16, tanh in float32, and the sigmoid form, with their kernels), then
-#       `zoo bench gpt_step` (the step at B64: bf16 logits, the same with GPTConfig.qkv
-#       "fused-split-grad" and "separate", and with GPTConfig.gelu "sigmoid", then the PyTorch peer,
-#       nanoGPT's step, torch.compile'd and eager; synced and pipelined rows, the zoo's each with
-#       a kernel table of synced steps and one of three pipelined steps; the
-#       cuBLASLt-epilogue and no-command-buffer variants, measured on 2026-11-26, stay available
-#       as steps: neither gained); "c" = `zoo bench
+#       backward, the forms before and since the thirteenth session, with their kernels), then
+#       `zoo bench gpt_step` (the step at B64: bf16 logits, and with GPTConfig.qkv
+#       "fused-split-grad" and GPTConfig.gelu "sigmoid" together, then the PyTorch peer, nanoGPT's
+#       step torch.compile'd; synced and pipelined rows, the zoo's each with a kernel table of
+#       synced steps and one of three pipelined steps; the single variants, PyTorch eager, the
+#       cuBLASLt-epilogue and no-command-buffer variants stay available (ZOO_GPT_STEP_RUNS, steps):
+#       all measured on earlier leases); "c" = `zoo bench
 #       diffusion` (full set, with the diffusers / torch.compile peers; its goals were met on
 #       2026-11-26) and `zoo bench gibbs` (issue 4 is blocked): only when a lease has time left;
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
-#       attention, plans, gelu, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
+#       attention, plans, dispatch, gelu, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
 # A 15-minute lease: benchmarks/lease.sh runs a then b in one call, every step cut at a deadline
-# (ZOO_DEVICE_DEADLINE, below). a: <= 400 s by its limits, 490 with the rerun of a faulting part;
-# ~190 s expected (2026-11-27: attention with its pauses 167 s). b: <= 570 s by its limits; ~410 s
-# expected: the GELU forms ~30 s, and on the 2026-11-27 H200 each B64 run took ~62 s with its
-# profiles, the peer's compile is guessed at ~60 s. The GPU's SM clock, power and temperature
-# are logged each second to OUTDIR/clocks-PART.csv (does a sustained step run below the boost clock?).
+# (ZOO_DEVICE_DEADLINE, below). a: <= 520 s by its limits, 610 with the rerun of a faulting part;
+# ~250 s expected (2026-11-27: the tests 15 s, attention with its pauses 167 s; dispatch ~60 s).
+# b: <= 570 s by its limits; ~270 s expected (2026-11-27, thirteenth session: the GELU forms 15 s,
+# each zoo B64 run ~85 s with its profiles, the torch.compile'd peer with its compile ~80 s).
+# The GPU's SM clock, power and temperature are logged each second to OUTDIR/clocks-PART.csv (does a sustained step run below the boost clock?).
 # gpt_step and diffusion print a kernel table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) with the idle time between
 # kernels and the largest gaps, and write the compiled program (NAME.hlo.txt.gz, ZOO_PROFILE_DIR),
 # which names the table's fusions. The log is OUTDIR/log-PART.txt (commas in PART become '_': a
@@ -29,19 +32,20 @@
 # Runs the tree as is (PYTHONPATH, no install); Python packages the machine lacks or holds in other
 # versions travel as wheels in .whl/ (flax, optax, chex, ml_collections, diffusers) and go to
 # /tmp/site. Each benchmark has its own time limit, prints its rows as each case finishes (into
-# OUTDIR/log-PART.txt) and writes OUTDIR/NAME-gpu.json when it completes.
+# OUTDIR/log-PART.txt) and writes OUTDIR/NAME-gpu.json when it completes (until then, and where a
+# limit cuts it, its finished rows are in OUTDIR/NAME-gpu.json.partial.jsonl, the header first).
 set -u
 [ $# -ge 2 ] || { echo "usage: bash benchmarks/device.sh a|b|c|STEPS OUTDIR [SHA]" >&2; exit 2; }
 part=$1 out=$2
 case $part in
-  a) steps=tests,attention ;;
+  a) steps=tests,dispatch,attention ;;
   b) steps=gelu,gpt_step ;;
   c) steps=diffusion,gibbs ;;
   *) steps=$part ;;
 esac
 for step in ${steps//,/ }; do
-  case $step in tests|gibbs|gibbs-cublas|attention|plans|gelu|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
-    *) echo "device.sh: unknown PART or step '$step' (a, b, c, or a comma list of: tests gibbs gibbs-cublas attention plans gelu gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
+  case $step in tests|gibbs|gibbs-cublas|attention|plans|dispatch|gelu|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
+    *) echo "device.sh: unknown PART or step '$step' (a, b, c, or a comma list of: tests gibbs gibbs-cublas attention plans dispatch gelu gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
   esac
 done
 export ZOO_GIT_SHA=${3:-unknown} ZOO_PROFILE=1 ZOO_PROFILE_DIR=$2 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
@@ -120,6 +124,12 @@ for step in ${steps//,/ }; do
       echo "=== attention plans $(date -u +%T)" | tee -a "$log"
       capped 120 python3 benchmarks/scripts/attention_plans.py 2>&1 \
         | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
+    dispatch)  # the S1024 forwards (the gap): memsets per call by size, the compiled programs
+      echo "=== attention dispatch, S1024 $(date -u +%T)" | tee -a "$log"
+      for flag in "" --causal; do
+        capped 60 python3 benchmarks/scripts/attention_dispatch.py --seqs 1024 $flag --hlo-dir "$out" 2>&1 \
+          | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log"
+      done ;;
     gelu)
       echo "=== GELU forms $(date -u +%T)" | tee -a "$log"
       capped 90 python3 benchmarks/scripts/gelu_forms.py 2>&1 \

@@ -2,13 +2,14 @@
 # A lease's GPU runs as one command: the device tool's one call of at most 600 s, on a machine that
 # goes back 30 s after a call (a second call would likely pay a second start of the 15 minutes).
 #   bash benchmarks/lease.sh OUTDIR [SHA] [BUDGET_S]
-# Runs benchmarks/device.sh part a (the GPU tests, `zoo bench attention` full and causal; ~190 s
-# on 2026-11-27), then part b (the GELU forms alone, `zoo bench gpt_step` with the PyTorch peer;
-# ~410 s expected), each cut at what is left of BUDGET_S (default 580) into a scratch folder, then
-# leaves in OUTDIR what the tool returns (at most 8 files): the two logs as text (log-a.txt,
-# log-b.txt: their ends are what one reads first) and everything, results JSON, clocks, compiled
-# programs and logs, in lease.tar.gz. Part a comes first: the attention goal is the nearer one
-# (13 of 16 cases met), and part b's last rows, the PyTorch peer's, are the ones a cut would lose.
+# Runs benchmarks/device.sh part a (the GPU tests, the S1024 attention dispatch, `zoo bench
+# attention` full and causal; ~250 s expected), then part b (the GELU forms alone, `zoo bench
+# gpt_step` with the torch.compile'd PyTorch peer; ~270 s expected), each cut at what is left of
+# BUDGET_S (default 580) into a scratch folder, then leaves in OUTDIR what the tool returns (at
+# most 8 files): the two logs as text (log-a.txt, log-b.txt: their ends are what one reads first)
+# and everything, results JSON, clocks, compiled programs and logs, in lease.tar.gz. Part a comes
+# first: the attention goal is the nearer one (13 of 16 cases met), and part b's last rows, the
+# PyTorch peer's, are the ones a cut would lose.
 # Run from the repository root with `.whl` carried (see device.sh), e.g.
 #   bash benchmarks/lease.sh $OUT 0123abc
 set -u

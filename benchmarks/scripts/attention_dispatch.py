@@ -8,9 +8,18 @@ n calls dispatched back to back then one wait (the benchmark's method) for: the 
 (jax.nn's cuDNN path, what the benchmark times), JAX's cuDNN called directly, and PyTorch's cuDNN
 SDPA; then profiles three back-to-back calls of each JAX program: kernel time vs first kernel to
 last says whether the device waits between or inside calls.
-Run (GPU): python benchmarks/scripts/attention_dispatch.py; with
-XLA_FLAGS=--xla_gpu_enable_command_buffer= for the same without XLA's CUDA graphs.
+The thirteenth session's lease (2026-11-27) left the S1024 forwards as the gap (0.84x full, 0.79x
+causal), where the zoo's program runs three memsets per attention call to PyTorch's one (1 us);
+`--seqs 1024 --causal` times those, lists the memsets by size (zoo.bench.profile.memsets) and,
+with --hlo-dir, writes each S's compiled program (what XLA zeroes: a memset is a fusion or a
+thunk of the program).
+Run (GPU): python benchmarks/scripts/attention_dispatch.py [--seqs 1024,4096] [--causal]
+[--hlo-dir DIR]; with XLA_FLAGS=--xla_gpu_enable_command_buffer= for the same without XLA's CUDA
+graphs.
 """
+import argparse
+import gzip
+import os
 import statistics
 import time
 
@@ -49,24 +58,34 @@ def main():
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqs", default="4096,16384", help="sequence lengths, comma-separated")
+    parser.add_argument("--causal", action="store_true", help="causal attention (FLOPs counted in full, as the "
+                        "benchmark's)")
+    parser.add_argument("--hlo-dir", default=None, help="write the zoo's compiled program per S here (gzip)")
+    args = parser.parse_args()
+    causal = args.causal
+    mask = "causal" if causal else "full"
     print("jax", jax.__version__, jax.devices(), "torch", torch.__version__, flush=True)
     B, N, D = 4, 16, 128
-    for S in (4096, 16384):
+    for S in (int(x) for x in args.seqs.split(",")):
         flops = 4.0 * B * N * S * S * D
         keys = jax.random.split(jax.random.key(0), 3)
         q, k, v = (jax.random.normal(key, (B, S, N, D), jnp.bfloat16) for key in keys)
+        zoo = lambda q, k, v: dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
         runs = {
-            "zoo-auto": jax_runner(lambda q, k, v: dot_product_attention(q, k, v), q, k, v),
-            "jax-nn-cudnn": jax_runner(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"), q, k, v),
-            "jax-cudnn-direct": jax_runner(lambda q, k, v: cudnn_attention(q, k, v, scale=D ** -0.5,
-                                                                           mask_type=MaskType.NO_MASK), q, k, v),
+            "zoo-auto": jax_runner(zoo, q, k, v),
+            "jax-nn-cudnn": jax_runner(lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, is_causal=causal, implementation="cudnn"), q, k, v),
+            "jax-cudnn-direct": jax_runner(lambda q, k, v: cudnn_attention(
+                q, k, v, scale=D ** -0.5, mask_type=MaskType.CAUSAL if causal else MaskType.NO_MASK), q, k, v),
         }
         tq, tk, tv = (torch.randn((B, N, S, D), device="cuda", dtype=torch.bfloat16) for _ in range(3))
 
         def torch_run(n=1):
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 for _ in range(n):
-                    torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+                    torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
             torch.cuda.synchronize()
 
         runs["torch-cudnn"] = torch_run
@@ -77,15 +96,20 @@ def main():
                 per_call[name].append(wall_per_call(run, n))
         for name, ts in per_call.items():
             t = statistics.median(ts)
-            print(f"S{S} full fwd n={n}: {name:18s} {t * 1e3:8.3f} ms per call  {flops / t / 1e12:6.1f} TFLOP/s",
+            print(f"S{S} {mask} fwd n={n}: {name:18s} {t * 1e3:8.3f} ms per call  {flops / t / 1e12:6.1f} TFLOP/s",
                   flush=True)
         for name in ("zoo-auto", "jax-cudnn-direct"):
             try:
-                kernel_table(lambda: runs[name](3), calls=1, top=5, title=f"three back-to-back calls of {name} S{S}")
+                kernel_table(lambda: runs[name](3), calls=1, top=5,
+                             title=f"three back-to-back calls of {name} S{S} {mask}")
             except Exception as e:  # noqa: BLE001
                 print(f"--- profile of {name} failed: {type(e).__name__}: {e}")
-        print(jax.jit(lambda q, k, v: dot_product_attention(q, k, v)).lower(q, k, v).compile().as_text()[:3000]
-              if S == 4096 else "", flush=True)
+        if args.hlo_dir:
+            os.makedirs(args.hlo_dir, exist_ok=True)
+            path = os.path.join(args.hlo_dir, f"attention-S{S}-{mask}-fwd.hlo.txt.gz")
+            with gzip.open(path, "wt") as f:
+                f.write(jax.jit(zoo).lower(q, k, v).compile().as_text())
+            print(f"--- compiled program written to {path}", flush=True)
 
 
 if __name__ == "__main__":

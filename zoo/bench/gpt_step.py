@@ -18,16 +18,18 @@ Full (accelerator): GPT-2 124M (L12 H768 12 heads, V 50304 = 50257 padded to a m
 T 1024), bf16 compute with float32 params, at B64 with the variant `bf16-logits`
 (GPTConfig.f32_logits=False: bf16 logits and logit gradients, as PyTorch autocast's, for half the
 traffic over the [B * T, V] logits; an H200, 2026-11-26: 46.8% MFU pipelined at B64, the default
-45.8%; B16, measured on three leases, reached 43.4%; B128 ran out of memory on the H200), two
-variants of it in GPTConfig.qkv (`bf16-logits-qkv-split-grad`, `bf16-logits-qkv-separate`) and
-one in GPTConfig.gelu (`bf16-logits-gelu-sigmoid`). ZOO_GPT_STEP_RUNS=64-bf16-logits,... times
-only the runs it names; `64` (the default config, f32 logits) runs only when named.
+45.8%; B16, measured on three leases, reached 43.4%; B128 ran out of memory on the H200), and
+`bf16-logits-qkv-split-grad-gelu-sigmoid`, with GPTConfig.qkv "fused-split-grad" and
+GPTConfig.gelu "sigmoid". Timed only when ZOO_GPT_STEP_RUNS names them (e.g.
+ZOO_GPT_STEP_RUNS=64-bf16-logits,64-bf16-logits-gelu-sigmoid): each of those two alone
+(`bf16-logits-qkv-split-grad`, `bf16-logits-gelu-sigmoid`), `bf16-logits-qkv-separate`,
+PyTorch eager (`64-torch`) and `64` (the default config, f32 logits).
 Quick (CPU): L4 H256 8 heads, V 256, T 256, batch 8, float32.
 
 The peer, when torch is installed: the same model and step in PyTorch as nanoGPT writes it
 (zoo.bench.torch_gpt: bf16 autocast, SDPA, fused AdamW; its weights are the zoo's init), rows
-`torch-nanogpt` eager and, on CUDA (full set), `torch-nanogpt-compiled` (torch.compile), each
-synced and pipelined, with MFU counted as the zoo's. It runs last (a slow compile or an
+`torch-nanogpt-compiled` (torch.compile; CUDA, full set) and `torch-nanogpt` eager (quick set,
+and when named), each synced and pipelined, with MFU counted as the zoo's. It runs last (a slow compile or an
 out-of-memory loses its own rows only: JAX keeps the memory its runs took) and hands its cached
 GPU memory back when done.
 """
@@ -57,20 +59,23 @@ BF16_LOGITS = ("bf16-logits", dict(f32_logits=False))
 QKV_SPLIT_GRAD = ("bf16-logits-qkv-split-grad", dict(f32_logits=False, qkv="fused-split-grad"))
 QKV_SEPARATE = ("bf16-logits-qkv-separate", dict(f32_logits=False, qkv="separate"))
 # the MLP's GELU as h * sigmoid(2z) with its derivative in closed form (GPTConfig.gelu): the tanh
-# form's two fusions ran arithmetic-bound (8.7 ms of 114.6, H200 2026-11-27)
+# form's two fusions ran arithmetic-bound (8.7 ms of 114.6, H200 2026-11-27); the next lease: 1.14x
+# the tanh form's forward alone, 119.9 ms of kernels per step to bf16-logits' 121.4
 GELU_SIGMOID = ("bf16-logits-gelu-sigmoid", dict(f32_logits=False, gelu="sigmoid"))
+# the two that took the most off the step's kernel time on that lease, together
+SPLIT_GRAD_SIGMOID = ("bf16-logits-qkv-split-grad-gelu-sigmoid",
+                      dict(f32_logits=False, qkv="fused-split-grad", gelu="sigmoid"))
 # the PyTorch peer (zoo.bench.torch_gpt): eager, and torch.compile'd
 TORCH = ("torch", {})
 TORCH_COMPILED = ("torch-compiled", {})
 PEERS = {"torch": "torch-nanogpt", "torch-compiled": "torch-nanogpt-compiled"}  # run variant -> row name
 # (batch, (variant name, GPTConfig changes) or None) per run, in order; `more`: runs timed only
 # when ZOO_GPT_STEP_RUNS names them (the default, f32 logits: 45.1% MFU, H200 2026-11-27, measured
-# on four leases)
+# on four leases; the single variants and PyTorch eager, measured on the thirteenth session's lease)
 FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=768, num_heads=12,
                           dtype="bfloat16"),
-            runs=((64, BF16_LOGITS), (64, QKV_SPLIT_GRAD), (64, QKV_SEPARATE), (64, GELU_SIGMOID),
-                  (64, TORCH_COMPILED), (64, TORCH)),
-            more=((64, None),))
+            runs=((64, BF16_LOGITS), (64, SPLIT_GRAD_SIGMOID), (64, TORCH_COMPILED)),
+            more=((64, QKV_SPLIT_GRAD), (64, QKV_SEPARATE), (64, GELU_SIGMOID), (64, TORCH), (64, None)))
 QUICK = dict(cfg=GPTConfig(vocab_size=256, max_len=256, num_layers=4, hidden=256, num_heads=8),
              runs=((8, None), (8, TORCH)))
 
