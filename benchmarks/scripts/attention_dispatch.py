@@ -15,7 +15,8 @@ with --hlo-dir, writes each S's compiled program (what XLA zeroes: a memset is a
 thunk of the program).
 Run (GPU): python benchmarks/scripts/attention_dispatch.py [--seqs 1024,4096] [--causal]
 [--hlo-dir DIR]; with XLA_FLAGS=--xla_gpu_enable_command_buffer= for the same without XLA's CUDA
-graphs.
+graphs. Off a GPU (a check of the script: `--seqs 64 --shape 1,2,16`) JAX's cuDNN calls are
+reported unavailable, PyTorch's SDPA runs its default backend, and no kernel table is taken.
 """
 import argparse
 import gzip
@@ -52,22 +53,45 @@ def jax_runner(attn, q, k, v):
     return run
 
 
-def main():
-    import torch
-    from jax._src.cudnn.fused_attention_stablehlo import MaskType
-    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+def torch_runner(torch, shape, causal):
+    """n calls of PyTorch's SDPA on [B, N, S, D] inputs, then one synchronize: cuDNN's on a GPU,
+    the default backend elsewhere (a CPU check of the script)."""
+    import contextlib
+
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    cuda = torch.cuda.is_available()
+    tq, tk, tv = (torch.randn(shape, device="cuda" if cuda else "cpu", dtype=torch.bfloat16) for _ in range(3))
+
+    def run(n=1):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if cuda else contextlib.nullcontext():
+            for _ in range(n):
+                torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+        if cuda:
+            torch.cuda.synchronize()
+
+    return ("torch-cudnn" if cuda else "torch-sdpa"), run
+
+
+def main():
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", default="4096,16384", help="sequence lengths, comma-separated")
     parser.add_argument("--causal", action="store_true", help="causal attention (FLOPs counted in full, as the "
                         "benchmark's)")
     parser.add_argument("--hlo-dir", default=None, help="write the zoo's compiled program per S here (gzip)")
+    parser.add_argument("--shape", default="4,16,128", help="B,N,D (the benchmark's: 4,16,128)")
     args = parser.parse_args()
     causal = args.causal
     mask = "causal" if causal else "full"
-    print("jax", jax.__version__, jax.devices(), "torch", torch.__version__, flush=True)
-    B, N, D = 4, 16, 128
+    print("jax", jax.__version__, jax.devices(), "torch", torch.__version__ if torch else "(not installed)", flush=True)
+    B, N, D = (int(x) for x in args.shape.split(","))
     for S in (int(x) for x in args.seqs.split(",")):
         flops = 4.0 * B * N * S * S * D
         keys = jax.random.split(jax.random.key(0), 3)
@@ -80,16 +104,15 @@ def main():
             "jax-cudnn-direct": jax_runner(lambda q, k, v: cudnn_attention(
                 q, k, v, scale=D ** -0.5, mask_type=MaskType.CAUSAL if causal else MaskType.NO_MASK), q, k, v),
         }
-        tq, tk, tv = (torch.randn((B, N, S, D), device="cuda", dtype=torch.bfloat16) for _ in range(3))
-
-        def torch_run(n=1):
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                for _ in range(n):
-                    torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
-            torch.cuda.synchronize()
-
-        runs["torch-cudnn"] = torch_run
-        n = max(1, round(0.025 / (flops / 600e12)))
+        if torch is not None:
+            name, runs[name] = torch_runner(torch, (B, N, S, D), causal)
+        for name, run in list(runs.items()):  # e.g. JAX's cuDNN calls off a GPU
+            try:
+                run(1)
+            except Exception as e:  # noqa: BLE001
+                print(f"S{S} {mask} fwd: {name} unavailable ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+                del runs[name]
+        n = min(2000, max(1, round(0.025 / (flops / 600e12))))  # ~25 ms of calls at 600 TFLOP/s
         per_call = {name: [] for name in runs}
         for _ in range(3):  # interleaved
             for name, run in runs.items():
@@ -99,6 +122,8 @@ def main():
             print(f"S{S} {mask} fwd n={n}: {name:18s} {t * 1e3:8.3f} ms per call  {flops / t / 1e12:6.1f} TFLOP/s",
                   flush=True)
         for name in ("zoo-auto", "jax-cudnn-direct"):
+            if name not in runs or jax.default_backend() != "gpu":
+                continue
             try:
                 kernel_table(lambda: runs[name](3), calls=1, top=5,
                              title=f"three back-to-back calls of {name} S{S} {mask}")
