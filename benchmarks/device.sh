@@ -24,7 +24,8 @@
 # ~250 s expected (2026-11-27: the tests 15 s, attention with its pauses 167 s; dispatch ~60 s).
 # b: <= 570 s by its limits; ~270 s expected (2026-11-27, thirteenth session: the GELU forms 15 s,
 # each zoo B64 run ~85 s with its profiles, the torch.compile'd peer with its compile ~80 s).
-# The GPU's SM clock, power and temperature are logged each second to OUTDIR/clocks-PART.csv (does a sustained step run below the boost clock?).
+# The GPU's SM clock, power and temperature are logged each second to OUTDIR/clocks-PART.csv
+# (does a sustained step run below the boost clock?).
 # gpt_step and diffusion print a kernel table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) with the idle time between
 # kernels and the largest gaps, and write the compiled program (NAME.hlo.txt.gz, ZOO_PROFILE_DIR),
 # which names the table's fusions. The log is OUTDIR/log-PART.txt (commas in PART become '_': a

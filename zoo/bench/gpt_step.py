@@ -29,9 +29,9 @@ Quick (CPU): L4 H256 8 heads, V 256, T 256, batch 8, float32.
 The peer, when torch is installed: the same model and step in PyTorch as nanoGPT writes it
 (zoo.bench.torch_gpt: bf16 autocast, SDPA, fused AdamW; its weights are the zoo's init), rows
 `torch-nanogpt-compiled` (torch.compile; CUDA, full set) and `torch-nanogpt` eager (quick set,
-and when named), each synced and pipelined, with MFU counted as the zoo's. It runs last (a slow compile or an
-out-of-memory loses its own rows only: JAX keeps the memory its runs took) and hands its cached
-GPU memory back when done.
+and when named), each synced and pipelined, with MFU counted as the zoo's. It runs last (a slow
+compile or an out-of-memory loses its own rows only: JAX keeps the memory its runs took) and hands
+its cached GPU memory back when done.
 """
 
 from __future__ import annotations
