@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU benchmark runs, as one command on a lent accelerator machine (see benchmarks/results/README.md).
 #   bash benchmarks/device.sh PART OUTDIR [SHA]
-# PART: "a" = the GPU tests, then the S1024 forwards' dispatch (benchmarks/scripts/
-#       attention_dispatch.py, full and causal: per-call times of the zoo's, JAX's direct and
-#       PyTorch's cuDNN attention, the memsets per call by size, the compiled programs), then
-#       `zoo bench attention` (full set, in two processes: full, causal; the step "plans",
+# PART: "a" = the GPU tests, then the S1024 forward's dispatch (benchmarks/scripts/
+#       attention_dispatch.py: per-call times of the zoo's, JAX's direct and PyTorch's cuDNN
+#       attention, the memsets per call by size, the compiled program), then `zoo bench attention`
+#       (full set, in two processes: full, causal), then its S1024 cases again with XLA's command
+#       buffers for cuDNN calls (CMDBUF_CUDNN, below; the step "plans",
 #       benchmarks/scripts/attention_plans.py, prints each side's cuDNN kernels by name: run on
 #       2026-11-27, the same on both sides);
 #       "b" = the MLP's GELU forms alone (benchmarks/scripts/gelu_forms.py: bias + GELU forward and
@@ -18,10 +19,11 @@
 #       diffusion` (full set, with the diffusers / torch.compile peers; its goals were met on
 #       2026-11-26) and `zoo bench gibbs` (issue 4 is blocked): only when a lease has time left;
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
-#       attention, plans, dispatch, gelu, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
+#       attention, attention-s1024-cmdbuf, plans, dispatch, gelu, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
 # A 15-minute lease: benchmarks/lease.sh runs a then b in one call, every step cut at a deadline
-# (ZOO_DEVICE_DEADLINE, below). a: <= 520 s by its limits, 610 with the rerun of a faulting part;
-# ~250 s expected (2026-11-27: the tests 15 s, attention with its pauses 167 s; dispatch ~60 s).
+# (ZOO_DEVICE_DEADLINE, below). a: <= 540 s by its limits, 630 with the rerun of a faulting part;
+# ~250 s expected (2026-11-27: the tests 15 s, attention with its pauses 167 s; dispatch ~30 s,
+# the S1024 cases again ~35 s).
 # b: <= 570 s by its limits; ~270 s expected (2026-11-27, thirteenth session: the GELU forms 15 s,
 # each zoo B64 run ~85 s with its profiles, the torch.compile'd peer with its compile ~80 s).
 # The GPU's SM clock, power and temperature are logged each second to OUTDIR/clocks-PART.csv
@@ -39,14 +41,14 @@ set -u
 [ $# -ge 2 ] || { echo "usage: bash benchmarks/device.sh a|b|c|STEPS OUTDIR [SHA]" >&2; exit 2; }
 part=$1 out=$2
 case $part in
-  a) steps=tests,dispatch,attention ;;
+  a) steps=tests,dispatch,attention,attention-s1024-cmdbuf ;;
   b) steps=gelu,gpt_step ;;
   c) steps=diffusion,gibbs ;;
   *) steps=$part ;;
 esac
 for step in ${steps//,/ }; do
-  case $step in tests|gibbs|gibbs-cublas|attention|plans|dispatch|gelu|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
-    *) echo "device.sh: unknown PART or step '$step' (a, b, c, or a comma list of: tests gibbs gibbs-cublas attention plans dispatch gelu gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
+  case $step in tests|gibbs|gibbs-cublas|attention|attention-s1024-cmdbuf|plans|dispatch|gelu|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
+    *) echo "device.sh: unknown PART or step '$step' (a, b, c, or a comma list of: tests gibbs gibbs-cublas attention attention-s1024-cmdbuf plans dispatch gelu gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
   esac
 done
 export ZOO_GIT_SHA=${3:-unknown} ZOO_PROFILE=1 ZOO_PROFILE_DIR=$2 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
@@ -90,6 +92,9 @@ bench() {  # NAME LIMIT_S [SUFFIX XLA_FLAGS]
 }
 CUBLAS="--xla_gpu_enable_triton_gemm=false"  # XLA's GEMMs through cuBLAS only, not its Triton emitter
 CUBLASLT="--xla_gpu_enable_cublaslt=true"  # lets XLA fuse bias adds (and bias + GELU) into cuBLASLt epilogues
+# XLA's command buffers (CUDA graphs) for cuDNN calls too, from a program of one command up: the
+# memsets before each cuDNN attention call as graph nodes rather than stream operations
+CMDBUF_CUDNN="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=1"
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
@@ -125,12 +130,12 @@ for step in ${steps//,/ }; do
       echo "=== attention plans $(date -u +%T)" | tee -a "$log"
       capped 120 python3 benchmarks/scripts/attention_plans.py 2>&1 \
         | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
-    dispatch)  # the S1024 forwards (the gap): memsets per call by size, the compiled programs
+    dispatch)  # the S1024 forward (the gap): memsets per call by size, the compiled program
       echo "=== attention dispatch, S1024 $(date -u +%T)" | tee -a "$log"
-      for flag in "" --causal; do
-        capped 60 python3 benchmarks/scripts/attention_dispatch.py --seqs 1024 $flag --hlo-dir "$out" 2>&1 \
-          | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log"
-      done ;;
+      capped 60 python3 benchmarks/scripts/attention_dispatch.py --seqs 1024 --hlo-dir "$out" 2>&1 \
+        | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
+    attention-s1024-cmdbuf)  # the S1024 cases (full and causal, one process) with $CMDBUF_CUDNN
+      ZOO_ATTENTION_LENGTHS=1024 bench attention 75 -s1024-cmdbuf "$CMDBUF_CUDNN" ;;
     gelu)
       echo "=== GELU forms $(date -u +%T)" | tee -a "$log"
       capped 90 python3 benchmarks/scripts/gelu_forms.py 2>&1 \

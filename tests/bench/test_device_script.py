@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = """#!/bin/bash
-echo "$* |MASKS=${ZOO_ATTENTION_MASKS:-}|RUNS=${ZOO_GPT_STEP_RUNS:-}|XLA=${XLA_FLAGS:-}|DIR=${ZOO_PROFILE_DIR:-}|SKIP=${ZOO_ATTENTION_SKIP:-}" >> "$CALLS"
+echo "$* |MASKS=${ZOO_ATTENTION_MASKS:-}|LENGTHS=${ZOO_ATTENTION_LENGTHS:-}|RUNS=${ZOO_GPT_STEP_RUNS:-}|XLA=${XLA_FLAGS:-}|DIR=${ZOO_PROFILE_DIR:-}|SKIP=${ZOO_ATTENTION_SKIP:-}" >> "$CALLS"
 if [[ "$*" == *"bench attention"* && -n "${FAKE_SLEEP:-}" ]]; then sleep "$FAKE_SLEEP"; fi
 prev=""; for a in "$@"; do if [[ "$prev" == --out ]]; then echo '{"rows": []}' > "$a"; fi; prev=$a; done
 if [[ "$*" == *"bench attention"* && "${ZOO_ATTENTION_MASKS:-}" == causal && -z "${XLA_FLAGS:-}" ]]; then exit 3; fi
@@ -46,11 +46,19 @@ def test_part_a_runs_attention_in_two_processes_and_reruns_the_faulting_one(tmp_
     out = tmp_path / "out"
     assert all(c.startswith("-m zoo bench attention ") for c in calls)
     assert _outputs(calls, out) == ["attention-full-gpu.json", "attention-causal-gpu.json",
-                                    "attention-causal-nocmdbuf-gpu.json"]
-    assert "|MASKS=full|" in calls[0] and "|MASKS=causal|" in calls[1] and "|XLA=|" in calls[1]
+                                    "attention-causal-nocmdbuf-gpu.json", "attention-s1024-cmdbuf-gpu.json"]
+    assert "|MASKS=full|LENGTHS=|" in calls[0] and "|MASKS=causal|" in calls[1] and "|XLA=|" in calls[1]
     assert "|XLA=--xla_gpu_enable_command_buffer=|" in calls[2] and f"|DIR={out}/causal-nocmdbuf|" in calls[2]
+    # the S1024 cases, full and causal in one process, with the cuDNN calls in command buffers
+    assert "|MASKS=|LENGTHS=1024|" in calls[3] and f"|DIR={out}/s1024-cmdbuf|" in calls[3]
+    assert "|XLA=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN " in calls[3]
     assert all("SKIP=zoo-cudnn,zoo-reference,zoo-xla,zoo-chunked" in c for c in calls)
-    assert "attention-causal exit 3" in (out / "log-a.txt").read_text()
+    log = (out / "log-a.txt").read_text()
+    assert "attention-causal exit 3" in log
+    assert log.index("=== attention dispatch, S1024") < log.index("=== zoo bench attention-full")
+    dispatch = [line for line in (tmp_path / "calls-a.txt").read_text().splitlines()
+                if line.startswith("benchmarks/scripts/attention_dispatch.py")]
+    assert len(dispatch) == 1 and f"--seqs 1024 --hlo-dir {out} |" in dispatch[0]
 
 
 def test_part_b_and_the_gpt_step_variants(tmp_path):
