@@ -73,6 +73,20 @@ def torch_runner(torch, shape, causal):
     return ("torch-cudnn" if cuda else "torch-sdpa"), run
 
 
+def positive_ints(n=None):
+    """argparse type: a comma list of positive integers (exactly n of them when n is given)."""
+    def parse(text):
+        try:
+            values = [int(x) for x in text.split(",")]
+        except ValueError:
+            values = []
+        if not values or min(values) < 1 or (n is not None and len(values) != n):
+            raise argparse.ArgumentTypeError(f"expected {n or 'one or more'} positive integers, comma-separated; "
+                                             f"got {text!r}")
+        return values
+    return parse
+
+
 def main():
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
@@ -82,17 +96,19 @@ def main():
     except ImportError:
         torch = None
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seqs", default="4096,16384", help="sequence lengths, comma-separated")
+    parser.add_argument("--seqs", type=positive_ints(), default="4096,16384",
+                        help="sequence lengths, comma-separated")
     parser.add_argument("--causal", action="store_true", help="causal attention (FLOPs counted in full, as the "
                         "benchmark's)")
     parser.add_argument("--hlo-dir", default=None, help="write the zoo's compiled program per S here (gzip)")
-    parser.add_argument("--shape", default="4,16,128", help="B,N,D (the benchmark's: 4,16,128)")
+    parser.add_argument("--shape", type=positive_ints(3), default="4,16,128",
+                        help="B,N,D (the benchmark's: 4,16,128)")
     args = parser.parse_args()
     causal = args.causal
     mask = "causal" if causal else "full"
     print("jax", jax.__version__, jax.devices(), "torch", torch.__version__ if torch else "(not installed)", flush=True)
-    B, N, D = (int(x) for x in args.shape.split(","))
-    for S in (int(x) for x in args.seqs.split(",")):
+    B, N, D = args.shape
+    for S in args.seqs:
         flops = 4.0 * B * N * S * S * D
         keys = jax.random.split(jax.random.key(0), 3)
         q, k, v = (jax.random.normal(key, (B, S, N, D), jnp.bfloat16) for key in keys)

@@ -30,3 +30,10 @@ def test_attention_dispatch_script_on_cpu(tmp_path):
         assert re.search(r"^S64 causal fwd: jax-cudnn-direct unavailable \(", out.stdout, re.M)
     program = gzip.open(tmp_path / "attention-S64-causal-fwd.hlo.txt.gz", "rt").read()
     assert "ENTRY" in program and "HloModule" in program
+
+
+def test_attention_dispatch_script_refuses_a_bad_shape():
+    for flag, value in (("--shape", "1,2"), ("--seqs", "64,x"), ("--seqs", "0")):
+        out = subprocess.run([sys.executable, "benchmarks/scripts/attention_dispatch.py", flag, value],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "positive integers" in out.stderr and "Traceback" not in out.stderr, out.stderr
