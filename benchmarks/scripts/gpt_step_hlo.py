@@ -1,0 +1,128 @@
+"""GPT-124M's train step (zoo bench gpt_step) compiled for an H200 or H100 on this machine, without
+one, and what each compiled program moves: where a change to the model saves kernel time,
+before a lease spends device time on it.
+
+For each run (gpt_step's names: bf16-logits, bf16-logits-gelu-sigmoid, ...) XLA's GPU compiler
+builds the step at B64 as the device would (zoo.bench.hlo.compile_for_gpu: JAX's CUDA plugin, no
+GPU, no autotuning), and zoo.bench.hlo.launches reads off each kernel it launches: the matmuls'
+TFLOP, the bytes each fusion reads and writes, the cuDNN attention calls. The estimate of kernel
+time per step takes the rates the thirteenth session's lease measured for the bf16-logits step
+(H200, 2026-11-27: 121.4 ms of kernels, its compiled program read the same way): matmuls at 755
+TFLOP/s (53% of the kernel time for 48.6 TFLOP), fusions and copies at 3.17 TB/s (35% for 134.9
+GB), attention 15.2 ms (12%). A guide to which way and about how far a change moves the step,
+not a measurement: the same card ran the same step 5% faster on another lease.
+
+Run: python benchmarks/scripts/gpt_step_hlo.py [--target h200] [--runs bf16-logits,...]
+[--out DIR] (needs `pip install jax-cuda13-plugin==JAX jax-cuda13-pjrt==JAX`, JAX being jax's
+version; the script runs JAX on the CPU, JAX_PLATFORMS=cpu). --out writes each run's compiled
+program, gzipped.
+"""
+import argparse
+import dataclasses
+import gzip
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # no GPU here: see zoo.bench.hlo.compile_for_gpu
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax
+
+from zoo.bench import hlo
+from zoo.bench.gpt_step import FULL, LR, PEERS, WEIGHT_DECAY, _run_name
+from zoo.models.gpt import make_gpt
+from zoo.train.state import init_state
+from zoo.train.strategy import make_train_step
+
+# the thirteenth session's lease (see the module's note)
+GEMM_TFLOPS, FUSION_TBPS, ATTENTION_MS = 755.0, 3.17, 15.2
+
+
+def step_program(cfg, B: int, target: str, options: dict | None = None) -> str:
+    md = make_gpt(cfg)
+    tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
+    batch = {"x": jax.ShapeDtypeStruct((B, cfg.max_len + 1), jnp.int32), "idx": jax.ShapeDtypeStruct((B,), jnp.int32)}
+    with hlo.tracing_for_gpu(target):
+        state = jax.eval_shape(lambda k, b: init_state(md.init(k, b), tx, 0.0), jax.random.PRNGKey(0), batch)
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(1))
+    return hlo.compile_for_gpu(make_train_step(md, tx, 0.0), state, key, batch, target=target, donate_argnums=(0,),
+                               compiler_options={**hlo.GPU_COMPILER_OPTIONS, **(options or {})})
+
+
+def summary(ls: list[hlo.Launch]) -> dict:
+    gemm = sum(x.flops for x in ls if x.kind == "gemm") / 1e12
+    attention = sum(1 for x in ls if x.kind == "attention")
+    moved = sum(x.bytes for x in ls if x.kind not in ("gemm", "attention")) / 1e9
+    return {"launches": len(ls), "gemm_tflop": gemm, "fusion_gb": moved, "attention_calls": attention,
+            "estimate_ms": gemm / GEMM_TFLOPS * 1e3 + moved / FUSION_TBPS + ATTENTION_MS * (attention > 0)}
+
+
+def _options(text: str) -> dict:
+    """"a=true,b=3" -> {"a": True, "b": 3}: booleans and integers as XLA takes them, the rest strings."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("xla_"):
+            raise argparse.ArgumentTypeError(f"{item!r}: want xla_NAME=VALUE")
+        out[name] = {"true": True, "false": False}.get(value.lower(), int(value) if value.lstrip("-").isdigit() else value)
+    return out
+
+
+def main(argv=None) -> int:
+    runs = {_run_name(B, v): (B, v) for B, v in FULL["runs"] + FULL["more"] if not (v and v[0] in PEERS)}
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--target", default="h200", choices=sorted(hlo.GPU_TARGETS))
+    p.add_argument("--runs", default="64-bf16-logits,64-bf16-logits-gelu-sigmoid",
+                   type=lambda s: [r if r.startswith("64") else f"64-{r}" for r in s.split(",") if r],
+                   help=f"comma-separated, among: {', '.join(runs)} (the 64- may be left off)")
+    p.add_argument("--xla", default="", type=_options, metavar="NAME=VALUE,...",
+                   help="XLA options for every run, beside xla_gpu_enable_triton_gemm=false (e.g. "
+                        "xla_gpu_experimental_enable_fusion_block_level_rewriter=true)")
+    p.add_argument("--out", help="write each run's compiled program here (gzipped)")
+    p.add_argument("--top", type=int, default=12, help="sources listed for the first run")
+    args = p.parse_args(argv)
+    unknown = [r for r in args.runs if r not in runs]
+    if unknown:
+        p.error(f"unknown runs {unknown}; known: {', '.join(runs)}")
+    print(f"jax {jax.__version__}, target {args.target} (compiled here, no GPU)"
+          f"{', XLA options ' + str(args.xla) if args.xla else ''}", flush=True)
+    first = None
+    for name in args.runs:
+        B, variant = runs[name]
+        # attention as auto picks it on a GPU (here auto would pick the CPU's kernels)
+        cfg = dataclasses.replace(FULL["cfg"], implementation="cudnn", **(variant[1] if variant else {}))
+        try:
+            text = step_program(cfg, B, args.target, args.xla)
+        except RuntimeError as e:  # no CUDA plugin: what to install
+            print(f"gpt_step_hlo.py: {e}", file=sys.stderr)
+            return 2
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            with gzip.open(os.path.join(args.out, f"gpt_step-{name}-{args.target}.hlo.txt.gz"), "wt") as f:
+                f.write(text)
+        ls = hlo.launches(text)
+        s = summary(ls)
+        print(f"{name:48s} {s['launches']:5d} launches, matmuls {s['gemm_tflop']:.2f} TFLOP, fusions and copies "
+              f"{s['fusion_gb']:.2f} GB, {s['attention_calls']} attention calls: estimate {s['estimate_ms']:.1f} ms "
+              f"of kernels per step", flush=True)
+        by_source = {r["source"]: r for r in hlo.traffic([x for x in ls if x.kind != "gemm"], by="source")}
+        if first is None:
+            first = (name, by_source)
+            print(f"  where the bytes go (no matmuls; pass and source, largest {args.top}):")
+            for r in list(by_source.values())[:args.top]:
+                print(f"    {r['gb']:7.2f} GB {r['count']:4d} launches  {r['source']}")
+            continue
+        diffs = []
+        for src in set(by_source) | set(first[1]):
+            d = by_source.get(src, {"gb": 0.0, "count": 0})["gb"] - first[1].get(src, {"gb": 0.0})["gb"]
+            if abs(d) >= 0.05:
+                diffs.append((d, src))
+        for d, src in sorted(diffs):
+            print(f"    {d:+7.2f} GB vs {first[0]}  {src}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
