@@ -111,3 +111,29 @@ def test_gelu_moves_each_array_once_each_way_on_a_gpu(form):
     bwd = [x for x in big if x.pass_ == "backward"]
     assert len(fwd) == 1 and fwd[0].read < 1.01 * arr and fwd[0].written < 1.01 * arr, fwd
     assert len(bwd) == 1 and bwd[0].read < 2.01 * arr and bwd[0].written < 1.1 * arr, bwd
+
+
+@pytest.mark.skipif(not CUDA_PLUGIN, reason="needs JAX's CUDA plugin (jax-cuda13-plugin), not a GPU")
+def test_bf16_bias_add_folds_into_the_matmul_on_a_gpu():
+    """zoo.nn.dense.add_bias on a bf16 matmul's output, as XLA compiles it for an H200: the add is
+    cuBLASLt's BIAS epilogue (the matmul reads the bias; no pass over y of its own), and the bias
+    gradient is one reduction reading y's gradient once, in float32."""
+    from zoo.nn.dense import add_bias
+
+    M, K, F = 8192, 256, 768
+
+    def loss(x, w, b):
+        y = add_bias(x @ w.astype(x.dtype), b)
+        return jnp.sum(jnp.tanh(y).astype(jnp.float32))
+
+    args = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16), jax.ShapeDtypeStruct((K, F), jnp.float32),
+            jax.ShapeDtypeStruct((F,), jnp.float32))
+    text = hlo.compile_for_gpu(jax.value_and_grad(loss, argnums=(0, 1, 2)), *args)
+    assert '"epilogue":"BIAS"' in text
+    ls = hlo.launches(text)
+    arr = M * F * 2
+    fwd = [x for x in ls if x.pass_ == "forward" and x.bytes >= arr]
+    gemm = [x for x in fwd if x.kind == "gemm"]
+    assert len(gemm) == 1 and gemm[0].read == M * K * 2 + K * F * 2 + F * 2  # x, w, the bf16 bias
+    # the one non-matmul pass over y: tanh and its use, reading y once (no separate bias add)
+    assert all(x.read < 1.01 * arr for x in fwd if x.kind != "gemm")

@@ -39,3 +39,31 @@ def test_matmul_is_x_at_w():
     x, w = rng.standard_normal((3, 4, 5)), rng.standard_normal((5, 2))
     np.testing.assert_allclose(np.asarray(matmul(jnp.asarray(x), jnp.asarray(w))), x @ w, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(matmul(jnp.asarray(x[0, 0]), jnp.asarray(w))), x[0, 0] @ w, rtol=1e-5)
+
+
+def test_add_bias_in_the_output_dtype_with_a_float32_bias_gradient():
+    """add_bias(y, b): float32 y: y + b. bf16 / float16 y: the bias rounded to y's dtype and added
+    there (PyTorch autocast's linear layer; on a GPU cuBLASLt's epilogue, tests/bench/test_hlo.py),
+    its gradient the float32 sum of y's gradient: within float32 rounding of NumPy's float64 sum
+    over 4,096 rows, where a bf16 sum (of sums near 2,000, bf16's spacing there 8) is off by more
+    than 0.1."""
+    from zoo.nn.dense import add_bias
+
+    rng = np.random.default_rng(3)
+    y64 = rng.standard_normal((4096, 24))
+    b = jnp.asarray(rng.standard_normal(24) + 0.3, jnp.float32)
+    g64 = rng.standard_normal((4096, 24)) + 0.5
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        y, g = jnp.asarray(y64, dtype), jnp.asarray(g64, dtype)
+        out, vjp = jax.vjp(add_bias, y, b)
+        assert out.dtype == dtype
+        want = (np.asarray(y, np.float64) + np.asarray(b.astype(dtype), np.float64)).astype(dtype)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(want))  # one rounding of the exact sum
+        dy, db = vjp(g)
+        assert dy.dtype == dtype and db.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(dy), np.asarray(g))
+        exact = np.asarray(g, np.float64).sum(0)
+        np.testing.assert_allclose(np.asarray(db, np.float64), exact, rtol=1e-5, atol=1e-3)
+    # what the float32 sum avoids: the same sum in bf16 is off by far more
+    bf16_sum = np.asarray(jnp.sum(jnp.asarray(g64, jnp.bfloat16), axis=0, dtype=jnp.bfloat16), np.float64)
+    assert np.abs(bf16_sum - np.asarray(jnp.asarray(g64, jnp.bfloat16), np.float64).sum(0)).max() > 1e-1

@@ -1,5 +1,5 @@
-"""Dense-layer pieces (zoo.nn.transformer's layers use both functions): `add_bias`, a bias added
-in float32, and `matmul`, whose matmul sees a 2-D input: x [..., I] runs as one [M, I] @ [I, F]
+"""Dense-layer pieces (zoo.nn.transformer's layers use them): `add_bias`, a bias added with its
+gradient summed in float32 (`sum_rows_f32`), and `matmul`, whose matmul sees a 2-D input: x [..., I] runs as one [M, I] @ [I, F]
 with the leading axes flattened into M, the result reshaped back to [..., F]; `Dense` is flax's
 Dense with that matmul.
 
@@ -13,6 +13,7 @@ transposed copies of the activations. A GPT block (B8 T256 H256, forward + backw
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -21,14 +22,51 @@ def matmul(x, w):
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
+def sum_rows_f32(x):
+    """x [..., F] summed over every axis but the last, in float32, reading x in its own dtype.
+
+    For a bf16 x the float32 value of each element is made from its bits (a bf16 is a float32's
+    upper 16 bits: exact), not by convert: XLA's GPU compiler folds convert(convert(d, bf16),
+    float32) back into d (SimplifyFPConversions, on under its default xla_allow_excess_precision),
+    so a sum of d.astype(bf16).astype(float32) would read the float32 d, which then must be written
+    out for it: GPT-124M at B64 on an H200 (2026-11-27), the GELU backward wrote its float32 y
+    gradient (0.8 GB per layer) for the bias gradient's reduction alone (0.74 ms of kernels per
+    layer where reading y and g and writing dy, 1.2 GB, takes ~0.3 ms)."""
+    x = x.reshape(-1, x.shape[-1])
+    if x.dtype == jnp.bfloat16:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
+        return jax.lax.bitcast_convert_type(bits, jnp.float32).sum(0)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32)).sum(0)
+
+
 def add_bias(y, bias):
-    """y + bias, in float32 at least, returned in y's dtype: with y in bf16, autodiff's bias
-    gradient (the sum of y's gradient over every other axis) then sums in float32, where a bf16
-    sum loses ~2% over 4,096 tokens (tests/models/test_transformer.py; GPT-124M's step sums
-    65,536). The converts fuse into the add's elementwise pass and the reduction's accumulator:
-    no more bytes move (the GPU kernel table is to confirm it on the next lent machine)."""
+    """y + bias in y's dtype, with the bias gradient summed in float32.
+
+    In float32: y + bias. In bf16 (or float16): the bias rounded to y's dtype and added there, as
+    PyTorch autocast's linear layers add theirs, so XLA's GPU compiler folds the add into the
+    cuBLASLt matmul that makes y (its BIAS epilogue, which adds the bias to the float32
+    accumulator before the one rounding): no pass over y of its own. A float32 add of the
+    bf16 y could not be folded: each of GPT-124M's separate q, k and v projections (GPTConfig.qkv
+    "separate") paid a [B * T, H] read and write for it, 7.4 GB per step at B64 (the step compiled
+    for an H200, benchmarks/scripts/gpt_step_hlo.py). The bias gradient is the float32 sum of y's
+    gradient (sum_rows_f32): a sum over every token in bf16 is off by ~2% at 4,096 tokens
+    (tests/models/test_transformer.py; GPT-124M's step sums 65,536)."""
+    if y.dtype in (jnp.bfloat16, jnp.float16):
+        return _add_bias_16(y, bias)
     acc = jnp.promote_types(y.dtype, jnp.float32)
     return (y.astype(acc) + bias.astype(acc)).astype(y.dtype)
+
+
+@jax.custom_vjp
+def _add_bias_16(y, bias):
+    return y + bias.astype(y.dtype)
+
+
+def _add_bias_16_bwd(bias, g):
+    return g, sum_rows_f32(g).astype(bias.dtype)
+
+
+_add_bias_16.defvjp(lambda y, bias: (_add_bias_16(y, bias), bias), _add_bias_16_bwd)
 
 
 class Dense(nn.Dense):

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zoo.nn.dense import add_bias, matmul
+from zoo.nn.dense import add_bias, matmul, sum_rows_f32  # noqa: F401 - sum_rows_f32 re-exported
 from zoo.ops.attention import (KVCache, decode_attention, dot_product_attention, init_kv_cache,
                                update_kv_cache)
 
@@ -191,23 +191,6 @@ _gelu_tanh_remat = jax.checkpoint(_gelu_f32)
 
 _C = 0.7978845608028654  # sqrt(2 / pi)
 _A = 0.044715
-
-
-def sum_rows_f32(x):
-    """x [..., F] summed over every axis but the last, in float32, reading x in its own dtype.
-
-    For a bf16 x the float32 value of each element is made from its bits (a bf16 is a float32's
-    upper 16 bits: exact), not by convert: XLA's GPU compiler folds convert(convert(d, bf16),
-    float32) back into d (SimplifyFPConversions, on under its default xla_allow_excess_precision),
-    so a sum of d.astype(bf16).astype(float32) would read the float32 d, which then must be written
-    out for it: GPT-124M at B64 on an H200 (2026-11-27), the GELU backward wrote its float32 y
-    gradient (0.8 GB per layer) for the bias gradient's reduction alone (0.74 ms of kernels per
-    layer where reading y and g and writing dy, 1.2 GB, takes ~0.3 ms)."""
-    x = x.reshape(-1, x.shape[-1])
-    if x.dtype == jnp.bfloat16:
-        bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
-        return jax.lax.bitcast_convert_type(bits, jnp.float32).sum(0)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32)).sum(0)
 
 
 def _tanh_form(y, b):
