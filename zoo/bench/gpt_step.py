@@ -19,11 +19,13 @@ T 1024), bf16 compute with float32 params, at B64 with the variant `bf16-logits`
 (GPTConfig.f32_logits=False: bf16 logits and logit gradients, as PyTorch autocast's, for half the
 traffic over the [B * T, V] logits; an H200, 2026-11-26: 46.8% MFU pipelined at B64, the default
 45.8%; B16, measured on three leases, reached 43.4%; B128 ran out of memory on the H200), and
-`bf16-logits-qkv-split-grad-gelu-sigmoid`, with GPTConfig.qkv "fused-split-grad" and
-GPTConfig.gelu "sigmoid". Timed only when ZOO_GPT_STEP_RUNS names them (e.g.
+`bf16-logits-qkv-separate-gelu-sigmoid`, with GPTConfig.qkv "separate" and GPTConfig.gelu
+"sigmoid". Timed only when ZOO_GPT_STEP_RUNS names them (e.g.
 ZOO_GPT_STEP_RUNS=64-bf16-logits,64-bf16-logits-gelu-sigmoid): each of those two alone
-(`bf16-logits-qkv-split-grad`, `bf16-logits-gelu-sigmoid`), `bf16-logits-qkv-separate`,
-PyTorch eager (`64-torch`) and `64` (the default config, f32 logits).
+(`bf16-logits-qkv-separate`, `bf16-logits-gelu-sigmoid`), `bf16-logits-qkv-split-grad` (GPTConfig.qkv
+"fused-split-grad") alone and with the sigmoid GELU, PyTorch eager (`64-torch`) and `64` (the
+default config, f32 logits). benchmarks/scripts/gpt_step_hlo.py compiles these runs for an H200
+without one and counts what each moves.
 Quick (CPU): L4 H256 8 heads, V 256, T 256, batch 8, float32.
 
 The peer, when torch is installed: the same model and step in PyTorch as nanoGPT writes it
@@ -65,6 +67,12 @@ GELU_SIGMOID = ("bf16-logits-gelu-sigmoid", dict(f32_logits=False, gelu="sigmoid
 # the two that took the most off the step's kernel time on that lease, together
 SPLIT_GRAD_SIGMOID = ("bf16-logits-qkv-split-grad-gelu-sigmoid",
                       dict(f32_logits=False, qkv="fused-split-grad", gelu="sigmoid"))
+# separate q/k/v projections, since their bias adds fold into cuBLASLt's epilogue (zoo.nn.dense.
+# add_bias), the fewest bytes moved of the qkv modes (the step compiled for an H200, 2026-11-27:
+# 92.2 GB of fusions and copies to the fused projection's 104.3; gpt_step_hlo.py), with the
+# sigmoid GELU
+SEPARATE_SIGMOID = ("bf16-logits-qkv-separate-gelu-sigmoid",
+                    dict(f32_logits=False, qkv="separate", gelu="sigmoid"))
 # the PyTorch peer (zoo.bench.torch_gpt): eager, and torch.compile'd
 TORCH = ("torch", {})
 TORCH_COMPILED = ("torch-compiled", {})
@@ -74,8 +82,9 @@ PEERS = {"torch": "torch-nanogpt", "torch-compiled": "torch-nanogpt-compiled"}  
 # on four leases; the single variants and PyTorch eager, measured on the thirteenth session's lease)
 FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=768, num_heads=12,
                           dtype="bfloat16"),
-            runs=((64, BF16_LOGITS), (64, SPLIT_GRAD_SIGMOID), (64, TORCH_COMPILED)),
-            more=((64, QKV_SPLIT_GRAD), (64, QKV_SEPARATE), (64, GELU_SIGMOID), (64, TORCH), (64, None)))
+            runs=((64, BF16_LOGITS), (64, SEPARATE_SIGMOID), (64, TORCH_COMPILED)),
+            more=((64, QKV_SEPARATE), (64, GELU_SIGMOID), (64, QKV_SPLIT_GRAD), (64, SPLIT_GRAD_SIGMOID),
+                  (64, TORCH), (64, None)))
 QUICK = dict(cfg=GPTConfig(vocab_size=256, max_len=256, num_layers=4, hidden=256, num_heads=8),
              runs=((8, None), (8, TORCH)))
 
