@@ -43,6 +43,20 @@ def test_summarize_sums_per_call_and_keeps_device_timelines():
     assert [r["name"] for r in s["rows"]] == ["nvjet_gemm", "loop_add_fusion"]
     assert s["rows"][0]["ms"] == pytest.approx(0.3) and s["rows"][0]["count"] == 1
     assert s["classes"] == pytest.approx({"gemm": 0.75, "fusion": 0.25})
+    # with the bytes per launch from the compiled program: the fusion's rate, one launch of 1e8 B
+    # in 200 us
+    s = profile.summarize(profile.device_events(ev), calls=2, kernel_bytes={"loop_add_fusion": 100_000_000})
+    assert s["rows"][1]["tbps"] == pytest.approx(0.5) and "tbps" not in s["rows"][0]
+
+
+def test_kernel_bytes_names_kernels_as_the_trace_does():
+    """An op `loop_add_fusion.35` runs as kernel `loop_add_fusion_35`; matmuls and attention (their
+    kernels are cuBLAS's and cuDNN's, named otherwise) are left out."""
+    from tests.bench.test_hlo import GPU_TEXT
+
+    got = profile.kernel_bytes(GPU_TEXT.replace("%loop_add_fusion ", "%loop_add_fusion.35 "))
+    assert got == {"loop_add_fusion_35": 4096 * 1000 * 2 * 2 + 1000 * 4 + 64 * 1000 * 4,
+                   "gather_fusion": 4096 * 4 * 3}
 
 
 def test_idle_gaps_merge_streams_and_leave_out_the_wait_between_calls():
@@ -102,7 +116,7 @@ def test_report_is_off_by_default_and_never_raises(monkeypatch, capsys):
     assert "kernel table skipped: RuntimeError: no CUPTI" in capsys.readouterr().out
 
 
-def test_report_writes_the_compiled_program(monkeypatch, tmp_path):
+def test_report_writes_the_compiled_program(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("ZOO_PROFILE", "1")
     monkeypatch.setenv("ZOO_PROFILE_DIR", str(tmp_path))
     a = jnp.ones((64, 64), jnp.float32)
@@ -113,3 +127,4 @@ def test_report_writes_the_compiled_program(monkeypatch, tmp_path):
     assert s is not None and s["total_ms"] > 0
     text = gzip.decompress((tmp_path / "tanh_matmul.hlo.txt.gz").read_bytes()).decode()
     assert "HloModule" in text and "tanh" in text
+    assert "bytes per kernel skipped" not in capsys.readouterr().out

@@ -70,9 +70,21 @@ def device_events(events: list[dict]) -> list[dict]:
             and not e["name"].startswith(skip)]
 
 
-def summarize(events: list[dict], calls: int, top: int = 25) -> dict:
-    """{"rows": [{"name", "class", "ms", "count", "share"} per call, largest first],
-    "classes": {class: share}, "total_ms": per call}."""
+def kernel_bytes(hlo_text: str) -> dict[str, int]:
+    """{kernel name as the trace shows it: bytes one launch reads and writes} for the XLA fusions
+    and copies of a compiled program (zoo.bench.hlo.launches; a kernel's name is its op's with
+    '.' and '-' as '_'). XLA emits one kernel for identical fusions (the same op in each layer)
+    under one of their names, so a row's launches all move the bytes of the op it is named for."""
+    from zoo.bench import hlo
+
+    return {re.sub(r"[.\-]", "_", x.name): x.bytes for x in hlo.launches(hlo_text)
+            if x.kind not in ("gemm", "attention")}
+
+
+def summarize(events: list[dict], calls: int, top: int = 25, kernel_bytes: dict | None = None) -> dict:
+    """{"rows": [{"name", "class", "ms", "count", "share"} per call, largest first, with "tbps",
+    the bytes moved per second, for the kernels kernel_bytes knows], "classes": {class: share},
+    "total_ms": per call}."""
     total, count = collections.Counter(), collections.Counter()
     for e in events:
         total[e["name"]] += e["dur"]
@@ -83,6 +95,9 @@ def summarize(events: list[dict], calls: int, top: int = 25) -> dict:
         by_class[kernel_class(name)] += us
     rows = [{"name": name, "class": kernel_class(name), "ms": us / 1e3 / calls,
              "count": count[name] / calls, "share": us / grand} for name, us in total.most_common(top)]
+    for r in rows:
+        if kernel_bytes and r["name"] in kernel_bytes:
+            r["tbps"] = kernel_bytes[r["name"]] * r["count"] / (r["ms"] * 1e-3) / 1e12
     return {"rows": rows, "classes": {c: us / grand for c, us in by_class.most_common()},
             "total_ms": grand / 1e3 / calls}
 
@@ -139,8 +154,10 @@ def memsets(events: list[dict], calls: int) -> dict:
             "args": sorted(found[0].get("args", {})) if found else []}
 
 
-def kernel_table(fn: Callable[[], object], *, calls: int = 3, top: int = 25, title: str = "") -> dict:
-    """Profile `calls` calls of fn (already compiled and warm) and print the kernel table."""
+def kernel_table(fn: Callable[[], object], *, calls: int = 3, top: int = 25, title: str = "",
+                 kernel_bytes: dict | None = None) -> dict:
+    """Profile `calls` calls of fn (already compiled and warm) and print the kernel table (with
+    each fusion's TB/s where kernel_bytes, from the compiled program, knows its bytes)."""
     import jax
 
     with tempfile.TemporaryDirectory() as d:
@@ -148,13 +165,14 @@ def kernel_table(fn: Callable[[], object], *, calls: int = 3, top: int = 25, tit
             for _ in range(calls):
                 fn()
         events = device_events(_trace_events(d))
-        summary = summarize(events, calls, top)
+        summary = summarize(events, calls, top, kernel_bytes)
         summary["gaps"] = idle_gaps(events, calls)
     print(f"--- kernel time per call{' of ' + title if title else ''}: {summary['total_ms']:.3f} ms "
           f"(first kernel to last: {summary['gaps']['span_ms']:.3f} ms per call); "
           + ", ".join(f"{c} {s:.0%}" for c, s in summary["classes"].items()), flush=True)
     for r in summary["rows"]:
-        print(f"  {r['ms']:9.3f} ms {r['share']:6.1%} x{r['count']:<5.0f} {r['class']:9s} {r['name'][:110]}",
+        rate = f"{r['tbps']:5.2f} TB/s" if "tbps" in r else " " * 10
+        print(f"  {r['ms']:9.3f} ms {r['share']:6.1%} x{r['count']:<5.0f} {r['class']:9s} {rate} {r['name'][:110]}",
               flush=True)
     g = summary["gaps"]
     print(f"--- idle between kernels per call: {g['idle_ms']:.3f} ms over {g['kernels']:.0f} kernels ("
@@ -179,7 +197,8 @@ def report(fn: Callable[[], object], *, hlo: Callable[[], str] | None = None, na
     """kernel_table(fn) when ZOO_PROFILE is set, else nothing; a profiler that fails (no CUPTI, a
     trace without device lines) prints why and costs the benchmark none of its rows. With
     ZOO_PROFILE_DIR set too, `hlo()` (the compiled program's text, whose fusion names the table
-    shows) is written there as NAME.hlo.txt.gz."""
+    shows) is written there as NAME.hlo.txt.gz, and the table gives each fusion's bytes moved per
+    second (kernel_bytes)."""
     if not enabled():
         return None
     out = os.environ.get("ZOO_PROFILE_DIR", "")
@@ -187,9 +206,14 @@ def report(fn: Callable[[], object], *, hlo: Callable[[], str] | None = None, na
         if out and hlo is not None:
             os.makedirs(out, exist_ok=True)
             path = os.path.join(out, re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".hlo.txt.gz")
+            text = hlo()
             with gzip.open(path, "wt") as f:
-                f.write(hlo())
+                f.write(text)
             print(f"--- compiled program written to {path}", flush=True)
+            try:
+                kwargs["kernel_bytes"] = kernel_bytes(text)
+            except Exception as e:  # noqa: BLE001 - a program text this parser misreads: no rates
+                print(f"--- bytes per kernel skipped: {type(e).__name__}: {e}", flush=True)
         return kernel_table(fn, **kwargs)
     except Exception as e:  # noqa: BLE001 - the table is a diagnostic, the rows are the result
         print(f"--- kernel table skipped: {type(e).__name__}: {e}", flush=True)
