@@ -59,15 +59,12 @@ def summary(ls: list[hlo.Launch]) -> dict:
             "estimate_ms": gemm / GEMM_TFLOPS * 1e3 + moved / FUSION_TBPS + ATTENTION_MS * (attention > 0)}
 
 
-def _options(text: str) -> dict:
-    """"a=true,b=3" -> {"a": True, "b": 3}: booleans and integers as XLA takes them, the rest strings."""
-    out = {}
-    for item in filter(None, text.split(",")):
-        name, sep, value = item.partition("=")
-        if not sep or not name.startswith("xla_"):
-            raise argparse.ArgumentTypeError(f"{item!r}: want xla_NAME=VALUE")
-        out[name] = {"true": True, "false": False}.get(value.lower(), int(value) if value.lstrip("-").isdigit() else value)
-    return out
+def _option(text: str) -> tuple:
+    """"xla_a=true" -> ("xla_a", True): booleans and integers as XLA takes them, the rest strings."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("xla_"):
+        raise argparse.ArgumentTypeError(f"{text!r}: want xla_NAME=VALUE")
+    return name, {"true": True, "false": False}.get(value.lower(), int(value) if value.lstrip("-").isdigit() else value)
 
 
 def main(argv=None) -> int:
@@ -77,12 +74,13 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="64-bf16-logits,64-bf16-logits-gelu-sigmoid",
                    type=lambda s: [r if r.startswith("64") else f"64-{r}" for r in s.split(",") if r],
                    help=f"comma-separated, among: {', '.join(runs)} (the 64- may be left off)")
-    p.add_argument("--xla", default="", type=_options, metavar="NAME=VALUE,...",
-                   help="XLA options for every run, beside xla_gpu_enable_triton_gemm=false (e.g. "
-                        "xla_gpu_experimental_enable_fusion_block_level_rewriter=true)")
+    p.add_argument("--xla", action="append", default=[], type=_option, metavar="NAME=VALUE",
+                   help="an XLA option for every run, beside xla_gpu_enable_triton_gemm=false (e.g. "
+                        "xla_gpu_experimental_enable_fusion_block_level_rewriter=true); repeat for more")
     p.add_argument("--out", help="write each run's compiled program here (gzipped)")
     p.add_argument("--top", type=int, default=12, help="sources listed for the first run")
     args = p.parse_args(argv)
+    args.xla = dict(args.xla)
     unknown = [r for r in args.runs if r not in runs]
     if unknown:
         p.error(f"unknown runs {unknown}; known: {', '.join(runs)}")

@@ -21,10 +21,12 @@ def _run(*args):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_unknown_run_and_missing_plugin_are_one_line_errors():
+def test_unknown_run_bad_option_and_missing_plugin_are_one_line_errors():
     out = _run("--runs", "bf16-logits,torch-compiled")
     assert out.returncode == 2 and "unknown runs ['64-torch-compiled']" in out.stderr, out.stderr[-800:]
     assert "Traceback" not in out.stderr
+    out = _run("--xla", "enable_thing=true")
+    assert out.returncode == 2 and "'enable_thing=true': want xla_NAME=VALUE" in out.stderr, out.stderr[-800:]
     if not CUDA_PLUGIN:
         out = _run("--runs", "bf16-logits")
         assert out.returncode == 2 and "pip install jax-cuda13-plugin==" in out.stderr, out.stderr[-800:]
