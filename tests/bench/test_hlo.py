@@ -137,3 +137,30 @@ def test_bf16_bias_add_folds_into_the_matmul_on_a_gpu():
     assert len(gemm) == 1 and gemm[0].read == M * K * 2 + K * F * 2 + F * 2  # x, w, the bf16 bias
     # the one non-matmul pass over y: tanh and its use, reading y once (no separate bias add)
     assert all(x.read < 1.01 * arr for x in fwd if x.kind != "gemm")
+
+
+@pytest.mark.skipif(not CUDA_PLUGIN, reason="needs JAX's CUDA plugin (jax-cuda13-plugin), not a GPU")
+def test_gpt_step_reductions_read_no_concatenation_on_a_gpu():
+    """A bf16 GPT train step (fused q/k/v projections, cuDNN attention) compiled for an H200: no
+    reduction fusion concatenates its inputs itself (the q/k/v bias gradient as one reduction over
+    a concatenation of the three cuDNN outputs ran at 1.66 TB/s on an H200, plain reductions at
+    3.3-3.9); it reads the concatenated gradient the matmuls read."""
+    import optax
+
+    from zoo.models.gpt import GPTConfig, make_gpt
+    from zoo.train.state import init_state
+    from zoo.train.strategy import make_train_step
+
+    # one GPT-124M layer at B8 (smaller ones compile without the merge)
+    cfg = GPTConfig(vocab_size=256, max_len=1024, num_layers=1, hidden=768, num_heads=12, dtype="bfloat16",
+                    implementation="cudnn", f32_logits=False)
+    md, tx = make_gpt(cfg), optax.adamw(1e-3)
+    batch = {"x": jax.ShapeDtypeStruct((8, 1025), jnp.int32), "idx": jax.ShapeDtypeStruct((8,), jnp.int32)}
+    with hlo.tracing_for_gpu():
+        state = jax.eval_shape(lambda k, b: init_state(md.init(k, b), tx, 0.0), jax.random.PRNGKey(0), batch)
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(1))
+    text = hlo.compile_for_gpu(make_train_step(md, tx, 0.0), state, key, batch)
+    comps, _ = hlo.parse_computations(text)
+    reducing = {name for name, body in comps.items() if any(i.op == "reduce" for i in body)}
+    assert reducing and any(i.op == "concatenate" for body in comps.values() for i in body)
+    assert not [name for name in reducing if any(i.op == "concatenate" for i in comps[name])]

@@ -39,7 +39,7 @@ def sum_rows_f32(x):
     return x.astype(jnp.promote_types(x.dtype, jnp.float32)).sum(0)
 
 
-def add_bias(y, bias):
+def add_bias(y, bias, *, grad_apart: bool = False):
     """y + bias in y's dtype, with the bias gradient summed in float32.
 
     In float32: y + bias. In bf16 (or float16): the bias rounded to y's dtype and added there, as
@@ -50,23 +50,31 @@ def add_bias(y, bias):
     "separate") paid a [B * T, H] read and write for it, 7.4 GB per step at B64 (the step compiled
     for an H200, benchmarks/scripts/gpt_step_hlo.py). The bias gradient is the float32 sum of y's
     gradient (sum_rows_f32): a sum over every token in bf16 is off by ~2% at 4,096 tokens
-    (tests/models/test_transformer.py; GPT-124M's step sums 65,536)."""
+    (tests/models/test_transformer.py; GPT-124M's step sums 65,536).
+
+    grad_apart (bf16 / float16 y): the bias gradient's reduction reads y's gradient as it is
+    stored, behind an optimization barrier, never fused with what makes it. For fused_dense, whose
+    output gradient is the concatenation of the projections' gradients: XLA fused that
+    concatenation into the reduction (GPT-124M's q/k/v bias gradient: 1.66 TB/s on an H200,
+    2026-11-27, where plain column reductions ran at 3.3-3.9) rather than read the concatenated
+    array the matmuls' backward reads anyway. Elsewhere the barrier can cost a pass: y's gradient
+    written out for the reduction where it could have been summed as it was made."""
     if y.dtype in (jnp.bfloat16, jnp.float16):
-        return _add_bias_16(y, bias)
+        return (_add_bias_16_apart if grad_apart else _add_bias_16)(y, bias)
     acc = jnp.promote_types(y.dtype, jnp.float32)
     return (y.astype(acc) + bias.astype(acc)).astype(y.dtype)
 
 
-@jax.custom_vjp
-def _add_bias_16(y, bias):
+def _add_bias_16_fn(y, bias):
     return y + bias.astype(y.dtype)
 
 
-def _add_bias_16_bwd(bias, g):
-    return g, sum_rows_f32(g).astype(bias.dtype)
-
-
-_add_bias_16.defvjp(lambda y, bias: (_add_bias_16(y, bias), bias), _add_bias_16_bwd)
+_add_bias_16 = jax.custom_vjp(_add_bias_16_fn)
+_add_bias_16.defvjp(lambda y, bias: (_add_bias_16(y, bias), bias),
+                    lambda bias, g: (g, sum_rows_f32(g).astype(bias.dtype)))
+_add_bias_16_apart = jax.custom_vjp(_add_bias_16_fn)
+_add_bias_16_apart.defvjp(lambda y, bias: (_add_bias_16_apart(y, bias), bias),
+                          lambda bias, g: (g, sum_rows_f32(jax.lax.optimization_barrier(g)).astype(bias.dtype)))
 
 
 class Dense(nn.Dense):

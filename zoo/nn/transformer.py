@@ -88,12 +88,13 @@ def fused_dense(x, layers, *, split_grad=False):
     kernels, biases, loras = zip(*[layer(x, weights_only=True) for layer in layers])
     x = x.astype(kernels[0].dtype)
     if split_grad:
-        ys = [y if b is None else add_bias(y, b) for y, b in zip(_matmul_side_by_side(x, tuple(kernels)), biases)]
+        ys = [y if b is None else add_bias(y, b, grad_apart=True)
+              for y, b in zip(_matmul_side_by_side(x, tuple(kernels)), biases)]
     else:
         y = matmul(x, jnp.concatenate(kernels, axis=1))
         if any(b is not None for b in biases):
             y = add_bias(y, jnp.concatenate([jnp.zeros(k.shape[1], jnp.float32) if b is None else b
-                                             for k, b in zip(kernels, biases)]))
+                                             for k, b in zip(kernels, biases)]), grad_apart=True)
         ys = jnp.split(y, _split_points(kernels), axis=-1)
     return [o if lora is None else o + lora(x) for o, lora in zip(ys, loras)]
 
