@@ -32,7 +32,7 @@ ENTRY %main.9 (x.1: bf16[4096,256], w.1: bf16[256,1000], b.1: f32[1000], i.1: s3
   %w.1 = bf16[256,1000]{1,0} parameter(1), metadata={op_name="w"}
   %b.1 = f32[1000]{0} parameter(2)
   %i.1 = s32[4096,1]{1,0} parameter(3)
-  %custom-call.7 = (bf16[4096,1000]{1,0}, s8[4194304]{0}) custom-call(%x.1, %w.1), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/jvp(GPT)/stack/block_3/mlp/fc/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %custom-call.7 = (bf16[4096,1000]{1,0}, s8[4194304]{0}) custom-call(%x.1, %w.1), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/jvp(GPT)/stack/block_3/mlp/fc/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}, frontend_attributes={_xla_stream="1"}
   %get-tuple-element.1 = bf16[4096,1000]{1,0} get-tuple-element(%custom-call.7), index=0
   %loop_add_fusion = (bf16[4096,1000]{1,0}, f32[64,1000]{1,0}) fusion(%get-tuple-element.1, %b.1), kind=kInput, calls=%fused_add, metadata={op_name="jit(step)/transpose(jvp(GPT))/stack/block_11/mlp/fc/add"}
   %gte.2 = bf16[4096,1000]{1,0} get-tuple-element(%loop_add_fusion), index=0

@@ -215,7 +215,8 @@ def launches(text: str) -> list[Launch]:
             kind = f"custom-call:{target}"
             outs = _ARRAY.findall(ins.shape)
             if "cublas" in target:
-                cfg = json.loads(re.search(r"backend_config=(\{.*\})\s*$", ins.attrs).group(1))
+                at = ins.attrs.index("backend_config=") + len("backend_config=")
+                cfg = json.JSONDecoder().raw_decode(ins.attrs[at:])[0]  # the JSON object, whatever follows
                 dims = cfg["gemm_backend_config"]["dot_dimension_numbers"]
                 first = f"{outs[0][0]}[{outs[0][1]}]"
                 kind = "gemm"
