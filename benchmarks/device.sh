@@ -109,7 +109,8 @@ for step in ${steps//,/ }; do
   case $step in
     tests)
       echo "=== GPU tests $(date -u +%T)" | tee -a "$log"
-      capped 90 env JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_attention.py 2>&1 \
+      capped 90 env JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_attention.py \
+        tests/nn/test_dense.py 2>&1 \
         | tail -5 | tee -a "$log" ;;
     gibbs) bench gibbs 120 ;;
     gibbs-cublas) bench gibbs 90 -cublas "$CUBLAS" ;;

@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tests.jaxprs import equations
 from zoo.nn.dense import Dense, matmul
@@ -67,3 +68,28 @@ def test_add_bias_in_the_output_dtype_with_a_float32_bias_gradient():
     # what the float32 sum avoids: the same sum in bf16 is off by far more
     bf16_sum = np.asarray(jnp.sum(jnp.asarray(g64, jnp.bfloat16), axis=0, dtype=jnp.bfloat16), np.float64)
     assert np.abs(bf16_sum - np.asarray(jnp.asarray(g64, jnp.bfloat16), np.float64).sum(0)).max() > 1e-1
+
+
+@pytest.mark.gpu
+def test_bf16_bias_add_in_the_matmul_matches_numpy_on_the_device():
+    """On a GPU add_bias folds into cuBLASLt's BIAS epilogue (XLA has had wrong results in those
+    epilogues: openxla/xla#46110, #46897): the jitted bf16 matmul + bias and its gradients against
+    NumPy's float64, to bf16's rounding."""
+    from zoo.nn.dense import add_bias
+
+    rng = np.random.default_rng(4)
+    x, w = rng.standard_normal((4096, 256)), rng.standard_normal((256, 768)) / 16
+    b, g = rng.standard_normal(768), rng.standard_normal((4096, 768))
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+
+    def f(x, w, b):
+        return add_bias(x @ w, b)
+
+    out, vjp = jax.vjp(jax.jit(f), xb, wb, jnp.asarray(b, jnp.float32))
+    xr, wr = np.asarray(xb, np.float64), np.asarray(wb, np.float64)
+    np.testing.assert_allclose(np.asarray(out, np.float64), xr @ wr + b, rtol=2e-2, atol=2e-2)
+    dx, dw, db = vjp(jnp.asarray(g, jnp.bfloat16))
+    gr = np.asarray(jnp.asarray(g, jnp.bfloat16), np.float64)
+    np.testing.assert_allclose(np.asarray(db, np.float64), gr.sum(0), rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(dw, np.float64), xr.T @ gr, rtol=2e-2, atol=0.5)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), gr @ wr.T, rtol=2e-2, atol=0.1)
