@@ -1,7 +1,7 @@
 """Dense-layer pieces (zoo.nn.transformer's layers use them): `add_bias`, a bias added with its
-gradient summed in float32 (`sum_rows_f32`), and `matmul`, whose matmul sees a 2-D input: x [..., I] runs as one [M, I] @ [I, F]
-with the leading axes flattened into M, the result reshaped back to [..., F]; `Dense` is flax's
-Dense with that matmul.
+gradient summed in float32 (`sum_rows_f32`), and `matmul`, whose matmul sees a 2-D input: x
+[..., I] runs as one [M, I] @ [I, F] with the leading axes flattened into M, the result reshaped
+back to [..., F]; `Dense` is flax's Dense with that matmul.
 
 The values are those of x @ w; what changes is the backward: the weight gradient's dot contracts
 one axis rather than every leading one, which XLA:CPU otherwise feeds by materialising
@@ -73,8 +73,9 @@ _add_bias_16 = jax.custom_vjp(_add_bias_16_fn)
 _add_bias_16.defvjp(lambda y, bias: (_add_bias_16(y, bias), bias),
                     lambda bias, g: (g, sum_rows_f32(g).astype(bias.dtype)))
 _add_bias_16_apart = jax.custom_vjp(_add_bias_16_fn)
-_add_bias_16_apart.defvjp(lambda y, bias: (_add_bias_16_apart(y, bias), bias),
-                          lambda bias, g: (g, sum_rows_f32(jax.lax.optimization_barrier(g)).astype(bias.dtype)))
+_add_bias_16_apart.defvjp(
+    lambda y, bias: (_add_bias_16_apart(y, bias), bias),
+    lambda bias, g: (g, sum_rows_f32(jax.lax.optimization_barrier(g)).astype(bias.dtype)))
 
 
 class Dense(nn.Dense):

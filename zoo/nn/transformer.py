@@ -35,8 +35,9 @@ class LoRADense(nn.Module):
     with gelu="tanh" (or "sigmoid", the same function: GELU_FORMS), GELU of that, the bias add
     inside the GELU (bias_gelu_tanh, bias_gelu_sigmoid).
 
-    In a bf16 compute dtype the float32 bias is added in float32 (add_bias), so its gradient, a
-    sum over every token, is summed in float32.
+    In a bf16 compute dtype the float32 bias is added in bf16 (add_bias: on a GPU inside the
+    matmul's cuBLASLt epilogue), its gradient, a sum over every token, summed in float32; inside
+    the GELU it is added in float32 with the GELU's math.
     lora_a starts Gaussian and lora_b at zero, so adapters start as the identity update.
     """
 
