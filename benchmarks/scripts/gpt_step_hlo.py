@@ -10,7 +10,10 @@ time per step takes the rates the thirteenth session's lease measured for the bf
 (H200, 2026-11-27: 121.4 ms of kernels, its compiled program read the same way): matmuls at 755
 TFLOP/s (53% of the kernel time for 48.6 TFLOP), fusions and copies at 3.17 TB/s (35% for 134.9
 GB), attention 15.2 ms (12%). A guide to which way and about how far a change moves the step,
-not a measurement: the same card ran the same step 5% faster on another lease.
+not a measurement: the same card ran the same step 5% faster on another lease. Each run's line
+ends with the memory its temporaries take on the device (XLA's buffer assignment, one
+allocation: for the bf16-logits step at B128 this reads 61.6 GiB; an H200 lease asked for 61.5
+GiB for it, 2026-11-26, and was refused in a process that had run the B64 steps before).
 
 Run: python benchmarks/scripts/gpt_step_hlo.py [--target h200] [--runs bf16-logits,...]
 [--out DIR] (needs `pip install jax-cuda13-plugin==JAX jax-cuda13-pjrt==JAX`, JAX being jax's
@@ -40,7 +43,8 @@ from zoo.train.strategy import make_train_step
 GEMM_TFLOPS, FUSION_TBPS, ATTENTION_MS = 755.0, 3.17, 15.2
 
 
-def step_program(cfg, B: int, target: str, options: dict | None = None) -> str:
+def step_program(cfg, B: int, target: str, options: dict | None = None):
+    """The train step of GPT cfg at batch B compiled for `target` (a jax.stages.Compiled)."""
     md = make_gpt(cfg)
     tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
     batch = {"x": jax.ShapeDtypeStruct((B, cfg.max_len + 1), jnp.int32), "idx": jax.ShapeDtypeStruct((B,), jnp.int32)}
@@ -92,19 +96,21 @@ def main(argv=None) -> int:
         # attention as auto picks it on a GPU (here auto would pick the CPU's kernels)
         cfg = dataclasses.replace(FULL["cfg"], implementation="cudnn", **(variant[1] if variant else {}))
         try:
-            text = step_program(cfg, B, args.target, args.xla)
+            compiled = step_program(cfg, B, args.target, args.xla)
         except RuntimeError as e:  # no CUDA plugin: what to install
             print(f"gpt_step_hlo.py: {e}", file=sys.stderr)
             return 2
+        text = compiled.as_text()
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             with gzip.open(os.path.join(args.out, f"gpt_step-{name}-{args.target}.hlo.txt.gz"), "wt") as f:
                 f.write(text)
         ls = hlo.launches(text)
         s = summary(ls)
+        temp = compiled.memory_analysis().temp_size_in_bytes / 2 ** 30
         print(f"{name:48s} {s['launches']:5d} launches, matmuls {s['gemm_tflop']:.2f} TFLOP, fusions and copies "
               f"{s['fusion_gb']:.2f} GB, {s['attention_calls']} attention calls: estimate {s['estimate_ms']:.1f} ms "
-              f"of kernels per step", flush=True)
+              f"of kernels per step; {temp:.1f} GiB of temporaries", flush=True)
         by_source = {r["source"]: r for r in hlo.traffic([x for x in ls if x.kind != "gemm"], by="source")}
         if first is None:
             first = (name, by_source)

@@ -52,5 +52,8 @@ def test_step_program_flops_and_bytes(tmp_path):
     # float32 logits: the loss reads and the backward writes [B * T, V] in float32, not bf16
     logits = B * T * cfg.vocab_size * 2 / 1e9
     assert rows["64"][1] - rows["64-bf16-logits"][1] > 2 * logits
+    # the device memory the step needs beside its state: float32 logits need more
+    temps = dict(re.findall(r"^(\S+) .* ([\d.]+) GiB of temporaries$", out.stdout, re.M))
+    assert float(temps["64"]) > float(temps["64-bf16-logits"]) > 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt_step-64-bf16-logits-h200.hlo.txt.gz",
                                                          "gpt_step-64-h200.hlo.txt.gz"]

@@ -104,7 +104,7 @@ def test_gelu_moves_each_array_once_each_way_on_a_gpu(form):
 
     args = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16), jax.ShapeDtypeStruct((K, F), jnp.float32),
             jax.ShapeDtypeStruct((F,), jnp.float32), jax.ShapeDtypeStruct((F, K), jnp.float32))
-    ls = hlo.launches(hlo.compile_for_gpu(jax.grad(loss, argnums=(0, 1, 2, 3)), *args))
+    ls = hlo.launches(hlo.compile_for_gpu(jax.grad(loss, argnums=(0, 1, 2, 3)), *args).as_text())
     arr = M * F * 2
     big = [x for x in ls if x.kind != "gemm" and x.bytes >= arr]
     fwd = [x for x in big if x.pass_ == "forward"]
@@ -128,7 +128,7 @@ def test_bf16_bias_add_folds_into_the_matmul_on_a_gpu():
 
     args = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16), jax.ShapeDtypeStruct((K, F), jnp.float32),
             jax.ShapeDtypeStruct((F,), jnp.float32))
-    text = hlo.compile_for_gpu(jax.value_and_grad(loss, argnums=(0, 1, 2)), *args)
+    text = hlo.compile_for_gpu(jax.value_and_grad(loss, argnums=(0, 1, 2)), *args).as_text()
     assert '"epilogue":"BIAS"' in text
     ls = hlo.launches(text)
     arr = M * F * 2
@@ -159,7 +159,7 @@ def test_gpt_step_reductions_read_no_concatenation_on_a_gpu():
     with hlo.tracing_for_gpu():
         state = jax.eval_shape(lambda k, b: init_state(md.init(k, b), tx, 0.0), jax.random.PRNGKey(0), batch)
     key = jax.eval_shape(lambda: jax.random.PRNGKey(1))
-    text = hlo.compile_for_gpu(make_train_step(md, tx, 0.0), state, key, batch)
+    text = hlo.compile_for_gpu(make_train_step(md, tx, 0.0), state, key, batch).as_text()
     comps, _ = hlo.parse_computations(text)
     reducing = {name for name, body in comps.items() if any(i.op == "reduce" for i in body)}
     assert reducing and any(i.op == "concatenate" for body in comps.values() for i in body)

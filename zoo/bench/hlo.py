@@ -269,9 +269,11 @@ def tracing_for_gpu(target: str = "h200"):
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
-def compile_for_gpu(fn, *args, target: str = "h200", compiler_options: dict | None = None, **jit_kwargs) -> str:
-    """The compiled program text of jax.jit(fn, **jit_kwargs) for one GPU of `target` (GPU_TARGETS),
-    compiled here without one; args are arrays or jax.ShapeDtypeStruct (pytrees of them).
+def compile_for_gpu(fn, *args, target: str = "h200", compiler_options: dict | None = None, **jit_kwargs):
+    """jax.jit(fn, **jit_kwargs) compiled for one GPU of `target` (GPU_TARGETS) here, without one: a
+    jax.stages.Compiled to read, not run (`.as_text()`, the program; `.memory_analysis()`, its
+    buffers: temp_size_in_bytes, what the device must find free); args are arrays or
+    jax.ShapeDtypeStruct (pytrees of them).
     compiler_options: XLA options for this compile (default: GPU_COMPILER_OPTIONS)."""
     import jax
     from jax.experimental import topologies
@@ -293,4 +295,4 @@ def compile_for_gpu(fn, *args, target: str = "h200", compiler_options: dict | No
     options = GPU_COMPILER_OPTIONS if compiler_options is None else compiler_options
     with tracing_for_gpu(target):
         lowered = jax.jit(fn, **jit_kwargs).lower(*abstract)
-    return lowered.compile(compiler_options=options).as_text()
+    return lowered.compile(compiler_options=options)
