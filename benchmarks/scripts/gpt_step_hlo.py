@@ -12,8 +12,9 @@ TFLOP/s (53% of the kernel time for 48.6 TFLOP), fusions and copies at 3.17 TB/s
 GB), attention 15.2 ms (12%). A guide to which way and about how far a change moves the step,
 not a measurement: the same card ran the same step 5% faster on another lease. Each run's line
 ends with the memory its temporaries take on the device (XLA's buffer assignment, one
-allocation: for the bf16-logits step at B128 this reads 61.6 GiB; an H200 lease asked for 61.5
-GiB for it, 2026-11-26, and was refused in a process that had run the B64 steps before).
+allocation: the bf16-logits step at B128 reads 61.6 GiB at this commit; an H200 lease asked for
+61.5 GiB for that step as the code stood on 2026-11-26, and was refused in a process that had
+run the B64 steps before).
 
 Run: python benchmarks/scripts/gpt_step_hlo.py [--target h200] [--runs bf16-logits,...]
 [--out DIR] (needs `pip install jax-cuda13-plugin==JAX jax-cuda13-pjrt==JAX`, JAX being jax's
