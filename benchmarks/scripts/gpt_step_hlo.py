@@ -9,7 +9,8 @@ TFLOP, the bytes each fusion reads and writes, the cuDNN attention calls. The es
 time per step takes the rates the thirteenth session's lease measured for the bf16-logits step
 (H200, 2026-11-27: 121.4 ms of kernels, its compiled program read the same way): matmuls at 755
 TFLOP/s (53% of the kernel time for 48.6 TFLOP), fusions and copies at 3.17 TB/s (35% for 134.9
-GB), attention 15.2 ms (12%). A guide to which way and about how far a change moves the step,
+GB), attention 15.2 ms (12%, for 14.57 GB of cuDNN's inputs and outputs: other shapes scaled by
+theirs). A guide to which way and about how far a change moves the step,
 not a measurement: the same card ran the same step 5% faster on another lease. Each run's line
 ends with the memory its temporaries take on the device (XLA's buffer assignment, one
 allocation: the bf16-logits step at B128 reads 61.6 GiB at this commit; an H200 lease asked for
@@ -41,7 +42,7 @@ from zoo.train.state import init_state
 from zoo.train.strategy import make_train_step
 
 # the thirteenth session's lease (see the module's note)
-GEMM_TFLOPS, FUSION_TBPS, ATTENTION_MS = 755.0, 3.17, 15.2
+GEMM_TFLOPS, FUSION_TBPS, ATTENTION_MS, ATTENTION_GB = 755.0, 3.17, 15.2, 14.57
 
 
 def step_program(cfg, B: int, target: str, options: dict | None = None):
@@ -58,10 +59,11 @@ def step_program(cfg, B: int, target: str, options: dict | None = None):
 
 def summary(ls: list[hlo.Launch]) -> dict:
     gemm = sum(x.flops for x in ls if x.kind == "gemm") / 1e12
-    attention = sum(1 for x in ls if x.kind == "attention")
+    attention = [x for x in ls if x.kind == "attention"]
+    attention_gb = sum(x.bytes for x in attention) / 1e9  # cuDNN's time scaled by its inputs and outputs
     moved = sum(x.bytes for x in ls if x.kind not in ("gemm", "attention")) / 1e9
-    return {"launches": len(ls), "gemm_tflop": gemm, "fusion_gb": moved, "attention_calls": attention,
-            "estimate_ms": gemm / GEMM_TFLOPS * 1e3 + moved / FUSION_TBPS + ATTENTION_MS * (attention > 0)}
+    return {"launches": len(ls), "gemm_tflop": gemm, "fusion_gb": moved, "attention_calls": len(attention),
+            "estimate_ms": gemm / GEMM_TFLOPS * 1e3 + moved / FUSION_TBPS + ATTENTION_MS * attention_gb / ATTENTION_GB}
 
 
 def _option(text: str) -> tuple:
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default="h200", choices=sorted(hlo.GPU_TARGETS))
     p.add_argument("--runs", default="64-bf16-logits,64-bf16-logits-gelu-sigmoid",
-                   type=lambda s: [r if r.startswith("64") else f"64-{r}" for r in s.split(",") if r],
+                   type=lambda s: [r if r[:1].isdigit() else f"64-{r}" for r in s.split(",") if r],
                    help=f"comma-separated, among: {', '.join(runs)} (the 64- may be left off)")
     p.add_argument("--xla", action="append", default=[], type=_option, metavar="NAME=VALUE",
                    help="an XLA option for every run, beside xla_gpu_enable_triton_gemm=false (e.g. "
