@@ -288,8 +288,9 @@ def compile_for_gpu(fn, *args, target: str = "h200", compiler_options: dict | No
         raise RuntimeError(
             "compiling for a GPU without one needs JAX's CUDA plugin at jax's version (pip install "
             f"jax-cuda13-plugin=={jax.__version__} jax-cuda13-pjrt=={jax.__version__}) and, on a machine "
-            "with no GPU, JAX_PLATFORMS=cpu set before JAX starts (else JAX drops the plugin when its "
-            f"CUDA backend fails to start): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+            "with no GPU, JAX_PLATFORMS=cpu set before JAX starts (else the plugin's start-up looks for "
+            "CUDA's libraries, cuDNN among them, and JAX drops the plugin where they are missing): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     sharding = NamedSharding(Mesh(topo.devices[:1], ("d",)), PartitionSpec())
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
     options = GPU_COMPILER_OPTIONS if compiler_options is None else compiler_options
