@@ -36,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax
 
 from zoo.bench import hlo
-from zoo.bench.gpt_step import FULL, LR, PEERS, WEIGHT_DECAY, _run_name
+from zoo.bench.gpt_step import FULL, LR, PEERS, WEIGHT_DECAY, run_name
 from zoo.models.gpt import make_gpt
 from zoo.train.state import init_state
 from zoo.train.strategy import make_train_step
@@ -75,7 +75,7 @@ def _option(text: str) -> tuple:
 
 
 def main(argv=None) -> int:
-    runs = {_run_name(B, v): (B, v) for B, v in FULL["runs"] + FULL["more"] if not (v and v[0] in PEERS)}
+    runs = {run_name(B, v): (B, v) for B, v in FULL["runs"] + FULL["more"] if not (v and v[0] in PEERS)}
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default="h200", choices=sorted(hlo.GPU_TARGETS))
     p.add_argument("--runs", default="64-bf16-logits,64-bf16-logits-gelu-sigmoid",

@@ -163,7 +163,7 @@ def test_bias_gelu_keeps_only_the_matmul_output(capsys):
 def test_sum_rows_f32_against_numpy(dtype):
     """sum_rows_f32: the float32 sum over all leading axes of x as stored (a bf16 x upcast from its
     bits, exactly), against NumPy's float64 sum of the same values."""
-    from zoo.nn.transformer import sum_rows_f32
+    from zoo.nn.dense import sum_rows_f32
 
     x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 300, 7)) * 50, dtype)
     got = sum_rows_f32(x)

@@ -117,7 +117,8 @@ def _matmul_ceiling(H: int) -> float:
     return 2.0 * n**3 / median_seconds(lambda: f(a).block_until_ready(), iters=7)
 
 
-def _run_name(B, variant):
+def run_name(B, variant):
+    """A run's name as ZOO_GPT_STEP_RUNS and the rows take it: "64", "64-bf16-logits"."""
     return f"{B}-{variant[0]}" if variant else str(B)
 
 
@@ -127,11 +128,11 @@ def selected_runs(runs, more=()):
     want = [w for w in os.environ.get("ZOO_GPT_STEP_RUNS", "").replace(" ", "").split(",") if w]
     if not want:
         return runs
-    names = [_run_name(*r) for r in runs + more]
+    names = [run_name(*r) for r in runs + more]
     unknown = [w for w in want if w not in names]
     if unknown:
         raise ValueError(f"ZOO_GPT_STEP_RUNS: {unknown} not among this benchmark's runs {names}")
-    return tuple(r for r in runs + more if _run_name(*r) in want)
+    return tuple(r for r in runs + more if run_name(*r) in want)
 
 
 def run(quick: bool) -> list[dict]:

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zoo.nn.dense import add_bias, matmul, sum_rows_f32  # noqa: F401 - sum_rows_f32 re-exported
+from zoo.nn.dense import add_bias, matmul, sum_rows_f32
 from zoo.ops.attention import (KVCache, decode_attention, dot_product_attention, init_kv_cache,
                                update_kv_cache)
 
