@@ -11,7 +11,7 @@
 #       "b" = the MLP's GELU forms alone (benchmarks/scripts/gelu_forms.py: bias + GELU forward and
 #       backward, the forms before and since the thirteenth session, with their kernels), then
 #       `zoo bench gpt_step` (the step at B64: bf16 logits, and with GPTConfig.qkv
-#       "separate" and GPTConfig.gelu "sigmoid" together, then the PyTorch peer, nanoGPT's
+#       "separate" and GPTConfig.gelu "epilogue" together, then the PyTorch peer, nanoGPT's
 #       step torch.compile'd; synced and pipelined rows, the zoo's each with a kernel table of
 #       synced steps and one of three pipelined steps; the single variants, PyTorch eager, the
 #       cuBLASLt-epilogue and no-command-buffer variants stay available (ZOO_GPT_STEP_RUNS, steps):

@@ -62,8 +62,10 @@ def summary(ls: list[hlo.Launch]) -> dict:
     attention = [x for x in ls if x.kind == "attention"]
     attention_gb = sum(x.bytes for x in attention) / 1e9  # cuDNN's time scaled by its inputs and outputs
     moved = sum(x.bytes for x in ls if x.kind not in ("gemm", "attention")) / 1e9
-    return {"launches": len(ls), "gemm_tflop": gemm, "fusion_gb": moved, "attention_calls": len(attention),
-            "estimate_ms": gemm / GEMM_TFLOPS * 1e3 + moved / FUSION_TBPS + ATTENTION_MS * attention_gb / ATTENTION_GB}
+    aux = sum(x.aux for x in ls) / 1e9  # a matmul epilogue's second output (GELU_AUX): as if a pass wrote it
+    return {"launches": len(ls), "gemm_tflop": gemm, "fusion_gb": moved, "aux_gb": aux, "attention_calls": len(attention),
+            "estimate_ms": (gemm / GEMM_TFLOPS * 1e3 + (moved + aux) / FUSION_TBPS
+                            + ATTENTION_MS * attention_gb / ATTENTION_GB)}
 
 
 def _option(text: str) -> tuple:
@@ -111,8 +113,10 @@ def main(argv=None) -> int:
         ls = hlo.launches(text)
         s = summary(ls)
         temp = compiled.memory_analysis().temp_size_in_bytes / 2 ** 30
+        aux = f" (+ {s['aux_gb']:.2f} GB of matmul epilogue outputs)" if s["aux_gb"] else ""
         print(f"{name:48s} {s['launches']:5d} launches, matmuls {s['gemm_tflop']:.2f} TFLOP, fusions and copies "
-              f"{s['fusion_gb']:.2f} GB, {s['attention_calls']} attention calls: estimate {s['estimate_ms']:.1f} ms "
+              f"{s['fusion_gb']:.2f} GB{aux}, "
+              f"{s['attention_calls']} attention calls: estimate {s['estimate_ms']:.1f} ms "
               f"of kernels per step; {temp:.1f} GiB of temporaries", flush=True)
         by_source = {r["source"]: r for r in hlo.traffic([x for x in ls if x.kind != "gemm"], by="source")}
         if first is None:

@@ -2,6 +2,7 @@
 here from the shapes; on a machine with JAX's CUDA plugin (no GPU needed) the GPU compiler's
 program for the MLP's GELU, which must move each [M, F] array the fewest times."""
 
+import functools
 import importlib.util
 
 import jax
@@ -34,6 +35,7 @@ ENTRY %main.9 (x.1: bf16[4096,256], w.1: bf16[256,1000], b.1: f32[1000], i.1: s3
   %i.1 = s32[4096,1]{1,0} parameter(3)
   %custom-call.7 = (bf16[4096,1000]{1,0}, s8[4194304]{0}) custom-call(%x.1, %w.1), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/jvp(GPT)/stack/block_3/mlp/fc/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}, frontend_attributes={_xla_stream="1"}
   %get-tuple-element.1 = bf16[4096,1000]{1,0} get-tuple-element(%custom-call.7), index=0
+  %cublas-lt-matmul.3 = (bf16[4096,1000]{1,0}, bf16[4096,1000]{1,0}, s8[4194304]{0}) custom-call(%x.1, %w.1, %b.1), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/jvp(GPT)/stack/block_2/mlp/fc/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"epilogue":"BIAS_GELU_AUX"}}
   %loop_add_fusion = (bf16[4096,1000]{1,0}, f32[64,1000]{1,0}) fusion(%get-tuple-element.1, %b.1), kind=kInput, calls=%fused_add, metadata={op_name="jit(step)/transpose(jvp(GPT))/stack/block_11/mlp/fc/add"}
   %gte.2 = bf16[4096,1000]{1,0} get-tuple-element(%loop_add_fusion), index=0
   %gather_fusion = f32[4096]{0} fusion(%gte.2, %i.1), kind=kLoop, calls=%fused_gather, metadata={op_name="jit(step)/jvp()/take_along_axis"}
@@ -46,11 +48,16 @@ ENTRY %main.9 (x.1: bf16[4096,256], w.1: bf16[256,1000], b.1: f32[1000], i.1: s3
 def test_launches_of_a_gpu_program_counted_from_its_shapes():
     ls = {x.name: x for x in hlo.launches(GPU_TEXT)}
     # views (get-tuple-element) and constants launch nothing
-    assert list(ls) == ["custom-call.7", "loop_add_fusion", "gather_fusion", "attn"]
+    assert list(ls) == ["custom-call.7", "cublas-lt-matmul.3", "loop_add_fusion", "gather_fusion", "attn"]
     gemm = ls["custom-call.7"]
     assert gemm.kind == "gemm" and gemm.flops == 2 * 4096 * 1000 * 256
-    assert (gemm.read, gemm.written) == (4096 * 256 * 2 + 256 * 1000 * 2, 4096 * 1000 * 2)  # not the workspace
+    assert (gemm.read, gemm.written, gemm.aux) == (4096 * 256 * 2 + 256 * 1000 * 2, 4096 * 1000 * 2, 0)  # not the workspace
     assert (gemm.pass_, gemm.source) == ("forward", "stack/block_*/mlp/fc")
+    # a GELU_AUX epilogue's matmul also writes its pre-activation out: written, and counted as aux
+    gelu = ls["cublas-lt-matmul.3"]
+    assert gelu.kind == "gemm" and gelu.flops == 2 * 4096 * 1000 * 256
+    assert (gelu.read, gelu.written, gelu.aux) == (4096 * 256 * 2 + 256 * 1000 * 2 + 1000 * 4, 2 * 4096 * 1000 * 2,
+                                                   4096 * 1000 * 2)
     add = ls["loop_add_fusion"]
     assert add.kind == "fusion:kInput" and (add.pass_, add.source) == ("backward", "stack/block_*/mlp/fc")
     assert (add.read, add.written) == (4096 * 1000 * 2 + 1000 * 4, 4096 * 1000 * 2 + 64 * 1000 * 4)
@@ -59,7 +66,7 @@ def test_launches_of_a_gpu_program_counted_from_its_shapes():
     attn = ls["attn"]
     assert attn.kind == "attention" and attn.written == 8 * 128 * 4 * 64 * 2 + 8 * 4 * 128 * 4
     by_kind = {r["kind"]: r for r in hlo.traffic(list(ls.values()))}
-    assert by_kind["gemm"]["tflop"] == pytest.approx(2 * 4096 * 1000 * 256 / 1e12)
+    assert by_kind["gemm"]["tflop"] == pytest.approx(2 * 2 * 4096 * 1000 * 256 / 1e12)
     assert sum(r["gb"] for r in by_kind.values()) == pytest.approx(sum(x.bytes for x in ls.values()) / 1e9)
     by_source = hlo.traffic(list(ls.values()), by="source")
     assert {r["source"] for r in by_source} == {"for stack/block_*/mlp/fc", "bac stack/block_*/mlp/fc",
@@ -111,6 +118,36 @@ def test_gelu_moves_each_array_once_each_way_on_a_gpu(form):
     bwd = [x for x in big if x.pass_ == "backward"]
     assert len(fwd) == 1 and fwd[0].read < 1.01 * arr and fwd[0].written < 1.01 * arr, fwd
     assert len(bwd) == 1 and bwd[0].read < 2.01 * arr and bwd[0].written < 1.1 * arr, bwd
+
+
+@pytest.mark.skipif(not CUDA_PLUGIN, reason="needs JAX's CUDA plugin (jax-cuda13-plugin), not a GPU")
+def test_gelu_epilogue_runs_in_the_matmul_on_a_gpu():
+    """The "epilogue" GELU form in a bf16 train step as XLA compiles it for an H200: the fc
+    matmul's cuBLASLt epilogue adds the bias and applies the GELU (BIAS_GELU_AUX), writing h and
+    z = y + b (its aux output, for the backward), so no forward pass over an [M, F] array is left;
+    the backward is the one pass of the other forms (z and h's gradient in, z's gradient out).
+    bias_gelu_tanh's forward, compiled the same way, is a pass of its own (what this form saves)."""
+    from zoo.nn.transformer import bias_gelu
+
+    M, K, F = 8192, 256, 1024
+
+    def loss(form, x, w1, b1, w2):
+        h = bias_gelu(x @ w1.astype(x.dtype), b1, form)
+        return jnp.sum((h @ w2.astype(x.dtype)).astype(jnp.float32) ** 2)
+
+    args = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16), jax.ShapeDtypeStruct((K, F), jnp.float32),
+            jax.ShapeDtypeStruct((F,), jnp.float32), jax.ShapeDtypeStruct((F, K), jnp.float32))
+    arr = M * F * 2
+    for form, epilogue, passes in (("epilogue", "BIAS_GELU_AUX", 0), ("tanh", None, 1)):
+        text = hlo.compile_for_gpu(jax.grad(functools.partial(loss, form), argnums=(0, 1, 2, 3)), *args).as_text()
+        ls = hlo.launches(text)
+        fc = [x for x in ls if x.kind == "gemm" and x.pass_ == "forward" and x.written >= arr]
+        assert len(fc) == 1 and fc[0].aux == (arr if epilogue else 0), fc
+        assert (f'"epilogue":"{epilogue}"' in text) if epilogue else ("GELU" not in text)
+        big = [x for x in ls if x.kind != "gemm" and x.bytes >= arr]
+        assert len([x for x in big if x.pass_ == "forward"]) == passes, big
+        bwd = [x for x in big if x.pass_ == "backward"]
+        assert len(bwd) == 1 and bwd[0].read < 2.01 * arr and bwd[0].written < 1.1 * arr, bwd
 
 
 @pytest.mark.skipif(not CUDA_PLUGIN, reason="needs JAX's CUDA plugin (jax-cuda13-plugin), not a GPU")

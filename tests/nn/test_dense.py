@@ -93,3 +93,29 @@ def test_bf16_bias_add_in_the_matmul_matches_numpy_on_the_device():
     np.testing.assert_allclose(np.asarray(db, np.float64), gr.sum(0), rtol=1e-4, atol=1e-2)
     np.testing.assert_allclose(np.asarray(dw, np.float64), xr.T @ gr, rtol=2e-2, atol=0.5)
     np.testing.assert_allclose(np.asarray(dx, np.float64), gr @ wr.T, rtol=2e-2, atol=0.1)
+
+
+@pytest.mark.gpu
+def test_gelu_epilogue_in_the_matmul_matches_numpy_on_the_device():
+    """On a GPU the "epilogue" GELU form folds the bias and the GELU into cuBLASLt's BIAS_GELU_AUX
+    epilogue (tests/bench/test_hlo.py), whose aux output, z = x @ w + b, the backward reads: the
+    jitted bf16 matmul + bias + GELU and its gradients against NumPy's float64 (GPT-2's tanh GELU
+    and its derivative), to bf16's rounding."""
+    from zoo.nn.transformer import bias_gelu
+
+    rng = np.random.default_rng(6)
+    x, w = rng.standard_normal((4096, 256)), rng.standard_normal((256, 768)) / 16
+    b, g = rng.standard_normal(768), rng.standard_normal((4096, 768))
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    out, vjp = jax.vjp(jax.jit(lambda x, w, b: bias_gelu(x @ w, b, "epilogue")), xb, wb, jnp.asarray(b, jnp.float32))
+    xr, wr = np.asarray(xb, np.float64), np.asarray(wb, np.float64)
+    z = xr @ wr + b
+    c, a = np.sqrt(2 / np.pi), 0.044715
+    t = np.tanh(c * (z + a * z**3))
+    np.testing.assert_allclose(np.asarray(out, np.float64), 0.5 * z * (1 + t), rtol=2e-2, atol=2e-2)
+    gr = np.asarray(jnp.asarray(g, jnp.bfloat16), np.float64)
+    dz = gr * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * a * z * z))
+    dx, dw, db = vjp(jnp.asarray(g, jnp.bfloat16))
+    np.testing.assert_allclose(np.asarray(db, np.float64), dz.sum(0), rtol=2e-2, atol=0.5)
+    np.testing.assert_allclose(np.asarray(dw, np.float64), xr.T @ dz, rtol=2e-2, atol=0.5)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), dz @ wr.T, rtol=2e-2, atol=0.1)

@@ -101,6 +101,8 @@ class Launch:
     flops: float       # a matmul's (0 for the rest)
     pass_: str         # forward | backward | other (an optimizer update, the loss's plumbing)
     source: str        # the op_name path, layer numbers folded: stack/block_*/mlp/fc
+    aux: int = 0       # of `written`, a matmul's outputs besides its product (cuBLASLt's GELU_AUX
+                       # epilogue also writes its input out for the backward)
 
     @property
     def bytes(self) -> int:
@@ -196,7 +198,7 @@ def launches(text: str) -> list[Launch]:
             continue
         operand_shapes = [shapes.get(o, "") for o in ins.operands]
         called = (re.search(r"calls=%?([\w.\-]+)", ins.attrs) or [None, ""])[1]
-        kind, flops = ins.op, 0.0
+        kind, flops, aux = ins.op, 0.0, 0
         written = array_bytes(ins.shape)
         if ins.op == "fusion":
             kind = "fusion:" + ((re.search(r"kind=(\w+)", ins.attrs) or [None, "?"])[1])
@@ -221,12 +223,15 @@ def launches(text: str) -> list[Launch]:
                 first = f"{outs[0][0]}[{outs[0][1]}]"
                 kind = "gemm"
                 flops = _dot_flops(first, operand_shapes[0], [int(c) for c in dims["lhs_contracting_dimensions"]])
-                written = array_bytes(first)  # not the workspace
+                # the product and any epilogue output (GELU_AUX), not the workspace (the last, s8)
+                products = outs[:-1] if len(outs) > 1 and outs[-1][0] == "s8" else outs
+                written = sum(array_bytes(f"{t}[{d}]") for t, d in products)
+                aux = written - array_bytes(first)
             elif "cudnn" in target and ("fmha" in target or "Softmax" in target):
                 kind = "attention"
                 written = sum(array_bytes(f"{t}[{d}]") for t, d in outs if t != "u8")
         pass_, source = _source(ins.attrs)
-        out.append(Launch(ins.name, kind, read, written, flops, pass_, source))
+        out.append(Launch(ins.name, kind, read, written, flops, pass_, source, aux))
     return out
 
 

@@ -65,7 +65,7 @@ class GPTConfig:
     lora_alpha: float = 16.0
     prompt_len: int = 16
     qkv: str = "fused"            # attention's q/k/v projections: fused | fused-split-grad | separate (same params)
-    gelu: str = "tanh"            # the MLP's GELU formula: tanh | sigmoid (the same function, zoo.nn.transformer.bias_gelu)
+    gelu: str = "tanh"            # the MLP's GELU formula: tanh | sigmoid | epilogue (the same function, zoo.nn.transformer.bias_gelu)
 
     def __post_init__(self):
         for name in ("vocab_size", "max_len", "num_layers", "hidden", "num_heads"):

@@ -27,13 +27,15 @@ from zoo.ops.attention import (KVCache, decode_attention, dot_product_attention,
 
 INIT_STD = 0.02  # GPT-2 / BERT initialiser scale
 QKV_MODES = ("fused", "fused-split-grad", "separate")  # Attention.qkv
-GELU_FORMS = ("tanh", "sigmoid")  # MLP.gelu: two formulas of GPT-2's GELU (bias_gelu_tanh, bias_gelu_sigmoid)
+# MLP.gelu: three formulas of GPT-2's GELU (bias_gelu_tanh, bias_gelu_sigmoid, gelu_epilogue)
+GELU_FORMS = ("tanh", "sigmoid", "epilogue")
 
 
 class LoRADense(nn.Module):
     """x @ kernel + bias, plus (alpha / r) * (x @ lora_a) @ lora_b when rank r > 0 (Hu et al. 2021);
-    with gelu="tanh" (or "sigmoid", the same function: GELU_FORMS), GELU of that, the bias add
-    inside the GELU (bias_gelu_tanh, bias_gelu_sigmoid).
+    with gelu="tanh" (or "sigmoid", "epilogue", the same function: GELU_FORMS), GELU of that, the
+    bias add inside the GELU (bias_gelu_tanh, bias_gelu_sigmoid; "epilogue": add_bias, then
+    gelu_epilogue).
 
     In a bf16 compute dtype the float32 bias is added in bf16 (add_bias: on a GPU inside the
     matmul's cuBLASLt epilogue), its gradient, a sum over every token, summed in float32; inside
@@ -225,10 +227,13 @@ def _bias_gelu_tanh_bwd(res, g):
     # GPT-124M at B64) for this to read back, where recomputing it from y costs nothing extra in
     # a pass that reads y anyway (the program XLA compiles for an H200: test_hlo.py)
     y, bias = jax.lax.optimization_barrier(res)
-    h, t, h2 = _tanh_form(y, bias)
-    dh = g.astype(h.dtype) * (0.5 + 0.5 * t + 0.5 * h * (1 - t * t) * (_C + 3 * _C * _A * h2))
-    dy = dh.astype(y.dtype)
+    dy = _tanh_form_grad(g, *_tanh_form(y, bias)).astype(y.dtype)
     return dy, sum_rows_f32(dy).astype(bias.dtype)
+
+
+def _tanh_form_grad(g, h, t, h2):
+    """g * GELU'(h) from _tanh_form's (h, t, h^2), in closed form, in h's dtype."""
+    return g.astype(h.dtype) * (0.5 + 0.5 * t + 0.5 * h * (1 - t * t) * (_C + 3 * _C * _A * h2))
 
 
 bias_gelu_tanh.defvjp(lambda y, bias: (bias_gelu_tanh(y, bias), (y, bias)), _bias_gelu_tanh_bwd)
@@ -270,11 +275,38 @@ def _bias_gelu_sigmoid_bwd(res, g):
 bias_gelu_sigmoid.defvjp(_bias_gelu_sigmoid_fwd, _bias_gelu_sigmoid_bwd)
 
 
+@jax.custom_vjp
+def gelu_epilogue(z):
+    """GELU (tanh approximation) of z, written as jax.nn.gelu writes it, in z's dtype: the form
+    XLA's GPU compiler folds into the cuBLASLt matmul that makes z = x @ w + bias (its
+    BIAS_GELU_AUX epilogue: GELU of the float32 accumulator, one rounding, with z itself as the
+    second output, kept for the backward). So the forward is no pass over [B * T, F] of its own,
+    where bias_gelu_tanh's reads z and writes GELU(z) (GPT-124M at B64: 0.8 GB per layer; the
+    step compiled for an H200, benchmarks/scripts/gpt_step_hlo.py); XLA matches the formula as
+    jax.nn.gelu(approximate=True) emits it, which is why this one is written so. Off the matmul
+    (no GPU, or z not a matmul's output) it is that formula in z's dtype: for a bf16 z, XLA:CPU
+    rounds some of its steps to bf16 (within one bf16 ulp of the float32 formula's value at z;
+    tests/models/test_transformer.py). The backward, as bias_gelu_tanh's: the derivative in
+    float32 and in closed form from z, recomputed behind a barrier."""
+    return jax.nn.gelu(z, approximate=True)
+
+
+def _gelu_epilogue_bwd(z, g):
+    z = jax.lax.optimization_barrier(z)  # as _bias_gelu_tanh_bwd's
+    return (_tanh_form_grad(g, *_tanh_form(z, jnp.zeros((), z.dtype))).astype(z.dtype),)
+
+
+gelu_epilogue.defvjp(lambda z: (gelu_epilogue(z), z), _gelu_epilogue_bwd)
+
+
 def bias_gelu(y, bias, form: str = "tanh"):
-    """GELU(y + bias), tanh approximation, by one of GELU_FORMS: "tanh" (bias_gelu_tanh) or
-    "sigmoid" (bias_gelu_sigmoid; the same function); bias None: no bias."""
+    """GELU(y + bias), tanh approximation, by one of GELU_FORMS: "tanh" (bias_gelu_tanh),
+    "sigmoid" (bias_gelu_sigmoid) or "epilogue" (add_bias, then gelu_epilogue: on a GPU, in the
+    matmul's epilogue), the same function; bias None: no bias."""
     if form not in GELU_FORMS:
         raise ValueError(f"GELU form must be one of {', '.join(GELU_FORMS)}; got {form!r}")
+    if form == "epilogue":
+        return gelu_epilogue(y if bias is None else add_bias(y, bias))
     if form == "sigmoid":
         return bias_gelu_sigmoid(y, jnp.zeros(y.shape[-1], jnp.float32) if bias is None else bias)
     return gelu_tanh(y) if bias is None else bias_gelu_tanh(y, bias)
