@@ -120,16 +120,18 @@ def test_loss_is_mean_next_token_cross_entropy():
 
 # ---- KV cache ----
 
-def test_cached_decoding_equals_full_forward_logits():
+@pytest.mark.parametrize("layer_norm", ["xla", "pallas"])
+def test_cached_decoding_equals_full_forward_logits(layer_norm):
     from zoo.models.gpt import empty_caches
 
+    cfg = dataclasses.replace(TINY, layer_norm=layer_norm)
     params = _init(TINY, scale=2.0)
     x = _tokens(2, 14, seed=2)
-    full, _ = jit_forward(TINY, params, x)
-    logits, caches = jit_forward(TINY, params, x[:, :5], caches=empty_caches(TINY, 2))  # prefill
+    full, _ = jit_forward(TINY, params, x)  # the plain layer norms' model: the same function
+    logits, caches = jit_forward(cfg, params, x[:, :5], caches=empty_caches(cfg, 2))  # prefill
     np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, :5]), atol=1e-5)
     for t in range(5, 14):  # one token at a time
-        logits, caches = jit_forward(TINY, params, x[:, t:t + 1], positions_T=jnp.array([t]), caches=caches)
+        logits, caches = jit_forward(cfg, params, x[:, t:t + 1], positions_T=jnp.array([t]), caches=caches)
         np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(full[:, t]), atol=1e-5)
     assert int(caches[0].length) == 14
 

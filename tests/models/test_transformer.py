@@ -328,8 +328,8 @@ def test_fused_projections_split_grad_equal_plain_and_never_concatenate_the_grad
 
 
 def test_gpt_qkv_modes_and_gelu_forms_give_one_model():
-    """GPTConfig.qkv: "fused", "fused-split-grad" and "separate", and GPTConfig.gelu: "tanh",
-    "sigmoid" and "epilogue", are one model (same params, same loss and gradients); an unknown mode or form is a
+    """GPTConfig.qkv: "fused", "fused-split-grad" and "separate", GPTConfig.gelu: "tanh",
+    "sigmoid" and "epilogue", and GPTConfig.layer_norm: "xla" and "pallas", are one model (same params, same loss and gradients); an unknown mode or form is a
     ConfigError naming the valid ones."""
     import dataclasses
 
@@ -341,13 +341,14 @@ def test_gpt_qkv_modes_and_gelu_forms_give_one_model():
     batch = {"x": tokens, "idx": jnp.arange(2, dtype=jnp.int32)}
     results = {}
     variants = {"fused": {}, "fused-split-grad": dict(qkv="fused-split-grad"), "separate": dict(qkv="separate"),
-                "gelu-sigmoid": dict(gelu="sigmoid"), "gelu-epilogue": dict(gelu="epilogue")}
+                "gelu-sigmoid": dict(gelu="sigmoid"), "gelu-epilogue": dict(gelu="epilogue"),
+                "ln-pallas": dict(layer_norm="pallas")}
     for mode, changes in variants.items():
         md = make_gpt(dataclasses.replace(cfg, **changes))
         params = md.init(jax.random.key(0), batch) if not results else results["fused"][0]
-        loss = lambda p: md.loss(p, jax.random.key(1), batch)[0]  # noqa: E731
-        results[mode] = (params, loss(params), jax.grad(loss)(params))
-    for mode in ("fused-split-grad", "separate", "gelu-sigmoid", "gelu-epilogue"):
+        loss, grads = jax.jit(jax.value_and_grad(lambda p, md=md: md.loss(p, jax.random.key(1), batch)[0]))(params)
+        results[mode] = (params, loss, grads)
+    for mode in ("fused-split-grad", "separate", "gelu-sigmoid", "gelu-epilogue", "ln-pallas"):
         np.testing.assert_allclose(results[mode][1], results["fused"][1], rtol=1e-6)
         for g, r in zip(jax.tree.leaves(results[mode][2]), jax.tree.leaves(results["fused"][2])):
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
@@ -355,6 +356,32 @@ def test_gpt_qkv_modes_and_gelu_forms_give_one_model():
         GPTConfig(qkv="fused3")
     with pytest.raises(ConfigError, match="model.gelu .erf.; valid: epilogue, sigmoid, tanh"):
         GPTConfig(gelu="erf")
+    with pytest.raises(ConfigError, match="model.layer_norm .triton.; valid: pallas, xla"):
+        GPTConfig(layer_norm="triton")
+
+
+def test_stack_with_residual_adds_in_the_layer_norms_is_the_same_model():
+    """Stack(layer_norm="pallas"): each residual add done inside the next layer norm
+    (AddLayerNorm, the Pallas kernels interpreted here), cross-attention blocks included: the
+    same params (names and shapes) as the plain Stack, the same outputs and gradients; an unknown
+    layer norm is a clear error."""
+    from zoo.nn.transformer import Stack
+
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.standard_normal((2, 6, 16)), jnp.float32)
+    memory = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float32)
+    stack = lambda ln: Stack(2, 4, 4, causal=True, cross_attention=True, layer_norm=ln)  # noqa: E731
+    params = stack("xla").init(jax.random.key(0), x, memory=memory)
+    params = jax.tree.map(lambda p: p + 0.05 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), params)
+    assert jax.tree.structure(stack("pallas").init(jax.random.key(0), x, memory=memory)) == jax.tree.structure(params)
+    value_and_grad = {ln: jax.jit(jax.value_and_grad(lambda p, ln=ln: jnp.sum(jnp.sin(
+        stack(ln).apply(p, x, memory=memory)[0])))) for ln in ("xla", "pallas")}
+    (got, got_grads), (want, want_grads) = value_and_grad["pallas"](params), value_and_grad["xla"](params)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, c in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="Block.layer_norm must be one of xla, pallas; got 'apex'"):
+        stack("apex").init(jax.random.key(0), x, memory=memory)
 
 
 class _Biased(nn.Module):

@@ -296,9 +296,12 @@ def compile_for_gpu(fn, *args, target: str = "h200", compiler_options: dict | No
             "with no GPU, JAX_PLATFORMS=cpu set before JAX starts (else the plugin's start-up looks for "
             "CUDA's libraries, cuDNN among them, and JAX drops the plugin where they are missing): "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    sharding = NamedSharding(Mesh(topo.devices[:1], ("d",)), PartitionSpec())
+    mesh = Mesh(topo.devices[:1], ("d",))
+    sharding = NamedSharding(mesh, PartitionSpec())
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
     options = GPU_COMPILER_OPTIONS if compiler_options is None else compiler_options
-    with tracing_for_gpu(target):
+    # the mesh's abstract device (the target's kind) tells Pallas's Triton lowering which GPU it
+    # lowers for, where it would otherwise ask a local GPU
+    with tracing_for_gpu(target), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         lowered = jax.jit(fn, **jit_kwargs).lower(*abstract)
     return lowered.compile(compiler_options=options)

@@ -34,7 +34,7 @@ import numpy as np
 
 from zoo.errors import ConfigError, DataError, unknown
 from zoo.models.base import ModelDef
-from zoo.nn.transformer import GELU_FORMS, INIT_STD, QKV_MODES, Stack, init_caches
+from zoo.nn.transformer import GELU_FORMS, INIT_STD, LAYER_NORMS, QKV_MODES, Stack, init_caches
 from zoo.ops import losses, sampling
 from zoo.ops.precision import dot_f32
 from zoo.ops.attention import IMPLEMENTATIONS
@@ -66,6 +66,7 @@ class GPTConfig:
     prompt_len: int = 16
     qkv: str = "fused"            # attention's q/k/v projections: fused | fused-split-grad | separate (same params)
     gelu: str = "tanh"            # the MLP's GELU formula: tanh | sigmoid | epilogue (the same function, zoo.nn.transformer.bias_gelu)
+    layer_norm: str = "xla"       # xla | pallas: each residual add inside the next layer norm's kernel (zoo.ops.layer_norm)
 
     def __post_init__(self):
         for name in ("vocab_size", "max_len", "num_layers", "hidden", "num_heads"):
@@ -82,6 +83,8 @@ class GPTConfig:
             raise ConfigError(unknown("model.qkv", self.qkv, QKV_MODES))
         if self.gelu not in GELU_FORMS:
             raise ConfigError(unknown("model.gelu", self.gelu, GELU_FORMS))
+        if self.layer_norm not in LAYER_NORMS:
+            raise ConfigError(unknown("model.layer_norm", self.layer_norm, LAYER_NORMS))
         if self.implementation and self.implementation not in IMPLEMENTATIONS:
             raise ConfigError(unknown("model.implementation", self.implementation, IMPLEMENTATIONS))
         if self.dtype not in DTYPES:
@@ -130,7 +133,7 @@ class GPT(nn.Module):
         x, caches = Stack(c.num_layers, c.num_heads, c.kv_heads, c.mlp_ratio, causal=True,
                           dropout=c.dropout, lora_rank=c.lora_rank if c.finetune == "lora" else 0,
                           lora_alpha=c.lora_alpha, implementation=c.implementation or None,
-                          dtype=dtype, qkv=c.qkv, gelu=c.gelu, name="stack")(x, caches=caches, deterministic=deterministic)
+                          dtype=dtype, qkv=c.qkv, gelu=c.gelu, layer_norm=c.layer_norm, name="stack")(x, caches=caches, deterministic=deterministic)
         # the tied output layer in the compute dtype with float32 logits: nn.Embed.attend would
         # promote a bf16 x to the float32 table's dtype and run the largest matmul in float32, and
         # jnp.dot's own backward would too (float32 cotangent): dot_f32 keeps both in bf16

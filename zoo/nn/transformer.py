@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.nn.dense import add_bias, matmul, sum_rows_f32
+from zoo.ops import layer_norm as _layer_norm
 from zoo.ops.attention import (KVCache, decode_attention, dot_product_attention, init_kv_cache,
                                update_kv_cache)
 
@@ -329,10 +330,45 @@ class MLP(nn.Module):
                          dtype=self.dtype, name="proj")(h)
 
 
+LAYER_NORMS = _layer_norm.IMPLEMENTATIONS  # Block.layer_norm
+
+
+class AddLayerNorm(nn.Module):
+    """(r + d, LayerNorm(r + d)) by zoo.ops.layer_norm.add_layer_norm (d None: (r, LayerNorm(r))),
+    with flax.linen.LayerNorm's params (scale, bias: same names, shapes and init), the output in
+    `dtype` (default r's)."""
+
+    epsilon: float = 1e-5
+    dtype: Any = None
+    implementation: str = "pallas"
+
+    @nn.compact
+    def __call__(self, r, d=None):
+        H = r.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (H,))
+        bias = self.param("bias", nn.initializers.zeros, (H,))
+        return _layer_norm.add_layer_norm(r, d, scale, bias, eps=self.epsilon, dtype=self.dtype,
+                                          implementation=self.implementation)
+
+
+def _residual_ln(layer_norm: str, eps: float, dtype, name: str, x):
+    """x (an array, or (r, d): a residual add not yet done) -> (the sum, its layer norm `name`).
+    "xla": the add, then flax.linen.LayerNorm; "pallas": both in AddLayerNorm's one kernel."""
+    r, d = x if isinstance(x, tuple) else (x, None)
+    if layer_norm == "xla":
+        x = r if d is None else r + d
+        return x, nn.LayerNorm(eps, dtype=dtype, name=name)(x)
+    return AddLayerNorm(eps, dtype, layer_norm, name=name)(r, d)
+
+
 class Block(nn.Module):
     """x + attn(LN(x)) [+ cross(LN(x), memory)] + mlp(LN(x)), each residual branch with dropout.
 
     Residual projections start at INIT_STD / sqrt(2 * num_layers) (GPT-2, Sec. 2.3).
+    layer_norm (LAYER_NORMS): "xla", flax.linen.LayerNorm after each residual add; "pallas", each
+    residual add done inside the layer norm that follows it (AddLayerNorm: one kernel each way on
+    a GPU), so the block takes and returns its stream as (r, d), the add pending, which the next
+    block's first layer norm (or Stack's final one) does; the same params and function.
     """
 
     num_heads: int
@@ -349,29 +385,35 @@ class Block(nn.Module):
     dtype: Any = None
     qkv: str = "fused"  # Attention.qkv
     gelu: str = "tanh"  # MLP.gelu
+    layer_norm: str = "xla"  # LAYER_NORMS
 
     @nn.compact
     def __call__(self, x_BxTxH, *, mask=None, memory=None, memory_mask=None, cache=None,
                  deterministic: bool = True):
-        H = x_BxTxH.shape[-1]
+        if self.layer_norm not in LAYER_NORMS:
+            raise ValueError(f"Block.layer_norm must be one of {', '.join(LAYER_NORMS)}; got {self.layer_norm!r}")
+        H = (x_BxTxH[0] if isinstance(x_BxTxH, tuple) else x_BxTxH).shape[-1]
         if H % self.num_heads:
             raise ValueError(f"hidden size {H} is not a multiple of num_heads {self.num_heads}")
         out_std = INIT_STD / (2 * self.num_layers) ** 0.5
         kw = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=H // self.num_heads,
                   lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, implementation=self.implementation,
                   out_std=out_std, dtype=self.dtype, qkv=self.qkv)
-        drop = nn.Dropout(self.dropout)
-        ln = lambda name: nn.LayerNorm(self.ln_eps, dtype=self.dtype, name=name)
-        h, cache = Attention(**kw, name="attn")(ln("ln_1")(x_BxTxH), mask=mask, is_causal=self.causal,
-                                                 cache=cache)
-        x = x_BxTxH + drop(h, deterministic=deterministic)
+        drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=deterministic)  # noqa: E731
+        ln = functools.partial(_residual_ln, self.layer_norm, self.ln_eps, self.dtype)
+        x, y = ln("ln_1", x_BxTxH)
+        h, cache = Attention(**kw, name="attn")(y, mask=mask, is_causal=self.causal, cache=cache)
+        pending = (x, drop(h))
         if self.cross_attention:
             cross_mask = None if memory_mask is None else memory_mask[:, None, None, :]
-            h, _ = Attention(**kw, name="cross_attn")(ln("ln_cross")(x), memory, mask=cross_mask)
-            x = x + drop(h, deterministic=deterministic)
+            x, y = ln("ln_cross", pending)
+            h, _ = Attention(**kw, name="cross_attn")(y, memory, mask=cross_mask)
+            pending = (x, drop(h))
+        x, y = ln("ln_2", pending)
         h = MLP(int(H * self.mlp_ratio), self.lora_rank, self.lora_alpha, out_std, self.dtype, self.gelu,
-                name="mlp")(ln("ln_2")(x))
-        return x + drop(h, deterministic=deterministic), cache
+                name="mlp")(y)
+        out = (x, drop(h))
+        return (out if self.layer_norm != "xla" else out[0] + out[1]), cache
 
 
 class Stack(nn.Module):
@@ -391,6 +433,7 @@ class Stack(nn.Module):
     dtype: Any = None
     qkv: str = "fused"  # Attention.qkv
     gelu: str = "tanh"  # MLP.gelu
+    layer_norm: str = "xla"  # Block.layer_norm
 
     @nn.compact
     def __call__(self, x_BxTxH, *, mask=None, memory=None, memory_mask=None,
@@ -400,11 +443,11 @@ class Stack(nn.Module):
             x_BxTxH, c = Block(self.num_heads, self.num_kv_heads, self.mlp_ratio, self.num_layers,
                                self.causal, self.cross_attention, self.dropout, self.lora_rank,
                                self.lora_alpha, self.implementation, self.ln_eps, self.dtype,
-                               qkv=self.qkv, gelu=self.gelu, name=f"block_{i}")(
+                               qkv=self.qkv, gelu=self.gelu, layer_norm=self.layer_norm, name=f"block_{i}")(
                 x_BxTxH, mask=mask, memory=memory, memory_mask=memory_mask,
                 cache=None if caches is None else caches[i], deterministic=deterministic)
             new_caches.append(c)
-        x_BxTxH = nn.LayerNorm(self.ln_eps, dtype=self.dtype, name="ln_f")(x_BxTxH)
+        _, x_BxTxH = _residual_ln(self.layer_norm, self.ln_eps, self.dtype, "ln_f", x_BxTxH)
         return x_BxTxH, (None if caches is None else new_caches)
 
 

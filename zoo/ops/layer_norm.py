@@ -1,0 +1,240 @@
+"""Layer norm with the residual add before it, as one pass: `add_layer_norm(r, d, scale, bias)`
+returns (h, y) with h = r + d (the residual stream) and y = LayerNorm(h) * scale + bias.
+
+A pre-LayerNorm transformer (GPT-2) adds each branch's output to the residual stream and
+normalises the sum for the next branch. XLA compiles that, for GPT-124M's step on an H200, to a
+residual copy (the matmul that makes d adds r in place as its C input, and the layer norm's
+backward still needs r), a reduction pass for the statistics and a second pass normalising; the
+backward again to two passes (the row statistics, then dx with the residual gradient added).
+Per layer norm ~0.6 GB forward and backward each at B64 (the step compiled for an H200:
+benchmarks/scripts/gpt_step_hlo.py). `implementation="pallas"` runs each direction as one Triton
+kernel (Pallas) that reads its inputs once: forward r and d in, h and y out (plus each row's mean
+and 1/std, float32); backward h, y's gradient and h's own gradient in, the gradient of r and d
+out, with the scale and bias gradients' partial column sums (float32) per block of rows.
+
+implementation:
+- "xla": the plain formula (jax.numpy; autodiff), float32 statistics, as flax.linen.LayerNorm
+  computes them;
+- "pallas": the two kernels above, on a GPU; elsewhere the same kernels in Pallas's interpreter
+  (correct, slow: for tests);
+- None: "xla" (the Pallas kernels are opt-in until a GPU has timed them).
+
+Shapes: r and d [..., H] (d may be None: no add, h = r), scale and bias [H]; h in r's dtype
+(the sum rounded once), y in `dtype` (default r's), statistics in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("xla", "pallas")
+_ROWS_FWD = 4    # rows per forward program
+_ROWS = 4        # rows per step of a backward program ...
+_STEPS = 16      # ... and steps per program: the partial column sums are [M / 64, H]
+_WARPS = 4
+
+
+def add_layer_norm(r, d, scale, bias, *, eps: float = 1e-5, dtype=None, implementation: str | None = None):
+    """(r + d, LayerNorm(r + d) * scale + bias): see the module's note. d None: (r, LayerNorm(r) ...)."""
+    impl = "xla" if implementation is None else implementation
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"add_layer_norm: implementation must be one of {', '.join(IMPLEMENTATIONS)} or None; "
+                         f"got {implementation!r}")
+    H = r.shape[-1]
+    if d is not None and d.shape != r.shape:
+        raise ValueError(f"add_layer_norm: r and d need one shape, got {r.shape} and {d.shape}")
+    if scale.shape != (H,) or bias.shape != (H,):
+        raise ValueError(f"add_layer_norm: scale and bias must be [{H}], got {scale.shape} and {bias.shape}")
+    dtype = jnp.dtype(dtype or r.dtype)
+    if impl == "xla":
+        return _reference(r, d, scale, bias, eps, dtype)
+    lead = r.shape[:-1]
+    flat = lambda a: None if a is None else a.reshape(-1, H)  # noqa: E731
+    if d is None:
+        y = _ln_pallas(flat(r), scale, bias, eps, dtype)
+        return r, y.reshape(*lead, H)
+    h, y = _add_ln_pallas(flat(r), flat(d).astype(r.dtype), scale, bias, eps, dtype)
+    return h.reshape(r.shape), y.reshape(*lead, H)
+
+
+def _reference(r, d, scale, bias, eps, dtype):
+    h = r if d is None else (r + d.astype(r.dtype))
+    x = h.astype(jnp.promote_types(h.dtype, jnp.float32))
+    mean = x.mean(-1, keepdims=True)
+    xc = x - mean
+    y = xc * jax.lax.rsqrt((xc * xc).mean(-1, keepdims=True) + eps) * scale + bias
+    return h, y.astype(dtype)
+
+
+# --- Pallas (Triton) kernels -------------------------------------------------------------------
+
+def _run(call, *args):
+    """call(interpret)(*args): the Triton kernel where the program is lowered for a CUDA GPU,
+    Pallas's interpreter elsewhere (chosen as it lowers: jax.lax.platform_dependent)."""
+    return jax.lax.platform_dependent(*args, cuda=call(False), default=call(True))
+
+
+def _cols(H):
+    from jax.experimental import pallas as pl
+
+    P = pl.next_power_of_2(H)  # Triton's arrays have power-of-two sizes: the columns masked to H
+    return P, jnp.arange(P), jnp.arange(P) < H
+
+
+def _fwd_kernel(*refs, H, M, eps, add):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    if add:
+        r_ref, d_ref, g_ref, b_ref, h_ref, y_ref, mean_ref, rstd_ref = refs
+    else:
+        r_ref, g_ref, b_ref, y_ref, mean_ref, rstd_ref = refs
+    P, cols, cmask = _cols(H)
+    rows = jnp.arange(_ROWS_FWD)
+    rmask = pl.program_id(0) * _ROWS_FWD + rows < M
+    mask = rmask[:, None] & cmask[None, :]
+    at = (rows[:, None], cols[None, :])
+    x = plgpu.load(r_ref.at[at], mask=mask, other=0.0)
+    if add:
+        x = x + plgpu.load(d_ref.at[at], mask=mask, other=0.0)  # in r's dtype, as h is kept
+        plgpu.store(h_ref.at[at], x, mask=mask)
+    x = x.astype(jnp.float32)
+    mean = jnp.sum(x, axis=1) / H
+    xc = jnp.where(mask, x - mean[:, None], 0.0)
+    rstd = jax.lax.rsqrt(jnp.sum(xc * xc, axis=1) / H + eps)
+    g = plgpu.load(g_ref.at[cols], mask=cmask, other=0.0).astype(jnp.float32)
+    b = plgpu.load(b_ref.at[cols], mask=cmask, other=0.0).astype(jnp.float32)
+    y = xc * rstd[:, None] * g[None, :] + b[None, :]
+    plgpu.store(y_ref.at[at], y.astype(y_ref.dtype), mask=mask)
+    plgpu.store(mean_ref.at[rows], mean, mask=rmask)
+    plgpu.store(rstd_ref.at[rows], rstd, mask=rmask)
+
+
+def _forward(r, d, scale, bias, eps, dtype):
+    """[M, H] -> (h or None, y, mean, rstd) by the forward kernel."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    M, H = r.shape
+    row = pl.BlockSpec((_ROWS_FWD, H), lambda i: (i, 0))
+    vec = pl.BlockSpec((H,), lambda i: (0,))
+    stat = pl.BlockSpec((_ROWS_FWD,), lambda i: (i,))
+    add = d is not None
+    arr = lambda dt: jax.ShapeDtypeStruct((M, H), dt)  # noqa: E731
+    stats = [jax.ShapeDtypeStruct((M,), jnp.float32)] * 2
+    call = lambda interpret: pl.pallas_call(  # noqa: E731
+        functools.partial(_fwd_kernel, H=H, M=M, eps=eps, add=add),
+        grid=(pl.cdiv(M, _ROWS_FWD),),
+        in_specs=[row, row, vec, vec] if add else [row, vec, vec],
+        out_specs=[row, row, stat, stat] if add else [row, stat, stat],
+        out_shape=([arr(r.dtype)] if add else []) + [arr(dtype)] + stats,
+        compiler_params=plgpu.CompilerParams(num_warps=_WARPS),
+        interpret=interpret, name="add_layer_norm_fwd" if add else "layer_norm_fwd")
+    outs = _run(call, *([r, d] if add else [r]), scale, bias)
+    return tuple(outs) if add else (None, *outs)
+
+
+def _bwd_kernel(*refs, H, M, has_dh):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    if has_dh:
+        h_ref, dy_ref, dh_ref, g_ref, mean_ref, rstd_ref, dx_ref, dg_ref, db_ref = refs
+    else:
+        h_ref, dy_ref, g_ref, mean_ref, rstd_ref, dx_ref, dg_ref, db_ref = refs
+    P, cols, cmask = _cols(H)
+    g = plgpu.load(g_ref.at[cols], mask=cmask, other=0.0).astype(jnp.float32)
+    first = pl.program_id(0) * (_ROWS * _STEPS)
+
+    def step(k, acc):
+        dg, db = acc
+        rows = k * _ROWS + jnp.arange(_ROWS)
+        rmask = first + rows < M
+        mask = rmask[:, None] & cmask[None, :]
+        at = (rows[:, None], cols[None, :])
+        x = plgpu.load(h_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
+        dy = plgpu.load(dy_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
+        mean = plgpu.load(mean_ref.at[rows], mask=rmask, other=0.0)
+        rstd = plgpu.load(rstd_ref.at[rows], mask=rmask, other=0.0)
+        xhat = jnp.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = dy * g[None, :]
+        c1 = jnp.sum(xhat * wdy, axis=1) / H
+        c2 = jnp.sum(wdy, axis=1) / H
+        dx = (wdy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if has_dh:
+            dx = dx + plgpu.load(dh_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
+        plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=mask)
+        return dg + jnp.sum(dy * xhat, axis=0), db + jnp.sum(dy, axis=0)
+
+    zero = jnp.zeros((P,), jnp.float32)
+    dg, db = jax.lax.fori_loop(0, _STEPS, step, (zero, zero))
+    plgpu.store(dg_ref.at[cols], dg, mask=cmask)
+    plgpu.store(db_ref.at[cols], db, mask=cmask)
+
+
+def _backward(h, dy, dh, scale, mean, rstd, dx_dtype):
+    """(dx [M, H] (dh added when given), dscale, dbias (float32 sums)) by the backward kernel."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    M, H = h.shape
+    rows = _ROWS * _STEPS
+    G = pl.cdiv(M, rows)
+    row = pl.BlockSpec((rows, H), lambda i: (i, 0))
+    vec = pl.BlockSpec((H,), lambda i: (0,))
+    stat = pl.BlockSpec((rows,), lambda i: (i,))
+    part = pl.BlockSpec((H,), lambda i: (i,))  # program i's partial column sums: [G * H], row i
+    has_dh = dh is not None
+    call = lambda interpret: pl.pallas_call(  # noqa: E731
+        functools.partial(_bwd_kernel, H=H, M=M, has_dh=has_dh),
+        grid=(G,),
+        in_specs=[row, row] + ([row] if has_dh else []) + [vec, stat, stat],
+        out_specs=[row, part, part],
+        out_shape=[jax.ShapeDtypeStruct((M, H), dx_dtype)] + [jax.ShapeDtypeStruct((G * H,), jnp.float32)] * 2,
+        compiler_params=plgpu.CompilerParams(num_warps=_WARPS),
+        interpret=interpret, name="layer_norm_bwd")
+    dx, dg, db = _run(call, *([h, dy, dh] if has_dh else [h, dy]), scale, mean, rstd)
+    return dx, dg.reshape(G, H).sum(0), db.reshape(G, H).sum(0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _add_ln_pallas(r, d, scale, bias, eps, dtype):
+    h, y, _, _ = _forward(r, d, scale, bias, eps, dtype)
+    return h, y
+
+
+def _add_ln_fwd(r, d, scale, bias, eps, dtype):
+    h, y, mean, rstd = _forward(r, d, scale, bias, eps, dtype)
+    return (h, y), (h, scale, bias, mean, rstd)
+
+
+def _add_ln_bwd(eps, dtype, res, cts):
+    h, scale, bias, mean, rstd = res
+    dh, dy = cts
+    dx, dg, db = _backward(h, dy, dh, scale, mean, rstd, h.dtype)
+    return dx, dx, dg.astype(scale.dtype), db.astype(bias.dtype)
+
+
+_add_ln_pallas.defvjp(_add_ln_fwd, _add_ln_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _ln_pallas(x, scale, bias, eps, dtype):
+    return _forward(x, None, scale, bias, eps, dtype)[1]
+
+
+def _ln_fwd(x, scale, bias, eps, dtype):
+    _, y, mean, rstd = _forward(x, None, scale, bias, eps, dtype)
+    return y, (x, scale, bias, mean, rstd)
+
+
+def _ln_bwd(eps, dtype, res, dy):
+    x, scale, bias, mean, rstd = res
+    dx, dg, db = _backward(x, dy, None, scale, mean, rstd, x.dtype)
+    return dx, dg.astype(scale.dtype), db.astype(bias.dtype)
+
+
+_ln_pallas.defvjp(_ln_fwd, _ln_bwd)
