@@ -59,6 +59,19 @@ def test_kernel_bytes_names_kernels_as_the_trace_does():
                    "gather_fusion": 4096 * 4 * 3}
 
 
+def test_kernel_bytes_names_a_pallas_kernel_by_its_own_name():
+    """A Pallas (Triton) custom call `pallas_call.7` runs as the kernel its backend config names
+    (`name = "layer_norm_fwd"`, pallas_call's name=): its bytes under both names."""
+    from tests.bench.test_hlo import GPU_TEXT
+
+    call = ('  %pallas_call.7 = (bf16[4096,256]{1,0}, f32[4096]{0}) custom-call(%x.1), '
+            'custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(step)/jvp(GPT)/stack/ln_f/pallas_call"}, '
+            'backend_config={debug = false, grid_x = 1024 : i32, name = "layer_norm_fwd", num_stages = 3 : i32}\n')
+    got = profile.kernel_bytes(GPU_TEXT.replace("  ROOT %r", call + "  ROOT %r"))
+    moved = 4096 * 256 * 2 * 2 + 4096 * 4  # x in; y and the row statistic out
+    assert got["layer_norm_fwd"] == got["pallas_call_7"] == moved
+
+
 def test_idle_gaps_merge_streams_and_leave_out_the_wait_between_calls():
     k = lambda ts, dur, name: {"ph": "X", "ts": ts, "dur": dur, "name": name}
     ev = [k(0, 10, "a"), k(13, 10, "b"),  # 3 us gap

@@ -77,8 +77,13 @@ def kernel_bytes(hlo_text: str) -> dict[str, int]:
     under one of their names, so a row's launches all move the bytes of the op it is named for."""
     from zoo.bench import hlo
 
-    return {re.sub(r"[.\-]", "_", x.name): x.bytes for x in hlo.launches(hlo_text)
-            if x.kind not in ("gemm", "attention")}
+    ls = [x for x in hlo.launches(hlo_text) if x.kind not in ("gemm", "attention")]
+    out = {re.sub(r"[.\-]", "_", x.name): x.bytes for x in ls}
+    # a Pallas (Triton) kernel runs under the name its backend config gives it (layer_norm_fwd)
+    triton = dict(re.findall(r'%([\w.\-]+) = .*custom_call_target="__gpu\$xla\.gpu\.triton".*?\bname = "([^"]+)"',
+                             hlo_text))
+    out.update({triton[x.name]: x.bytes for x in ls if x.name in triton})
+    return out
 
 
 def summarize(events: list[dict], calls: int, top: int = 25, kernel_bytes: dict | None = None) -> dict:

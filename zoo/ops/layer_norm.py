@@ -195,7 +195,7 @@ def _backward(h, dy, dh, scale, mean, rstd, dx_dtype):
         out_specs=[row, part, part],
         out_shape=[jax.ShapeDtypeStruct((M, H), dx_dtype)] + [jax.ShapeDtypeStruct((G * H,), jnp.float32)] * 2,
         compiler_params=plgpu.CompilerParams(num_warps=_WARPS),
-        interpret=interpret, name="layer_norm_bwd")
+        interpret=interpret, name="add_layer_norm_bwd" if has_dh else "layer_norm_bwd")
     dx, dg, db = _run(call, *([h, dy, dh] if has_dh else [h, dy]), scale, mean, rstd)
     return dx, dg.reshape(G, H).sum(0), db.reshape(G, H).sum(0)
 
