@@ -15,8 +15,8 @@ out, with the scale and bias gradients' partial column sums (float32) per block 
 implementation:
 - "xla": the plain formula (jax.numpy; autodiff), float32 statistics, as flax.linen.LayerNorm
   computes them;
-- "pallas": the two kernels above, on a GPU; elsewhere the same kernels in Pallas's interpreter
-  (correct, slow: for tests);
+- "pallas": the two kernels above, on an NVIDIA (CUDA) GPU; elsewhere the same kernels in
+  Pallas's interpreter (correct, slow: for tests);
 - None: "xla" (the Pallas kernels are opt-in until a GPU has timed them).
 
 Shapes: r and d [..., H] (d may be None: no add, h = r), scale and bias [H]; h in r's dtype
