@@ -3,13 +3,12 @@
 JAX's CUDA plugin, no GPU needed) the Pallas kernels as XLA compiles them for an H200: one pass
 each way."""
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.bench.test_hlo import CUDA_PLUGIN
 from zoo.ops.layer_norm import add_layer_norm
 
 
@@ -85,11 +84,6 @@ def test_bad_input_is_a_clear_error():
         add_layer_norm(x, jnp.zeros((3, 4)), g, g)
     with pytest.raises(ValueError, match=r"scale and bias must be \[8\], got \(4,\) and \(8,\)"):
         add_layer_norm(x, None, jnp.ones(4), g)
-
-
-CUDA_PLUGIN = bool(importlib.util.find_spec("jax_plugins")) and any(
-    importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)) \
-    if importlib.util.find_spec("jax_plugins") else False
 
 
 @pytest.mark.skipif(not CUDA_PLUGIN, reason="needs JAX's CUDA plugin (jax-cuda13-plugin), not a GPU")
