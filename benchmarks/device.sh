@@ -8,11 +8,13 @@
 #       buffers for cuDNN calls (CMDBUF_CUDNN, below; the step "plans",
 #       benchmarks/scripts/attention_plans.py, prints each side's cuDNN kernels by name: run on
 #       2026-11-27, the same on both sides);
-#       "b" = the MLP's GELU forms alone (benchmarks/scripts/gelu_forms.py: bias + GELU forward and
-#       backward, the forms before and since the thirteenth session, with their kernels), then
+#       "b" = zoo.ops's Pallas kernels alone at several tilings against the XLA forms they
+#       replace (benchmarks/scripts/pallas_kernels.py: the layer norm's forward and backward, the
+#       loss's logsumexp; their tilings are untuned), then
 #       `zoo bench gpt_step` (the step at B64: bf16 logits, and with GPTConfig.qkv
-#       "separate", GPTConfig.gelu "epilogue" and GPTConfig.layer_norm "pallas" together, the same
-#       without the last, then the PyTorch peer, nanoGPT's
+#       "separate", GPTConfig.gelu "epilogue", GPTConfig.layer_norm "pallas" and
+#       GPTConfig.logsumexp "pallas" together, the same without the two Pallas kernels, then the
+#       PyTorch peer, nanoGPT's
 #       step torch.compile'd; synced and pipelined rows, the zoo's each with a kernel table of
 #       synced steps and one of three pipelined steps; the single variants, PyTorch eager, the
 #       cuBLASLt-epilogue and no-command-buffer variants stay available (ZOO_GPT_STEP_RUNS, steps):
@@ -20,12 +22,13 @@
 #       diffusion` (full set, with the diffusers / torch.compile peers; its goals were met on
 #       2026-11-26) and `zoo bench gibbs` (issue 4 is blocked): only when a lease has time left;
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
-#       attention, attention-s1024-cmdbuf, plans, dispatch, gelu, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
+#       attention, attention-s1024-cmdbuf, plans, dispatch, gelu (the MLP's GELU forms alone,
+#       benchmarks/scripts/gelu_forms.py, measured on two leases), pallas, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
 # A 15-minute lease: benchmarks/lease.sh runs a then b in one call, every step cut at a deadline
 # (ZOO_DEVICE_DEADLINE, below). a: <= 540 s by its limits, 630 with the rerun of a faulting part;
 # ~250 s expected (2026-11-27: the tests 15 s, attention with its pauses 167 s; dispatch ~30 s,
 # the S1024 cases again ~35 s).
-# b: <= 570 s by its limits; ~350 s expected (the GELU forms 15 s, each zoo B64 run ~85 s with
+# b: <= 570 s by its limits; ~370 s expected (the Pallas kernels ~30 s, each zoo B64 run ~85 s with
 # its profiles, three of them, the torch.compile'd peer with its compile ~80 s: 2026-11-27,
 # thirteenth session), so after part a's ~250 s a 570 s budget may cut the peer's rows (measured
 # on that lease: 469,000 tokens/s, 40.5% MFU), which come last for that reason.
@@ -45,13 +48,13 @@ set -u
 part=$1 out=$2
 case $part in
   a) steps=tests,dispatch,attention,attention-s1024-cmdbuf ;;
-  b) steps=gelu,gpt_step ;;
+  b) steps=pallas,gpt_step ;;
   c) steps=diffusion,gibbs ;;
   *) steps=$part ;;
 esac
 for step in ${steps//,/ }; do
-  case $step in tests|gibbs|gibbs-cublas|attention|attention-s1024-cmdbuf|plans|dispatch|gelu|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
-    *) echo "device.sh: unknown PART or step '$step' (a, b, c, or a comma list of: tests gibbs gibbs-cublas attention attention-s1024-cmdbuf plans dispatch gelu gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
+  case $step in tests|gibbs|gibbs-cublas|attention|attention-s1024-cmdbuf|plans|dispatch|gelu|pallas|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
+    *) echo "device.sh: unknown PART or step '$step' (a, b, c, or a comma list of: tests gibbs gibbs-cublas attention attention-s1024-cmdbuf plans dispatch gelu pallas gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
   esac
 done
 export ZOO_GIT_SHA=${3:-unknown} ZOO_PROFILE=1 ZOO_PROFILE_DIR=$2 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
@@ -113,7 +116,7 @@ for step in ${steps//,/ }; do
     tests)
       echo "=== GPU tests $(date -u +%T)" | tee -a "$log"
       capped 90 env JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_attention.py \
-        tests/nn/test_dense.py tests/ops/test_layer_norm.py 2>&1 \
+        tests/nn/test_dense.py tests/ops/test_layer_norm.py tests/ops/test_logsumexp.py 2>&1 \
         | tail -5 | tee -a "$log" ;;
     gibbs) bench gibbs 120 ;;
     gibbs-cublas) bench gibbs 90 -cublas "$CUBLAS" ;;
@@ -143,6 +146,10 @@ for step in ${steps//,/ }; do
     gelu)
       echo "=== GELU forms $(date -u +%T)" | tee -a "$log"
       capped 90 python3 benchmarks/scripts/gelu_forms.py 2>&1 \
+        | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
+    pallas)
+      echo "=== Pallas kernels $(date -u +%T)" | tee -a "$log"
+      capped 90 python3 benchmarks/scripts/pallas_kernels.py 2>&1 \
         | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
     gpt_step) bench gpt_step 480 ;;
     gpt_step-cublas) bench gpt_step 110 -cublas "$CUBLAS" ;;

@@ -4,8 +4,8 @@
 #   bash benchmarks/lease.sh OUTDIR [SHA] [BUDGET_S]
 # Runs benchmarks/device.sh part a (the GPU tests, the S1024 attention dispatch, `zoo bench
 # attention` full and causal, its S1024 cases with the cuDNN calls in command buffers; ~250 s
-# expected), then part b (the GELU forms alone, `zoo bench
-# gpt_step` with the torch.compile'd PyTorch peer; ~350 s expected), each cut at what is left of
+# expected), then part b (the Pallas kernels alone at several tilings, `zoo bench
+# gpt_step` with the torch.compile'd PyTorch peer; ~370 s expected), each cut at what is left of
 # BUDGET_S (default 580) into a scratch folder, then leaves in OUTDIR what the tool returns (at
 # most 8 files): the two logs as text (log-a.txt, log-b.txt: their ends are what one reads first)
 # and everything, results JSON, clocks, compiled programs and logs, in lease.tar.gz. Part a comes

@@ -65,7 +65,10 @@ def test_part_b_and_the_gpt_step_variants(tmp_path):
     calls = _run(tmp_path, "b")
     out = tmp_path / "out"
     log = (out / "log-b.txt").read_text()
-    assert "=== GELU forms" in log and log.index("=== GELU forms") < log.index("=== zoo bench gpt_step")
+    assert "=== Pallas kernels" in log and log.index("=== Pallas kernels") < log.index("=== zoo bench gpt_step")
+    pallas = [line for line in (tmp_path / "calls-b.txt").read_text().splitlines()
+              if line.startswith("benchmarks/scripts/pallas_kernels.py")]
+    assert len(pallas) == 1
     assert [c.split(" --out ")[0] for c in calls] == ["-m zoo bench gpt_step"]
     assert _outputs(calls, out) == ["gpt_step-gpu.json"]
     assert "|RUNS=|XLA=|" in calls[0] and f"|DIR={out}|" in calls[0]

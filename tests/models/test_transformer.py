@@ -329,7 +329,8 @@ def test_fused_projections_split_grad_equal_plain_and_never_concatenate_the_grad
 
 def test_gpt_qkv_modes_and_gelu_forms_give_one_model():
     """GPTConfig.qkv: "fused", "fused-split-grad" and "separate", GPTConfig.gelu: "tanh",
-    "sigmoid" and "epilogue", and GPTConfig.layer_norm: "xla" and "pallas", are one model (same params, same loss and gradients); an unknown mode or form is a
+    "sigmoid" and "epilogue", GPTConfig.layer_norm and GPTConfig.logsumexp: "xla" and "pallas",
+    are one model (same params, same loss and gradients); an unknown mode or form is a
     ConfigError naming the valid ones."""
     import dataclasses
 
@@ -342,13 +343,13 @@ def test_gpt_qkv_modes_and_gelu_forms_give_one_model():
     results = {}
     variants = {"fused": {}, "fused-split-grad": dict(qkv="fused-split-grad"), "separate": dict(qkv="separate"),
                 "gelu-sigmoid": dict(gelu="sigmoid"), "gelu-epilogue": dict(gelu="epilogue"),
-                "ln-pallas": dict(layer_norm="pallas")}
+                "ln-pallas": dict(layer_norm="pallas"), "lse-pallas": dict(logsumexp="pallas")}
     for mode, changes in variants.items():
         md = make_gpt(dataclasses.replace(cfg, **changes))
         params = md.init(jax.random.key(0), batch) if not results else results["fused"][0]
         loss, grads = jax.jit(jax.value_and_grad(lambda p, md=md: md.loss(p, jax.random.key(1), batch)[0]))(params)
         results[mode] = (params, loss, grads)
-    for mode in ("fused-split-grad", "separate", "gelu-sigmoid", "gelu-epilogue", "ln-pallas"):
+    for mode in ("fused-split-grad", "separate", "gelu-sigmoid", "gelu-epilogue", "ln-pallas", "lse-pallas"):
         np.testing.assert_allclose(results[mode][1], results["fused"][1], rtol=1e-6)
         for g, r in zip(jax.tree.leaves(results[mode][2]), jax.tree.leaves(results["fused"][2])):
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
@@ -358,30 +359,41 @@ def test_gpt_qkv_modes_and_gelu_forms_give_one_model():
         GPTConfig(gelu="erf")
     with pytest.raises(ConfigError, match="model.layer_norm .triton.; valid: pallas, xla"):
         GPTConfig(layer_norm="triton")
+    with pytest.raises(ConfigError, match="model.logsumexp .triton.; valid: pallas, xla"):
+        GPTConfig(logsumexp="triton")
 
 
 def test_stack_with_residual_adds_in_the_layer_norms_is_the_same_model():
-    """Stack(layer_norm="pallas"): each residual add done inside the next layer norm
-    (AddLayerNorm, the Pallas kernels interpreted here), cross-attention blocks included: the
-    same params (names and shapes) as the plain Stack, the same outputs and gradients; an unknown
-    layer norm is a clear error."""
+    """Stack(layer_norm="pallas"), with fused and with separate q/k/v projections: each residual
+    add done inside the next layer norm (AddLayerNorm, the Pallas kernels interpreted here),
+    cross-attention blocks included: the same params (names and shapes) as the plain Stack, the
+    same outputs and gradients; an unknown layer norm, or copies of x for fused projections, is
+    a clear error."""
     from zoo.nn.transformer import Stack
 
     rng = np.random.default_rng(8)
     x = jnp.asarray(rng.standard_normal((2, 6, 16)), jnp.float32)
     memory = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float32)
-    stack = lambda ln: Stack(2, 4, 4, causal=True, cross_attention=True, layer_norm=ln)  # noqa: E731
+    stack = lambda ln, qkv="fused": Stack(2, 4, 4, causal=True, cross_attention=True, layer_norm=ln, qkv=qkv)  # noqa: E731
     params = stack("xla").init(jax.random.key(0), x, memory=memory)
     params = jax.tree.map(lambda p: p + 0.05 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), params)
     assert jax.tree.structure(stack("pallas").init(jax.random.key(0), x, memory=memory)) == jax.tree.structure(params)
-    value_and_grad = {ln: jax.jit(jax.value_and_grad(lambda p, ln=ln: jnp.sum(jnp.sin(
-        stack(ln).apply(p, x, memory=memory)[0])))) for ln in ("xla", "pallas")}
-    (got, got_grads), (want, want_grads) = value_and_grad["pallas"](params), value_and_grad["xla"](params)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    for a, c in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+    value_and_grad = {(ln, qkv): jax.jit(jax.value_and_grad(lambda p, ln=ln, qkv=qkv: jnp.sum(jnp.sin(
+        stack(ln, qkv).apply(p, x, memory=memory)[0])))) for ln in ("xla", "pallas") for qkv in ("fused", "separate")}
+    want, want_grads = value_and_grad["xla", "fused"](params)
+    # "separate" with "pallas": ln_1 hands its output to the three projections as three copies
+    for run in (("pallas", "fused"), ("pallas", "separate")):
+        got, got_grads = value_and_grad[run](params)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        for a, c in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+            np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="Block.layer_norm must be one of xla, pallas; got 'apex'"):
         stack("apex").init(jax.random.key(0), x, memory=memory)
+    from zoo.nn.transformer import Attention
+
+    with pytest.raises(ValueError, match="a tuple x .one per projection. needs qkv='separate', self-attention and "
+                                         "three arrays; got qkv='fused', 3 arrays"):
+        Attention(4, 4, 4).init(jax.random.key(0), (x, x, x))
 
 
 class _Biased(nn.Module):

@@ -62,6 +62,31 @@ def test_add_layer_norm_against_numpy(implementation, dtype, add):
     np.testing.assert_allclose(np.asarray(db), want_db, rtol=sum_tol, atol=sum_tol)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("add", [True, False])
+def test_copies_hand_out_y_and_sum_their_gradients(implementation, add):
+    """copies=3: y three times (equal), and the gradients of r, d, scale and bias for three
+    different cotangents, one per copy, are those of their sum (NumPy float64)."""
+    rng = np.random.default_rng(6)
+    shape = (3, 22, 40)
+    r = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    d = jnp.asarray(rng.standard_normal(shape), jnp.float32) if add else None
+    g, b = jnp.asarray(rng.standard_normal(40), jnp.float32), jnp.asarray(rng.standard_normal(40), jnp.float32)
+    ch = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    cys = tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(3))
+    (h, ys), vjp = jax.vjp(lambda r, d, g, b: add_layer_norm(r, d, g, b, implementation=implementation, copies=3),
+                           r, d, g, b)
+    dr, dd, dg, db = vjp((ch, cys))
+    want_h, want_y, want_dx, want_dg, want_db = _numpy(r, d, g, b, ch, sum(cys))
+    assert isinstance(ys, tuple) and len(ys) == 3
+    for y in ys:
+        np.testing.assert_allclose(np.asarray(y, np.float64), want_y, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(dr, np.float64), want_dx, rtol=2e-5, atol=2e-5)
+    assert (dd is None) == (not add)
+    np.testing.assert_allclose(np.asarray(dg), want_dg, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(db), want_db, rtol=1e-4, atol=1e-4)
+
+
 def test_xla_layer_norm_is_flax_layer_norm():
     """The "xla" form computes flax.linen.LayerNorm's function (GPT-2's params load into either)."""
     import flax.linen as nn
@@ -84,6 +109,8 @@ def test_bad_input_is_a_clear_error():
         add_layer_norm(x, jnp.zeros((3, 4)), g, g)
     with pytest.raises(ValueError, match=r"scale and bias must be \[8\], got \(4,\) and \(8,\)"):
         add_layer_norm(x, None, jnp.ones(4), g)
+    with pytest.raises(ValueError, match="copies must be an int >= 1, got 0"):
+        add_layer_norm(x, None, g, g, copies=0)
 
 
 @pytest.mark.skipif(not CUDA_PLUGIN, reason="needs JAX's CUDA plugin (jax-cuda13-plugin), not a GPU")
@@ -112,6 +139,16 @@ def test_pallas_kernels_read_each_array_once_on_a_gpu():
     partials = 2 * (M // 64) * H * 4
     assert bwd.read == 3 * arr + H * 4 + 2 * M * 4 and bwd.written == arr + partials
     assert all(x.bytes < arr for x in ls if x not in triton and x.kind != "copy"), ls
+
+    # three copies of y (three consumers): the backward kernel reads their three gradients itself
+    def f3(r, d, g, b, ch, cy):
+        (h, ys), vjp = jax.vjp(lambda r, d, g, b: add_layer_norm(r, d, g, b, implementation="pallas", copies=3),
+                               r, d, g, b)
+        return vjp((ch, (cy, cy * 2, cy * 3)))[0]
+
+    ls = hlo.launches(hlo.compile_for_gpu(f3, *args).as_text())
+    triton = [x for x in ls if x.kind == "custom-call:__gpu$xla.gpu.triton"]
+    assert len(triton) == 2 and triton[1].read == 5 * arr + H * 4 + 2 * M * 4, ls
 
 
 @pytest.mark.gpu

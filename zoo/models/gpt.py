@@ -38,6 +38,7 @@ from zoo.nn.transformer import GELU_FORMS, INIT_STD, LAYER_NORMS, QKV_MODES, Sta
 from zoo.ops import losses, sampling
 from zoo.ops.precision import dot_f32
 from zoo.ops.attention import IMPLEMENTATIONS
+from zoo.ops.logsumexp import IMPLEMENTATIONS as LOGSUMEXPS
 from zoo.ops.lora import lora_mask
 from zoo.registry import register
 from zoo.train.config import base_config, transformer_optimizer
@@ -67,6 +68,7 @@ class GPTConfig:
     qkv: str = "fused"            # attention's q/k/v projections: fused | fused-split-grad | separate (same params)
     gelu: str = "tanh"            # the MLP's GELU formula: tanh | sigmoid | epilogue (the same function, zoo.nn.transformer.bias_gelu)
     layer_norm: str = "xla"       # xla | pallas: each residual add inside the next layer norm's kernel (zoo.ops.layer_norm)
+    logsumexp: str = "xla"        # xla | pallas: the loss's logsumexp in one kernel's pass over the logits (zoo.ops.logsumexp)
 
     def __post_init__(self):
         for name in ("vocab_size", "max_len", "num_layers", "hidden", "num_heads"):
@@ -85,6 +87,8 @@ class GPTConfig:
             raise ConfigError(unknown("model.gelu", self.gelu, GELU_FORMS))
         if self.layer_norm not in LAYER_NORMS:
             raise ConfigError(unknown("model.layer_norm", self.layer_norm, LAYER_NORMS))
+        if self.logsumexp not in LOGSUMEXPS:
+            raise ConfigError(unknown("model.logsumexp", self.logsumexp, LOGSUMEXPS))
         if self.implementation and self.implementation not in IMPLEMENTATIONS:
             raise ConfigError(unknown("model.implementation", self.implementation, IMPLEMENTATIONS))
         if self.dtype not in DTYPES:
@@ -170,7 +174,7 @@ def forward(cfg: GPTConfig, params, tokens_BxT, *, positions_T=None, caches=None
 def token_nll(cfg: GPTConfig, params, x_BxT1, key=None):
     """Next-token negative log-likelihood in nats [B, T] of x [B, T+1]."""
     logits, _ = forward(cfg, params, x_BxT1[:, :-1], key=key)
-    return losses.cross_entropy(logits, x_BxT1[:, 1:])
+    return losses.cross_entropy(logits, x_BxT1[:, 1:], logsumexp=cfg.logsumexp)
 
 
 def empty_caches(cfg: GPTConfig, batch: int):
@@ -255,7 +259,7 @@ def make_gpt(cfg: GPTConfig, pretrained=None, context: int | None = None) -> Mod
     def evaluate(params, key, batch):
         x = batch["x"]
         logits, _ = forward(cfg, params, x[:, :-1])
-        nll = losses.cross_entropy(logits, x[:, 1:])
+        nll = losses.cross_entropy(logits, x[:, 1:], logsumexp=cfg.logsumexp)
         correct = (jnp.argmax(logits, -1) == x[:, 1:]).astype(jnp.float32)
         return {"bits_per_byte": nll.mean(-1) / ln2, "accuracy": correct.mean(-1)}
 

@@ -152,14 +152,24 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxH, memory_BxSxH=None, *, mask=None, is_causal=False,
                  cache: KVCache | None = None):
-        B, T, H = x_BxTxH.shape
-        N, K, D = self.num_heads, self.num_kv_heads, self.head_dim
+        """x [B, T, H]; for self-attention with qkv "separate" also a tuple of three equal ones,
+        one per projection (as zoo.ops.layer_norm.add_layer_norm(copies=3) hands them out)."""
         if self.qkv not in QKV_MODES:
             raise ValueError(f"Attention.qkv must be one of {', '.join(QKV_MODES)}; got {self.qkv!r}")
+        copies = x_BxTxH if isinstance(x_BxTxH, tuple) else None
+        if copies is not None and (self.qkv != "separate" or memory_BxSxH is not None or len(copies) != 3):
+            raise ValueError("Attention: a tuple x (one per projection) needs qkv='separate', self-attention "
+                             f"and three arrays; got qkv={self.qkv!r}, {len(copies)} arrays"
+                             f"{', cross-attention' if memory_BxSxH is not None else ''}")
+        x_BxTxH = x_BxTxH if copies is None else copies[0]
+        B, T, H = x_BxTxH.shape
+        N, K, D = self.num_heads, self.num_kv_heads, self.head_dim
         dense = lambda f, name, std=INIT_STD: LoRADense(f, self.lora_rank, self.lora_alpha,
                                                          kernel_std=std, dtype=self.dtype, name=name)
         project = ((lambda x, layers: [layer(x) for layer in layers]) if self.qkv == "separate" else
                    functools.partial(fused_dense, split_grad=self.qkv == "fused-split-grad"))
+        if copies is not None:
+            project = lambda x, layers: [layer(xi) for layer, xi in zip(layers, copies)]  # noqa: E731
         src = x_BxTxH if memory_BxSxH is None else memory_BxSxH
         if memory_BxSxH is None:  # self-attention: one matmul for the three projections
             q, k, v = project(x_BxTxH, [dense(N * D, "query"), dense(K * D, "key"), dense(K * D, "value")])
@@ -336,11 +346,12 @@ LAYER_NORMS = _layer_norm.IMPLEMENTATIONS  # Block.layer_norm
 class AddLayerNorm(nn.Module):
     """(r + d, LayerNorm(r + d)) by zoo.ops.layer_norm.add_layer_norm (d None: (r, LayerNorm(r))),
     with flax.linen.LayerNorm's params (scale, bias: same names, shapes and init), the output in
-    `dtype` (default r's)."""
+    `dtype` (default r's); `copies` > 1: the layer norm as a tuple of that many (see add_layer_norm)."""
 
     epsilon: float = 1e-5
     dtype: Any = None
     implementation: str = "pallas"
+    copies: int = 1
 
     @nn.compact
     def __call__(self, r, d=None):
@@ -348,17 +359,19 @@ class AddLayerNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (H,))
         bias = self.param("bias", nn.initializers.zeros, (H,))
         return _layer_norm.add_layer_norm(r, d, scale, bias, eps=self.epsilon, dtype=self.dtype,
-                                          implementation=self.implementation)
+                                          implementation=self.implementation, copies=self.copies)
 
 
-def _residual_ln(layer_norm: str, eps: float, dtype, name: str, x):
+def _residual_ln(layer_norm: str, eps: float, dtype, name: str, x, copies: int = 1):
     """x (an array, or (r, d): a residual add not yet done) -> (the sum, its layer norm `name`).
-    "xla": the add, then flax.linen.LayerNorm; "pallas": both in AddLayerNorm's one kernel."""
+    "xla": the add, then flax.linen.LayerNorm; "pallas": both in AddLayerNorm's one kernel, the
+    layer norm as `copies` arrays when more than one (one per consumer, their gradients summed
+    inside the backward kernel)."""
     r, d = x if isinstance(x, tuple) else (x, None)
     if layer_norm == "xla":
         x = r if d is None else r + d
         return x, nn.LayerNorm(eps, dtype=dtype, name=name)(x)
-    return AddLayerNorm(eps, dtype, layer_norm, name=name)(r, d)
+    return AddLayerNorm(eps, dtype, layer_norm, copies, name=name)(r, d)
 
 
 class Block(nn.Module):
@@ -401,7 +414,9 @@ class Block(nn.Module):
                   out_std=out_std, dtype=self.dtype, qkv=self.qkv)
         drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=deterministic)  # noqa: E731
         ln = functools.partial(_residual_ln, self.layer_norm, self.ln_eps, self.dtype)
-        x, y = ln("ln_1", x_BxTxH)
+        # separate q/k/v projections after a Pallas layer norm: its backward kernel sums their
+        # three input gradients as it reads them (otherwise a pass of its own, 3.6 GB per GPT-124M step)
+        x, y = ln("ln_1", x_BxTxH, copies=3 if self.qkv == "separate" and self.layer_norm != "xla" else 1)
         h, cache = Attention(**kw, name="attn")(y, mask=mask, is_causal=self.causal, cache=cache)
         pending = (x, drop(h))
         if self.cross_attention:

@@ -26,9 +26,12 @@ Shapes: r and d [..., H] (d may be None: no add, h = r), scale and bias [H]; h i
 from __future__ import annotations
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
+
+from zoo.ops._pallas import columns, run
 
 IMPLEMENTATIONS = ("xla", "pallas")
 _ROWS_FWD = 4    # rows per forward program
@@ -37,8 +40,14 @@ _STEPS = 16      # ... and steps per program: the partial column sums are [M / 6
 _WARPS = 4
 
 
-def add_layer_norm(r, d, scale, bias, *, eps: float = 1e-5, dtype=None, implementation: str | None = None):
-    """(r + d, LayerNorm(r + d) * scale + bias): see the module's note. d None: (r, LayerNorm(r) ...)."""
+def add_layer_norm(r, d, scale, bias, *, eps: float = 1e-5, dtype=None, implementation: str | None = None,
+                   copies: int = 1):
+    """(r + d, LayerNorm(r + d) * scale + bias): see the module's note. d None: (r, LayerNorm(r) ...).
+
+    copies > 1: (h, (y, ..., y)), y handed out `copies` times, one per consumer (the separate q, k
+    and v projections of an attention layer, say). Their gradients then reach the backward
+    kernel ("pallas") as that many arrays, which it sums as it reads them, instead of autodiff
+    summing them in a pass of their own before the kernel; "xla" hands out y itself each time."""
     impl = "xla" if implementation is None else implementation
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"add_layer_norm: implementation must be one of {', '.join(IMPLEMENTATIONS)} or None; "
@@ -48,16 +57,16 @@ def add_layer_norm(r, d, scale, bias, *, eps: float = 1e-5, dtype=None, implemen
         raise ValueError(f"add_layer_norm: r and d need one shape, got {r.shape} and {d.shape}")
     if scale.shape != (H,) or bias.shape != (H,):
         raise ValueError(f"add_layer_norm: scale and bias must be [{H}], got {scale.shape} and {bias.shape}")
+    if not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"add_layer_norm: copies must be an int >= 1, got {copies!r}")
     dtype = jnp.dtype(dtype or r.dtype)
     if impl == "xla":
-        return _reference(r, d, scale, bias, eps, dtype)
-    lead = r.shape[:-1]
+        h, y = _reference(r, d, scale, bias, eps, dtype)
+        return h, (y if copies == 1 else (y,) * copies)
     flat = lambda a: None if a is None else a.reshape(-1, H)  # noqa: E731
-    if d is None:
-        y = _ln_pallas(flat(r), scale, bias, eps, dtype)
-        return r, y.reshape(*lead, H)
-    h, y = _add_ln_pallas(flat(r), flat(d).astype(r.dtype), scale, bias, eps, dtype)
-    return h.reshape(r.shape), y.reshape(*lead, H)
+    h, ys = _pallas(flat(r), flat(d if d is None else d.astype(r.dtype)), scale, bias, eps, dtype, copies)
+    ys = tuple(y.reshape(r.shape) for y in ys)
+    return (r if h is None else h.reshape(r.shape)), (ys[0] if copies == 1 else ys)
 
 
 def _reference(r, d, scale, bias, eps, dtype):
@@ -71,19 +80,6 @@ def _reference(r, d, scale, bias, eps, dtype):
 
 # --- Pallas (Triton) kernels -------------------------------------------------------------------
 
-def _run(call, *args):
-    """call(interpret)(*args): the Triton kernel where the program is lowered for a CUDA GPU,
-    Pallas's interpreter elsewhere (chosen as it lowers: jax.lax.platform_dependent)."""
-    return jax.lax.platform_dependent(*args, cuda=call(False), default=call(True))
-
-
-def _cols(H):
-    from jax.experimental import pallas as pl
-
-    P = pl.next_power_of_2(H)  # Triton's arrays have power-of-two sizes: the columns masked to H
-    return P, jnp.arange(P), jnp.arange(P) < H
-
-
 def _fwd_kernel(*refs, H, M, eps, add):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
@@ -92,7 +88,7 @@ def _fwd_kernel(*refs, H, M, eps, add):
         r_ref, d_ref, g_ref, b_ref, h_ref, y_ref, mean_ref, rstd_ref = refs
     else:
         r_ref, g_ref, b_ref, y_ref, mean_ref, rstd_ref = refs
-    P, cols, cmask = _cols(H)
+    cols, cmask = columns(H)
     rows = jnp.arange(_ROWS_FWD)
     rmask = pl.program_id(0) * _ROWS_FWD + rows < M
     mask = rmask[:, None] & cmask[None, :]
@@ -133,19 +129,18 @@ def _forward(r, d, scale, bias, eps, dtype):
         out_shape=([arr(r.dtype)] if add else []) + [arr(dtype)] + stats,
         compiler_params=plgpu.CompilerParams(num_warps=_WARPS),
         interpret=interpret, name="add_layer_norm_fwd" if add else "layer_norm_fwd")
-    outs = _run(call, *([r, d] if add else [r]), scale, bias)
+    outs = run(call, *([r, d] if add else [r]), scale, bias)
     return tuple(outs) if add else (None, *outs)
 
 
-def _bwd_kernel(*refs, H, M, has_dh):
+def _bwd_kernel(*refs, H, M, n_dy, has_dh):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    if has_dh:
-        h_ref, dy_ref, dh_ref, g_ref, mean_ref, rstd_ref, dx_ref, dg_ref, db_ref = refs
-    else:
-        h_ref, dy_ref, g_ref, mean_ref, rstd_ref, dx_ref, dg_ref, db_ref = refs
-    P, cols, cmask = _cols(H)
+    h_ref, dy_refs, refs = refs[0], refs[1:1 + n_dy], refs[1 + n_dy:]
+    dh_ref, refs = (refs[0], refs[1:]) if has_dh else (None, refs)
+    g_ref, mean_ref, rstd_ref, dx_ref, dg_ref, db_ref = refs
+    cols, cmask = columns(H)
     g = plgpu.load(g_ref.at[cols], mask=cmask, other=0.0).astype(jnp.float32)
     first = pl.program_id(0) * (_ROWS * _STEPS)
 
@@ -156,7 +151,8 @@ def _bwd_kernel(*refs, H, M, has_dh):
         mask = rmask[:, None] & cmask[None, :]
         at = (rows[:, None], cols[None, :])
         x = plgpu.load(h_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
-        dy = plgpu.load(dy_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
+        dy = functools.reduce(operator.add, [plgpu.load(ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
+                                             for ref in dy_refs])
         mean = plgpu.load(mean_ref.at[rows], mask=rmask, other=0.0)
         rstd = plgpu.load(rstd_ref.at[rows], mask=rmask, other=0.0)
         xhat = jnp.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -169,14 +165,15 @@ def _bwd_kernel(*refs, H, M, has_dh):
         plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=mask)
         return dg + jnp.sum(dy * xhat, axis=0), db + jnp.sum(dy, axis=0)
 
-    zero = jnp.zeros((P,), jnp.float32)
+    zero = jnp.zeros(cols.shape, jnp.float32)
     dg, db = jax.lax.fori_loop(0, _STEPS, step, (zero, zero))
     plgpu.store(dg_ref.at[cols], dg, mask=cmask)
     plgpu.store(db_ref.at[cols], db, mask=cmask)
 
 
-def _backward(h, dy, dh, scale, mean, rstd, dx_dtype):
-    """(dx [M, H] (dh added when given), dscale, dbias (float32 sums)) by the backward kernel."""
+def _backward(h, dys, dh, scale, mean, rstd, dx_dtype):
+    """(dx [M, H] (dh added when given), dscale, dbias (float32 sums)) by the backward kernel, for
+    y's gradient the sum of the arrays `dys`."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -189,52 +186,34 @@ def _backward(h, dy, dh, scale, mean, rstd, dx_dtype):
     part = pl.BlockSpec((H,), lambda i: (i,))  # program i's partial column sums: [G * H], row i
     has_dh = dh is not None
     call = lambda interpret: pl.pallas_call(  # noqa: E731
-        functools.partial(_bwd_kernel, H=H, M=M, has_dh=has_dh),
+        functools.partial(_bwd_kernel, H=H, M=M, n_dy=len(dys), has_dh=has_dh),
         grid=(G,),
-        in_specs=[row, row] + ([row] if has_dh else []) + [vec, stat, stat],
+        in_specs=[row] * (1 + len(dys) + has_dh) + [vec, stat, stat],
         out_specs=[row, part, part],
         out_shape=[jax.ShapeDtypeStruct((M, H), dx_dtype)] + [jax.ShapeDtypeStruct((G * H,), jnp.float32)] * 2,
         compiler_params=plgpu.CompilerParams(num_warps=_WARPS),
         interpret=interpret, name="add_layer_norm_bwd" if has_dh else "layer_norm_bwd")
-    dx, dg, db = _run(call, *([h, dy, dh] if has_dh else [h, dy]), scale, mean, rstd)
+    dx, dg, db = run(call, h, *dys, *([dh] if has_dh else []), scale, mean, rstd)
     return dx, dg.reshape(G, H).sum(0), db.reshape(G, H).sum(0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _add_ln_pallas(r, d, scale, bias, eps, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _pallas(r, d, scale, bias, eps, dtype, copies):
+    """[M, H] -> (h (None when d is), (y,) * copies)."""
     h, y, _, _ = _forward(r, d, scale, bias, eps, dtype)
-    return h, y
+    return h, (y,) * copies
 
 
-def _add_ln_fwd(r, d, scale, bias, eps, dtype):
+def _pallas_fwd(r, d, scale, bias, eps, dtype, copies):
     h, y, mean, rstd = _forward(r, d, scale, bias, eps, dtype)
-    return (h, y), (h, scale, bias, mean, rstd)
+    return (h, (y,) * copies), (r if h is None else h, scale, bias, mean, rstd)
 
 
-def _add_ln_bwd(eps, dtype, res, cts):
-    h, scale, bias, mean, rstd = res
-    dh, dy = cts
-    dx, dg, db = _backward(h, dy, dh, scale, mean, rstd, h.dtype)
-    return dx, dx, dg.astype(scale.dtype), db.astype(bias.dtype)
-
-
-_add_ln_pallas.defvjp(_add_ln_fwd, _add_ln_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _ln_pallas(x, scale, bias, eps, dtype):
-    return _forward(x, None, scale, bias, eps, dtype)[1]
-
-
-def _ln_fwd(x, scale, bias, eps, dtype):
-    _, y, mean, rstd = _forward(x, None, scale, bias, eps, dtype)
-    return y, (x, scale, bias, mean, rstd)
-
-
-def _ln_bwd(eps, dtype, res, dy):
+def _pallas_bwd(eps, dtype, copies, res, cts):
     x, scale, bias, mean, rstd = res
-    dx, dg, db = _backward(x, dy, None, scale, mean, rstd, x.dtype)
-    return dx, dg.astype(scale.dtype), db.astype(bias.dtype)
+    dh, dys = cts  # dh None when there was no add (no h)
+    dx, dg, db = _backward(x, dys, dh, scale, mean, rstd, x.dtype)
+    return dx, (None if dh is None else dx), dg.astype(scale.dtype), db.astype(bias.dtype)
 
 
-_ln_pallas.defvjp(_ln_fwd, _ln_bwd)
+_pallas.defvjp(_pallas_fwd, _pallas_bwd)

@@ -8,10 +8,13 @@ Shape letters: B batch, Z latent dim, C classes, "..." any per-example dims (e.g
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+
+from zoo.ops import logsumexp as _lse
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -54,8 +57,7 @@ def gaussian_kl_standard(mean_BxZ: jax.Array, log_var_BxZ: jax.Array) -> jax.Arr
     return _sum_per_example(0.5 * (jnp.exp(log_var_BxZ) + mean_BxZ**2 - 1.0 - log_var_BxZ))
 
 
-@jax.custom_jvp
-def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
+def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array, *, logsumexp: str | None = None) -> jax.Array:
     """-log softmax(logits)[label] over the last axis: [..., C], int [...] -> float32 [...].
 
     Computed in float32 whatever the logits' dtype. Its derivative is given in closed form,
@@ -63,28 +65,37 @@ def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
     reverse mode gives one elementwise expression for the logits' gradient (in their dtype).
     Plain autodiff of the label gather would scatter into a [..., C] array of zeros, which XLA runs
     as a pass of its own over that gradient: for a language model's output (GPT-124M at B16:
-    16,384 x 50,304 float32 logits) each pass is ~1 ms on an H200. The logsumexp is
-    jax.nn.logsumexp's two passes (row max, then sum): see benchmarks/results/README.md for the
-    one-pass forms measured on an H200 and dropped (a variadic max+sum reduce ran no faster; a
-    pilot max with an exact fallback under lax.cond became a select inside the train step, which
-    ran both branches)."""
-    return _cross_entropy(logits_BxC, labels_B)[0]
+    16,384 x 50,304 float32 logits) each pass is ~1 ms on an H200.
 
-
-def _cross_entropy(logits, labels):
-    if logits.shape[:-1] != labels.shape:
+    `logsumexp` picks zoo.ops.logsumexp's implementation for the rows' logsumexp: "xla" (or None:
+    jax.nn.logsumexp, two passes over the logits, row max then sum; one-pass XLA forms measured on
+    an H200 and dropped are in benchmarks/results/README.md) or "pallas" (one pass, a Triton
+    kernel on a GPU; the logits go to it in their own dtype)."""
+    if logits_BxC.shape[:-1] != labels_B.shape:
         raise ValueError(f"cross_entropy: logits [..., C] and labels [...] need the same leading shape, "
-                         f"got {logits.shape} and {labels.shape}")
+                         f"got {logits_BxC.shape} and {labels_B.shape}")
+    if logsumexp is not None and logsumexp not in _lse.IMPLEMENTATIONS:
+        raise ValueError(f"cross_entropy: logsumexp must be one of {', '.join(_lse.IMPLEMENTATIONS)} or None; "
+                         f"got {logsumexp!r}")
+    return _xent(logits_BxC, labels_B, logsumexp)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _xent(logits, labels, implementation):
+    return _cross_entropy(logits, labels, implementation)[0]
+
+
+def _cross_entropy(logits, labels, implementation):
     x = logits.astype(jnp.float32)
     picked = jnp.take_along_axis(x, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    lse = jax.nn.logsumexp(x, axis=-1)
+    lse = _lse.logsumexp(x if implementation in (None, "xla") else logits, implementation=implementation)
     return lse - picked, x, lse
 
 
-@cross_entropy.defjvp
-def _cross_entropy_jvp(primals, tangents):
+@_xent.defjvp
+def _cross_entropy_jvp(implementation, primals, tangents):
     logits, labels = primals
-    nll, x, lse = _cross_entropy(logits, labels)
+    nll, x, lse = _cross_entropy(logits, labels, implementation)
     onehot = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == labels[..., None]
     d_logits = tangents[0].astype(jnp.float32)
     return nll, jnp.sum((jnp.exp(x - lse[..., None]) - onehot) * d_logits, axis=-1)

@@ -1,0 +1,142 @@
+"""zoo.ops's Pallas (Triton) kernels timed alone against the XLA forms they replace, at several
+tilings: the numbers to pick each kernel's tiling by (set untuned, from no GPU measurement).
+
+GPT-124M's step at B64 as the kernels see it (bf16):
+- `ln-fwd`: add_layer_norm's forward, r and d [65536, 768] in, h and y out (+ 8 B per row of
+  statistics); XLA's form is the add then the layer norm (zoo.ops.layer_norm, "xla");
+- `ln-bwd`: its backward, h, y's gradient and h's gradient in, the input gradient out (+ the
+  scale and bias gradients' partial sums); `ln-bwd3`: the same with y's gradient as three arrays
+  (copies=3: the separate q/k/v projections' three input gradients, summed in the kernel); XLA's
+  form is autodiff's backward of the "xla" form (with the three gradients summed first);
+- `lse`: logsumexp over the logits [65536, 50304] (zoo.ops.logsumexp); XLA's form is
+  jax.nn.logsumexp, two passes (row max, then the sum).
+
+Each (kernel, tiling) is checked against the XLA form, then all are timed in shuffled, interleaved
+rounds (n calls dispatched back to back, one wait, per timing; medians), with the bytes each
+kernel must move per second and its speed against the XLA form (paired, round by round).
+Tilings: ln-fwd (rows per program, warps); ln-bwd (rows per step, steps per program, warps);
+lse (rows per program, columns per step, warps). The first of each list is the default.
+Run: python benchmarks/scripts/pallas_kernels.py [--quick] [--kernels ln-fwd,ln-bwd,ln-bwd3,lse]
+(--quick, the default off a GPU: small shapes, the kernels in Pallas's interpreter, to check the
+script; its times say nothing of a GPU's).
+"""
+import argparse
+import contextlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo.bench import interleaved_times, paired_speedup
+from zoo.ops import layer_norm as ln
+from zoo.ops import logsumexp as lse
+
+LN_FWD_TILES = [(ln._ROWS_FWD, ln._WARPS), (1, 2), (2, 4), (8, 4), (4, 8), (8, 8), (16, 8)]
+LN_BWD_TILES = [(ln._ROWS, ln._STEPS, ln._WARPS), (4, 8, 4), (4, 32, 4), (8, 8, 8), (2, 32, 4), (8, 16, 8)]
+LSE_TILES = [lse.TILE, (1, 2048, 4), (1, 4096, 8), (2, 2048, 8), (4, 2048, 8), (8, 512, 4), (1, 8192, 16)]
+KERNELS = ("ln-fwd", "ln-bwd", "ln-bwd3", "lse")
+
+
+@contextlib.contextmanager
+def ln_tiles(fwd=None, bwd=None):
+    """zoo.ops.layer_norm's tiling constants set while a program is traced and compiled (they are
+    read as it is traced)."""
+    saved = ln._ROWS_FWD, ln._WARPS, ln._ROWS, ln._STEPS
+    try:
+        if fwd:
+            ln._ROWS_FWD, ln._WARPS = fwd
+        if bwd:
+            ln._ROWS, ln._STEPS, ln._WARPS = bwd
+        yield
+    finally:
+        ln._ROWS_FWD, ln._WARPS, ln._ROWS, ln._STEPS = saved
+
+
+def cases(kernel, M, H, V, dtype, quick):
+    """{name: (program, args)} for one kernel: the XLA form first, then each tiling; and the
+    bytes the kernel must move."""
+    k = jax.random.split(jax.random.PRNGKey(0), 6)
+    normal = lambda i, shape: jax.random.normal(k[i], shape, dtype)  # noqa: E731
+    arr = M * H * jnp.dtype(dtype).itemsize
+    g, b = 1 + 0.1 * jax.random.normal(k[4], (H,)), 0.1 * jax.random.normal(k[5], (H,))
+    out = {}
+    if kernel == "ln-fwd":
+        r, d = normal(0, (M, H)), normal(1, (M, H))
+        out["xla"] = (jax.jit(lambda r, d: ln.add_layer_norm(r, d, g, b, implementation="xla")), (r, d))
+        for t in LN_FWD_TILES[:1 if quick else None]:
+            with ln_tiles(fwd=t):
+                f = jax.jit(lambda r, d: ln._forward(r, d, g, b, 1e-5, jnp.dtype(dtype))[:2]).lower(r, d).compile()
+            out[f"pallas {t}"] = (f, (r, d))
+        return out, 4 * arr
+    if kernel in ("ln-bwd", "ln-bwd3"):
+        n = 3 if kernel == "ln-bwd3" else 1
+        r, d, dh = normal(0, (M, H)), normal(1, (M, H)), normal(2, (M, H))
+        dys = tuple(normal(3, (M, H)) * (i + 1) for i in range(n))
+        h, _, mean, rstd = ln._forward(r, d, g, b, 1e-5, jnp.dtype(dtype))
+        _, vjp = jax.vjp(lambda r, d, g, b: ln.add_layer_norm(r, d, g, b, implementation="xla", copies=n), r, d, g, b)
+        out["xla"] = (jax.jit(lambda fn, dh, dys: (lambda o: (o[0], o[2], o[3]))(fn((dh, dys[0] if n == 1 else dys)))),
+                      (vjp, dh, dys))
+        for t in LN_BWD_TILES[:1 if quick else None]:
+            with ln_tiles(bwd=t):
+                f = jax.jit(lambda h, dys, dh, mean, rstd: ln._backward(h, dys, dh, g, mean, rstd, h.dtype)).lower(
+                    h, dys, dh, mean, rstd).compile()
+            out[f"pallas {t}"] = (f, (h, dys, dh, mean, rstd))
+        return out, (2 + n) * arr + 8 * M
+    x = normal(0, (M, V)) * 3
+    out["xla"] = (jax.jit(lambda x: lse.logsumexp(x, implementation="xla")), (x,))
+    for t in LSE_TILES[:1 if quick else None]:
+        out[f"pallas {t}"] = (jax.jit(lambda x, t=t: lse.logsumexp(x, implementation="pallas", tile=t)), (x,))
+    return out, M * V * jnp.dtype(dtype).itemsize
+
+
+def max_error(a, b):
+    return max(float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max())
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes (the default off a GPU)")
+    parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, among {', '.join(KERNELS)}")
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    kernels = args.kernels.split(",")
+    if bad := [k for k in kernels if k not in KERNELS]:
+        parser.error(f"unknown kernels {bad}; known: {', '.join(KERNELS)}")
+    on_gpu = jax.default_backend() == "gpu"
+    quick = args.quick or not on_gpu
+    M, H, V, dtype = (96, 48, 300, jnp.float32) if quick else (65536, 768, 50304, jnp.bfloat16)
+    n = 2 if quick else 20  # calls per timing
+    print(f"jax {jax.__version__} {jax.devices()[0].device_kind}: M {M}, H {H}, V {V}, {jnp.dtype(dtype).name}; "
+          f"{n} calls per timing, {args.rounds} rounds", flush=True)
+    for kernel in kernels:
+        t0 = time.perf_counter()
+        progs, moved = cases(kernel, M, H, V, dtype, quick)
+        want = jax.block_until_ready(progs["xla"][0](*progs["xla"][1]))
+        fns = {}
+        for name, (prog, argv) in progs.items():
+            got = jax.block_until_ready(prog(*argv))
+            if name != "xla":
+                print(f"  {kernel} {name}: max |difference| from xla {max_error(got, want):.2e}", flush=True)
+
+            def timed(prog=prog, argv=argv):
+                r = None
+                for _ in range(n):
+                    r = prog(*argv)
+                jax.block_until_ready(r)
+            fns[name] = timed
+        print(f"  {kernel}: compiled and checked in {time.perf_counter() - t0:.0f} s", flush=True)
+        times = interleaved_times(fns, args.rounds, pause_s=0.02 if on_gpu else 0.0, order="shuffle")
+        for name in progs:
+            sec = statistics.median(times[name]) / n
+            print(f"{kernel:8s} {name:24s} {sec * 1e3:8.3f} ms  {moved / sec / 1e9:7.1f} GB/s of the kernel's "
+                  f"{moved / 1e9:.2f} GB  speed vs xla (paired) {paired_speedup(times[name], times['xla']):.3f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    main()
+    print(f"done in {time.perf_counter() - t0:.0f} s")

@@ -1,0 +1,27 @@
+"""benchmarks/scripts/pallas_kernels.py (run on a lent GPU in device.sh part b) on this CPU, its
+kernels in Pallas's interpreter: each kernel's tiling agrees with the XLA form it replaces, and
+each gets a timing line against it."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_pallas_kernels_script():
+    out = subprocess.run([sys.executable, "benchmarks/scripts/pallas_kernels.py", "--quick", "--rounds", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    kernels = ["ln-fwd", "ln-bwd", "ln-bwd3", "lse"]
+    diffs = re.findall(r"^  (\S+) pallas \([\d, ]+\): max \|difference\| from xla (\S+)$", out.stdout, re.M)
+    assert [k for k, _ in diffs] == kernels
+    assert all(float(d) < 1e-4 for _, d in diffs), diffs  # float32: a few ulps of values ~1-10
+    timed = re.findall(r"^(\S+) +(xla|pallas \([\d, ]+\)) +[\d.]+ ms .* speed vs xla \(paired\) ([\d.]+)$",
+                       out.stdout, re.M)
+    assert [(k, n.split()[0]) for k, n, _ in timed] == [(k, n) for k in kernels for n in ("xla", "pallas")]
+    assert all(float(r) == 1.0 for _, n, r in timed if n == "xla")
+    bad = subprocess.run([sys.executable, "benchmarks/scripts/pallas_kernels.py", "--kernels", "ln,lse"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown kernels ['ln']; known: ln-fwd, ln-bwd, ln-bwd3, lse" in bad.stderr
