@@ -20,3 +20,58 @@ def columns(n: int, width: int | None = None, start=0):
     width = pl.next_power_of_2(n) if width is None else width
     cols = start + jnp.arange(width)
     return cols, cols < n
+
+
+def by_rows(fn, arrays, kinds, out_kinds):
+    """fn(*arrays) -> tuple of arrays, computed per shard of rows when the program is partitioned
+    over several devices (jit over a mesh): each array's kind says how it splits, "rows" (its
+    leading axis is rows, independent of each other) or "whole" (every shard needs all of it); each
+    output's, "rows" or "sum" (a sum over all rows: each shard's own, then summed over the shards).
+
+    A Pallas kernel is an opaque custom call to XLA's partitioner, which would gather its inputs
+    onto every device and run it whole there (on 8 data-parallel GPUs: 8x the work, and the
+    activations all-gathered). Here the rows stay where the first "rows" array's leading axis is
+    sharded (anything else each shard gathers: a sharded last axis, rows that do not split evenly),
+    with jax.experimental.custom_partitioning; on one device fn is inlined as it is."""
+    from jax.experimental.custom_partitioning import custom_partitioning
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    @custom_partitioning
+    def call(*arrays):
+        return tuple(fn(*arrays))
+
+    def row_axes(mesh, arg_shapes):
+        first = next(s for s, k in zip(arg_shapes, kinds) if k == "rows")
+        spec = first.sharding.spec if isinstance(first.sharding, NamedSharding) else ()
+        axes = spec[0] if len(spec) else None
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        shards = 1
+        for name in names:
+            shards *= mesh.shape[name]
+        return axes if names and first.shape[0] % shards == 0 else None
+
+    def partition(mesh, arg_shapes, result_shape):
+        axes = row_axes(mesh, arg_shapes)
+        spec = lambda ndim, kind: (PartitionSpec(axes, *(None,) * (ndim - 1)) if kind == "rows"  # noqa: E731
+                                   else PartitionSpec())
+        args = tuple(NamedSharding(mesh, spec(len(s.shape), k)) for s, k in zip(arg_shapes, kinds))
+        results = tuple(NamedSharding(mesh, spec(len(s.shape), k)) for s, k in zip(result_shape, out_kinds))
+
+        def lower_fn(*local):
+            outs = fn(*local)
+            return tuple(jax.lax.psum(o, axes) if k == "sum" and axes is not None else o
+                         for o, k in zip(outs, out_kinds))
+        return mesh, lower_fn, results, args
+
+    def infer(mesh, arg_shapes, result_shape):  # the same shardings, for the older GSPMD partitioner
+        return partition(mesh, arg_shapes, result_shape)[2]
+
+    def factors(prefix, i, ndim, kind):
+        dims = [f"{prefix}{i}d{j}" for j in range(ndim)]
+        return " ".join(["m", *dims[1:]] if kind == "rows" else dims)
+
+    rule = (", ".join(factors("a", i, a.ndim, k) for i, (a, k) in enumerate(zip(arrays, kinds))) + " -> " +
+            ", ".join(factors("o", i, len(s.shape), k) for i, (s, k) in
+                      enumerate(zip(jax.eval_shape(fn, *arrays), out_kinds))))
+    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule)
+    return call(*arrays)

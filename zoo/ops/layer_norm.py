@@ -31,7 +31,7 @@ import operator
 import jax
 import jax.numpy as jnp
 
-from zoo.ops._pallas import columns, run
+from zoo.ops._pallas import by_rows, columns, run
 
 IMPLEMENTATIONS = ("xla", "pallas")
 _ROWS_FWD = 4    # rows per forward program
@@ -110,7 +110,16 @@ def _fwd_kernel(*refs, H, M, eps, add):
 
 
 def _forward(r, d, scale, bias, eps, dtype):
-    """[M, H] -> (h or None, y, mean, rstd) by the forward kernel."""
+    """[M, H] -> (h or None, y, mean, rstd) by the forward kernel (per shard of rows on several
+    devices)."""
+    add = d is not None
+    args = [r, d, scale, bias] if add else [r, scale, bias]
+    local = lambda *a: _forward_local(*(a if add else (a[0], None, *a[1:])), eps, dtype)  # noqa: E731
+    outs = by_rows(local, args, ["rows"] * (1 + add) + ["whole"] * 2, ["rows"] * (3 + add))
+    return tuple(outs) if add else (None, *outs)
+
+
+def _forward_local(r, d, scale, bias, eps, dtype):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -129,8 +138,7 @@ def _forward(r, d, scale, bias, eps, dtype):
         out_shape=([arr(r.dtype)] if add else []) + [arr(dtype)] + stats,
         compiler_params=plgpu.CompilerParams(num_warps=_WARPS),
         interpret=interpret, name="add_layer_norm_fwd" if add else "layer_norm_fwd")
-    outs = run(call, *([r, d] if add else [r]), scale, bias)
-    return tuple(outs) if add else (None, *outs)
+    return tuple(run(call, *([r, d] if add else [r]), scale, bias))
 
 
 def _bwd_kernel(*refs, H, M, n_dy, has_dh):
@@ -173,7 +181,18 @@ def _bwd_kernel(*refs, H, M, n_dy, has_dh):
 
 def _backward(h, dys, dh, scale, mean, rstd, dx_dtype):
     """(dx [M, H] (dh added when given), dscale, dbias (float32 sums)) by the backward kernel, for
-    y's gradient the sum of the arrays `dys`."""
+    y's gradient the sum of the arrays `dys`; per shard of rows on several devices."""
+    n, has_dh = len(dys), dh is not None
+
+    def local(h, *rest):
+        dys, (dh, scale, mean, rstd) = rest[:n], ((rest[n] if has_dh else None), *rest[n + has_dh:])
+        return _backward_local(h, dys, dh, scale, mean, rstd, dx_dtype)
+
+    args = [h, *dys, *([dh] if has_dh else []), scale, mean, rstd]
+    return by_rows(local, args, ["rows"] * (1 + n + has_dh) + ["whole", "rows", "rows"], ["rows", "sum", "sum"])
+
+
+def _backward_local(h, dys, dh, scale, mean, rstd, dx_dtype):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 

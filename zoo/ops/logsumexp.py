@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from zoo.ops._pallas import columns, run
+from zoo.ops._pallas import by_rows, columns, run
 
 IMPLEMENTATIONS = ("xla", "pallas")
 TILE = (4, 1024, 4)  # the kernel's rows per program, columns per step, warps (untuned: a GPU sweeps it)
@@ -93,7 +93,11 @@ def _kernel(x_ref, o_ref, *, M, V, rows, cols):
 
 
 def _forward(x, tile):
-    """[M, V] -> [M] float32 (at least) by the kernel."""
+    """[M, V] -> [M] float32 (at least) by the kernel (per shard of rows on several devices)."""
+    return by_rows(lambda x: (_forward_local(x, tile),), [x], ["rows"], ["rows"])[0]
+
+
+def _forward_local(x, tile):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
