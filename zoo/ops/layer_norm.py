@@ -19,6 +19,10 @@ implementation:
   Pallas's interpreter (correct, slow: for tests);
 - None: "xla" (the Pallas kernels are opt-in until a GPU has timed them).
 
+Under jit over several devices (a mesh, rows sharded: data parallel) each device runs the
+kernels on its own rows, the scale and bias gradients summed across devices (zoo.ops._pallas.
+by_rows); XLA would otherwise gather the inputs onto every device, as it does for any custom call.
+
 Shapes: r and d [..., H] (d may be None: no add, h = r), scale and bias [H]; h in r's dtype
 (the sum rounded once), y in `dtype` (default r's), statistics in float32.
 """

@@ -15,6 +15,9 @@ implementation:
   interpreter (correct, slow: for tests);
 - None: "xla" (the kernel is opt-in until a GPU has timed it).
 
+Under jit over several devices (rows sharded) each device runs the kernel on its own rows
+(zoo.ops._pallas.by_rows).
+
 x [..., V], any float dtype -> [...] in float32 (x's dtype if wider). The derivative is given in
 closed form (d lse = sum(softmax(x) * dx)), so the kernel itself is never differentiated.
 Special values as jax.nn.logsumexp: a row of -inf gives -inf, a +inf gives +inf, a NaN gives NaN.
