@@ -87,6 +87,36 @@ def test_copies_hand_out_y_and_sum_their_gradients(implementation, add):
     np.testing.assert_allclose(np.asarray(db), want_db, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_d_bias_is_added_with_d_and_gets_the_column_sums(implementation, dtype):
+    """d_bias: h = r + d + d_bias (float32, rounded once), and d_bias's gradient is the column sum
+    of h's whole gradient (the layer norm's part and h's own), against NumPy float64; with
+    copies=3 as the transformer's blocks use it."""
+    rng = np.random.default_rng(7)
+    shape = (2, 35, 48)
+    r, d = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(2))
+    g, b, dbias = (jnp.asarray(rng.standard_normal(48), jnp.float32) for _ in range(3))
+    ch = jnp.asarray(rng.standard_normal(shape), dtype)
+    cys = tuple(jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(3))
+    (h, ys), vjp = jax.vjp(lambda r, d, g, b, e: add_layer_norm(r, d, g, b, implementation=implementation,
+                                                                copies=3, d_bias=e), r, d, g, b, dbias)
+    dr, dd, dg, db, de = vjp((ch, cys))
+    r32, d32, e32 = (np.asarray(a, np.float32) for a in (r, d, dbias))  # the sum in float32, in this order
+    want_h = ((r32 + d32) + e32).astype(np.asarray(r).dtype).astype(np.float64)
+    np.testing.assert_array_equal(np.asarray(h, np.float64), want_h)
+    _, want_y, want_dx, want_dg, want_db = _numpy(jnp.asarray(want_h, dtype), None, g, b, ch,
+                                                  sum(np.asarray(c, np.float64) for c in cys))
+    tol, sum_tol = (2e-5, 1e-4) if dtype == jnp.float32 else (5e-2, 0.5)
+    np.testing.assert_allclose(np.asarray(ys[0], np.float64), want_y, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(dr, np.float64), want_dx, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(np.asarray(dd), np.asarray(dr))
+    assert de.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(de), want_dx.sum((0, 1)), rtol=sum_tol, atol=sum_tol)
+    np.testing.assert_allclose(np.asarray(dg), want_dg, rtol=sum_tol, atol=sum_tol)
+    np.testing.assert_allclose(np.asarray(db), want_db, rtol=sum_tol, atol=sum_tol)
+
+
 def test_xla_layer_norm_is_flax_layer_norm():
     """The "xla" form computes flax.linen.LayerNorm's function (GPT-2's params load into either)."""
     import flax.linen as nn
@@ -111,6 +141,10 @@ def test_bad_input_is_a_clear_error():
         add_layer_norm(x, None, jnp.ones(4), g)
     with pytest.raises(ValueError, match="copies must be an int >= 1, got 0"):
         add_layer_norm(x, None, g, g, copies=0)
+    with pytest.raises(ValueError, match=r"d_bias must be \[8\] and come with d, got no d"):
+        add_layer_norm(x, None, g, g, d_bias=g)
+    with pytest.raises(ValueError, match=r"d_bias must be \[8\] and come with d, got \(4,\)"):
+        add_layer_norm(x, x, g, g, d_bias=jnp.ones(4))
 
 
 @pytest.mark.skipif(not CUDA_PLUGIN, reason="needs JAX's CUDA plugin (jax-cuda13-plugin), not a GPU")

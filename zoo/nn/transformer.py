@@ -51,6 +51,7 @@ class LoRADense(nn.Module):
     kernel_std: float = INIT_STD
     dtype: Any = None  # compute dtype (params stay float32)
     gelu: str = ""  # "" (none) or a GELU_FORMS entry: GELU(x @ kernel + bias), the bias add inside the GELU
+    bias_apart: bool = False  # (x @ kernel [+ lora], bias) for the next op to add (no GELU)
 
     @nn.compact
     def __call__(self, x_BxI, *, weights_only=False):
@@ -73,6 +74,8 @@ class LoRADense(nn.Module):
             y = y + lora(x)
         if self.gelu:
             return bias_gelu(y, bias, self.gelu)
+        if self.bias_apart:
+            return y, bias
         return y if bias is None else add_bias(y, bias)
 
 
@@ -148,6 +151,7 @@ class Attention(nn.Module):
     dtype: Any = None
     qkv: str = "fused"  # the projections of one input: one matmul ("fused"; "fused-split-grad":
     # its backward per projection, see fused_dense) or one per projection ("separate"); same params
+    bias_apart: bool = False  # the output projection's (y, bias), its bias for the caller to add
 
     @nn.compact
     def __call__(self, x_BxTxH, memory_BxSxH=None, *, mask=None, is_causal=False,
@@ -187,7 +191,8 @@ class Attention(nn.Module):
                                         implementation=self.implementation)
             if self.is_mutable_collection("intermediates"):  # attention maps, only when asked for
                 self.sow("intermediates", "weights", attention_weights(q, k, mask, is_causal).mean(1))
-        return dense(H, "out", self.out_std)(out.reshape(B, T, N * D)), cache
+        return LoRADense(H, self.lora_rank, self.lora_alpha, kernel_std=self.out_std, dtype=self.dtype,
+                         bias_apart=self.bias_apart, name="out")(out.reshape(B, T, N * D)), cache
 
 
 def gelu_tanh(h):
@@ -332,12 +337,13 @@ class MLP(nn.Module):
     out_std: float = INIT_STD
     dtype: Any = None
     gelu: str = "tanh"  # GELU_FORMS
+    bias_apart: bool = False  # proj's (y, bias), its bias for the caller to add
 
     @nn.compact
     def __call__(self, x_BxTxH):
         h = LoRADense(self.width, self.lora_rank, self.lora_alpha, dtype=self.dtype, gelu=self.gelu, name="fc")(x_BxTxH)
         return LoRADense(x_BxTxH.shape[-1], self.lora_rank, self.lora_alpha, kernel_std=self.out_std,
-                         dtype=self.dtype, name="proj")(h)
+                         dtype=self.dtype, bias_apart=self.bias_apart, name="proj")(h)
 
 
 LAYER_NORMS = _layer_norm.IMPLEMENTATIONS  # Block.layer_norm
@@ -354,24 +360,24 @@ class AddLayerNorm(nn.Module):
     copies: int = 1
 
     @nn.compact
-    def __call__(self, r, d=None):
+    def __call__(self, r, d=None, d_bias=None):
         H = r.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (H,))
         bias = self.param("bias", nn.initializers.zeros, (H,))
         return _layer_norm.add_layer_norm(r, d, scale, bias, eps=self.epsilon, dtype=self.dtype,
-                                          implementation=self.implementation, copies=self.copies)
+                                          implementation=self.implementation, copies=self.copies, d_bias=d_bias)
 
 
 def _residual_ln(layer_norm: str, eps: float, dtype, name: str, x, copies: int = 1):
-    """x (an array, or (r, d): a residual add not yet done) -> (the sum, its layer norm `name`).
-    "xla": the add, then flax.linen.LayerNorm; "pallas": both in AddLayerNorm's one kernel, the
-    layer norm as `copies` arrays when more than one (one per consumer, their gradients summed
-    inside the backward kernel)."""
-    r, d = x if isinstance(x, tuple) else (x, None)
+    """x (an array, or (r, d) or (r, d, d_bias): a residual add not yet done, d's bias too) -> (the
+    sum, its layer norm `name`). "xla": the add, then flax.linen.LayerNorm; "pallas": both in
+    AddLayerNorm's one kernel, the layer norm as `copies` arrays when more than one (one per
+    consumer, their gradients summed inside the backward kernel)."""
+    r, d, d_bias = (*x, None)[:3] if isinstance(x, tuple) else (x, None, None)
     if layer_norm == "xla":
-        x = r if d is None else r + d
+        x = r if d is None else r + (d if d_bias is None else add_bias(d, d_bias))
         return x, nn.LayerNorm(eps, dtype=dtype, name=name)(x)
-    return AddLayerNorm(eps, dtype, layer_norm, copies, name=name)(r, d)
+    return AddLayerNorm(eps, dtype, layer_norm, copies, name=name)(r, d, d_bias)
 
 
 class Block(nn.Module):
@@ -381,7 +387,9 @@ class Block(nn.Module):
     layer_norm (LAYER_NORMS): "xla", flax.linen.LayerNorm after each residual add; "pallas", each
     residual add done inside the layer norm that follows it (AddLayerNorm: one kernel each way on
     a GPU), so the block takes and returns its stream as (r, d), the add pending, which the next
-    block's first layer norm (or Stack's final one) does; the same params and function.
+    block's first layer norm (or Stack's final one) does; the same params and function. Without
+    dropout (or deterministic) the output projections' biases are added there too ((r, d,
+    d_bias)), so that their gradients come out of that layer norm's backward kernel.
     """
 
     num_heads: int
@@ -413,21 +421,24 @@ class Block(nn.Module):
                   lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, implementation=self.implementation,
                   out_std=out_std, dtype=self.dtype, qkv=self.qkv)
         drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=deterministic)  # noqa: E731
+        # with no dropout between them, an output projection's bias goes to the next layer norm
+        defer = self.layer_norm != "xla" and (self.dropout == 0 or deterministic)
+        branch = (lambda h: h) if defer else (lambda h: (drop(h),))  # noqa: E731
         ln = functools.partial(_residual_ln, self.layer_norm, self.ln_eps, self.dtype)
         # separate q/k/v projections after a Pallas layer norm: its backward kernel sums their
         # three input gradients as it reads them (otherwise a pass of its own, 3.6 GB per GPT-124M step)
         x, y = ln("ln_1", x_BxTxH, copies=3 if self.qkv == "separate" and self.layer_norm != "xla" else 1)
-        h, cache = Attention(**kw, name="attn")(y, mask=mask, is_causal=self.causal, cache=cache)
-        pending = (x, drop(h))
+        h, cache = Attention(**kw, bias_apart=defer, name="attn")(y, mask=mask, is_causal=self.causal, cache=cache)
+        pending = (x, *branch(h))
         if self.cross_attention:
             cross_mask = None if memory_mask is None else memory_mask[:, None, None, :]
             x, y = ln("ln_cross", pending)
-            h, _ = Attention(**kw, name="cross_attn")(y, memory, mask=cross_mask)
-            pending = (x, drop(h))
+            h, _ = Attention(**kw, bias_apart=defer, name="cross_attn")(y, memory, mask=cross_mask)
+            pending = (x, *branch(h))
         x, y = ln("ln_2", pending)
         h = MLP(int(H * self.mlp_ratio), self.lora_rank, self.lora_alpha, out_std, self.dtype, self.gelu,
-                name="mlp")(y)
-        out = (x, drop(h))
+                bias_apart=defer, name="mlp")(y)
+        out = (x, *branch(h))
         return (out if self.layer_norm != "xla" else out[0] + out[1]), cache
 
 

@@ -45,8 +45,13 @@ _WARPS = 4
 
 
 def add_layer_norm(r, d, scale, bias, *, eps: float = 1e-5, dtype=None, implementation: str | None = None,
-                   copies: int = 1):
+                   copies: int = 1, d_bias=None):
     """(r + d, LayerNorm(r + d) * scale + bias): see the module's note. d None: (r, LayerNorm(r) ...).
+
+    d_bias [H] (with d): h = r + d + d_bias, the sum in float32 rounded once to r's dtype; for the
+    bias of the layer that made d, added here rather than by that layer, so that its gradient (the
+    column sums of h's gradient) comes out of the backward kernel ("pallas") instead of a pass
+    over d's gradient of its own.
 
     copies > 1: (h, (y, ..., y)), y handed out `copies` times, one per consumer (the separate q, k
     and v projections of an attention layer, say). Their gradients then reach the backward
@@ -63,18 +68,25 @@ def add_layer_norm(r, d, scale, bias, *, eps: float = 1e-5, dtype=None, implemen
         raise ValueError(f"add_layer_norm: scale and bias must be [{H}], got {scale.shape} and {bias.shape}")
     if not isinstance(copies, int) or copies < 1:
         raise ValueError(f"add_layer_norm: copies must be an int >= 1, got {copies!r}")
+    if d_bias is not None and (d is None or d_bias.shape != (H,)):
+        raise ValueError(f"add_layer_norm: d_bias must be [{H}] and come with d, got "
+                         f"{'no d' if d is None else d_bias.shape}")
     dtype = jnp.dtype(dtype or r.dtype)
     if impl == "xla":
-        h, y = _reference(r, d, scale, bias, eps, dtype)
+        h, y = _reference(r, d, scale, bias, eps, dtype, d_bias)
         return h, (y if copies == 1 else (y,) * copies)
     flat = lambda a: None if a is None else a.reshape(-1, H)  # noqa: E731
-    h, ys = _pallas(flat(r), flat(d if d is None else d.astype(r.dtype)), scale, bias, eps, dtype, copies)
+    h, ys = _pallas(flat(r), flat(d if d is None else d.astype(r.dtype)), scale, bias, d_bias, eps, dtype, copies)
     ys = tuple(y.reshape(r.shape) for y in ys)
     return (r if h is None else h.reshape(r.shape)), (ys[0] if copies == 1 else ys)
 
 
-def _reference(r, d, scale, bias, eps, dtype):
-    h = r if d is None else (r + d.astype(r.dtype))
+def _reference(r, d, scale, bias, eps, dtype, d_bias=None):
+    if d_bias is not None:
+        acc = jnp.promote_types(r.dtype, jnp.float32)
+        h = (r.astype(acc) + d.astype(acc) + d_bias.astype(acc)).astype(r.dtype)
+    else:
+        h = r if d is None else (r + d.astype(r.dtype))
     x = h.astype(jnp.promote_types(h.dtype, jnp.float32))
     mean = x.mean(-1, keepdims=True)
     xc = x - mean
@@ -84,12 +96,14 @@ def _reference(r, d, scale, bias, eps, dtype):
 
 # --- Pallas (Triton) kernels -------------------------------------------------------------------
 
-def _fwd_kernel(*refs, H, M, eps, add):
+def _fwd_kernel(*refs, H, M, eps, add, has_bias):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     if add:
-        r_ref, d_ref, g_ref, b_ref, h_ref, y_ref, mean_ref, rstd_ref = refs
+        r_ref, d_ref, *refs = refs
+        db_ref, refs = (refs[0], refs[1:]) if has_bias else (None, refs)
+        g_ref, b_ref, h_ref, y_ref, mean_ref, rstd_ref = refs
     else:
         r_ref, g_ref, b_ref, y_ref, mean_ref, rstd_ref = refs
     cols, cmask = columns(H)
@@ -98,7 +112,12 @@ def _fwd_kernel(*refs, H, M, eps, add):
     mask = rmask[:, None] & cmask[None, :]
     at = (rows[:, None], cols[None, :])
     x = plgpu.load(r_ref.at[at], mask=mask, other=0.0)
-    if add:
+    if add and has_bias:  # r + d + d_bias in float32, one rounding
+        d = plgpu.load(d_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
+        bias = plgpu.load(db_ref.at[cols], mask=cmask, other=0.0).astype(jnp.float32)
+        x = (x.astype(jnp.float32) + d + bias[None, :]).astype(h_ref.dtype)
+        plgpu.store(h_ref.at[at], x, mask=mask)
+    elif add:
         x = x + plgpu.load(d_ref.at[at], mask=mask, other=0.0)  # in r's dtype, as h is kept
         plgpu.store(h_ref.at[at], x, mask=mask)
     x = x.astype(jnp.float32)
@@ -113,17 +132,22 @@ def _fwd_kernel(*refs, H, M, eps, add):
     plgpu.store(rstd_ref.at[rows], rstd, mask=rmask)
 
 
-def _forward(r, d, scale, bias, eps, dtype):
+def _forward(r, d, scale, bias, eps, dtype, d_bias=None):
     """[M, H] -> (h or None, y, mean, rstd) by the forward kernel (per shard of rows on several
     devices)."""
-    add = d is not None
-    args = [r, d, scale, bias] if add else [r, scale, bias]
-    local = lambda *a: _forward_local(*(a if add else (a[0], None, *a[1:])), eps, dtype)  # noqa: E731
-    outs = by_rows(local, args, ["rows"] * (1 + add) + ["whole"] * 2, ["rows"] * (3 + add))
+    add, has_bias = d is not None, d_bias is not None
+    args = [r, *([d] if add else []), *([d_bias] if has_bias else []), scale, bias]
+
+    def local(r, *rest):
+        d, rest = (rest[0], rest[1:]) if add else (None, rest)
+        d_bias, rest = (rest[0], rest[1:]) if has_bias else (None, rest)
+        return _forward_local(r, d, *rest, eps, dtype, d_bias)
+
+    outs = by_rows(local, args, ["rows"] * (1 + add) + ["whole"] * (2 + has_bias), ["rows"] * (3 + add))
     return tuple(outs) if add else (None, *outs)
 
 
-def _forward_local(r, d, scale, bias, eps, dtype):
+def _forward_local(r, d, scale, bias, eps, dtype, d_bias=None):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -134,30 +158,31 @@ def _forward_local(r, d, scale, bias, eps, dtype):
     add = d is not None
     arr = lambda dt: jax.ShapeDtypeStruct((M, H), dt)  # noqa: E731
     stats = [jax.ShapeDtypeStruct((M,), jnp.float32)] * 2
+    has_bias = d_bias is not None
     call = lambda interpret: pl.pallas_call(  # noqa: E731
-        functools.partial(_fwd_kernel, H=H, M=M, eps=eps, add=add),
+        functools.partial(_fwd_kernel, H=H, M=M, eps=eps, add=add, has_bias=has_bias),
         grid=(pl.cdiv(M, _ROWS_FWD),),
-        in_specs=[row, row, vec, vec] if add else [row, vec, vec],
+        in_specs=[row] * (1 + add) + [vec] * (2 + has_bias),
         out_specs=[row, row, stat, stat] if add else [row, stat, stat],
         out_shape=([arr(r.dtype)] if add else []) + [arr(dtype)] + stats,
         compiler_params=plgpu.CompilerParams(num_warps=_WARPS),
         interpret=interpret, name="add_layer_norm_fwd" if add else "layer_norm_fwd")
-    return tuple(run(call, *([r, d] if add else [r]), scale, bias))
+    return tuple(run(call, *([r, d] if add else [r]), *([d_bias] if has_bias else []), scale, bias))
 
 
-def _bwd_kernel(*refs, H, M, n_dy, has_dh):
+def _bwd_kernel(*refs, H, M, n_dy, has_dh, has_bias):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     h_ref, dy_refs, refs = refs[0], refs[1:1 + n_dy], refs[1 + n_dy:]
     dh_ref, refs = (refs[0], refs[1:]) if has_dh else (None, refs)
-    g_ref, mean_ref, rstd_ref, dx_ref, dg_ref, db_ref = refs
+    g_ref, mean_ref, rstd_ref, dx_ref, dg_ref, db_ref, *ds_ref = refs
     cols, cmask = columns(H)
     g = plgpu.load(g_ref.at[cols], mask=cmask, other=0.0).astype(jnp.float32)
     first = pl.program_id(0) * (_ROWS * _STEPS)
 
     def step(k, acc):
-        dg, db = acc
+        dg, db, ds = acc
         rows = k * _ROWS + jnp.arange(_ROWS)
         rmask = first + rows < M
         mask = rmask[:, None] & cmask[None, :]
@@ -175,28 +200,34 @@ def _bwd_kernel(*refs, H, M, n_dy, has_dh):
         if has_dh:
             dx = dx + plgpu.load(dh_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
         plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=mask)
-        return dg + jnp.sum(dy * xhat, axis=0), db + jnp.sum(dy, axis=0)
+        # dx's column sums: the gradient of d_bias (the layer before's bias), when it came in here
+        return (dg + jnp.sum(dy * xhat, axis=0), db + jnp.sum(dy, axis=0),
+                ds + jnp.sum(jnp.where(mask, dx, 0.0), axis=0) if has_bias else ds)
 
     zero = jnp.zeros(cols.shape, jnp.float32)
-    dg, db = jax.lax.fori_loop(0, _STEPS, step, (zero, zero))
+    dg, db, ds = jax.lax.fori_loop(0, _STEPS, step, (zero, zero, zero))
     plgpu.store(dg_ref.at[cols], dg, mask=cmask)
     plgpu.store(db_ref.at[cols], db, mask=cmask)
+    if has_bias:
+        plgpu.store(ds_ref[0].at[cols], ds, mask=cmask)
 
 
-def _backward(h, dys, dh, scale, mean, rstd, dx_dtype):
-    """(dx [M, H] (dh added when given), dscale, dbias (float32 sums)) by the backward kernel, for
-    y's gradient the sum of the arrays `dys`; per shard of rows on several devices."""
+def _backward(h, dys, dh, scale, mean, rstd, dx_dtype, has_bias=False):
+    """(dx [M, H] (dh added when given), dscale, dbias (float32 sums)[, dx's column sums (float32),
+    with has_bias]) by the backward kernel, for y's gradient the sum of the arrays `dys`; per shard
+    of rows on several devices."""
     n, has_dh = len(dys), dh is not None
 
     def local(h, *rest):
         dys, (dh, scale, mean, rstd) = rest[:n], ((rest[n] if has_dh else None), *rest[n + has_dh:])
-        return _backward_local(h, dys, dh, scale, mean, rstd, dx_dtype)
+        return _backward_local(h, dys, dh, scale, mean, rstd, dx_dtype, has_bias)
 
     args = [h, *dys, *([dh] if has_dh else []), scale, mean, rstd]
-    return by_rows(local, args, ["rows"] * (1 + n + has_dh) + ["whole", "rows", "rows"], ["rows", "sum", "sum"])
+    return by_rows(local, args, ["rows"] * (1 + n + has_dh) + ["whole", "rows", "rows"],
+                   ["rows", "sum", "sum"] + ["sum"] * has_bias)
 
 
-def _backward_local(h, dys, dh, scale, mean, rstd, dx_dtype):
+def _backward_local(h, dys, dh, scale, mean, rstd, dx_dtype, has_bias=False):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -209,34 +240,35 @@ def _backward_local(h, dys, dh, scale, mean, rstd, dx_dtype):
     part = pl.BlockSpec((H,), lambda i: (i,))  # program i's partial column sums: [G * H], row i
     has_dh = dh is not None
     call = lambda interpret: pl.pallas_call(  # noqa: E731
-        functools.partial(_bwd_kernel, H=H, M=M, n_dy=len(dys), has_dh=has_dh),
+        functools.partial(_bwd_kernel, H=H, M=M, n_dy=len(dys), has_dh=has_dh, has_bias=has_bias),
         grid=(G,),
         in_specs=[row] * (1 + len(dys) + has_dh) + [vec, stat, stat],
-        out_specs=[row, part, part],
-        out_shape=[jax.ShapeDtypeStruct((M, H), dx_dtype)] + [jax.ShapeDtypeStruct((G * H,), jnp.float32)] * 2,
+        out_specs=[row] + [part] * (2 + has_bias),
+        out_shape=[jax.ShapeDtypeStruct((M, H), dx_dtype)] + [jax.ShapeDtypeStruct((G * H,), jnp.float32)] * (2 + has_bias),
         compiler_params=plgpu.CompilerParams(num_warps=_WARPS),
         interpret=interpret, name="add_layer_norm_bwd" if has_dh else "layer_norm_bwd")
-    dx, dg, db = run(call, h, *dys, *([dh] if has_dh else []), scale, mean, rstd)
-    return dx, dg.reshape(G, H).sum(0), db.reshape(G, H).sum(0)
+    dx, *parts = run(call, h, *dys, *([dh] if has_dh else []), scale, mean, rstd)
+    return (dx, *(p.reshape(G, H).sum(0) for p in parts))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _pallas(r, d, scale, bias, eps, dtype, copies):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _pallas(r, d, scale, bias, d_bias, eps, dtype, copies):
     """[M, H] -> (h (None when d is), (y,) * copies)."""
-    h, y, _, _ = _forward(r, d, scale, bias, eps, dtype)
+    h, y, _, _ = _forward(r, d, scale, bias, eps, dtype, d_bias)
     return h, (y,) * copies
 
 
-def _pallas_fwd(r, d, scale, bias, eps, dtype, copies):
-    h, y, mean, rstd = _forward(r, d, scale, bias, eps, dtype)
-    return (h, (y,) * copies), (r if h is None else h, scale, bias, mean, rstd)
+def _pallas_fwd(r, d, scale, bias, d_bias, eps, dtype, copies):
+    h, y, mean, rstd = _forward(r, d, scale, bias, eps, dtype, d_bias)
+    return (h, (y,) * copies), (r if h is None else h, scale, bias, d_bias, mean, rstd)
 
 
 def _pallas_bwd(eps, dtype, copies, res, cts):
-    x, scale, bias, mean, rstd = res
+    x, scale, bias, d_bias, mean, rstd = res
     dh, dys = cts  # dh None when there was no add (no h)
-    dx, dg, db = _backward(x, dys, dh, scale, mean, rstd, x.dtype)
-    return dx, (None if dh is None else dx), dg.astype(scale.dtype), db.astype(bias.dtype)
+    dx, dg, db, *ds = _backward(x, dys, dh, scale, mean, rstd, x.dtype, has_bias=d_bias is not None)
+    return (dx, (None if dh is None else dx), dg.astype(scale.dtype), db.astype(bias.dtype),
+            ds[0].astype(d_bias.dtype) if ds else None)
 
 
 _pallas.defvjp(_pallas_fwd, _pallas_bwd)
