@@ -33,8 +33,8 @@ from zoo.bench import interleaved_times, paired_speedup
 from zoo.ops import layer_norm as ln
 from zoo.ops import logsumexp as lse
 
-LN_FWD_TILES = [(ln._ROWS_FWD, ln._WARPS), (1, 2), (2, 4), (8, 4), (4, 8), (8, 8), (16, 8)]
-LN_BWD_TILES = [(ln._ROWS, ln._STEPS, ln._WARPS), (4, 8, 4), (4, 32, 4), (8, 8, 8), (2, 32, 4), (8, 16, 8)]
+LN_FWD_TILES = [(ln._ROWS_FWD, ln._WARPS_FWD), (1, 2), (2, 4), (8, 4), (4, 8), (8, 8), (16, 8)]
+LN_BWD_TILES = [(ln._ROWS, ln._STEPS, ln._WARPS_BWD), (4, 8, 4), (4, 32, 4), (8, 8, 8), (2, 32, 4), (8, 16, 8)]
 LSE_TILES = [lse.TILE, (1, 2048, 4), (1, 4096, 8), (2, 2048, 8), (4, 2048, 8), (8, 512, 4), (1, 8192, 16)]
 KERNELS = ("ln-fwd", "ln-bwd", "ln-bwd3", "lse")
 
@@ -43,15 +43,15 @@ KERNELS = ("ln-fwd", "ln-bwd", "ln-bwd3", "lse")
 def ln_tiles(fwd=None, bwd=None):
     """zoo.ops.layer_norm's tiling constants set while a program is traced and compiled (they are
     read as it is traced)."""
-    saved = ln._ROWS_FWD, ln._WARPS, ln._ROWS, ln._STEPS
+    saved = ln._ROWS_FWD, ln._WARPS_FWD, ln._ROWS, ln._STEPS, ln._WARPS_BWD
     try:
         if fwd:
-            ln._ROWS_FWD, ln._WARPS = fwd
+            ln._ROWS_FWD, ln._WARPS_FWD = fwd
         if bwd:
-            ln._ROWS, ln._STEPS, ln._WARPS = bwd
+            ln._ROWS, ln._STEPS, ln._WARPS_BWD = bwd
         yield
     finally:
-        ln._ROWS_FWD, ln._WARPS, ln._ROWS, ln._STEPS = saved
+        ln._ROWS_FWD, ln._WARPS_FWD, ln._ROWS, ln._STEPS, ln._WARPS_BWD = saved
 
 
 def cases(kernel, M, H, V, dtype, quick):

@@ -38,10 +38,11 @@ import jax.numpy as jnp
 from zoo.ops._pallas import by_rows, columns, run
 
 IMPLEMENTATIONS = ("xla", "pallas")
-_ROWS_FWD = 4    # rows per forward program
+# the kernels' tiling (untuned: benchmarks/scripts/pallas_kernels.py sweeps it on a GPU)
+_ROWS_FWD, _WARPS_FWD = 4, 4   # rows per forward program, its warps
 _ROWS = 4        # rows per step of a backward program ...
 _STEPS = 16      # ... and steps per program: the partial column sums are [M / 64, H]
-_WARPS = 4
+_WARPS_BWD = 4
 
 
 def add_layer_norm(r, d, scale, bias, *, eps: float = 1e-5, dtype=None, implementation: str | None = None,
@@ -165,7 +166,7 @@ def _forward_local(r, d, scale, bias, eps, dtype, d_bias=None):
         in_specs=[row] * (1 + add) + [vec] * (2 + has_bias),
         out_specs=[row, row, stat, stat] if add else [row, stat, stat],
         out_shape=([arr(r.dtype)] if add else []) + [arr(dtype)] + stats,
-        compiler_params=plgpu.CompilerParams(num_warps=_WARPS),
+        compiler_params=plgpu.CompilerParams(num_warps=_WARPS_FWD),
         interpret=interpret, name="add_layer_norm_fwd" if add else "layer_norm_fwd")
     return tuple(run(call, *([r, d] if add else [r]), *([d_bias] if has_bias else []), scale, bias))
 
@@ -245,7 +246,7 @@ def _backward_local(h, dys, dh, scale, mean, rstd, dx_dtype, has_bias=False):
         in_specs=[row] * (1 + len(dys) + has_dh) + [vec, stat, stat],
         out_specs=[row] + [part] * (2 + has_bias),
         out_shape=[jax.ShapeDtypeStruct((M, H), dx_dtype)] + [jax.ShapeDtypeStruct((G * H,), jnp.float32)] * (2 + has_bias),
-        compiler_params=plgpu.CompilerParams(num_warps=_WARPS),
+        compiler_params=plgpu.CompilerParams(num_warps=_WARPS_BWD),
         interpret=interpret, name="add_layer_norm_bwd" if has_dh else "layer_norm_bwd")
     dx, *parts = run(call, h, *dys, *([dh] if has_dh else []), scale, mean, rstd)
     return (dx, *(p.reshape(G, H).sum(0) for p in parts))
