@@ -204,3 +204,18 @@ def test_pallas_layer_norm_matches_numpy_on_the_device():
     np.testing.assert_array_equal(np.asarray(dd), np.asarray(dr))
     np.testing.assert_allclose(np.asarray(dg), want_dg, rtol=2e-2, atol=2.0)
     np.testing.assert_allclose(np.asarray(db), want_db, rtol=2e-2, atol=2.0)
+    # as the transformer's blocks call it: three copies of y, the layer before's bias added here
+    e = jnp.asarray(rng.standard_normal(768), jnp.float32)
+    cys = (cy, ch, cy)
+    f3 = jax.jit(lambda r, d, g, b, e: add_layer_norm(r, d, g, b, implementation="pallas", copies=3, d_bias=e))
+    (h, ys), vjp = jax.vjp(f3, r, d, g, b, e)
+    dr, _, dg, db, de = vjp((ch, cys))
+    r32, d32 = np.asarray(r, np.float32), np.asarray(d, np.float32)
+    want_h = ((r32 + d32) + np.asarray(e)).astype(np.asarray(r).dtype).astype(np.float64)
+    np.testing.assert_array_equal(np.asarray(h, np.float64), want_h)
+    _, want_y, want_dx, want_dg, want_db = _numpy(jnp.asarray(want_h, jnp.bfloat16), None, g, b, ch,
+                                                  sum(np.asarray(c, np.float64) for c in cys))
+    np.testing.assert_allclose(np.asarray(ys[2], np.float64), want_y, rtol=5e-2, atol=5e-2)
+    np.testing.assert_allclose(np.asarray(dr, np.float64), want_dx, rtol=5e-2, atol=5e-2)
+    np.testing.assert_allclose(np.asarray(de), want_dx.sum(0), rtol=2e-2, atol=2.0)
+    np.testing.assert_allclose(np.asarray(dg), want_dg, rtol=2e-2, atol=2.0)
