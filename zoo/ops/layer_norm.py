@@ -10,7 +10,10 @@ Per layer norm ~0.6 GB forward and backward each at B64 (the step compiled for a
 benchmarks/scripts/gpt_step_hlo.py). `implementation="pallas"` runs each direction as one Triton
 kernel (Pallas) that reads its inputs once: forward r and d in, h and y out (plus each row's mean
 and 1/std, float32); backward h, y's gradient and h's own gradient in, the gradient of r and d
-out, with the scale and bias gradients' partial column sums (float32) per block of rows.
+out, with the scale and bias gradients' partial column sums (float32) per block of rows. Two
+options move more of a transformer block's backward into that kernel: `copies` (y's gradient as
+several arrays, summed as the kernel reads them) and `d_bias` (the bias of the layer that made d
+added here, its gradient dx's column sums); see add_layer_norm.
 
 implementation:
 - "xla": the plain formula (jax.numpy; autodiff), float32 statistics, as flax.linen.LayerNorm
@@ -23,8 +26,8 @@ Under jit over several devices (a mesh, rows sharded: data parallel) each device
 kernels on its own rows, the scale and bias gradients summed across devices (zoo.ops._pallas.
 by_rows); XLA would otherwise gather the inputs onto every device, as it does for any custom call.
 
-Shapes: r and d [..., H] (d may be None: no add, h = r), scale and bias [H]; h in r's dtype
-(the sum rounded once), y in `dtype` (default r's), statistics in float32.
+Shapes: r and d [..., H] (d may be None: no add, h = r), scale, bias and d_bias [H]; h in r's
+dtype (the sum rounded once), y in `dtype` (default r's), statistics in float32.
 """
 
 from __future__ import annotations
