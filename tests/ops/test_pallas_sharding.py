@@ -107,3 +107,24 @@ def test_gpt_with_pallas_kernels_on_eight_devices_equals_one(mesh):
     plain = make_gpt(dataclasses.replace(cfg, layer_norm="xla", logsumexp="xla"))
     np.testing.assert_allclose(float(jax.jit(lambda p: plain.loss(p, jax.random.key(1), batch)[0])(params)),
                                float(want), rtol=1e-6)
+
+
+def test_the_kernels_batch_under_vmap():
+    """jax.vmap over the Pallas ops (custom_partitioning has no batching rule: by_rows batches the
+    kernels as Pallas does), values and gradients as the "xla" forms', a batched scale included."""
+    from zoo.ops.logsumexp import logsumexp
+
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((3, 16)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(16), jnp.float32)
+    for impl in ("pallas", "xla"):
+        ln = jax.vmap(lambda r, g, impl=impl: add_layer_norm(r, r * 0.5, g, b, implementation=impl)[1])
+        grad = jax.vmap(jax.grad(lambda r, g, impl=impl: jnp.sum(jnp.sin(add_layer_norm(r, None, g, b, implementation=impl)[1]))))
+        lse = jax.vmap(jax.value_and_grad(lambda z, impl=impl: jnp.sum(jnp.cos(logsumexp(z, implementation=impl)))))
+        if impl == "pallas":
+            got = (ln(x, g), grad(x, g), lse(x))
+        else:
+            want = (ln(x, g), grad(x, g), lse(x))
+    for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-5)

@@ -32,7 +32,8 @@ def by_rows(fn, arrays, kinds, out_kinds):
     onto every device and run it whole there (on 8 data-parallel GPUs: 8x the work, and the
     activations all-gathered). Here the rows stay where the first "rows" array's leading axis is
     sharded (anything else each shard gathers: a sharded last axis, rows that do not split evenly),
-    with jax.experimental.custom_partitioning; on one device fn is inlined as it is."""
+    with jax.experimental.custom_partitioning; on one device fn is inlined as it is; under
+    jax.vmap, fn is batched as it is (unpartitioned)."""
     from jax.experimental.custom_partitioning import custom_partitioning
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -74,4 +75,17 @@ def by_rows(fn, arrays, kinds, out_kinds):
             ", ".join(factors("o", i, len(s.shape), k) for i, (s, k) in
                       enumerate(zip(jax.eval_shape(fn, *arrays), out_kinds))))
     call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule)
-    return call(*arrays)
+
+    # custom_partitioning has no batching rule: under jax.vmap, fn batched as it is (Pallas
+    # batches a kernel by a grid axis of its own), unpartitioned
+    @jax.custom_batching.custom_vmap
+    def batchable(*arrays):
+        return call(*arrays)
+
+    @batchable.def_vmap
+    def _(axis_size, in_batched, *arrays):
+        arrays = [a if b else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, b in zip(arrays, in_batched)]
+        outs = tuple(jax.vmap(fn)(*arrays))
+        return outs, (True,) * len(outs)
+
+    return batchable(*arrays)
