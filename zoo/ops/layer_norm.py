@@ -180,7 +180,7 @@ def _bwd_kernel(*refs, H, M, n_dy, has_dh, has_bias):
 
     h_ref, dy_refs, refs = refs[0], refs[1:1 + n_dy], refs[1 + n_dy:]
     dh_ref, refs = (refs[0], refs[1:]) if has_dh else (None, refs)
-    g_ref, mean_ref, rstd_ref, dx_ref, dg_ref, db_ref, *ds_ref = refs
+    g_ref, mean_ref, rstd_ref, dx_ref, part_ref = refs
     cols, cmask = columns(H)
     g = plgpu.load(g_ref.at[cols], mask=cmask, other=0.0).astype(jnp.float32)
     first = pl.program_id(0) * (_ROWS * _STEPS)
@@ -210,10 +210,10 @@ def _bwd_kernel(*refs, H, M, n_dy, has_dh, has_bias):
 
     zero = jnp.zeros(cols.shape, jnp.float32)
     dg, db, ds = jax.lax.fori_loop(0, _STEPS, step, (zero, zero, zero))
-    plgpu.store(dg_ref.at[cols], dg, mask=cmask)
-    plgpu.store(db_ref.at[cols], db, mask=cmask)
-    if has_bias:
-        plgpu.store(ds_ref[0].at[cols], ds, mask=cmask)
+    # this program's partial column sums, side by side in one row (one reduction over the rows
+    # of programs sums all of them): scale's gradient, bias's, and d_bias's
+    for k, part in enumerate([dg, db, ds][:2 + has_bias]):
+        plgpu.store(part_ref.at[k * H + cols], part, mask=cmask)
 
 
 def _backward(h, dys, dh, scale, mean, rstd, dx_dtype, has_bias=False):
@@ -241,18 +241,19 @@ def _backward_local(h, dys, dh, scale, mean, rstd, dx_dtype, has_bias=False):
     row = pl.BlockSpec((rows, H), lambda i: (i, 0))
     vec = pl.BlockSpec((H,), lambda i: (0,))
     stat = pl.BlockSpec((rows,), lambda i: (i,))
-    part = pl.BlockSpec((H,), lambda i: (i,))  # program i's partial column sums: [G * H], row i
+    K = 2 + has_bias
+    part = pl.BlockSpec((K * H,), lambda i: (i,))  # program i's partial column sums: [G * K * H], row i
     has_dh = dh is not None
     call = lambda interpret: pl.pallas_call(  # noqa: E731
         functools.partial(_bwd_kernel, H=H, M=M, n_dy=len(dys), has_dh=has_dh, has_bias=has_bias),
         grid=(G,),
         in_specs=[row] * (1 + len(dys) + has_dh) + [vec, stat, stat],
-        out_specs=[row] + [part] * (2 + has_bias),
-        out_shape=[jax.ShapeDtypeStruct((M, H), dx_dtype)] + [jax.ShapeDtypeStruct((G * H,), jnp.float32)] * (2 + has_bias),
+        out_specs=[row, part],
+        out_shape=[jax.ShapeDtypeStruct((M, H), dx_dtype), jax.ShapeDtypeStruct((G * K * H,), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=_WARPS_BWD),
         interpret=interpret, name="add_layer_norm_bwd" if has_dh else "layer_norm_bwd")
-    dx, *parts = run(call, h, *dys, *([dh] if has_dh else []), scale, mean, rstd)
-    return (dx, *(p.reshape(G, H).sum(0) for p in parts))
+    dx, parts = run(call, h, *dys, *([dh] if has_dh else []), scale, mean, rstd)
+    return (dx, *parts.reshape(G, K, H).sum(0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
