@@ -168,8 +168,8 @@ class Attention(nn.Module):
         x_BxTxH = x_BxTxH if copies is None else copies[0]
         B, T, H = x_BxTxH.shape
         N, K, D = self.num_heads, self.num_kv_heads, self.head_dim
-        dense = lambda f, name, std=INIT_STD: LoRADense(f, self.lora_rank, self.lora_alpha,
-                                                         kernel_std=std, dtype=self.dtype, name=name)
+        dense = lambda f, name, std=INIT_STD, **kw: LoRADense(f, self.lora_rank, self.lora_alpha, kernel_std=std,  # noqa: E731
+                                                               dtype=self.dtype, name=name, **kw)
         project = ((lambda x, layers: [layer(x) for layer in layers]) if self.qkv == "separate" else
                    functools.partial(fused_dense, split_grad=self.qkv == "fused-split-grad"))
         if copies is not None:
@@ -191,8 +191,7 @@ class Attention(nn.Module):
                                         implementation=self.implementation)
             if self.is_mutable_collection("intermediates"):  # attention maps, only when asked for
                 self.sow("intermediates", "weights", attention_weights(q, k, mask, is_causal).mean(1))
-        return LoRADense(H, self.lora_rank, self.lora_alpha, kernel_std=self.out_std, dtype=self.dtype,
-                         bias_apart=self.bias_apart, name="out")(out.reshape(B, T, N * D)), cache
+        return dense(H, "out", self.out_std, bias_apart=self.bias_apart)(out.reshape(B, T, N * D)), cache
 
 
 def gelu_tanh(h):
