@@ -10,11 +10,12 @@
 #       2026-11-27, the same on both sides);
 #       "b" = zoo.ops's Pallas kernels alone at several tilings against the XLA forms they
 #       replace (benchmarks/scripts/pallas_kernels.py: the layer norm's forward and backward, the
-#       loss's logsumexp; their tilings are untuned), then
-#       `zoo bench gpt_step` (the step at B64: bf16 logits, and with GPTConfig.qkv
-#       "separate", GPTConfig.gelu "epilogue", GPTConfig.layer_norm "pallas" and
-#       GPTConfig.logsumexp "pallas" together, the same without the two Pallas kernels, then the
-#       PyTorch peer, nanoGPT's
+#       loss's logsumexp, the loss with its gradient (cross_entropy_and_grad); their tilings are
+#       untuned), then
+#       `zoo bench gpt_step` (the step at B64: bf16 logits; with GPTConfig.qkv "separate",
+#       GPTConfig.gelu "epilogue", GPTConfig.layer_norm "pallas", GPTConfig.logsumexp "pallas"
+#       and GPTConfig.xent "fused" together; the same without xent "fused"; without the Pallas
+#       kernels; then the PyTorch peer, nanoGPT's
 #       step torch.compile'd; synced and pipelined rows, the zoo's each with a kernel table of
 #       synced steps and one of three pipelined steps; the single variants, PyTorch eager, the
 #       cuBLASLt-epilogue and no-command-buffer variants stay available (ZOO_GPT_STEP_RUNS, steps):
@@ -149,7 +150,7 @@ for step in ${steps//,/ }; do
         | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
     pallas)
       echo "=== Pallas kernels $(date -u +%T)" | tee -a "$log"
-      capped 90 python3 benchmarks/scripts/pallas_kernels.py 2>&1 \
+      capped 110 python3 benchmarks/scripts/pallas_kernels.py 2>&1 \
         | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
     gpt_step) bench gpt_step 480 ;;
     gpt_step-cublas) bench gpt_step 110 -cublas "$CUBLAS" ;;

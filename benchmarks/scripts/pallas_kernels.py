@@ -9,14 +9,19 @@ GPT-124M's step at B64 as the kernels see it (bf16):
   (copies=3: the separate q/k/v projections' three input gradients, summed in the kernel); XLA's
   form is autodiff's backward of the "xla" form (with the three gradients summed first);
 - `lse`: logsumexp over the logits [65536, 50304] (zoo.ops.logsumexp); XLA's form is
-  jax.nn.logsumexp, two passes (row max, then the sum).
+  jax.nn.logsumexp, two passes (row max, then the sum);
+- `xent`: cross_entropy_and_grad over the same logits, the loss and d = softmax - onehot written
+  out (GPTConfig.xent "fused"); XLA's form is logsumexp's two passes, then a pass writing d. The
+  kernel reads each row twice, the second time from the L2 cache if the row is still there, or
+  once if one tile holds the row ((1, 65536, w): held in registers); the bytes counted are one
+  read and one write.
 
 Each (kernel, tiling) is checked against the XLA form, then all are timed in shuffled, interleaved
 rounds (n calls dispatched back to back, one wait, per timing; medians), with the bytes each
 kernel must move per second and its speed against the XLA form (paired, round by round).
 Tilings: ln-fwd (rows per program, warps); ln-bwd (rows per step, steps per program, warps);
-lse (rows per program, columns per step, warps). The first of each list is the default.
-Run: python benchmarks/scripts/pallas_kernels.py [--quick] [--kernels ln-fwd,ln-bwd,ln-bwd3,lse]
+lse and xent (rows per program, columns per step, warps). The first of each list is the default.
+Run: python benchmarks/scripts/pallas_kernels.py [--quick] [--kernels ln-fwd,ln-bwd,ln-bwd3,lse,xent]
 (--quick, the default off a GPU: small shapes, the kernels in Pallas's interpreter, to check the
 script; its times say nothing of a GPU's).
 """
@@ -27,7 +32,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from zoo.bench import interleaved_times, paired_speedup
 from zoo.ops import layer_norm as ln
@@ -36,7 +40,9 @@ from zoo.ops import logsumexp as lse
 LN_FWD_TILES = [(ln._ROWS_FWD, ln._WARPS_FWD), (1, 2), (2, 4), (8, 4), (4, 8), (8, 8), (16, 8)]
 LN_BWD_TILES = [(ln._ROWS, ln._STEPS, ln._WARPS_BWD), (4, 8, 4), (4, 32, 4), (8, 8, 8), (2, 32, 4), (8, 16, 8)]
 LSE_TILES = [lse.TILE, (1, 2048, 4), (1, 4096, 8), (2, 2048, 8), (4, 2048, 8), (8, 512, 4), (1, 8192, 16)]
-KERNELS = ("ln-fwd", "ln-bwd", "ln-bwd3", "lse")
+XENT_TILES = [lse.XENT_TILE, (1, 1024, 4), (1, 4096, 8), (2, 2048, 8), (1, 8192, 16), (1, 65536, 16),
+              (1, 65536, 32)]
+KERNELS = ("ln-fwd", "ln-bwd", "ln-bwd3", "lse", "xent")
 
 
 @contextlib.contextmanager
@@ -85,6 +91,13 @@ def cases(kernel, M, H, V, dtype, quick):
             out[f"pallas {t}"] = (f, (h, dys, dh, mean, rstd))
         return out, (2 + n) * arr + 8 * M
     x = normal(0, (M, V)) * 3
+    if kernel == "xent":
+        y = jax.random.randint(k[1], (M,), 0, V)
+        out["xla"] = (jax.jit(lambda x, y: lse.cross_entropy_and_grad(x, y, implementation="xla")), (x, y))
+        for t in XENT_TILES[:1 if quick else None]:
+            out[f"pallas {t}"] = (jax.jit(lambda x, y, t=t: lse.cross_entropy_and_grad(
+                x, y, implementation="pallas", tile=t)), (x, y))
+        return out, 2 * M * V * jnp.dtype(dtype).itemsize
     out["xla"] = (jax.jit(lambda x: lse.logsumexp(x, implementation="xla")), (x,))
     for t in LSE_TILES[:1 if quick else None]:
         out[f"pallas {t}"] = (jax.jit(lambda x, t=t: lse.logsumexp(x, implementation="pallas", tile=t)), (x,))
@@ -92,7 +105,8 @@ def cases(kernel, M, H, V, dtype, quick):
 
 
 def max_error(a, b):
-    return max(float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max())
+    """max |a - b| over the leaves, on the device (xent's d is 3.3 G elements: no host copy)."""
+    return max(float(jax.jit(lambda x, y: jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))(x, y))
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 

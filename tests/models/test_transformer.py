@@ -330,8 +330,9 @@ def test_fused_projections_split_grad_equal_plain_and_never_concatenate_the_grad
 def test_gpt_qkv_modes_and_gelu_forms_give_one_model():
     """GPTConfig.qkv: "fused", "fused-split-grad" and "separate", GPTConfig.gelu: "tanh",
     "sigmoid" and "epilogue", GPTConfig.layer_norm and GPTConfig.logsumexp: "xla" and "pallas",
-    are one model (same params, same loss and gradients); an unknown mode or form is a
-    ConfigError naming the valid ones."""
+    GPTConfig.xent: "logits" and "fused" (with each logsumexp, float32 logits and not, and with a
+    soft prompt) are one model (same params, same loss and gradients); an unknown mode or form is
+    a ConfigError naming the valid ones."""
     import dataclasses
 
     from zoo.errors import ConfigError
@@ -343,13 +344,15 @@ def test_gpt_qkv_modes_and_gelu_forms_give_one_model():
     results = {}
     variants = {"fused": {}, "fused-split-grad": dict(qkv="fused-split-grad"), "separate": dict(qkv="separate"),
                 "gelu-sigmoid": dict(gelu="sigmoid"), "gelu-epilogue": dict(gelu="epilogue"),
-                "ln-pallas": dict(layer_norm="pallas"), "lse-pallas": dict(logsumexp="pallas")}
+                "ln-pallas": dict(layer_norm="pallas"), "lse-pallas": dict(logsumexp="pallas"),
+                "xent-fused": dict(xent="fused"), "xent-fused-lse-pallas": dict(xent="fused", logsumexp="pallas")}
     for mode, changes in variants.items():
         md = make_gpt(dataclasses.replace(cfg, **changes))
         params = md.init(jax.random.key(0), batch) if not results else results["fused"][0]
         loss, grads = jax.jit(jax.value_and_grad(lambda p, md=md: md.loss(p, jax.random.key(1), batch)[0]))(params)
         results[mode] = (params, loss, grads)
-    for mode in ("fused-split-grad", "separate", "gelu-sigmoid", "gelu-epilogue", "ln-pallas", "lse-pallas"):
+    for mode in ("fused-split-grad", "separate", "gelu-sigmoid", "gelu-epilogue", "ln-pallas", "lse-pallas",
+                 "xent-fused", "xent-fused-lse-pallas"):
         np.testing.assert_allclose(results[mode][1], results["fused"][1], rtol=1e-6)
         for g, r in zip(jax.tree.leaves(results[mode][2]), jax.tree.leaves(results["fused"][2])):
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
@@ -361,6 +364,35 @@ def test_gpt_qkv_modes_and_gelu_forms_give_one_model():
         GPTConfig(layer_norm="triton")
     with pytest.raises(ConfigError, match="model.logsumexp .triton.; valid: pallas, xla"):
         GPTConfig(logsumexp="triton")
+    with pytest.raises(ConfigError, match="model.xent .cut.; valid: fused, logits"):
+        GPTConfig(xent="cut")
+
+
+def test_gpt_fused_output_loss_in_bf16_and_with_a_soft_prompt():
+    """GPTConfig.xent="fused" (the output layer inside the loss) in a bf16 model, with bf16 and
+    with float32 logits, and when fine-tuning a soft prompt: the same loss and gradients as the
+    logits form (bf16: to its rounding), the Pallas kernel interpreted here."""
+    import dataclasses
+
+    from zoo.models.gpt import GPTConfig, make_gpt
+
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, 32, (2, 9)), jnp.int32)
+    batch = {"x": tokens, "idx": jnp.arange(2, dtype=jnp.int32)}
+    base = GPTConfig(vocab_size=32, max_len=8, num_layers=1, hidden=16, num_heads=2)
+    pretrained = make_gpt(base).init(jax.random.key(0), batch)
+    cases = [(dict(dtype="bfloat16", f32_logits=f32), None, 2e-2) for f32 in (True, False)]
+    cases.append((dict(finetune="prompt", prompt_len=3), pretrained, 1e-5))
+    for changes, pre, tol in cases:
+        results = []
+        for xent in ("logits", "fused"):
+            md = make_gpt(dataclasses.replace(base, xent=xent, logsumexp="pallas", **changes), pretrained=pre)
+            params = md.init(jax.random.key(2), batch) if not results else results[0][0]
+            loss, grads = jax.jit(jax.value_and_grad(lambda p, md=md: md.loss(p, jax.random.key(1), batch)[0]))(params)
+            results.append((params, loss, grads))
+        np.testing.assert_allclose(results[1][1], results[0][1], rtol=tol)
+        for g, r in zip(jax.tree.leaves(results[1][2]), jax.tree.leaves(results[0][2])):
+            assert g.dtype == r.dtype
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol, atol=tol * 1e-2)
 
 
 def test_stack_with_residual_adds_in_the_layer_norms_is_the_same_model():

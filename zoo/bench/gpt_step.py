@@ -19,13 +19,15 @@ T 1024), bf16 compute with float32 params, at B64 with the variant `bf16-logits`
 (GPTConfig.f32_logits=False: bf16 logits and logit gradients, as PyTorch autocast's, for half the
 traffic over the [B * T, V] logits; an H200, 2026-11-26: 46.8% MFU pipelined at B64, the default
 45.8%; B16, measured on three leases, reached 43.4%; B128 ran out of memory on the H200),
-`bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas`, with GPTConfig.qkv "separate",
-GPTConfig.gelu "epilogue" (the GELU in the fc matmul's cuBLASLt epilogue),
-GPTConfig.layer_norm "pallas" (each residual add inside the next layer norm's Triton kernel) and
-GPTConfig.logsumexp "pallas" (the loss's logsumexp in one Triton pass over the logits), and the
-same without the two Pallas kernels (`bf16-logits-qkv-separate-gelu-epilogue`). Timed only when
-ZOO_GPT_STEP_RUNS names them (e.g. ZOO_GPT_STEP_RUNS=64-bf16-logits,64-bf16-logits-gelu-sigmoid):
-`bf16-logits-qkv-separate-gelu-epilogue-ln-pallas`, `bf16-logits-lse-pallas`,
+`bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas-xent-fused`, with GPTConfig.qkv
+"separate", GPTConfig.gelu "epilogue" (the GELU in the fc matmul's cuBLASLt epilogue),
+GPTConfig.layer_norm "pallas" (each residual add inside the next layer norm's Triton kernel),
+GPTConfig.logsumexp "pallas" (the loss's logsumexp in one Triton pass over the logits) and
+GPTConfig.xent "fused" (the output layer inside the loss: that kernel writes the logits' gradient
+too, and the backward never reads the logits), the same without xent "fused"
+(`...-lse-pallas`), and without the Pallas kernels (`bf16-logits-qkv-separate-gelu-epilogue`).
+Timed only when ZOO_GPT_STEP_RUNS names them (e.g. ZOO_GPT_STEP_RUNS=64-bf16-logits,64-bf16-logits-gelu-sigmoid):
+`bf16-logits-lse-pallas-xent-fused`, `bf16-logits-qkv-separate-gelu-epilogue-ln-pallas`, `bf16-logits-lse-pallas`,
 `bf16-logits-gelu-epilogue`, `bf16-logits-ln-pallas`, `bf16-logits-qkv-separate` alone
 and with the sigmoid GELU (`...-gelu-sigmoid`), `bf16-logits-gelu-sigmoid`,
 `bf16-logits-qkv-split-grad` (GPTConfig.qkv "fused-split-grad") alone and with the sigmoid GELU,
@@ -102,6 +104,13 @@ LSE_PALLAS = ("bf16-logits-lse-pallas", dict(f32_logits=False, logsumexp="pallas
 SEPARATE_EPILOGUE_LN_LSE = ("bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas",
                             dict(f32_logits=False, qkv="separate", gelu="epilogue", layer_norm="pallas",
                                  logsumexp="pallas"))
+# the output layer and the loss as one op (GPTConfig.xent "fused", zoo.ops.losses.
+# linear_cross_entropy): with the Pallas logsumexp, one kernel reads the logits and writes their
+# gradient in the forward, and the backward never reads them; alone and with all of the above
+XENT_FUSED = ("bf16-logits-lse-pallas-xent-fused", dict(f32_logits=False, logsumexp="pallas", xent="fused"))
+ALL_KERNELS = ("bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas-xent-fused",
+               dict(f32_logits=False, qkv="separate", gelu="epilogue", layer_norm="pallas", logsumexp="pallas",
+                    xent="fused"))
 # the PyTorch peer (zoo.bench.torch_gpt): eager, and torch.compile'd
 TORCH = ("torch", {})
 TORCH_COMPILED = ("torch-compiled", {})
@@ -111,8 +120,9 @@ PEERS = {"torch": "torch-nanogpt", "torch-compiled": "torch-nanogpt-compiled"}  
 # on four leases; the single variants and PyTorch eager, measured on the thirteenth session's lease)
 FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=768, num_heads=12,
                           dtype="bfloat16"),
-            runs=((64, BF16_LOGITS), (64, SEPARATE_EPILOGUE_LN_LSE), (64, SEPARATE_EPILOGUE), (64, TORCH_COMPILED)),
-            more=((64, SEPARATE_EPILOGUE_LN), (64, LSE_PALLAS), (64, GELU_EPILOGUE), (64, LN_PALLAS), (64, SEPARATE_SIGMOID), (64, QKV_SEPARATE), (64, GELU_SIGMOID), (64, QKV_SPLIT_GRAD),
+            runs=((64, BF16_LOGITS), (64, ALL_KERNELS), (64, SEPARATE_EPILOGUE_LN_LSE), (64, SEPARATE_EPILOGUE),
+                  (64, TORCH_COMPILED)),
+            more=((64, XENT_FUSED), (64, SEPARATE_EPILOGUE_LN), (64, LSE_PALLAS), (64, GELU_EPILOGUE), (64, LN_PALLAS), (64, SEPARATE_SIGMOID), (64, QKV_SEPARATE), (64, GELU_SIGMOID), (64, QKV_SPLIT_GRAD),
                   (64, SPLIT_GRAD_SIGMOID), (64, TORCH), (64, None), (128, BF16_LOGITS), (128, SEPARATE_EPILOGUE_LN_LSE), (128, SEPARATE_EPILOGUE_LN),
                   (128, SEPARATE_EPILOGUE), (128, SEPARATE_SIGMOID)))
 QUICK = dict(cfg=GPTConfig(vocab_size=256, max_len=256, num_layers=4, hidden=256, num_heads=8),

@@ -45,6 +45,7 @@ from zoo.train.config import base_config, transformer_optimizer
 
 FINETUNE = ("", "lora", "prompt")
 DTYPES = ("float32", "bfloat16")
+XENT_MODES = ("logits", "fused")
 ARCH_FIELDS = ("vocab_size", "max_len", "num_layers", "hidden", "num_heads", "num_kv_heads", "mlp_ratio")
 
 
@@ -69,6 +70,7 @@ class GPTConfig:
     gelu: str = "tanh"            # the MLP's GELU formula: tanh | sigmoid | epilogue (the same function, zoo.nn.transformer.bias_gelu)
     layer_norm: str = "xla"       # xla | pallas: each residual add inside the next layer norm's kernel (zoo.ops.layer_norm)
     logsumexp: str = "xla"        # xla | pallas: the loss's logsumexp in one kernel's pass over the logits (zoo.ops.logsumexp)
+    xent: str = "logits"          # logits | fused: the training loss with the output layer inside (zoo.ops.losses.linear_cross_entropy: the logits never read in the backward)
 
     def __post_init__(self):
         for name in ("vocab_size", "max_len", "num_layers", "hidden", "num_heads"):
@@ -89,6 +91,8 @@ class GPTConfig:
             raise ConfigError(unknown("model.layer_norm", self.layer_norm, LAYER_NORMS))
         if self.logsumexp not in LOGSUMEXPS:
             raise ConfigError(unknown("model.logsumexp", self.logsumexp, LOGSUMEXPS))
+        if self.xent not in XENT_MODES:
+            raise ConfigError(unknown("model.xent", self.xent, XENT_MODES))
         if self.implementation and self.implementation not in IMPLEMENTATIONS:
             raise ConfigError(unknown("model.implementation", self.implementation, IMPLEMENTATIONS))
         if self.dtype not in DTYPES:
@@ -115,13 +119,15 @@ class GPTConfig:
 
 class GPT(nn.Module):
     """tokens [B, T] -> (logits [B, T, V], caches). prefix [B, P, H]: soft-prompt embeddings. The
-    logits are float32, or in the compute dtype when cfg.f32_logits is False."""
+    logits are float32, or in the compute dtype when cfg.f32_logits is False. head=False: the
+    final layer norm's output [B, T, H] in the compute dtype in their place (the output layer is
+    the tied `wte` table, for zoo.ops.losses.linear_cross_entropy)."""
 
     cfg: GPTConfig
 
     @nn.compact
     def __call__(self, tokens_BxT, *, positions_T=None, prefix_BxPxH=None, caches=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, head: bool = True):
         c = self.cfg
         dtype = jnp.dtype(c.dtype)
         wte = nn.Embed(c.vocab_size, c.hidden, embedding_init=nn.initializers.normal(INIT_STD), name="wte")
@@ -138,6 +144,8 @@ class GPT(nn.Module):
                           dropout=c.dropout, lora_rank=c.lora_rank if c.finetune == "lora" else 0,
                           lora_alpha=c.lora_alpha, implementation=c.implementation or None,
                           dtype=dtype, qkv=c.qkv, gelu=c.gelu, layer_norm=c.layer_norm, name="stack")(x, caches=caches, deterministic=deterministic)
+        if not head:
+            return x[:, P:].astype(dtype), caches
         # the tied output layer in the compute dtype with float32 logits: nn.Embed.attend would
         # promote a bf16 x to the float32 table's dtype and run the largest matmul in float32, and
         # jnp.dot's own backward would too (float32 cotangent): dot_f32 keeps both in bf16
@@ -159,20 +167,27 @@ def split_params(cfg: GPTConfig, params):
 
 
 def forward(cfg: GPTConfig, params, tokens_BxT, *, positions_T=None, caches=None, use_prefix=True,
-            key=None):
-    """Logits [B, T, V] (and caches). Dropout runs when `key` is given and cfg.dropout > 0."""
+            key=None, head=True):
+    """Logits [B, T, V] (and caches). Dropout runs when `key` is given and cfg.dropout > 0.
+    head=False: the last hidden states [B, T, H] in place of the logits (GPT's head)."""
     gpt_params, prompt = split_params(cfg, params)
     prefix = None
     if prompt is not None and use_prefix:
         prefix = jnp.broadcast_to(prompt, (tokens_BxT.shape[0], *prompt.shape))
     train = key is not None and cfg.dropout > 0
     return GPT(cfg).apply({"params": gpt_params}, tokens_BxT, positions_T=positions_T,
-                          prefix_BxPxH=prefix, caches=caches, deterministic=not train,
+                          prefix_BxPxH=prefix, caches=caches, deterministic=not train, head=head,
                           rngs={"dropout": key} if train else None)
 
 
 def token_nll(cfg: GPTConfig, params, x_BxT1, key=None):
-    """Next-token negative log-likelihood in nats [B, T] of x [B, T+1]."""
+    """Next-token negative log-likelihood in nats [B, T] of x [B, T+1]; with cfg.xent "fused", the
+    output layer and the loss as one op (the same values; the backward never reads the logits)."""
+    if cfg.xent == "fused":
+        h, _ = forward(cfg, params, x_BxT1[:, :-1], key=key, head=False)
+        w = split_params(cfg, params)[0]["wte"]["embedding"]
+        return losses.linear_cross_entropy(h, w, x_BxT1[:, 1:], logsumexp=cfg.logsumexp,
+                                           logits_dtype=jnp.float32 if cfg.f32_logits else h.dtype)
     logits, _ = forward(cfg, params, x_BxT1[:, :-1], key=key)
     return losses.cross_entropy(logits, x_BxT1[:, 1:], logsumexp=cfg.logsumexp)
 

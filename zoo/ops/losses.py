@@ -80,6 +80,55 @@ def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array, *, logsumexp: str 
     return _xent(logits_BxC, labels_B, logsumexp)
 
 
+def linear_cross_entropy(h_NxH: jax.Array, w_VxH: jax.Array, labels_N: jax.Array, *, logits_dtype=None,
+                         logsumexp: str | None = None) -> jax.Array:
+    """cross_entropy(h @ w.T, labels) with the output layer inside: h [..., H], w [V, H], int
+    labels [...] -> float32 [...]; the product runs in h's dtype (w is cast to it) with logits in
+    `logits_dtype` (h's by default; float32 for float32 logits from bf16 inputs).
+
+    The same function as the two ops apart, with a cheaper gradient: the forward keeps d =
+    softmax - onehot(label) (zoo.ops.logsumexp.cross_entropy_and_grad, in h's dtype) in place of
+    the logits, so the backward is two matmuls on d and never reads the logits; the loss's
+    cotangent g scales rows of the [..., H] arrays, not of d: dh = g * (d @ w) and
+    dw = d.T @ (g * h). With logsumexp="pallas" the forward's one kernel reads the logits and
+    writes d; split apart, the logits are read for the logsumexp and again, with the gradient
+    written, in the backward (GPT-124M at B64: 6.6 GB each way in bf16)."""
+    h_NxH, w_VxH, labels_N = jnp.asarray(h_NxH), jnp.asarray(w_VxH), jnp.asarray(labels_N)
+    if w_VxH.ndim != 2 or h_NxH.ndim < 1 or h_NxH.shape[-1] != w_VxH.shape[1] or h_NxH.shape[:-1] != labels_N.shape:
+        raise ValueError(f"linear_cross_entropy: want h [..., H], w [V, H] and labels [...] with h's leading "
+                         f"shape, got {h_NxH.shape}, {w_VxH.shape} and {labels_N.shape}")
+    if logsumexp is not None and logsumexp not in _lse.IMPLEMENTATIONS:
+        raise ValueError(f"linear_cross_entropy: logsumexp must be one of {', '.join(_lse.IMPLEMENTATIONS)} or "
+                         f"None; got {logsumexp!r}")
+    logits_dtype = jnp.dtype(h_NxH.dtype if logits_dtype is None else logits_dtype)
+    lead, H = labels_N.shape, h_NxH.shape[-1]
+    nll = _linear_xent(h_NxH.reshape(-1, H), w_VxH, labels_N.reshape(-1), logits_dtype, logsumexp)
+    return nll.reshape(lead)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _linear_xent(h, w, labels, logits_dtype, implementation):
+    return _linear_xent_fwd(h, w, labels, logits_dtype, implementation)[0]
+
+
+def _linear_xent_fwd(h, w, labels, logits_dtype, implementation):
+    wc = w.astype(h.dtype)
+    logits = jnp.dot(h, wc.T, preferred_element_type=logits_dtype)
+    nll, d = _lse.cross_entropy_and_grad(logits, labels, implementation=implementation, grad_dtype=h.dtype)
+    return nll, (h, wc, d, jnp.zeros((0,), w.dtype))
+
+
+def _linear_xent_bwd(logits_dtype, implementation, res, g):
+    h, wc, d, w_like = res
+    g = g.astype(jnp.float32)[:, None]
+    dh = (jnp.dot(d, wc, preferred_element_type=jnp.float32) * g).astype(h.dtype)
+    dw = jnp.dot(d.T, (h.astype(jnp.float32) * g).astype(h.dtype), preferred_element_type=jnp.float32)
+    return dh, dw.astype(w_like.dtype), None
+
+
+_linear_xent.defvjp(_linear_xent_fwd, _linear_xent_bwd)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _xent(logits, labels, implementation):
     return _cross_entropy(logits, labels, implementation)[0]
