@@ -3,15 +3,11 @@
 #   bash benchmarks/device.sh PART OUTDIR [SHA]
 # PART: "a" = the GPU tests, then the S1024 forward's dispatch (benchmarks/scripts/
 #       attention_dispatch.py: per-call times of the zoo's, JAX's direct and PyTorch's cuDNN
-#       attention, the memsets per call by size, the compiled program), then `zoo bench attention`
-#       (full set, in two processes: full, causal), then its S1024 cases again with XLA's command
-#       buffers for cuDNN calls (CMDBUF_CUDNN, below; the step "plans",
-#       benchmarks/scripts/attention_plans.py, prints each side's cuDNN kernels by name: run on
-#       2026-11-27, the same on both sides);
+#       attention, the memsets per call by size, the compiled program);
 #       "b" = zoo.ops's Pallas kernels alone at several tilings against the XLA forms they
 #       replace (benchmarks/scripts/pallas_kernels.py: the layer norm's forward and backward, the
-#       loss's logsumexp, the loss with its gradient (cross_entropy_and_grad); their tilings are
-#       untuned), then
+#       loss's logsumexp, the loss with its gradient (cross_entropy_and_grad), the MLP's GELU
+#       backward in a matmul (matmul_gelu_grad); their tilings are untuned), then
 #       `zoo bench gpt_step` (the step at B64: bf16 logits; with GPTConfig.qkv "separate",
 #       GPTConfig.gelu "epilogue", GPTConfig.layer_norm "pallas", GPTConfig.logsumexp "pallas"
 #       and GPTConfig.xent "fused" together; the same without xent "fused"; without the Pallas
@@ -19,20 +15,26 @@
 #       step torch.compile'd; synced and pipelined rows, the zoo's each with a kernel table of
 #       synced steps and one of three pipelined steps; the single variants, PyTorch eager, the
 #       cuBLASLt-epilogue and no-command-buffer variants stay available (ZOO_GPT_STEP_RUNS, steps):
-#       all measured on earlier leases); "c" = `zoo bench
+#       all measured on earlier leases);
+#       "d" = `zoo bench attention`'s S1024 cases with XLA's command buffers for cuDNN calls
+#       (CMDBUF_CUDNN, below), then its full set (in two processes: full, causal; unchanged code
+#       measured on two leases, 13 of 16 cases >= 0.95x PyTorch's cuDNN; the step "plans",
+#       benchmarks/scripts/attention_plans.py, prints each side's cuDNN kernels by name: run on
+#       2026-11-27, the same on both sides);
+#       "c" = `zoo bench
 #       diffusion` (full set, with the diffusers / torch.compile peers; its goals were met on
 #       2026-11-26) and `zoo bench gibbs` (issue 4 is blocked): only when a lease has time left;
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
 #       attention, attention-s1024-cmdbuf, plans, dispatch, gelu (the MLP's GELU forms alone,
 #       benchmarks/scripts/gelu_forms.py, measured on two leases), pallas, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
-# A 15-minute lease: benchmarks/lease.sh runs a then b in one call, every step cut at a deadline
-# (ZOO_DEVICE_DEADLINE, below). a: <= 540 s by its limits, 630 with the rerun of a faulting part;
-# ~250 s expected (2026-11-27: the tests 15 s, attention with its pauses 167 s; dispatch ~30 s,
-# the S1024 cases again ~35 s).
-# b: <= 570 s by its limits; ~370 s expected (the Pallas kernels ~30 s, each zoo B64 run ~85 s with
-# its profiles, three of them, the torch.compile'd peer with its compile ~80 s: 2026-11-27,
-# thirteenth session), so after part a's ~250 s a 570 s budget may cut the peer's rows (measured
-# on that lease: 469,000 tokens/s, 40.5% MFU), which come last for that reason.
+# A 15-minute lease: benchmarks/lease.sh runs a, b, then d in one call, every step cut at a
+# deadline (ZOO_DEVICE_DEADLINE, below; part b's leaves d its reserve). a: ~45 s expected
+# (2026-11-27: the tests 15 s, dispatch ~30 s). b: <= 600 s by its limits; ~450 s expected (the
+# Pallas kernels ~100 s, each zoo B64 run ~85 s with its profiles, four of them, the
+# torch.compile'd peer with its compile ~80 s: 2026-11-27, thirteenth session), so a 570 s budget
+# cuts the last runs of b (the peer's rows, measured on that lease: 469,000 tokens/s, 40.5% MFU,
+# come last for that reason). d: the S1024 cases ~35 s, then attention with its pauses ~170 s
+# (<= 300 s by its limits, 390 with the rerun of a faulting part): what the reserve leaves.
 # The GPU's SM clock, power and temperature are logged each second to OUTDIR/clocks-PART.csv
 # (does a sustained step run below the boost clock?).
 # gpt_step and diffusion print a kernel table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) with the idle time between
@@ -45,17 +47,18 @@
 # OUTDIR/log-PART.txt) and writes OUTDIR/NAME-gpu.json when it completes (until then, and where a
 # limit cuts it, its finished rows are in OUTDIR/NAME-gpu.json.partial.jsonl, the header first).
 set -u
-[ $# -ge 2 ] || { echo "usage: bash benchmarks/device.sh a|b|c|STEPS OUTDIR [SHA]" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: bash benchmarks/device.sh a|b|c|d|STEPS OUTDIR [SHA]" >&2; exit 2; }
 part=$1 out=$2
 case $part in
-  a) steps=tests,dispatch,attention,attention-s1024-cmdbuf ;;
+  a) steps=tests,dispatch ;;
   b) steps=pallas,gpt_step ;;
   c) steps=diffusion,gibbs ;;
+  d) steps=attention-s1024-cmdbuf,attention ;;
   *) steps=$part ;;
 esac
 for step in ${steps//,/ }; do
   case $step in tests|gibbs|gibbs-cublas|attention|attention-s1024-cmdbuf|plans|dispatch|gelu|pallas|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
-    *) echo "device.sh: unknown PART or step '$step' (a, b, c, or a comma list of: tests gibbs gibbs-cublas attention attention-s1024-cmdbuf plans dispatch gelu pallas gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
+    *) echo "device.sh: unknown PART or step '$step' (a, b, c, d, or a comma list of: tests gibbs gibbs-cublas attention attention-s1024-cmdbuf plans dispatch gelu pallas gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
   esac
 done
 export ZOO_GIT_SHA=${3:-unknown} ZOO_PROFILE=1 ZOO_PROFILE_DIR=$2 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
@@ -106,18 +109,23 @@ CMDBUF_CUDNN="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import jax, flax, optax, torch, sys; print(sys.version.split()[0], 'jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)"
-  capped 60 python3 benchmarks/scripts/cudnn_libs.py  # each side's cuDNN, and whether they share one library
+  # each side's cuDNN, and whether they share one library (once per lease: not again in parts b, d)
+  case $part in b|d) ;; *) capped 60 python3 benchmarks/scripts/cudnn_libs.py ;; esac
 } 2>&1 | tee -a "$log"
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu \
   --format=csv -l 1 >"$out/clocks-${part//,/_}.csv" 2>/dev/null &
 clocks=$!
 trap 'kill $clocks 2>/dev/null' EXIT
+# zoo bench attention: the unfused rows (each measured on the 2026-11-25/26 leases) are left out
+# for the time (and zoo-cudnn: on a GPU it is what zoo-auto runs)
+export ZOO_ATTENTION_SKIP=${ZOO_ATTENTION_SKIP-zoo-cudnn,zoo-reference,zoo-xla,zoo-chunked,torch-sdpa-math,torch-sdpa-efficient}
 for step in ${steps//,/ }; do
   case $step in
     tests)
       echo "=== GPU tests $(date -u +%T)" | tee -a "$log"
       capped 90 env JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_attention.py \
-        tests/nn/test_dense.py tests/ops/test_layer_norm.py tests/ops/test_logsumexp.py 2>&1 \
+        tests/nn/test_dense.py tests/ops/test_layer_norm.py tests/ops/test_logsumexp.py tests/ops/test_linear_xent.py \
+        tests/ops/test_matmul_gelu.py 2>&1 \
         | tail -5 | tee -a "$log" ;;
     gibbs) bench gibbs 120 ;;
     gibbs-cublas) bench gibbs 90 -cublas "$CUBLAS" ;;
@@ -125,9 +133,6 @@ for step in ${steps//,/ }; do
       # illegal memory accesses twice, both at the first causal case after grouped ones) loses one
       # part only; a faulting part is run again without XLA's command buffers (CUDA graphs), to tell
       # whether they are the cause
-      # the unfused rows (each measured on the 2026-11-25/26 leases) are left out for the time
-      # (and zoo-cudnn: on a GPU it is what zoo-auto runs)
-      export ZOO_ATTENTION_SKIP=${ZOO_ATTENTION_SKIP-zoo-cudnn,zoo-reference,zoo-xla,zoo-chunked,torch-sdpa-math,torch-sdpa-efficient}
       for mask in full causal; do
         ZOO_ATTENTION_MASKS=$mask bench attention 150 -$mask
         if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then
@@ -150,7 +155,7 @@ for step in ${steps//,/ }; do
         | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
     pallas)
       echo "=== Pallas kernels $(date -u +%T)" | tee -a "$log"
-      capped 110 python3 benchmarks/scripts/pallas_kernels.py 2>&1 \
+      capped 140 python3 benchmarks/scripts/pallas_kernels.py 2>&1 \
         | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
     gpt_step) bench gpt_step 480 ;;
     gpt_step-cublas) bench gpt_step 110 -cublas "$CUBLAS" ;;

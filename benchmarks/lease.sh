@@ -2,30 +2,38 @@
 # A lease's GPU runs as one command: the device tool's one call of at most 600 s, on a machine that
 # goes back 30 s after a call (a second call would likely pay a second start of the 15 minutes).
 #   bash benchmarks/lease.sh OUTDIR [SHA] [BUDGET_S]
-# Runs benchmarks/device.sh part a (the GPU tests, the S1024 attention dispatch, `zoo bench
-# attention` full and causal, its S1024 cases with the cuDNN calls in command buffers; ~250 s
-# expected), then part b (the Pallas kernels alone at several tilings, `zoo bench
-# gpt_step` with the torch.compile'd PyTorch peer; ~370 s expected), each cut at what is left of
-# BUDGET_S (default 580) into a scratch folder, then leaves in OUTDIR what the tool returns (at
-# most 8 files): the two logs as text (log-a.txt, log-b.txt: their ends are what one reads first)
-# and everything, results JSON, clocks, compiled programs and logs, in lease.tar.gz. Part a comes
-# first: the attention goal is the nearer one (13 of 16 cases met), and part b's last rows, the
-# PyTorch peer's, are the ones a cut would lose.
+# Runs benchmarks/device.sh part a (the GPU tests, the S1024 attention dispatch; ~45 s expected),
+# part b (the Pallas kernels alone at several tilings, `zoo bench gpt_step` with the
+# torch.compile'd PyTorch peer; ~450 s expected), then part d (`zoo bench attention`'s S1024 cases
+# with the cuDNN calls in command buffers, then its full set), each cut at what is left of
+# BUDGET_S (default 580), part b at what is left less part d's reserve (RESERVE_S, default 100, at
+# most a third of the budget), into a scratch folder, then leaves in OUTDIR what the tool returns
+# (at most 8 files): the logs as text (log-a.txt, log-b.txt, log-d.txt: their ends are what one
+# reads first) and everything, results JSON, clocks, compiled programs and logs, in lease.tar.gz.
+# The GPT step comes before attention: its kernels are new, the attention code is as two leases
+# measured it (13 of 16 cases at >= 0.95x PyTorch's cuDNN); the S1024 cases with cuDNN in command
+# buffers (the gap) come first in d.
 # Run from the repository root with `.whl` carried (see device.sh), e.g.
 #   bash benchmarks/lease.sh $OUT 0123abc
 set -u
 [ $# -ge 1 ] || { echo "usage: bash benchmarks/lease.sh OUTDIR [SHA] [BUDGET_S]" >&2; exit 2; }
-out=$1 sha=${2:-unknown} budget=${3:-580}
+out=$1 sha=${2:-unknown} budget=${3:-580} reserve=${RESERVE_S:-100}
 case $budget in
   ''|*[!0-9]*) echo "lease.sh: BUDGET_S must be a whole number of seconds, got '$budget'" >&2; exit 2 ;;
+esac
+case $reserve in
+  ''|*[!0-9]*) echo "lease.sh: RESERVE_S must be a whole number of seconds, got '$reserve'" >&2; exit 2 ;;
 esac
 work=$(mktemp -d /tmp/lease.XXXXXX)
 start=$SECONDS
 # every step of device.sh is cut at this deadline (its own `timeout`s are process groups of their
 # own, which a `timeout` around device.sh would not reach)
-export ZOO_DEVICE_DEADLINE=$(( $(date +%s) + budget ))
-for part in a b; do
-  left=$(( budget - (SECONDS - start) ))
+end=$(( $(date +%s) + budget ))
+[ "$reserve" -le $(( budget / 3 )) ] || reserve=$(( budget / 3 ))
+for part in a b d; do
+  export ZOO_DEVICE_DEADLINE=$end
+  [ "$part" = b ] && ZOO_DEVICE_DEADLINE=$(( end - reserve ))
+  left=$(( ZOO_DEVICE_DEADLINE - $(date +%s) ))
   if [ "$left" -lt 5 ]; then
     echo "=== lease.sh: part $part skipped, ${left} s of the ${budget} s budget left" | tee -a "$work/log-$part.txt"
     continue
@@ -34,7 +42,7 @@ for part in a b; do
   bash benchmarks/device.sh "$part" "$work" "$sha"
 done
 mkdir -p "$out"
-cp "$work"/log-a.txt "$work"/log-b.txt "$out"/ 2>/dev/null
+cp "$work"/log-a.txt "$work"/log-b.txt "$work"/log-d.txt "$out"/ 2>/dev/null
 tar czf "$out/lease.tar.gz" -C "$work" .
 echo "=== lease.sh: done in $(( SECONDS - start )) s; in $out:"
 ls -l "$out"

@@ -10,7 +10,9 @@ time per step takes the rates the thirteenth session's lease measured for the bf
 (H200, 2026-11-27: 121.4 ms of kernels, its compiled program read the same way): matmuls at 755
 TFLOP/s (53% of the kernel time for 48.6 TFLOP), fusions and copies at 3.17 TB/s (35% for 134.9
 GB), attention 15.2 ms (12%, for 14.57 GB of cuDNN's inputs and outputs: other shapes scaled by
-theirs). A guide to which way and about how far a change moves the step,
+theirs); a Pallas kernel with a matmul inside (zoo.ops.matmul_gelu) the longer of its matmul at
+the matmuls' rate and its bytes at the fusions' (as if the Triton matmul kept up with cuBLAS's).
+A guide to which way and about how far a change moves the step,
 not a measurement: the same card ran the same step 5% faster on another lease. Each run's line
 ends with the memory its temporaries take on the device (XLA's buffer assignment, one
 allocation: the bf16-logits step at B128 reads 61.6 GiB at this commit; an H200 lease asked for
@@ -63,8 +65,14 @@ def summary(ls: list[hlo.Launch]) -> dict:
     attention_gb = sum(x.bytes for x in attention) / 1e9  # cuDNN's time scaled by its inputs and outputs
     moved = sum(x.bytes for x in ls if x.kind not in ("gemm", "attention")) / 1e9
     aux = sum(x.aux for x in ls) / 1e9  # a matmul epilogue's second output (GELU_AUX): as if a pass wrote it
+    # a kernel of our own with a matmul inside (zoo.ops.matmul_gelu): the longer of its matmul at
+    # cuBLAS's rate and its bytes at the fusions' (counted in fusion_gb, charged here instead)
+    own = [x for x in ls if x.kind not in ("gemm", "attention") and x.flops]
+    own_ms = sum(max(x.flops / 1e12 / GEMM_TFLOPS * 1e3, x.bytes / 1e9 / FUSION_TBPS) for x in own)
+    own_gb = sum(x.bytes for x in own) / 1e9
     return {"launches": len(ls), "gemm_tflop": gemm, "fusion_gb": moved, "aux_gb": aux, "attention_calls": len(attention),
-            "estimate_ms": (gemm / GEMM_TFLOPS * 1e3 + (moved + aux) / FUSION_TBPS
+            "kernel_tflop": sum(x.flops for x in own) / 1e12,
+            "estimate_ms": (gemm / GEMM_TFLOPS * 1e3 + (moved - own_gb + aux) / FUSION_TBPS + own_ms
                             + ATTENTION_MS * attention_gb / ATTENTION_GB)}
 
 
@@ -114,7 +122,8 @@ def main(argv=None) -> int:
         s = summary(ls)
         temp = compiled.memory_analysis().temp_size_in_bytes / 2 ** 30
         aux = f" (+ {s['aux_gb']:.2f} GB of matmul epilogue outputs)" if s["aux_gb"] else ""
-        print(f"{name:48s} {s['launches']:5d} launches, matmuls {s['gemm_tflop']:.2f} TFLOP, fusions and copies "
+        own = f" (+ {s['kernel_tflop']:.2f} TFLOP in kernels of our own)" if s["kernel_tflop"] else ""
+        print(f"{name:48s} {s['launches']:5d} launches, matmuls {s['gemm_tflop']:.2f} TFLOP{own}, fusions and copies "
               f"{s['fusion_gb']:.2f} GB{aux}, "
               f"{s['attention_calls']} attention calls: estimate {s['estimate_ms']:.1f} ms "
               f"of kernels per step; {temp:.1f} GiB of temporaries", flush=True)

@@ -13,14 +13,19 @@ GPT-124M's step at B64 as the kernels see it (bf16):
 - `xent`: cross_entropy_and_grad over the same logits, the loss and d = softmax - onehot written
   out (GPTConfig.xent "fused"); XLA's form is logsumexp's two passes, then a pass writing d. The
   kernel reads each row twice, the second time from the L2 cache if the row is still there (a
-  rate well above the others' says it was); the bytes counted are one read and one write.
+  rate well above the others' says it was); the bytes counted are one read and one write;
+- `mlp-dgelu`: matmul_gelu_grad (zoo.ops.matmul_gelu), the MLP's GELU backward inside the matmul
+  [65536, 768] x [768, 3072] that makes its input; XLA's form is cuBLAS's matmul, then a pass
+  reading its product and z to write dz and the column sums. A matmul: its line's TFLOP/s (of
+  the 309 GFLOP) says how near cuBLAS's the Triton matmul runs.
 
 Each (kernel, tiling) is checked against the XLA form, then all are timed in shuffled, interleaved
 rounds (n calls dispatched back to back, one wait, per timing; medians), with the bytes each
 kernel must move per second and its speed against the XLA form (paired, round by round).
 Tilings: ln-fwd (rows per program, warps); ln-bwd (rows per step, steps per program, warps);
-lse and xent (rows per program, columns per step, warps). The first of each list is the default.
-Run: python benchmarks/scripts/pallas_kernels.py [--quick] [--kernels ln-fwd,ln-bwd,ln-bwd3,lse,xent]
+lse and xent (rows per program, columns per step, warps); mlp-dgelu (rows, columns, depth per
+step, warps, stages). The first of each list is the default.
+Run: python benchmarks/scripts/pallas_kernels.py [--quick] [--kernels ln-fwd,ln-bwd,ln-bwd3,lse,xent,mlp-dgelu]
 (--quick, the default off a GPU: small shapes, the kernels in Pallas's interpreter, to check the
 script; its times say nothing of a GPU's).
 """
@@ -35,6 +40,7 @@ import jax.numpy as jnp
 from zoo.bench import interleaved_times, paired_speedup
 from zoo.ops import layer_norm as ln
 from zoo.ops import logsumexp as lse
+from zoo.ops import matmul_gelu as mg
 
 LN_FWD_TILES = [(ln._ROWS_FWD, ln._WARPS_FWD), (1, 2), (2, 4), (8, 4), (4, 8), (8, 8), (16, 8)]
 LN_BWD_TILES = [(ln._ROWS, ln._STEPS, ln._WARPS_BWD), (4, 8, 4), (4, 32, 4), (8, 8, 8), (2, 32, 4), (8, 16, 8)]
@@ -42,7 +48,9 @@ LSE_TILES = [lse.TILE, (1, 2048, 4), (1, 4096, 8), (2, 2048, 8), (4, 2048, 8), (
 # 8 and 16 warps: more rows in flight (4-8 programs per SM), so fewer second reads hit the L2
 XENT_TILES = [lse.XENT_TILE, (1, 4096, 32), (1, 16384, 32), (2, 4096, 32), (1, 4096, 16), (1, 2048, 8),
               (1, 1024, 4)]
-KERNELS = ("ln-fwd", "ln-bwd", "ln-bwd3", "lse", "xent")
+DGELU_TILES = [mg.TILE, (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (64, 256, 64, 4, 4),
+               (128, 128, 32, 4, 4), (128, 64, 64, 4, 4)]
+KERNELS = ("ln-fwd", "ln-bwd", "ln-bwd3", "lse", "xent", "mlp-dgelu")
 
 
 @contextlib.contextmanager
@@ -90,6 +98,14 @@ def cases(kernel, M, H, V, dtype, quick):
                     h, dys, dh, mean, rstd).compile()
             out[f"pallas {t}"] = (f, (h, dys, dh, mean, rstd))
         return out, (2 + n) * arr + 8 * M
+    if kernel == "mlp-dgelu":
+        F = 4 * H
+        gr, w, z = normal(0, (M, H)), normal(1, (F, H)) * 0.05, normal(2, (M, F))
+        out["xla"] = (jax.jit(lambda g, w, z: mg.matmul_gelu_grad(g, w, z, implementation="xla")), (gr, w, z))
+        for t in (DGELU_TILES if not quick else [(16, 16, 16, 1, 1)]):
+            out[f"pallas {t}"] = (jax.jit(lambda g, w, z, t=t: mg.matmul_gelu_grad(
+                g, w, z, implementation="pallas", tile=t)), (gr, w, z))
+        return out, (M * H + F * H + 2 * M * F) * jnp.dtype(dtype).itemsize
     x = normal(0, (M, V)) * 3
     if kernel == "xent":
         y = jax.random.randint(k[1], (M,), 0, V)
@@ -145,8 +161,9 @@ def main():
         times = interleaved_times(fns, args.rounds, pause_s=0.02 if on_gpu else 0.0, order="shuffle")
         for name in progs:
             sec = statistics.median(times[name]) / n
+            rate = f"  {2 * M * H * 4 * H / sec / 1e12:6.1f} TFLOP/s" if kernel == "mlp-dgelu" else ""
             print(f"{kernel:8s} {name:24s} {sec * 1e3:8.3f} ms  {moved / sec / 1e9:7.1f} GB/s of the kernel's "
-                  f"{moved / 1e9:.2f} GB  speed vs xla (paired) {paired_speedup(times[name], times['xla']):.3f}",
+                  f"{moved / 1e9:.2f} GB{rate}  speed vs xla (paired) {paired_speedup(times[name], times['xla']):.3f}",
                   flush=True)
 
 

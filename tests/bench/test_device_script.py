@@ -41,24 +41,35 @@ def _outputs(calls, out):
     return [c.split(" |")[0].split(" --out ")[1].removeprefix(f"{out}/") for c in calls]
 
 
-def test_part_a_runs_attention_in_two_processes_and_reruns_the_faulting_one(tmp_path):
-    calls = _run(tmp_path, "a")
+def test_part_a_runs_the_tests_and_the_dispatch(tmp_path):
+    assert _run(tmp_path, "a") == []  # no benchmark
+    out = tmp_path / "out"
+    log = (out / "log-a.txt").read_text()
+    assert log.index("=== GPU tests") < log.index("=== attention dispatch, S1024")
+    lines = (tmp_path / "calls-a.txt").read_text().splitlines()
+    tests = [line for line in lines if line.startswith("-m pytest -q -m gpu")]
+    assert len(tests) == 1 and "tests/ops/test_linear_xent.py tests/ops/test_matmul_gelu.py |" in tests[0]
+    dispatch = [line for line in lines if line.startswith("benchmarks/scripts/attention_dispatch.py")]
+    assert len(dispatch) == 1 and f"--seqs 1024 --hlo-dir {out} |" in dispatch[0]
+    assert any(line.startswith("benchmarks/scripts/cudnn_libs.py") for line in lines)
+
+
+def test_part_d_runs_attention_in_two_processes_and_reruns_the_faulting_one(tmp_path):
+    calls = _run(tmp_path, "d")
     out = tmp_path / "out"
     assert all(c.startswith("-m zoo bench attention ") for c in calls)
-    assert _outputs(calls, out) == ["attention-full-gpu.json", "attention-causal-gpu.json",
-                                    "attention-causal-nocmdbuf-gpu.json", "attention-s1024-cmdbuf-gpu.json"]
-    assert "|MASKS=full|LENGTHS=|" in calls[0] and "|MASKS=causal|" in calls[1] and "|XLA=|" in calls[1]
-    assert "|XLA=--xla_gpu_enable_command_buffer=|" in calls[2] and f"|DIR={out}/causal-nocmdbuf|" in calls[2]
+    assert _outputs(calls, out) == ["attention-s1024-cmdbuf-gpu.json", "attention-full-gpu.json",
+                                    "attention-causal-gpu.json", "attention-causal-nocmdbuf-gpu.json"]
     # the S1024 cases, full and causal in one process, with the cuDNN calls in command buffers
-    assert "|MASKS=|LENGTHS=1024|" in calls[3] and f"|DIR={out}/s1024-cmdbuf|" in calls[3]
-    assert "|XLA=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN " in calls[3]
+    assert "|MASKS=|LENGTHS=1024|" in calls[0] and f"|DIR={out}/s1024-cmdbuf|" in calls[0]
+    assert "|XLA=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN " in calls[0]
+    assert "|MASKS=full|LENGTHS=|" in calls[1] and "|MASKS=causal|" in calls[2] and "|XLA=|" in calls[2]
+    assert "|XLA=--xla_gpu_enable_command_buffer=|" in calls[3] and f"|DIR={out}/causal-nocmdbuf|" in calls[3]
     assert all("SKIP=zoo-cudnn,zoo-reference,zoo-xla,zoo-chunked" in c for c in calls)
-    log = (out / "log-a.txt").read_text()
-    assert "attention-causal exit 3" in log
-    assert log.index("=== attention dispatch, S1024") < log.index("=== zoo bench attention-full")
-    dispatch = [line for line in (tmp_path / "calls-a.txt").read_text().splitlines()
-                if line.startswith("benchmarks/scripts/attention_dispatch.py")]
-    assert len(dispatch) == 1 and f"--seqs 1024 --hlo-dir {out} |" in dispatch[0]
+    assert "attention-causal exit 3" in (out / "log-d.txt").read_text()
+    # cuDNN's libraries are listed once per lease, in part a
+    assert not any(line.startswith("benchmarks/scripts/cudnn_libs.py")
+                   for line in (tmp_path / "calls-d.txt").read_text().splitlines())
 
 
 def test_part_b_and_the_gpt_step_variants(tmp_path):
@@ -95,9 +106,9 @@ def _lease(tmp_path, *args, sleep=""):
                           capture_output=True, text=True, timeout=120), calls
 
 
-def test_lease_runs_part_a_then_b_and_returns_few_files(tmp_path):
-    """benchmarks/lease.sh: part a then part b in one command, and at most 8 files back (the
-    device tool's limit): both logs as text, everything else in one tarball."""
+def test_lease_runs_parts_a_b_d_and_returns_few_files(tmp_path):
+    """benchmarks/lease.sh: parts a, b, then d in one command, and at most 8 files back (the
+    device tool's limit): the logs as text, everything else in one tarball."""
     import tarfile
 
     if shutil.which("bash") is None or shutil.which("tar") is None:
@@ -105,26 +116,46 @@ def test_lease_runs_part_a_then_b_and_returns_few_files(tmp_path):
     out, calls = _lease(tmp_path, "abc123")
     assert out.returncode == 0, out.stderr
     benches = [line.split(" --out ")[0] for line in calls.read_text().splitlines() if line.startswith("-m zoo bench ")]
-    assert benches[:2] == ["-m zoo bench attention"] * 2 and benches[-1] == "-m zoo bench gpt_step"
+    assert benches[0] == "-m zoo bench gpt_step" and benches[1:] == ["-m zoo bench attention"] * 4
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["lease.tar.gz", "log-a.txt", "log-b.txt"]
+    assert files == ["lease.tar.gz", "log-a.txt", "log-b.txt", "log-d.txt"]
     with tarfile.open(tmp_path / "out" / "lease.tar.gz") as tar:
         names = {os.path.basename(n) for n in tar.getnames()}
-    assert {"log-a.txt", "log-b.txt", "attention-full-gpu.json", "gpt_step-gpu.json"} <= names
+    assert {"log-a.txt", "log-b.txt", "log-d.txt", "attention-full-gpu.json", "gpt_step-gpu.json"} <= names
 
 
 def test_lease_cuts_a_part_at_the_budget_and_skips_what_has_no_time(tmp_path):
     if shutil.which("bash") is None or shutil.which("tar") is None:
         pytest.skip("no bash or tar")
-    out, calls = _lease(tmp_path, "abc123", "6", sleep="30")  # attention hangs past the budget
+    out, calls = _lease(tmp_path, "abc123", "9", sleep="30")  # attention hangs past the budget
     assert out.returncode == 0, out.stderr
-    log_a, log_b = ((tmp_path / "out" / f"log-{p}.txt").read_text() for p in "ab")
-    # attention (full) cut at the deadline, the causal half and part b skipped: nothing runs on
-    assert "attention-full exit 124" in log_a and "=== skipped, past the deadline" in log_a
-    assert "attention-causal exit 124" in log_a
-    assert "part b skipped" in log_b and "bench gpt_step" not in calls.read_text()
+    log_b, log_d = ((tmp_path / "out" / f"log-{p}.txt").read_text() for p in "bd")
+    assert "bench gpt_step" in calls.read_text() and "gpt_step exit 0" in log_b
+    # the S1024 cases cut at the deadline, the rest of part d skipped: nothing runs on
+    assert "attention-s1024-cmdbuf exit 124" in log_d and "=== skipped, past the deadline" in log_d
     if shutil.which("pgrep"):
         assert subprocess.run(["pgrep", "-f", "sleep 30"], capture_output=True).returncode == 1  # none left running
-    bad = subprocess.run(["bash", "benchmarks/lease.sh", str(tmp_path / "o2"), "sha", "ten"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "BUDGET_S must be a whole number" in bad.stderr
+    for args, env, message in ((["sha", "ten"], {}, "BUDGET_S must be a whole number"),
+                               (["sha"], {"RESERVE_S": "lots"}, "RESERVE_S must be a whole number")):
+        bad = subprocess.run(["bash", "benchmarks/lease.sh", str(tmp_path / "o2"), *args], cwd=ROOT,
+                             env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and message in bad.stderr
+
+
+def test_lease_leaves_part_d_its_reserve(tmp_path):
+    """Part b runs to a deadline RESERVE_S before the budget's end (at most a third of it): a
+    gpt_step that would run on is cut there and part d still starts."""
+    if shutil.which("bash") is None or shutil.which("tar") is None:
+        pytest.skip("no bash or tar")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(FAKE.replace('"bench attention"* && -n', '"bench gpt_step"* && -n'))
+    (bin_dir / "python3").chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), "FAKE_SLEEP": "60",
+           "RESERVE_S": "6"}
+    out = subprocess.run(["bash", "benchmarks/lease.sh", str(tmp_path / "out"), "abc123", "18"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "gpt_step exit 124" in (tmp_path / "out" / "log-b.txt").read_text()
+    assert "bench attention" in calls.read_text()  # part d ran in its reserve

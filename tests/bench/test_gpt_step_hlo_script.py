@@ -57,3 +57,26 @@ def test_step_program_flops_and_bytes(tmp_path):
     assert float(temps["64"]) > float(temps["64-bf16-logits"]) > 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt_step-64-bf16-logits-h200.hlo.txt.gz",
                                                          "gpt_step-64-h200.hlo.txt.gz"]
+
+
+def test_estimate_charges_a_kernel_with_a_matmul_the_longer_of_its_matmul_and_its_bytes():
+    """summary(): a matmul at the matmuls' rate, a fusion's bytes at the fusions', a Pallas kernel
+    with a matmul inside (zoo.ops.matmul_gelu's) the longer of the two; its bytes are counted
+    among the fusions' but charged once."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "scripts"))
+    try:
+        import gpt_step_hlo as g
+    finally:
+        sys.path.pop(0)
+    from zoo.bench.hlo import Launch
+
+    gemm = Launch("dot", "gemm", 0, 0, g.GEMM_TFLOPS * 1e12 * 0.002, "backward", "mlp")  # 2 ms
+    fusion = Launch("f", "fusion:kLoop", int(g.FUSION_TBPS * 1e9), 0, 0.0, "backward", "mlp")  # 1 ms
+    compute_bound = Launch("k", "custom-call:__gpu$xla.gpu.triton", int(g.FUSION_TBPS * 1e9), 0,
+                           g.GEMM_TFLOPS * 1e12 * 0.003, "backward", "mlp")  # 3 ms of matmul, 1 of bytes
+    memory_bound = Launch("k2", "custom-call:__gpu$xla.gpu.triton", int(g.FUSION_TBPS * 4e9), 0,
+                          g.GEMM_TFLOPS * 1e12 * 0.001, "backward", "mlp")  # 1 ms of matmul, 4 of bytes
+    s = g.summary([gemm, fusion, compute_bound, memory_bound])
+    assert s["estimate_ms"] == pytest.approx(2 + 1 + 3 + 4)
+    assert s["fusion_gb"] == pytest.approx(g.FUSION_TBPS * 6) and s["gemm_tflop"] == pytest.approx(g.GEMM_TFLOPS * 0.002)
+    assert s["kernel_tflop"] == pytest.approx(g.GEMM_TFLOPS * 0.004)

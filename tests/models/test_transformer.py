@@ -345,14 +345,15 @@ def test_gpt_qkv_modes_and_gelu_forms_give_one_model():
     variants = {"fused": {}, "fused-split-grad": dict(qkv="fused-split-grad"), "separate": dict(qkv="separate"),
                 "gelu-sigmoid": dict(gelu="sigmoid"), "gelu-epilogue": dict(gelu="epilogue"),
                 "ln-pallas": dict(layer_norm="pallas"), "lse-pallas": dict(logsumexp="pallas"),
-                "xent-fused": dict(xent="fused"), "xent-fused-lse-pallas": dict(xent="fused", logsumexp="pallas")}
+                "xent-fused": dict(xent="fused"), "xent-fused-lse-pallas": dict(xent="fused", logsumexp="pallas"),
+                "gelu-grad-pallas": dict(gelu="epilogue", gelu_grad="pallas")}
     for mode, changes in variants.items():
         md = make_gpt(dataclasses.replace(cfg, **changes))
         params = md.init(jax.random.key(0), batch) if not results else results["fused"][0]
         loss, grads = jax.jit(jax.value_and_grad(lambda p, md=md: md.loss(p, jax.random.key(1), batch)[0]))(params)
         results[mode] = (params, loss, grads)
     for mode in ("fused-split-grad", "separate", "gelu-sigmoid", "gelu-epilogue", "ln-pallas", "lse-pallas",
-                 "xent-fused", "xent-fused-lse-pallas"):
+                 "xent-fused", "xent-fused-lse-pallas", "gelu-grad-pallas"):
         np.testing.assert_allclose(results[mode][1], results["fused"][1], rtol=1e-6)
         for g, r in zip(jax.tree.leaves(results[mode][2]), jax.tree.leaves(results["fused"][2])):
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
@@ -366,6 +367,48 @@ def test_gpt_qkv_modes_and_gelu_forms_give_one_model():
         GPTConfig(logsumexp="triton")
     with pytest.raises(ConfigError, match="model.xent .cut.; valid: fused, logits"):
         GPTConfig(xent="cut")
+    with pytest.raises(ConfigError, match="model.gelu_grad .cublas.; valid: pallas, xla"):
+        GPTConfig(gelu_grad="cublas")
+    with pytest.raises(ConfigError, match="model.gelu_grad=pallas needs model.gelu=epilogue and no LoRA"):
+        GPTConfig(gelu_grad="pallas")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mlp_with_the_gelu_backward_in_the_matmul_is_the_same_mlp(dtype):
+    """MLP(gelu="epilogue", gelu_grad="pallas"): the GELU and proj as gelu_proj, its backward's
+    GELU derivative inside the matmul (zoo.ops.matmul_gelu's kernel, interpreted here; rows that
+    no tile of 16 or more divides go to XLA's form): the same params, outputs and gradients as the
+    plain MLP (bf16: to its rounding), with proj's bias apart too; a LoRA MLP or another GELU
+    form is a clear error."""
+    from zoo.nn.transformer import MLP
+
+    rng = np.random.default_rng(9)
+    for rows in ((2, 16), (3, 5)):  # 32 rows: the kernel; 15: XLA's form
+        x = jnp.asarray(rng.standard_normal((*rows, 32)), dtype)
+        plain = MLP(128, gelu="epilogue", dtype=dtype)
+        params = plain.init(jax.random.key(0), x)
+        params = jax.tree.map(lambda p: p + 0.05 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), params)
+        for apart in (False, True):
+            fused = MLP(128, gelu="epilogue", dtype=dtype, gelu_grad="pallas", bias_apart=apart)
+            assert jax.tree.structure(fused.init(jax.random.key(0), x)) == jax.tree.structure(params)
+
+            def f(m, p, x, apart=apart):
+                out = m.apply(p, x)
+                out = out[0] + out[1].astype(out[0].dtype) if apart else out
+                return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+            want, want_g = jax.value_and_grad(lambda p, x: f(plain, p, x, False), (0, 1))(params, x)
+            got, got_g = jax.value_and_grad(lambda p, x: f(fused, p, x), (0, 1))(params, x)
+            tol = 1e-5 if dtype == jnp.float32 else 3e-2
+            np.testing.assert_allclose(float(got), float(want), rtol=tol)
+            for a, c in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+                assert a.dtype == c.dtype
+                np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(c, np.float32), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="MLP.gelu_grad='pallas' needs gelu='epilogue' and no LoRA; got gelu='tanh'"):
+        MLP(128, gelu_grad="pallas").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="got gelu='epilogue', lora_rank=4"):
+        MLP(128, lora_rank=4, gelu="epilogue", gelu_grad="pallas").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="MLP.gelu_grad must be one of xla, pallas; got 'cublas'"):
+        MLP(128, gelu_grad="cublas").init(jax.random.key(0), x)
 
 
 def test_gpt_fused_output_loss_in_bf16_and_with_a_soft_prompt():

@@ -111,6 +111,9 @@ XENT_FUSED = ("bf16-logits-lse-pallas-xent-fused", dict(f32_logits=False, logsum
 ALL_KERNELS = ("bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas-xent-fused",
                dict(f32_logits=False, qkv="separate", gelu="epilogue", layer_norm="pallas", logsumexp="pallas",
                     xent="fused"))
+# and the MLP's GELU backward inside the proj matmul's backward (GPTConfig.gelu_grad "pallas",
+# zoo.ops.matmul_gelu: one Triton kernel, the matmul with GELU'(z) in its epilogue)
+ALL_KERNELS_DGELU = (ALL_KERNELS[0] + "-gelu-grad-pallas", dict(ALL_KERNELS[1], gelu_grad="pallas"))
 # the PyTorch peer (zoo.bench.torch_gpt): eager, and torch.compile'd
 TORCH = ("torch", {})
 TORCH_COMPILED = ("torch-compiled", {})
@@ -122,7 +125,7 @@ FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=
                           dtype="bfloat16"),
             runs=((64, BF16_LOGITS), (64, ALL_KERNELS), (64, SEPARATE_EPILOGUE_LN_LSE), (64, SEPARATE_EPILOGUE),
                   (64, TORCH_COMPILED)),
-            more=((64, XENT_FUSED), (64, SEPARATE_EPILOGUE_LN), (64, LSE_PALLAS), (64, GELU_EPILOGUE), (64, LN_PALLAS), (64, SEPARATE_SIGMOID), (64, QKV_SEPARATE), (64, GELU_SIGMOID), (64, QKV_SPLIT_GRAD),
+            more=((64, ALL_KERNELS_DGELU), (64, XENT_FUSED), (64, SEPARATE_EPILOGUE_LN), (64, LSE_PALLAS), (64, GELU_EPILOGUE), (64, LN_PALLAS), (64, SEPARATE_SIGMOID), (64, QKV_SEPARATE), (64, GELU_SIGMOID), (64, QKV_SPLIT_GRAD),
                   (64, SPLIT_GRAD_SIGMOID), (64, TORCH), (64, None), (128, BF16_LOGITS), (128, SEPARATE_EPILOGUE_LN_LSE), (128, SEPARATE_EPILOGUE_LN),
                   (128, SEPARATE_EPILOGUE), (128, SEPARATE_SIGMOID)))
 QUICK = dict(cfg=GPTConfig(vocab_size=256, max_len=256, num_layers=4, hidden=256, num_heads=8),

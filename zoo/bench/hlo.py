@@ -227,6 +227,10 @@ def launches(text: str) -> list[Launch]:
                 products = outs[:-1] if len(outs) > 1 and outs[-1][0] == "s8" else outs
                 written = sum(array_bytes(f"{t}[{d}]") for t, d in products)
                 aux = written - array_bytes(first)
+            elif "triton" in target and "matmul_gelu_grad" in ins.attrs:
+                # zoo.ops.matmul_gelu's kernel (Pallas): a matmul g [M, K] x w [N, K]^T inside
+                (M, K), N = _dims(operand_shapes[0]), _dims(operand_shapes[1])[0]
+                flops = 2.0 * M * N * K
             elif "cudnn" in target and ("fmha" in target or "Softmax" in target):
                 kind = "attention"
                 written = sum(array_bytes(f"{t}[{d}]") for t, d in outs if t != "u8")

@@ -34,7 +34,7 @@ import numpy as np
 
 from zoo.errors import ConfigError, DataError, unknown
 from zoo.models.base import ModelDef
-from zoo.nn.transformer import GELU_FORMS, INIT_STD, LAYER_NORMS, QKV_MODES, Stack, init_caches
+from zoo.nn.transformer import GELU_FORMS, GELU_GRADS, INIT_STD, LAYER_NORMS, QKV_MODES, Stack, init_caches
 from zoo.ops import losses, sampling
 from zoo.ops.precision import dot_f32
 from zoo.ops.attention import IMPLEMENTATIONS
@@ -71,6 +71,7 @@ class GPTConfig:
     layer_norm: str = "xla"       # xla | pallas: each residual add inside the next layer norm's kernel (zoo.ops.layer_norm)
     logsumexp: str = "xla"        # xla | pallas: the loss's logsumexp in one kernel's pass over the logits (zoo.ops.logsumexp)
     xent: str = "logits"          # logits | fused: the training loss with the output layer inside (zoo.ops.losses.linear_cross_entropy: the logits never read in the backward)
+    gelu_grad: str = "xla"        # xla | pallas (with gelu "epilogue", no LoRA): the GELU's backward inside the proj matmul's (zoo.ops.matmul_gelu)
 
     def __post_init__(self):
         for name in ("vocab_size", "max_len", "num_layers", "hidden", "num_heads"):
@@ -93,6 +94,11 @@ class GPTConfig:
             raise ConfigError(unknown("model.logsumexp", self.logsumexp, LOGSUMEXPS))
         if self.xent not in XENT_MODES:
             raise ConfigError(unknown("model.xent", self.xent, XENT_MODES))
+        if self.gelu_grad not in GELU_GRADS:
+            raise ConfigError(unknown("model.gelu_grad", self.gelu_grad, GELU_GRADS))
+        if self.gelu_grad != "xla" and (self.gelu != "epilogue" or self.finetune == "lora"):
+            raise ConfigError(f"model.gelu_grad={self.gelu_grad} needs model.gelu=epilogue and no LoRA "
+                              f"(got gelu={self.gelu}, finetune={self.finetune or 'none'})")
         if self.implementation and self.implementation not in IMPLEMENTATIONS:
             raise ConfigError(unknown("model.implementation", self.implementation, IMPLEMENTATIONS))
         if self.dtype not in DTYPES:
@@ -143,7 +149,8 @@ class GPT(nn.Module):
         x, caches = Stack(c.num_layers, c.num_heads, c.kv_heads, c.mlp_ratio, causal=True,
                           dropout=c.dropout, lora_rank=c.lora_rank if c.finetune == "lora" else 0,
                           lora_alpha=c.lora_alpha, implementation=c.implementation or None,
-                          dtype=dtype, qkv=c.qkv, gelu=c.gelu, layer_norm=c.layer_norm, name="stack")(x, caches=caches, deterministic=deterministic)
+                          dtype=dtype, qkv=c.qkv, gelu=c.gelu, layer_norm=c.layer_norm, gelu_grad=c.gelu_grad,
+                          name="stack")(x, caches=caches, deterministic=deterministic)
         if not head:
             return x[:, P:].astype(dtype), caches
         # the tied output layer in the compute dtype with float32 logits: nn.Embed.attend would

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from zoo.nn.dense import add_bias, matmul, sum_rows_f32
 from zoo.ops import layer_norm as _layer_norm
+from zoo.ops import matmul_gelu as _matmul_gelu
 from zoo.ops.attention import (KVCache, decode_attention, dot_product_attention, init_kv_cache,
                                update_kv_cache)
 
@@ -327,8 +328,51 @@ def bias_gelu(y, bias, form: str = "tanh"):
     return gelu_tanh(y) if bias is None else bias_gelu_tanh(y, bias)
 
 
+GELU_GRADS = _matmul_gelu.IMPLEMENTATIONS  # MLP.gelu_grad
+
+
+def gelu_proj(y, bias, w, implementation: str = "pallas"):
+    """gelu_epilogue(add_bias(y, bias)) @ w: the MLP's GELU and its proj matmul (no proj bias) as
+    one op, y [..., F] (the fc matmul's output), bias [F], w [F, H] -> [..., H]. The forward is
+    the plain one (on a GPU the GELU in the fc matmul's cuBLASLt epilogue). The backward reads
+    GELU's input z = y + bias in zoo.ops.matmul_gelu.matmul_gelu_grad, the GELU's derivative
+    applied inside the matmul that makes its input gradient, the fc bias's gradient its column
+    sums ("pallas": one Triton kernel, its tile fitted to the rows; "xla": the matmul, then a
+    pass); w's gradient is GELU(z).T @ g as autodiff's."""
+    return _gelu_proj(y, bias, w, implementation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gelu_proj(y, bias, w, implementation):
+    return _gelu_proj_fwd(y, bias, w, implementation)[0]
+
+
+def _gelu_proj_fwd(y, bias, w, implementation):
+    z = add_bias(y, bias)
+    a = gelu_epilogue(z)
+    return matmul(a, w.astype(a.dtype)), (z, a, w.astype(a.dtype), jnp.zeros((0,), bias.dtype),
+                                          jnp.zeros((0,), w.dtype))
+
+
+def _gelu_proj_bwd(implementation, res, g):
+    z, a, wc, bias_like, w_like = res
+    F, H = wc.shape
+    g2, z2 = g.reshape(-1, H).astype(z.dtype), z.reshape(-1, F)
+    tile = _matmul_gelu.fit_tile(g2.shape[0], F, H) if implementation == "pallas" else None
+    dz, dbias = _matmul_gelu.matmul_gelu_grad(g2, wc, z2, implementation="pallas" if tile else "xla", tile=tile)
+    dw = matmul(a.reshape(-1, F).T, g2)
+    return dz.reshape(z.shape), dbias.astype(bias_like.dtype), dw.astype(w_like.dtype)
+
+
+_gelu_proj.defvjp(_gelu_proj_fwd, _gelu_proj_bwd)
+
+
 class MLP(nn.Module):
-    """Dense(F) -> GELU (tanh approximation, as GPT-2; `gelu` picks its formula) -> Dense(H)."""
+    """Dense(F) -> GELU (tanh approximation, as GPT-2; `gelu` picks its formula) -> Dense(H).
+
+    gelu_grad="pallas" (gelu "epilogue", no LoRA): the GELU and the proj matmul as gelu_proj, so
+    the GELU's backward runs inside the matmul that makes its input gradient (one Triton kernel);
+    the same params and function."""
 
     width: int
     lora_rank: int = 0
@@ -337,9 +381,25 @@ class MLP(nn.Module):
     dtype: Any = None
     gelu: str = "tanh"  # GELU_FORMS
     bias_apart: bool = False  # proj's (y, bias), its bias for the caller to add
+    gelu_grad: str = "xla"  # GELU_GRADS
 
     @nn.compact
     def __call__(self, x_BxTxH):
+        if self.gelu_grad not in GELU_GRADS:
+            raise ValueError(f"MLP.gelu_grad must be one of {', '.join(GELU_GRADS)}; got {self.gelu_grad!r}")
+        if self.gelu_grad != "xla":
+            if self.gelu != "epilogue" or self.lora_rank:
+                raise ValueError(f"MLP.gelu_grad={self.gelu_grad!r} needs gelu='epilogue' and no LoRA; got "
+                                 f"gelu={self.gelu!r}, lora_rank={self.lora_rank}")
+            fc = LoRADense(self.width, dtype=self.dtype, name="fc")
+            kernel, bias, _ = fc(x_BxTxH, weights_only=True)
+            H = x_BxTxH.shape[-1]
+            proj = LoRADense(H, kernel_std=self.out_std, dtype=self.dtype, name="proj")
+            w, proj_bias, _ = proj(jax.ShapeDtypeStruct((1, self.width), kernel.dtype), weights_only=True)
+            y = gelu_proj(matmul(x_BxTxH.astype(kernel.dtype), kernel), bias, w, self.gelu_grad)
+            if self.bias_apart:
+                return y, proj_bias
+            return add_bias(y, proj_bias)
         h = LoRADense(self.width, self.lora_rank, self.lora_alpha, dtype=self.dtype, gelu=self.gelu, name="fc")(x_BxTxH)
         return LoRADense(x_BxTxH.shape[-1], self.lora_rank, self.lora_alpha, kernel_std=self.out_std,
                          dtype=self.dtype, bias_apart=self.bias_apart, name="proj")(h)
@@ -406,6 +466,7 @@ class Block(nn.Module):
     qkv: str = "fused"  # Attention.qkv
     gelu: str = "tanh"  # MLP.gelu
     layer_norm: str = "xla"  # LAYER_NORMS
+    gelu_grad: str = "xla"  # MLP.gelu_grad
 
     @nn.compact
     def __call__(self, x_BxTxH, *, mask=None, memory=None, memory_mask=None, cache=None,
@@ -436,7 +497,7 @@ class Block(nn.Module):
             pending = (x, *branch(h))
         x, y = ln("ln_2", pending)
         h = MLP(int(H * self.mlp_ratio), self.lora_rank, self.lora_alpha, out_std, self.dtype, self.gelu,
-                bias_apart=defer, name="mlp")(y)
+                bias_apart=defer, gelu_grad=self.gelu_grad, name="mlp")(y)
         out = (x, *branch(h))
         return (out if self.layer_norm != "xla" else out[0] + out[1]), cache
 
@@ -459,6 +520,7 @@ class Stack(nn.Module):
     qkv: str = "fused"  # Attention.qkv
     gelu: str = "tanh"  # MLP.gelu
     layer_norm: str = "xla"  # Block.layer_norm
+    gelu_grad: str = "xla"  # MLP.gelu_grad
 
     @nn.compact
     def __call__(self, x_BxTxH, *, mask=None, memory=None, memory_mask=None,
@@ -468,7 +530,8 @@ class Stack(nn.Module):
             x_BxTxH, c = Block(self.num_heads, self.num_kv_heads, self.mlp_ratio, self.num_layers,
                                self.causal, self.cross_attention, self.dropout, self.lora_rank,
                                self.lora_alpha, self.implementation, self.ln_eps, self.dtype,
-                               qkv=self.qkv, gelu=self.gelu, layer_norm=self.layer_norm, name=f"block_{i}")(
+                               qkv=self.qkv, gelu=self.gelu, layer_norm=self.layer_norm, gelu_grad=self.gelu_grad,
+                               name=f"block_{i}")(
                 x_BxTxH, mask=mask, memory=memory, memory_mask=memory_mask,
                 cache=None if caches is None else caches[i], deterministic=deterministic)
             new_caches.append(c)
