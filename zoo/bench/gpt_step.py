@@ -19,6 +19,9 @@ T 1024), bf16 compute with float32 params, at B64 with the variant `bf16-logits`
 (GPTConfig.f32_logits=False: bf16 logits and logit gradients, as PyTorch autocast's, for half the
 traffic over the [B * T, V] logits; an H200, 2026-11-26: 46.8% MFU pipelined at B64, the default
 45.8%; B16, measured on three leases, reached 43.4%; B128 ran out of memory on the H200),
+`bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas-xent-fused-gelu-grad-pallas` (all the
+kernels below, and GPTConfig.gelu_grad "pallas": the GELU's backward inside the proj matmul's
+backward, one Triton kernel), the same without it,
 `bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas-xent-fused`, with GPTConfig.qkv
 "separate", GPTConfig.gelu "epilogue" (the GELU in the fc matmul's cuBLASLt epilogue),
 GPTConfig.layer_norm "pallas" (each residual add inside the next layer norm's Triton kernel),
@@ -123,9 +126,9 @@ PEERS = {"torch": "torch-nanogpt", "torch-compiled": "torch-nanogpt-compiled"}  
 # on four leases; the single variants and PyTorch eager, measured on the thirteenth session's lease)
 FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=768, num_heads=12,
                           dtype="bfloat16"),
-            runs=((64, BF16_LOGITS), (64, ALL_KERNELS), (64, SEPARATE_EPILOGUE_LN_LSE), (64, SEPARATE_EPILOGUE),
-                  (64, TORCH_COMPILED)),
-            more=((64, ALL_KERNELS_DGELU), (64, XENT_FUSED), (64, SEPARATE_EPILOGUE_LN), (64, LSE_PALLAS), (64, GELU_EPILOGUE), (64, LN_PALLAS), (64, SEPARATE_SIGMOID), (64, QKV_SEPARATE), (64, GELU_SIGMOID), (64, QKV_SPLIT_GRAD),
+            runs=((64, BF16_LOGITS), (64, ALL_KERNELS_DGELU), (64, ALL_KERNELS), (64, SEPARATE_EPILOGUE_LN_LSE),
+                  (64, SEPARATE_EPILOGUE), (64, TORCH_COMPILED)),
+            more=((64, XENT_FUSED), (64, SEPARATE_EPILOGUE_LN), (64, LSE_PALLAS), (64, GELU_EPILOGUE), (64, LN_PALLAS), (64, SEPARATE_SIGMOID), (64, QKV_SEPARATE), (64, GELU_SIGMOID), (64, QKV_SPLIT_GRAD),
                   (64, SPLIT_GRAD_SIGMOID), (64, TORCH), (64, None), (128, BF16_LOGITS), (128, SEPARATE_EPILOGUE_LN_LSE), (128, SEPARATE_EPILOGUE_LN),
                   (128, SEPARATE_EPILOGUE), (128, SEPARATE_SIGMOID)))
 QUICK = dict(cfg=GPTConfig(vocab_size=256, max_len=256, num_layers=4, hidden=256, num_heads=8),

@@ -125,10 +125,12 @@ def _local(g, w, z, tile):
     bm, bn, bk, warps, stages = tile
     call = lambda interpret: pl.pallas_call(  # noqa: E731
         functools.partial(_kernel, K=K, bm=bm, bn=bn, bk=bk),
-        grid=(M // bm, N // bn),
-        in_specs=[pl.BlockSpec((bm, K), lambda i, j: (i, 0)), pl.BlockSpec((bn, K), lambda i, j: (j, 0)),
-                  pl.BlockSpec((bm, bn), lambda i, j: (i, j))],
-        out_specs=[pl.BlockSpec((bm, bn), lambda i, j: (i, j)), pl.BlockSpec((1, bn), lambda i, j: (i, j))],
+        # the column blocks first: programs launched together share g's row block (in the L2, as
+        # all of w is); rows first, all of g (GPT-124M: 100 MB) would stream from memory per column
+        grid=(N // bn, M // bm),
+        in_specs=[pl.BlockSpec((bm, K), lambda j, i: (i, 0)), pl.BlockSpec((bn, K), lambda j, i: (j, 0)),
+                  pl.BlockSpec((bm, bn), lambda j, i: (i, j))],
+        out_specs=[pl.BlockSpec((bm, bn), lambda j, i: (i, j)), pl.BlockSpec((1, bn), lambda j, i: (i, j))],
         out_shape=[jax.ShapeDtypeStruct((M, N), z.dtype), jax.ShapeDtypeStruct((M // bm, N), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
         interpret=interpret, name="matmul_gelu_grad")
