@@ -41,6 +41,10 @@ from zoo.ops._pallas import by_rows, columns, run
 
 IMPLEMENTATIONS = ("xla", "pallas")
 TILE = (4, 1024, 4)  # the kernel's rows per program, columns per step, warps (untuned: a GPU sweeps it)
+# cross_entropy_and_grad's kernel: rows per program, columns per step, warps (untuned). 32 warps
+# (1,024 threads) leave room for two programs per SM: ~264 rows in flight on an H100/H200, 26 MB
+# of bf16 logits at GPT-2's vocabulary, within the 50 MB L2 that the second read hopes to hit
+XENT_TILE = (1, 8192, 32)
 
 
 def logsumexp(x, *, implementation: str | None = None, tile: tuple[int, int, int] | None = None):
@@ -110,8 +114,8 @@ def cross_entropy_and_grad(x, labels, *, implementation: str | None = None, grad
     grad_dtype. A label outside [0, V) picks nothing (x[label] is taken as 0) and subtracts no
     one-hot. Autodiff: nll's derivative is softmax - onehot in closed form (d itself unless
     grad_dtype is narrower than x's; the kernel is never differentiated), and d is a constant
-    (as lax.stop_gradient's output). `implementation` and `tile` as
-    logsumexp's; the pallas form is the kernel of the module's note."""
+    (as lax.stop_gradient's output). `implementation` and `tile` as logsumexp's (default tile:
+    XENT_TILE); the pallas form is the kernel of the module's note."""
     impl = "xla" if implementation is None else implementation
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"cross_entropy_and_grad: implementation must be one of {', '.join(IMPLEMENTATIONS)} "
@@ -137,12 +141,6 @@ def cross_entropy_and_grad(x, labels, *, implementation: str | None = None, grad
                              f"power of two), got {tile!r}")
         nll, d = _xent_pallas(x2, y2, (rows, cols, warps), grad_dtype)
     return nll.reshape(lead), d.reshape(x.shape)
-
-
-# cross_entropy_and_grad's kernel: rows per program, columns per step, warps (untuned). 32 warps
-# (1,024 threads) leave room for two programs per SM: ~264 rows in flight on an H100/H200, 26 MB
-# of bf16 logits at GPT-2's vocabulary, within the 50 MB L2 that the second read hopes to hit
-XENT_TILE = (1, 8192, 32)
 
 
 def _xent_xla(x, y, grad_dtype):
