@@ -127,14 +127,15 @@ def test_lease_runs_parts_a_b_d_and_returns_few_files(tmp_path):
 def test_lease_cuts_a_part_at_the_budget_and_skips_what_has_no_time(tmp_path):
     if shutil.which("bash") is None or shutil.which("tar") is None:
         pytest.skip("no bash or tar")
-    out, calls = _lease(tmp_path, "abc123", "9", sleep="30")  # attention hangs past the budget
+    out, calls = _lease(tmp_path, "abc123", "9", sleep="29.5")  # attention hangs past the budget
     assert out.returncode == 0, out.stderr
     log_b, log_d = ((tmp_path / "out" / f"log-{p}.txt").read_text() for p in "bd")
     assert "bench gpt_step" in calls.read_text() and "gpt_step exit 0" in log_b
     # the S1024 cases cut at the deadline, the rest of part d skipped: nothing runs on
     assert "attention-s1024-cmdbuf exit 124" in log_d and "=== skipped, past the deadline" in log_d
     if shutil.which("pgrep"):
-        assert subprocess.run(["pgrep", "-f", "sleep 30"], capture_output=True).returncode == 1  # none left running
+        # none left running (the whole command line: no other process's "sleep 300; ..." matches)
+        assert subprocess.run(["pgrep", "-f", r"^sleep 29\.5$"], capture_output=True).returncode == 1
     for args, env, message in ((["sha", "ten"], {}, "BUDGET_S must be a whole number"),
                                (["sha"], {"RESERVE_S": "lots"}, "RESERVE_S must be a whole number")):
         bad = subprocess.run(["bash", "benchmarks/lease.sh", str(tmp_path / "o2"), *args], cwd=ROOT,
