@@ -142,13 +142,25 @@ def main():
     n = 2 if quick else 20  # calls per timing
     print(f"jax {jax.__version__} {jax.devices()[0].device_kind}: M {M}, H {H}, V {V}, {jnp.dtype(dtype).name}; "
           f"{n} calls per timing, {args.rounds} rounds", flush=True)
+    failed = []
     for kernel in kernels:
         t0 = time.perf_counter()
-        progs, moved = cases(kernel, M, H, V, dtype, quick)
+        try:
+            progs, moved = cases(kernel, M, H, V, dtype, quick)
+        except Exception as e:  # noqa: BLE001 - a tiling that does not compile loses its kernel's line only
+            failed.append(kernel)
+            print(f"  FAILED {kernel}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}", flush=True)
+            continue
         want = jax.block_until_ready(progs["xla"][0](*progs["xla"][1]))
         fns = {}
         for name, (prog, argv) in progs.items():
-            got = jax.block_until_ready(prog(*argv))
+            try:
+                got = jax.block_until_ready(prog(*argv))
+            except Exception as e:  # noqa: BLE001 - a tiling that fails to compile or run: the others go on
+                failed.append(f"{kernel} {name}")
+                print(f"  FAILED {kernel} {name}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}",
+                      flush=True)
+                continue
             if name != "xla":
                 print(f"  {kernel} {name}: max |difference| from xla {max_error(got, want):.2e}", flush=True)
 
@@ -160,15 +172,19 @@ def main():
             fns[name] = timed
         print(f"  {kernel}: compiled and checked in {time.perf_counter() - t0:.0f} s", flush=True)
         times = interleaved_times(fns, args.rounds, pause_s=0.02 if on_gpu else 0.0, order="shuffle")
-        for name in progs:
+        for name in fns:
             sec = statistics.median(times[name]) / n
             rate = f"  {2 * M * H * 4 * H / sec / 1e12:6.1f} TFLOP/s" if kernel == "mlp-dgelu" else ""
             print(f"{kernel:8s} {name:24s} {sec * 1e3:8.3f} ms  {moved / sec / 1e9:7.1f} GB/s of the kernel's "
                   f"{moved / 1e9:.2f} GB{rate}  speed vs xla (paired) {paired_speedup(times[name], times['xla']):.3f}",
                   flush=True)
+    if failed:
+        print(f"failed: {', '.join(failed)}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
     t0 = time.perf_counter()
-    main()
+    rc = main()
     print(f"done in {time.perf_counter() - t0:.0f} s")
+    raise SystemExit(rc)

@@ -143,6 +143,27 @@ def test_gpt_step_out_of_memory_loses_only_its_rows(monkeypatch, capsys):
         gpt_step.run(quick=True)
 
 
+def test_gpt_step_failing_run_loses_only_its_rows(monkeypatch, capsys):
+    """A run that fails otherwise (say a kernel that does not compile on the device) is reported
+    with its traceback, the runs after it still run and keep their rows, and its error is raised
+    at the end (the benchmark's exit says it failed)."""
+    done = []
+
+    def fake(cfg, B, **kw):
+        if B == 64:
+            raise ValueError("Triton lowering failed: num_warps 32")
+        done.append(B)
+        return [{"B": B}]
+    monkeypatch.setattr(gpt_step, "step_rows", fake)
+    monkeypatch.setitem(gpt_step.QUICK, "runs", ((8, None), (64, None), (16, None)))
+    with pytest.raises(ValueError, match="Triton lowering failed"):
+        gpt_step.run(quick=True)
+    assert done == [8, 16]
+    out = capsys.readouterr()
+    assert "FAILED B64 : ValueError: Triton lowering failed: num_warps 32" in out.out
+    assert "Traceback" in out.err
+
+
 def test_skip_list_leaves_any_row_out(monkeypatch):
     monkeypatch.setenv("ZOO_ATTENTION_SKIP", "zoo-xla,matmul-ceiling,torch-sdpa")
     makers = bench._makers(False, 1024)

@@ -25,3 +25,34 @@ def test_pallas_kernels_script():
     bad = subprocess.run([sys.executable, "benchmarks/scripts/pallas_kernels.py", "--kernels", "ln,lse"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown kernels ['ln']; known: mlp-dgelu, xent, lse, ln-fwd, ln-bwd, ln-bwd3" in bad.stderr
+
+
+def test_a_kernel_or_tiling_that_fails_loses_only_its_own_lines(monkeypatch, capsys):
+    """On a lease a tiling may not compile for the device: it is reported (FAILED, with the
+    error's first line), the other tilings and kernels are still checked and timed, and the
+    script exits 1 naming what failed."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "scripts"))
+    try:
+        import pallas_kernels as pk
+    finally:
+        sys.path.pop(0)
+    real = pk.cases
+
+    def cases(kernel, *args):
+        if kernel == "xent":
+            raise ValueError("Triton: out of shared memory")
+        progs, moved = real(kernel, *args)
+
+        def broken(*a):
+            raise RuntimeError("ptxas fatal: too many resources requested")
+        progs["pallas (9, 9, 9)"] = (broken, ())
+        return progs, moved
+    monkeypatch.setattr(pk, "cases", cases)
+    monkeypatch.setattr(sys, "argv", ["pallas_kernels.py", "--quick", "--rounds", "1", "--kernels", "xent,lse"])
+    assert pk.main() == 1
+    out = capsys.readouterr().out
+    assert "FAILED xent: ValueError: Triton: out of shared memory" in out
+    assert "FAILED lse pallas (9, 9, 9): RuntimeError: ptxas fatal: too many resources requested" in out
+    timed = re.findall(r"^lse +(xla|pallas \([\d, ]+\)) +[\d.]+ ms", out, re.M)
+    assert timed == ["xla", "pallas (4, 1024, 4)"]  # the XLA form and the default tiling, not the broken one
+    assert out.rstrip().endswith("failed: xent, lse pallas (9, 9, 9)")

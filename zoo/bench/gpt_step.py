@@ -57,6 +57,7 @@ import dataclasses
 import os
 import statistics
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -180,7 +181,7 @@ def selected_runs(runs, more=()):
 
 def run(quick: bool) -> list[dict]:
     spec = QUICK if quick else FULL
-    rows = []
+    rows, failed = [], []
     _CEILINGS.clear()
     for B, variant in selected_runs(spec["runs"], spec.get("more", ())):
         name, changes = variant or ("", {})
@@ -188,10 +189,19 @@ def run(quick: bool) -> list[dict]:
         try:
             rows += make_rows(dataclasses.replace(spec["cfg"], **changes), B, iters=10 if quick else 20,
                               variant=name)
-        except Exception as e:  # noqa: BLE001 - a batch too big for this device loses its own rows only
-            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
-                raise
-            print(f"  skip B{B} {name}: out of memory ({str(e).splitlines()[0][:120]})", flush=True)
+        except Exception as e:  # noqa: BLE001 - a failing run loses its own rows only
+            first = (str(e).splitlines() or [""])[0][:200]
+            if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+                print(f"  skip B{B} {name}: out of memory ({first[:120]})", flush=True)
+                continue
+            # anything else (a kernel that does not compile on this device, a bug): its traceback
+            # now, the runs after it still run (their rows emitted), and the first failure raised
+            # at the end; without its traceback, whose frames would hold the run's device arrays
+            print(f"  FAILED B{B} {name}: {type(e).__name__}: {first}", flush=True)
+            traceback.print_exc()
+            failed.append(e.with_traceback(None))
+    if failed:
+        raise failed[0]
     return rows
 
 
