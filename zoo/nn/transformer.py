@@ -209,8 +209,7 @@ def _gelu_f32(y):
 
 _gelu_tanh_remat = jax.checkpoint(_gelu_f32)
 
-_C = 0.7978845608028654  # sqrt(2 / pi)
-_A = 0.044715
+_C, _A = _matmul_gelu._C, _matmul_gelu._A  # sqrt(2 / pi), 0.044715: GPT-2's tanh GELU
 
 
 def _tanh_form(y, b):
@@ -249,7 +248,7 @@ def _bias_gelu_tanh_bwd(res, g):
 
 def _tanh_form_grad(g, h, t, h2):
     """g * GELU'(h) from _tanh_form's (h, t, h^2), in closed form, in h's dtype."""
-    return g.astype(h.dtype) * (0.5 + 0.5 * t + 0.5 * h * (1 - t * t) * (_C + 3 * _C * _A * h2))
+    return g.astype(h.dtype) * _matmul_gelu.tanh_form_grad(h, t, h2)
 
 
 bias_gelu_tanh.defvjp(lambda y, bias: (bias_gelu_tanh(y, bias), (y, bias)), _bias_gelu_tanh_bwd)

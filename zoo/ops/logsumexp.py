@@ -90,20 +90,27 @@ def _kernel(x_ref, o_ref, *, M, V, rows, cols):
     dtype = o_ref.dtype
 
     def step(k, carry):
-        m, s = carry
         c, cmask = columns(V, cols, k * cols)
         mask = rmask[:, None] & cmask[None, :]
         x = plgpu.load(x_ref.at[r[:, None], c[None, :]], mask=mask, other=-jnp.inf).astype(dtype)
-        m_new = jnp.maximum(m, jnp.max(x, axis=1))
-        # exp(x - m) with m finite; an infinite or NaN m is the answer itself (below)
-        base = jnp.where(jnp.abs(m_new) < jnp.inf, m_new, 0.0)
-        s = s * jnp.exp(m - base) + jnp.sum(jnp.exp(x - base[:, None]), axis=1)
-        return m_new, s
+        return _online(*carry, x)
 
     init = (jnp.full((rows,), -jnp.inf, dtype), jnp.zeros((rows,), dtype))
     m, s = jax.lax.fori_loop(0, pl.cdiv(V, cols), step, init)
-    lse = jnp.where(jnp.abs(m) < jnp.inf, m + jnp.log(s), m)
-    plgpu.store(o_ref.at[r], lse, mask=rmask)
+    plgpu.store(o_ref.at[r], _lse(m, s), mask=rmask)
+
+
+def _online(m, s, x):
+    """The online-softmax pair (m, s) per row after one more tile x [rows, cols]: m the max so far,
+    s the sum of exp(x - m), rescaled once by exp(m_old - m_new). exp(x - m) with m finite; an
+    infinite or NaN m is the answer itself (_lse)."""
+    m_new = jnp.maximum(m, jnp.max(x, axis=1))
+    base = jnp.where(jnp.abs(m_new) < jnp.inf, m_new, 0.0)
+    return m_new, s * jnp.exp(m - base) + jnp.sum(jnp.exp(x - base[:, None]), axis=1)
+
+
+def _lse(m, s):
+    return jnp.where(jnp.abs(m) < jnp.inf, m + jnp.log(s), m)
 
 
 def cross_entropy_and_grad(x, labels, *, implementation: str | None = None, grad_dtype=None,
@@ -187,11 +194,8 @@ def _xent_kernel(x_ref, y_ref, nll_ref, d_ref, *, M, V, rows, cols):
 
     def step(carry, x, c, mask):
         m, s, picked = carry
-        m_new = jnp.maximum(m, jnp.max(x, axis=1))
-        base = jnp.where(jnp.abs(m_new) < jnp.inf, m_new, 0.0)
-        s = s * jnp.exp(m - base) + jnp.sum(jnp.exp(x - base[:, None]), axis=1)
         picked = picked + jnp.sum(jnp.where((c[None, :] == y[:, None]) & mask, x, 0.0), axis=1)
-        return m_new, s, picked
+        return (*_online(m, s, x), picked)
 
     def write(lse, x, c, mask):
         d = jnp.exp(x - lse[:, None]) - (c[None, :] == y[:, None]).astype(dtype)
@@ -207,7 +211,7 @@ def _xent_kernel(x_ref, y_ref, nll_ref, d_ref, *, M, V, rows, cols):
             c, mask, x = load(k * cols)
             return step(carry, x, c, mask)
         m, s, picked = jax.lax.fori_loop(0, tiles, first, init)
-    lse = jnp.where(jnp.abs(m) < jnp.inf, m + jnp.log(s), m)
+    lse = _lse(m, s)
     if tiles == 1:
         write(lse, x, c, mask)
     else:

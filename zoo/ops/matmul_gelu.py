@@ -51,7 +51,12 @@ def gelu_tanh_grad(z):
     """d GELU(z) / dz of the tanh approximation, in closed form, in float32 at least."""
     z = z.astype(jnp.promote_types(z.dtype, jnp.float32))
     z2 = z * z
-    t = jnp.tanh(z * (_C + _C * _A * z2))
+    return tanh_form_grad(z, jnp.tanh(z * (_C + _C * _A * z2)), z2)
+
+
+def tanh_form_grad(z, t, z2):
+    """GELU'(z) from t = tanh(sqrt(2/pi) (z + 0.044715 z^3)) and z^2 already at hand (the
+    forward's, or recomputed): 0.5 (1 + t) + 0.5 z (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 z^2)."""
     return 0.5 + 0.5 * t + 0.5 * z * (1 - t * t) * (_C + 3 * _C * _A * z2)
 
 
