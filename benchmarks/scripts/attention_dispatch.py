@@ -91,10 +91,6 @@ def main():
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
 
-    try:
-        import torch
-    except ImportError:
-        torch = None
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=positive_ints(), default="4096,16384",
                         help="sequence lengths, comma-separated")
@@ -104,6 +100,10 @@ def main():
     parser.add_argument("--shape", type=positive_ints(3), default="4,16,128",
                         help="B,N,D (the benchmark's: 4,16,128)")
     args = parser.parse_args()
+    try:  # after the arguments: a bad one is refused without the import's seconds
+        import torch
+    except ImportError:
+        torch = None
     causal = args.causal
     mask = "causal" if causal else "full"
     print("jax", jax.__version__, jax.devices(), "torch", torch.__version__ if torch else "(not installed)", flush=True)
