@@ -38,6 +38,14 @@ def _assert_same(got, want):
         assert got[k].sharding == want[k].sharding, k
 
 
+def _assert_restores(ckpt, state, step, meta):
+    """ckpt's newest checkpoint is `step`, with `meta` and `state` (values and shardings)."""
+    got, got_meta, got_step = ckpt.restore(_abstract(state))
+    ckpt.close()
+    assert got_step == step and got_meta == meta
+    _assert_same(got, state)
+
+
 def test_single_process_save_compiles_no_slices(tmp_path, caplog):
     assert jax.device_count() == 8
     state = _state()
@@ -51,10 +59,7 @@ def test_single_process_save_compiles_no_slices(tmp_path, caplog):
         jax.config.update("jax_log_compiles", False)
     compiled = [r.getMessage().splitlines()[0] for r in caplog.records if "compil" in r.getMessage().lower()]
     assert not [m for m in compiled if "slice" in m], compiled
-    got, meta, step = ckpt.restore(_abstract(state))
-    ckpt.close()
-    assert step == 3 and meta == {"data_position": 12}
-    _assert_same(got, state)
+    _assert_restores(ckpt, state, 3, {"data_position": 12})
 
 
 def test_restores_checkpoints_written_with_orbax_standard_handler(tmp_path):
@@ -65,11 +70,7 @@ def test_restores_checkpoints_written_with_orbax_standard_handler(tmp_path):
     old.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"a": 1})))
     old.wait_until_finished()
     old.close()
-    ckpt = Checkpointer(str(tmp_path))
-    got, meta, step = ckpt.restore(_abstract(state))
-    ckpt.close()
-    assert step == 5 and meta == {"a": 1}
-    _assert_same(got, state)
+    _assert_restores(Checkpointer(str(tmp_path)), state, 5, {"a": 1})
 
 
 def test_orbax_standard_restore_reads_what_it_writes(tmp_path):
