@@ -32,7 +32,8 @@ log = logging.getLogger("zoo")
 def _type_handlers(replica_parallel: bool):
     """Orbax's type handlers for a state's leaves; jax.Arrays written replica-parallel or not."""
     th = ocp.type_handlers
-    pairs = [(t, th.get_type_handler(t)) for t in (int, float, bytes, np.number, np.ndarray, str)]
+    kinds = (int, float, bytes, np.number, np.ndarray, str, type(getattr(ocp, "PLACEHOLDER", None)))
+    pairs = [(t, th.get_type_handler(t)) for t in kinds if th.has_type_handler(t)]  # orbax's own
     array = th.get_type_handler(jax.Array)
     if not replica_parallel:
         try:  # the per-array metadata orbax's own handler records
