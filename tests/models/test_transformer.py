@@ -14,7 +14,11 @@ from zoo.models.seq2seq import BOS, EOS, PAD
 from zoo.models.transformer import TransformerConfig, make_transformer, make_transformer_fns
 
 CFG = TransformerConfig(vocab_size=20, hidden=16, num_heads=2, encoder_layers=1, decoder_layers=2)
-FNS = make_transformer_fns(CFG)
+_FNS = make_transformer_fns(CFG)
+# jitted, as the model runs them: op by op, the module fixture's init and the first test's two
+# calls took 11-12 s each on 2 cores, every op compiled on its own
+FNS = _FNS._replace(init=jax.jit(_FNS.init), run_teacher_forced=jax.jit(_FNS.run_teacher_forced),
+                    run_greedy=jax.jit(_FNS.run_greedy, static_argnums=2))
 
 
 def _batch(seed=0, B=3, S=7, T=5):
@@ -26,12 +30,16 @@ def _batch(seed=0, B=3, S=7, T=5):
     return {"x": jnp.asarray(x), "y": jnp.asarray(y)}
 
 
-@pytest.fixture(scope="module")
-def params():
-    params = FNS.init(jax.random.key(0), _batch()["x"])
-    leaves, tree = jax.tree.flatten(params)  # spread the weights so greedy paths vary
+@jax.jit
+def _spread(params):  # spread the weights so greedy paths vary
+    leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     return jax.tree.unflatten(tree, [p + 0.5 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _spread(FNS.init(jax.random.key(0), _batch()["x"]))
 
 
 def test_padding_does_not_change_the_output(params):
@@ -62,7 +70,7 @@ def test_cross_attention_weights_are_distributions_over_real_inputs(params):
 
 def test_greedy_equals_teacher_forcing_on_its_own_output(params):
     b = _batch(seed=1)
-    toks, _ = jax.jit(FNS.run_greedy, static_argnums=2)(params, b["x"], 6)
+    toks, _ = FNS.run_greedy(params, b["x"], 6)
     y_in = jnp.concatenate([jnp.full((3, 1), BOS, jnp.int32), toks[:, :-1]], 1)
     logits, _ = FNS.run_teacher_forced(params, b["x"], y_in)
     np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1)), np.asarray(toks))
@@ -72,7 +80,7 @@ def test_greedy_equals_teacher_forcing_on_its_own_output(params):
 def test_loss_is_masked_cross_entropy(params):
     b = _batch(seed=2)
     md = make_transformer(CFG)
-    loss, _ = md.loss(params, jax.random.key(0), b)
+    loss, _ = jax.jit(md.loss)(params, jax.random.key(0), b)
     logits, _ = FNS.run_teacher_forced(params, b["x"], b["y"][:, :-1])
     lg = np.asarray(logits, np.float64)
     lp = lg - lg.max(-1, keepdims=True)
@@ -80,7 +88,7 @@ def test_loss_is_masked_cross_entropy(params):
     tgt = np.asarray(b["y"][:, 1:])
     per = [np.mean([-lp[i, t, tgt[i, t]] for t in range(tgt.shape[1]) if tgt[i, t] != PAD]) for i in range(3)]
     np.testing.assert_allclose(float(loss), np.mean(per), rtol=1e-5)
-    out = md.evaluate(params, jax.random.key(0), b)
+    out = jax.jit(md.evaluate)(params, jax.random.key(0), b)
     assert set(out) == {"exact_match", "token_accuracy", "nll"}
     np.testing.assert_allclose(np.asarray(out["nll"]), per, rtol=1e-5)
 
