@@ -44,14 +44,14 @@ from zoo.ops import matmul_gelu as mg
 
 LN_FWD_TILES = [(ln._ROWS_FWD, ln._WARPS_FWD), (1, 2), (2, 4), (8, 4), (4, 8), (8, 8), (16, 8)]
 LN_BWD_TILES = [(ln._ROWS, ln._STEPS, ln._WARPS_BWD), (4, 8, 4), (4, 32, 4), (8, 8, 8), (2, 32, 4), (8, 16, 8)]
-LSE_TILES = [lse.TILE, (1, 2048, 4), (1, 4096, 8), (2, 2048, 8), (4, 2048, 8), (8, 512, 4), (1, 8192, 16)]
-# 8 and 16 warps: more rows in flight (4-8 programs per SM), so fewer second reads hit the L2
-XENT_TILES = [lse.XENT_TILE, (1, 4096, 32), (1, 16384, 32), (2, 4096, 32), (1, 4096, 16), (1, 2048, 8),
-              (1, 1024, 4)]
-DGELU_TILES = [mg.TILE, (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (64, 256, 64, 4, 4),
-               (128, 128, 32, 4, 4), (128, 64, 64, 4, 4)]
-# the newest first: a lease's time limit cuts the last
-KERNELS = ("mlp-dgelu", "xent", "lse", "ln-fwd", "ln-bwd", "ln-bwd3")
+# around the bests of the 2026-11-27 sweep (now the defaults), and the defaults before it
+LSE_TILES = [lse.TILE, (4, 1024, 4), (1, 1024, 4), (1, 4096, 4), (2, 1024, 4), (1, 2048, 2), (1, 2048, 8)]
+# that sweep: every step down from (1, 8192, 32) to (1, 1024, 4) ran faster; further down here
+XENT_TILES = [lse.XENT_TILE, (1, 8192, 32), (1, 512, 4), (1, 512, 2), (1, 1024, 2), (1, 2048, 4), (2, 1024, 4)]
+DGELU_TILES = [mg.TILE, (128, 128, 64, 4, 3), (64, 64, 64, 4, 4), (128, 64, 32, 4, 4), (128, 64, 64, 4, 3),
+               (64, 128, 64, 4, 4), (256, 64, 64, 8, 4)]
+# a lease's time limit cuts the last: the GELU-backward kernel (level with XLA's form at best) last
+KERNELS = ("lse", "xent", "ln-fwd", "ln-bwd", "ln-bwd3", "mlp-dgelu")
 
 
 @contextlib.contextmanager
@@ -122,9 +122,13 @@ def cases(kernel, M, H, V, dtype, quick):
 
 
 def max_error(a, b):
-    """max |a - b| over the leaves, on the device (xent's d is 3.3 G elements: no host copy)."""
-    return max(float(jax.jit(lambda x, y: jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))(x, y))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    """max over the leaves of max |a - b| / max |b|, on the device (xent's d is 3.3 G elements: no
+    host copy). Relative to each leaf's scale: a column sum over 65,536 rows of bf16 values carries
+    rounding noise of a few units in absolute terms (the 2026-11-27 lease printed mlp-dgelu's 2.05
+    and ln-bwd3's 5.29 absolute, the size of that noise on sums of ~200-1,000)."""
+    rel = jax.jit(lambda x, y: jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
+                  / jnp.maximum(jnp.max(jnp.abs(y.astype(jnp.float32))), 1e-30))
+    return max(float(rel(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def main():
@@ -162,7 +166,7 @@ def main():
                       flush=True)
                 continue
             if name != "xla":
-                print(f"  {kernel} {name}: max |difference| from xla {max_error(got, want):.2e}", flush=True)
+                print(f"  {kernel} {name}: max |difference| / max |xla|, worst output {max_error(got, want):.2e}", flush=True)
 
             def timed(prog=prog, argv=argv):
                 r = None
