@@ -66,6 +66,34 @@ def test_grouping_falls_back_to_single_dispatch():
     assert (g, n) == (bench.GPU_GROUP, 3) and calls[-1] == ("group", bench.GPU_GROUP, 1)
 
 
+def test_grouping_is_decided_once_per_case():
+    """A short case groups every groupable row, also one whose own first calls were slow (the
+    seventh lent H200: the zoo's S1024 forward at 101 us per call ungrouped, its peer grouped);
+    a long case groups none. Each row still repeats to ~GPU_CALL_S by its own call time."""
+    log = []
+
+    def row(name):
+        f = lambda n=1: log.append((name, 1, n))  # noqa: E731
+        f.grouped = lambda g: (lambda n=1: log.append((name, g, n)))
+        return f
+    slow = lambda n=1: log.append(("zoo-chunked", 1, n))  # noqa: E731
+    slow.grouped = lambda g: None
+    fns = {"zoo-auto": row("zoo-auto"), "torch-sdpa-cudnn": row("torch-sdpa-cudnn"), "zoo-chunked": slow}
+    call_s = {"zoo-auto": 4e-4, "torch-sdpa-cudnn": 6e-5, "zoo-chunked": 2e-3}
+    fns_out, reps, groups = bench._repeated(fns, call_s)
+    assert groups == {"zoo-auto": bench.GPU_GROUP, "torch-sdpa-cudnn": bench.GPU_GROUP, "zoo-chunked": 1}
+    n = {impl: min(200, round(bench.GPU_CALL_S / t)) for impl, t in call_s.items()}  # at most 200
+    assert reps == {"zoo-auto": -(-n["zoo-auto"] // bench.GPU_GROUP) * bench.GPU_GROUP,
+                    "torch-sdpa-cudnn": -(-n["torch-sdpa-cudnn"] // bench.GPU_GROUP) * bench.GPU_GROUP,
+                    "zoo-chunked": n["zoo-chunked"]}
+    log.clear()
+    fns_out["zoo-auto"]()
+    assert log[-1] == ("zoo-auto", bench.GPU_GROUP, reps["zoo-auto"] // bench.GPU_GROUP)
+    long = {impl: 3 * bench.GPU_GROUP_BELOW_S for impl in fns}
+    _, reps, groups = bench._repeated({impl: row(impl) for impl in fns}, long)
+    assert set(groups.values()) == {1} and set(reps.values()) == {round(bench.GPU_CALL_S / long["zoo-auto"])}
+
+
 def test_torch_peer_computes_the_same_attention():
     torch = pytest.importorskip("torch")
     from torch.nn.functional import scaled_dot_product_attention as sdpa

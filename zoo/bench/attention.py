@@ -300,13 +300,31 @@ def _grouped(impl, fn, n, call_s=0.0):
     return run, g, -(-n // g)
 
 
+def _repeated(fns, call_s):
+    """({impl: run(n)... as a call of no arguments}, reps, groups) on a GPU: each fn repeated to
+    ~GPU_CALL_S per timed call, and grouped (_grouped) where the case is short, decided once for
+    the case, from its fastest groupable call: a noisy first call of one row must not leave that
+    row dispatched one by one while its peers run grouped (the seventh lent H200, 2026-11-27: the
+    zoo's S1024 forwards went ungrouped, 101 vs 60 us per call, against 74 vs 60 grouped in the
+    same lease)."""
+    groupable = [t for impl, t in call_s.items() if hasattr(fns[impl], "grouped") and impl not in UNGROUPED]
+    short = min(groupable, default=GPU_GROUP_BELOW_S) < GPU_GROUP_BELOW_S
+    out, reps, groups = {}, {}, {}
+    for impl, fn in fns.items():
+        n = int(min(200, max(1, round(GPU_CALL_S / call_s[impl]))))
+        fn, groups[impl], n = _grouped(impl, fn, n, 0.0 if short else GPU_GROUP_BELOW_S)
+        reps[impl] = n * groups[impl]
+        out[impl] = functools.partial(fn, n)
+    return out, reps, groups
+
+
 XLA_GPU_MAX_LOGITS = 40 * 2**30  # bytes of f32 logits (x3 with the backward) past which "xla" is skipped
 
 
 def bench_case(B, N, S, D, causal, backward, dtype, *, rounds=5, impls=None) -> list[dict]:
     on_gpu = jax.default_backend() == "gpu"
     arrays = _inputs(B, N, S, D, dtype)
-    fns, reps, groups = {}, {}, {}
+    fns = {}
     for impl, make in _makers(on_gpu, S).items():
         if impls is not None and impl not in impls:
             continue
@@ -321,14 +339,13 @@ def bench_case(B, N, S, D, causal, backward, dtype, *, rounds=5, impls=None) -> 
         except Exception as e:  # noqa: BLE001 (a peer backend that does not apply, or out of memory)
             print(f"  skip {impl}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
-        reps[impl], groups[impl] = 1, 1
-        if on_gpu:  # repeat short kernels so a timed call is ~GPU_CALL_S, not dispatch + sync
-            call_s = min(median_seconds(fn, warmup=0, iters=1) for _ in range(3))  # the first may be slow
-            n = int(min(200, max(1, round(GPU_CALL_S / call_s))))
-            fn, groups[impl], n = _grouped(impl, fn, n, call_s)
-            reps[impl] = n * groups[impl]
-            fn = functools.partial(fn, n)
         fns[impl] = fn
+    if on_gpu:  # repeat short kernels so a timed call is ~GPU_CALL_S, not dispatch + sync
+        call_s = {impl: min(median_seconds(fn, warmup=0, iters=1) for _ in range(3))  # the first may be slow
+                  for impl, fn in fns.items()}
+        fns, reps, groups = _repeated(fns, call_s)
+    else:
+        reps = groups = dict.fromkeys(fns, 1)
     if on_gpu:  # a pause and a shuffled order: each call starts from an idle GPU's clock (GPU_PAUSE_S)
         times = interleaved_times(fns, rounds, pause_s=GPU_PAUSE_S, order="shuffle")
     else:
