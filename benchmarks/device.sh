@@ -5,22 +5,22 @@
 #       attention_dispatch.py: per-call times of the zoo's, JAX's direct and PyTorch's cuDNN
 #       attention, the memsets per call by size, the compiled program);
 #       "b" = zoo.ops's Pallas kernels alone at several tilings against the XLA forms they
-#       replace (benchmarks/scripts/pallas_kernels.py: the layer norm's forward and backward, the
-#       loss's logsumexp, the loss with its gradient (cross_entropy_and_grad), the MLP's GELU
-#       backward in a matmul (matmul_gelu_grad); their tilings are untuned), then
-#       `zoo bench gpt_step` (the step at B64: bf16 logits; with GPTConfig.qkv "separate",
-#       GPTConfig.gelu "epilogue", GPTConfig.layer_norm "pallas", GPTConfig.logsumexp "pallas"
-#       and GPTConfig.xent "fused" together; the same without xent "fused"; without the Pallas
-#       kernels; then the PyTorch peer, nanoGPT's
-#       step torch.compile'd; synced and pipelined rows, the zoo's each with a kernel table of
-#       synced steps and one of three pipelined steps; the single variants, PyTorch eager, the
-#       cuBLASLt-epilogue and no-command-buffer variants stay available (ZOO_GPT_STEP_RUNS, steps):
-#       all measured on earlier leases);
-#       "d" = `zoo bench attention`'s S1024 cases with XLA's command buffers for cuDNN calls
-#       (CMDBUF_CUDNN, below), then its full set (in two processes: full, causal; unchanged code
-#       measured on two leases, 13 of 16 cases >= 0.95x PyTorch's cuDNN; the step "plans",
-#       benchmarks/scripts/attention_plans.py, prints each side's cuDNN kernels by name: run on
-#       2026-11-27, the same on both sides);
+#       replace (benchmarks/scripts/pallas_kernels.py: the loss's logsumexp, the loss with its
+#       gradient (cross_entropy_and_grad), the layer norm's forward and backward, the MLP's GELU
+#       backward in a matmul (matmul_gelu_grad); around the tilings the 2026-11-27 lease's sweep
+#       made the defaults), then `zoo bench gpt_step` (the step at B64, bf16 logits: the fastest
+#       measured, GPTConfig.qkv "separate", gelu "epilogue", layer_norm "pallas" and logsumexp
+#       "pallas"; the PyTorch peer, nanoGPT's step torch.compile'd, second, so that a cut does not
+#       lose it; the same with xent "fused" (its kernel's tiling is new); bf16 logits alone; without
+#       the Pallas kernels; synced and pipelined rows, the zoo's each with a kernel table of synced
+#       steps and one of three pipelined steps; the single variants, the GELU-backward kernel's
+#       run, PyTorch eager, the cuBLASLt-epilogue and no-command-buffer variants stay available
+#       (ZOO_GPT_STEP_RUNS, steps): all measured on earlier leases);
+#       "d" = `zoo bench attention`'s full set (in two processes: full, causal; 13 of 16 cases
+#       >= 0.95x PyTorch's cuDNN on three leases; the S1024 cases with XLA's command buffers for
+#       cuDNN calls, step attention-s1024-cmdbuf, ran on 2026-11-27: 0.82 / 0.86x for the
+#       forwards; the step "plans", benchmarks/scripts/attention_plans.py, prints each side's
+#       cuDNN kernels by name: run on 2026-11-27, the same on both sides);
 #       "c" = `zoo bench
 #       diffusion` (full set, with the diffusers / torch.compile peers; its goals were met on
 #       2026-11-26) and `zoo bench gibbs` (issue 4 is blocked): only when a lease has time left;
@@ -28,13 +28,13 @@
 #       attention, attention-s1024-cmdbuf, plans, dispatch, gelu (the MLP's GELU forms alone,
 #       benchmarks/scripts/gelu_forms.py, measured on two leases), pallas, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
 # A 15-minute lease: benchmarks/lease.sh runs a, b, then d in one call, every step cut at a
-# deadline (ZOO_DEVICE_DEADLINE, below; part b's leaves d its reserve). a: ~45 s expected
-# (2026-11-27: the tests 15 s, dispatch ~30 s). b: <= 600 s by its limits; ~450 s expected (the
-# Pallas kernels ~100 s, each zoo B64 run ~85 s with its profiles, four of them, the
-# torch.compile'd peer with its compile ~80 s: 2026-11-27, thirteenth session), so a 570 s budget
-# cuts the last runs of b (the peer's rows, measured on that lease: 469,000 tokens/s, 40.5% MFU,
-# come last for that reason). d: the S1024 cases ~35 s, then attention with its pauses ~170 s
-# (<= 300 s by its limits, 390 with the rerun of a faulting part): what the reserve leaves.
+# deadline (ZOO_DEVICE_DEADLINE, below; part b's leaves d its reserve). a: ~60 s expected
+# (2026-11-27: the tests 39 s, dispatch ~16 s). b: <= 600 s by its limits; ~400 s expected (the
+# Pallas kernels ~80 s, each zoo B64 run ~80 s with its profiles, the torch.compile'd peer with its
+# compile ~80 s: 2026-11-27), so a 570 s budget cuts the last runs of b (the seventh lease, at
+# 570 s, finished four zoo runs and lost the peer, then last). d: the S1024 cases ~35 s, then
+# attention with its pauses ~170 s (<= 300 s by its limits, 390 with the rerun of a faulting
+# part): what the reserve leaves (the seventh lease: the full set to S8192, no causal set).
 # The GPU's SM clock, power and temperature are logged each second to OUTDIR/clocks-PART.csv
 # (does a sustained step run below the boost clock?).
 # gpt_step and diffusion print a kernel table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) with the idle time between
@@ -53,7 +53,7 @@ case $part in
   a) steps=tests,dispatch ;;
   b) steps=pallas,gpt_step ;;
   c) steps=diffusion,gibbs ;;
-  d) steps=attention-s1024-cmdbuf,attention ;;
+  d) steps=attention ;;
   *) steps=$part ;;
 esac
 for step in ${steps//,/ }; do

@@ -18,18 +18,19 @@ Full (accelerator): GPT-2 124M (L12 H768 12 heads, V 50304 = 50257 padded to a m
 T 1024), bf16 compute with float32 params, at B64 with the variant `bf16-logits`
 (GPTConfig.f32_logits=False: bf16 logits and logit gradients, as PyTorch autocast's, for half the
 traffic over the [B * T, V] logits; an H200, 2026-11-26: 46.8% MFU pipelined at B64, the default
-45.8%; B16, measured on three leases, reached 43.4%; B128 ran out of memory on the H200),
-`bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas-xent-fused-gelu-grad-pallas` (all the
-kernels below, and GPTConfig.gelu_grad "pallas": the GELU's backward inside the proj matmul's
-backward, one Triton kernel), the same without it,
+45.8%; B16, measured on three leases, reached 43.4%; B128 ran out of memory on the H200). In
+this order: `bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas` (the fastest measured:
+46.9% MFU, H200 2026-11-27), the PyTorch peer (below), then
 `bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas-xent-fused`, with GPTConfig.qkv
 "separate", GPTConfig.gelu "epilogue" (the GELU in the fc matmul's cuBLASLt epilogue),
 GPTConfig.layer_norm "pallas" (each residual add inside the next layer norm's Triton kernel),
 GPTConfig.logsumexp "pallas" (the loss's logsumexp in one Triton pass over the logits) and
 GPTConfig.xent "fused" (the output layer inside the loss: that kernel writes the logits' gradient
-too, and the backward never reads the logits), the same without xent "fused"
-(`...-lse-pallas`), and without the Pallas kernels (`bf16-logits-qkv-separate-gelu-epilogue`).
+too, and the backward never reads the logits), `bf16-logits`, and without the Pallas kernels
+(`bf16-logits-qkv-separate-gelu-epilogue`): a lease's time limit cuts the last.
 Timed only when ZOO_GPT_STEP_RUNS names them (e.g. ZOO_GPT_STEP_RUNS=64-bf16-logits,64-bf16-logits-gelu-sigmoid):
+`...-xent-fused-gelu-grad-pallas` (GPTConfig.gelu_grad "pallas", the GELU's backward inside the
+proj matmul's, one Triton kernel: 10% slower, H200 2026-11-27),
 `bf16-logits-lse-pallas-xent-fused`, `bf16-logits-qkv-separate-gelu-epilogue-ln-pallas`, `bf16-logits-lse-pallas`,
 `bf16-logits-gelu-epilogue`, `bf16-logits-ln-pallas`, `bf16-logits-qkv-separate` alone
 and with the sigmoid GELU (`...-gelu-sigmoid`), `bf16-logits-gelu-sigmoid`,
@@ -46,9 +47,9 @@ Quick (CPU): L4 H256 8 heads, V 256, T 256, batch 8, float32.
 The peer, when torch is installed: the same model and step in PyTorch as nanoGPT writes it
 (zoo.bench.torch_gpt: bf16 autocast, SDPA, fused AdamW; its weights are the zoo's init), rows
 `torch-nanogpt-compiled` (torch.compile; CUDA, full set) and `torch-nanogpt` eager (quick set,
-and when named), each synced and pipelined, with MFU counted as the zoo's. It runs last (a slow
-compile or an out-of-memory loses its own rows only: JAX keeps the memory its runs took) and hands
-its cached GPU memory back when done.
+and when named), each synced and pipelined, with MFU counted as the zoo's. It runs second, after
+the zoo's fastest run (a lease's limit cut it when it ran last; a slow compile or an
+out-of-memory loses its own rows only), and hands its cached GPU memory back when done.
 """
 
 from __future__ import annotations
@@ -127,9 +128,9 @@ PEERS = {"torch": "torch-nanogpt", "torch-compiled": "torch-nanogpt-compiled"}  
 # on four leases; the single variants and PyTorch eager, measured on the thirteenth session's lease)
 FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=768, num_heads=12,
                           dtype="bfloat16"),
-            runs=((64, BF16_LOGITS), (64, ALL_KERNELS_DGELU), (64, ALL_KERNELS), (64, SEPARATE_EPILOGUE_LN_LSE),
-                  (64, SEPARATE_EPILOGUE), (64, TORCH_COMPILED)),
-            more=((64, XENT_FUSED), (64, SEPARATE_EPILOGUE_LN), (64, LSE_PALLAS), (64, GELU_EPILOGUE), (64, LN_PALLAS), (64, SEPARATE_SIGMOID), (64, QKV_SEPARATE), (64, GELU_SIGMOID), (64, QKV_SPLIT_GRAD),
+            runs=((64, SEPARATE_EPILOGUE_LN_LSE), (64, TORCH_COMPILED), (64, ALL_KERNELS), (64, BF16_LOGITS),
+                  (64, SEPARATE_EPILOGUE)),
+            more=((64, ALL_KERNELS_DGELU), (64, XENT_FUSED), (64, SEPARATE_EPILOGUE_LN), (64, LSE_PALLAS), (64, GELU_EPILOGUE), (64, LN_PALLAS), (64, SEPARATE_SIGMOID), (64, QKV_SEPARATE), (64, GELU_SIGMOID), (64, QKV_SPLIT_GRAD),
                   (64, SPLIT_GRAD_SIGMOID), (64, TORCH), (64, None), (128, BF16_LOGITS), (128, SEPARATE_EPILOGUE_LN_LSE), (128, SEPARATE_EPILOGUE_LN),
                   (128, SEPARATE_EPILOGUE), (128, SEPARATE_SIGMOID)))
 QUICK = dict(cfg=GPTConfig(vocab_size=256, max_len=256, num_layers=4, hidden=256, num_heads=8),
