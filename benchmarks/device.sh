@@ -11,8 +11,9 @@
 #       made the defaults), then `zoo bench gpt_step` (the step at B64, bf16 logits: the fastest
 #       measured, GPTConfig.qkv "separate", gelu "epilogue", layer_norm "pallas" and logsumexp
 #       "pallas"; the PyTorch peer, nanoGPT's step torch.compile'd, second, so that a cut does not
-#       lose it; the same with xent "fused" (its kernel's tiling is new); bf16 logits alone; without
-#       the Pallas kernels; synced and pipelined rows, the zoo's each with a kernel table of synced
+#       lose it; the same with xent "fused" (its kernel's tiling is new); bf16 logits with
+#       GPTConfig's "auto" defaults (the Pallas layer norm and logsumexp); bf16 logits alone;
+#       synced and pipelined rows, the zoo's each with a kernel table of synced
 #       steps and one of three pipelined steps; the single variants, the GELU-backward kernel's
 #       run, PyTorch eager, the cuBLASLt-epilogue and no-command-buffer variants stay available
 #       (ZOO_GPT_STEP_RUNS, steps): all measured on earlier leases);

@@ -369,9 +369,9 @@ def test_gpt_qkv_modes_and_gelu_forms_give_one_model():
         GPTConfig(qkv="fused3")
     with pytest.raises(ConfigError, match="model.gelu .erf.; valid: epilogue, sigmoid, tanh"):
         GPTConfig(gelu="erf")
-    with pytest.raises(ConfigError, match="model.layer_norm .triton.; valid: pallas, xla"):
+    with pytest.raises(ConfigError, match="model.layer_norm .triton.; valid: auto, pallas, xla"):
         GPTConfig(layer_norm="triton")
-    with pytest.raises(ConfigError, match="model.logsumexp .triton.; valid: pallas, xla"):
+    with pytest.raises(ConfigError, match="model.logsumexp .triton.; valid: auto, pallas, xla"):
         GPTConfig(logsumexp="triton")
     with pytest.raises(ConfigError, match="model.xent .cut.; valid: fused, logits"):
         GPTConfig(xent="cut")
@@ -470,7 +470,7 @@ def test_stack_with_residual_adds_in_the_layer_norms_is_the_same_model():
         np.testing.assert_allclose(got, want, rtol=1e-5)
         for a, c in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
             np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="Block.layer_norm must be one of xla, pallas; got 'apex'"):
+    with pytest.raises(ValueError, match="Block.layer_norm must be one of xla, pallas, auto; got 'apex'"):
         stack("apex").init(jax.random.key(0), x, memory=memory)
     from zoo.nn.transformer import Attention
 

@@ -133,7 +133,7 @@ def test_xla_layer_norm_is_flax_layer_norm():
 def test_bad_input_is_a_clear_error():
     x = jnp.zeros((3, 8))
     g = jnp.ones(8)
-    with pytest.raises(ValueError, match="implementation must be one of xla, pallas or None; got 'triton'"):
+    with pytest.raises(ValueError, match="implementation must be one of xla, pallas, auto or None; got 'triton'"):
         add_layer_norm(x, None, g, g, implementation="triton")
     with pytest.raises(ValueError, match=r"r and d need one shape, got \(3, 8\) and \(3, 4\)"):
         add_layer_norm(x, jnp.zeros((3, 4)), g, g)
@@ -219,3 +219,30 @@ def test_pallas_layer_norm_matches_numpy_on_the_device():
     np.testing.assert_allclose(np.asarray(dr, np.float64), want_dx, rtol=5e-2, atol=5e-2)
     np.testing.assert_allclose(np.asarray(de), want_dx.sum(0), rtol=2e-2, atol=2.0)
     np.testing.assert_allclose(np.asarray(dg), want_dg, rtol=2e-2, atol=2.0)
+
+
+@pytest.mark.gpu
+def test_auto_runs_the_kernels_on_the_device():
+    """On an NVIDIA GPU, "auto" (GPTConfig's layer_norm and logsumexp defaults) runs the Triton
+    kernels: the device is told as one, and the default GPT's compiled step holds them, its loss
+    and gradients those of the plain layer norm's and logsumexp's model (float32)."""
+    import dataclasses
+
+    from zoo.models.gpt import GPTConfig, make_gpt
+    from zoo.ops import _pallas
+
+    assert _pallas.on_cuda_gpu()
+    cfg = GPTConfig(vocab_size=64, max_len=32, num_layers=2, hidden=64, num_heads=4)
+    batch = {"x": jnp.asarray(np.random.default_rng(1).integers(0, 64, (4, 33)), jnp.int32),
+             "idx": jnp.arange(4, dtype=jnp.int32)}
+    params = make_gpt(cfg).init(jax.random.key(0), batch)
+    step = {}
+    for name, c in (("auto", cfg), ("plain", dataclasses.replace(cfg, layer_norm="xla", logsumexp="xla"))):
+        md = make_gpt(c)
+        step[name] = jax.jit(jax.value_and_grad(lambda p, md=md: md.loss(p, jax.random.key(1), batch)[0]))
+    assert "__gpu$xla.gpu.triton" in step["auto"].lower(params).compile().as_text()
+    assert "__gpu$xla.gpu.triton" not in step["plain"].lower(params).compile().as_text()
+    (loss, grads), (want_loss, want_grads) = step["auto"](params), step["plain"](params)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)

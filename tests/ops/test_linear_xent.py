@@ -100,7 +100,7 @@ def test_linear_cross_entropy_against_numpy(impl, dtype, logits_dtype):
 def test_bad_input_is_a_clear_error():
     x = jnp.zeros((3, 8))
     y = jnp.zeros(3, jnp.int32)
-    with pytest.raises(ValueError, match="implementation must be one of xla, pallas or None; got 'triton'"):
+    with pytest.raises(ValueError, match="implementation must be one of xla, pallas, auto or None; got 'triton'"):
         cross_entropy_and_grad(x, y, implementation="triton")
     with pytest.raises(ValueError, match=r"need the same leading shape, got \(3, 8\) and \(4,\)"):
         cross_entropy_and_grad(x, jnp.zeros(4, jnp.int32))
@@ -113,7 +113,7 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match=r"want h \[..., H\], w \[V, H\] and labels \[...\] with h's leading shape, "
                                          r"got \(3, 8\), \(10, 7\) and \(3,\)"):
         linear_cross_entropy(x, jnp.zeros((10, 7)), y)
-    with pytest.raises(ValueError, match="logsumexp must be one of xla, pallas or None; got 'fast'"):
+    with pytest.raises(ValueError, match="logsumexp must be one of xla, pallas, auto or None; got 'fast'"):
         linear_cross_entropy(x, jnp.zeros((10, 8)), y, logsumexp="fast")
 
 

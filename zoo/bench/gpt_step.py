@@ -26,9 +26,11 @@ this order: `bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas` (the f
 GPTConfig.layer_norm "pallas" (each residual add inside the next layer norm's Triton kernel),
 GPTConfig.logsumexp "pallas" (the loss's logsumexp in one Triton pass over the logits) and
 GPTConfig.xent "fused" (the output layer inside the loss: that kernel writes the logits' gradient
-too, and the backward never reads the logits), `bf16-logits`, and without the Pallas kernels
-(`bf16-logits-qkv-separate-gelu-epilogue`): a lease's time limit cuts the last.
+too, and the backward never reads the logits), `bf16-logits-auto` (GPTConfig's defaults, the
+Pallas layer norm and logsumexp on an NVIDIA GPU, with bf16 logits), and `bf16-logits` (the
+runs' base pins the kernels off): a lease's time limit cuts the last.
 Timed only when ZOO_GPT_STEP_RUNS names them (e.g. ZOO_GPT_STEP_RUNS=64-bf16-logits,64-bf16-logits-gelu-sigmoid):
+`bf16-logits-qkv-separate-gelu-epilogue` (without the Pallas kernels),
 `...-xent-fused-gelu-grad-pallas` (GPTConfig.gelu_grad "pallas", the GELU's backward inside the
 proj matmul's, one Triton kernel: 10% slower, H200 2026-11-27),
 `bf16-logits-lse-pallas-xent-fused`, `bf16-logits-qkv-separate-gelu-epilogue-ln-pallas`, `bf16-logits-lse-pallas`,
@@ -119,6 +121,9 @@ ALL_KERNELS = ("bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas-xent
 # and the MLP's GELU backward inside the proj matmul's backward (GPTConfig.gelu_grad "pallas",
 # zoo.ops.matmul_gelu: one Triton kernel, the matmul with GELU'(z) in its epilogue)
 ALL_KERNELS_DGELU = (ALL_KERNELS[0] + "-gelu-grad-pallas", dict(ALL_KERNELS[1], gelu_grad="pallas"))
+# GPTConfig's defaults since 2026-11-27 with bf16 logits: layer_norm and logsumexp "auto" (the
+# Pallas kernels on an NVIDIA GPU)
+BF16_LOGITS_AUTO = ("bf16-logits-auto", dict(f32_logits=False, layer_norm="auto", logsumexp="auto"))
 # the PyTorch peer (zoo.bench.torch_gpt): eager, and torch.compile'd
 TORCH = ("torch", {})
 TORCH_COMPILED = ("torch-compiled", {})
@@ -126,11 +131,13 @@ PEERS = {"torch": "torch-nanogpt", "torch-compiled": "torch-nanogpt-compiled"}  
 # (batch, (variant name, GPTConfig changes) or None) per run, in order; `more`: runs timed only
 # when ZOO_GPT_STEP_RUNS names them (the default, f32 logits: 45.1% MFU, H200 2026-11-27, measured
 # on four leases; the single variants and PyTorch eager, measured on the thirteenth session's lease)
+# the runs' base pins the Pallas kernels off (GPTConfig's "auto" runs them on a GPU since
+# 2026-11-27), so that each run's name says what it runs, as on the leases before
 FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=768, num_heads=12,
-                          dtype="bfloat16"),
-            runs=((64, SEPARATE_EPILOGUE_LN_LSE), (64, TORCH_COMPILED), (64, ALL_KERNELS), (64, BF16_LOGITS),
-                  (64, SEPARATE_EPILOGUE)),
-            more=((64, ALL_KERNELS_DGELU), (64, XENT_FUSED), (64, SEPARATE_EPILOGUE_LN), (64, LSE_PALLAS), (64, GELU_EPILOGUE), (64, LN_PALLAS), (64, SEPARATE_SIGMOID), (64, QKV_SEPARATE), (64, GELU_SIGMOID), (64, QKV_SPLIT_GRAD),
+                          dtype="bfloat16", layer_norm="xla", logsumexp="xla"),
+            runs=((64, SEPARATE_EPILOGUE_LN_LSE), (64, TORCH_COMPILED), (64, ALL_KERNELS), (64, BF16_LOGITS_AUTO),
+                  (64, BF16_LOGITS)),
+            more=((64, SEPARATE_EPILOGUE), (64, ALL_KERNELS_DGELU), (64, XENT_FUSED), (64, SEPARATE_EPILOGUE_LN), (64, LSE_PALLAS), (64, GELU_EPILOGUE), (64, LN_PALLAS), (64, SEPARATE_SIGMOID), (64, QKV_SEPARATE), (64, GELU_SIGMOID), (64, QKV_SPLIT_GRAD),
                   (64, SPLIT_GRAD_SIGMOID), (64, TORCH), (64, None), (128, BF16_LOGITS), (128, SEPARATE_EPILOGUE_LN_LSE), (128, SEPARATE_EPILOGUE_LN),
                   (128, SEPARATE_EPILOGUE), (128, SEPARATE_SIGMOID)))
 QUICK = dict(cfg=GPTConfig(vocab_size=256, max_len=256, num_layers=4, hidden=256, num_heads=8),

@@ -68,8 +68,8 @@ class GPTConfig:
     prompt_len: int = 16
     qkv: str = "fused"            # attention's q/k/v projections: fused | fused-split-grad | separate (same params)
     gelu: str = "tanh"            # the MLP's GELU formula: tanh | sigmoid | epilogue (the same function, zoo.nn.transformer.bias_gelu)
-    layer_norm: str = "xla"       # xla | pallas: each residual add inside the next layer norm's kernel (zoo.ops.layer_norm)
-    logsumexp: str = "xla"        # xla | pallas: the loss's logsumexp in one kernel's pass over the logits (zoo.ops.logsumexp)
+    layer_norm: str = "auto"      # auto | xla | pallas: each residual add inside the next layer norm's kernel (zoo.ops.layer_norm; auto: pallas on an NVIDIA GPU, else xla)
+    logsumexp: str = "auto"       # auto | xla | pallas: the loss's logsumexp in one kernel's pass over the logits (zoo.ops.logsumexp; auto as layer_norm's)
     xent: str = "logits"          # logits | fused: the training loss with the output layer inside (zoo.ops.losses.linear_cross_entropy: the logits never read in the backward)
     gelu_grad: str = "xla"        # xla | pallas (with gelu "epilogue", no LoRA): the GELU's backward inside the proj matmul's (zoo.ops.matmul_gelu)
 

@@ -442,7 +442,8 @@ class Block(nn.Module):
     """x + attn(LN(x)) [+ cross(LN(x), memory)] + mlp(LN(x)), each residual branch with dropout.
 
     Residual projections start at INIT_STD / sqrt(2 * num_layers) (GPT-2, Sec. 2.3).
-    layer_norm (LAYER_NORMS): "xla", flax.linen.LayerNorm after each residual add; "pallas", each
+    layer_norm (LAYER_NORMS): "xla", flax.linen.LayerNorm after each residual add; "auto", "pallas"
+    on an NVIDIA GPU and "xla" elsewhere; "pallas", each
     residual add done inside the layer norm that follows it (AddLayerNorm: one kernel each way on
     a GPU), so the block takes and returns its stream as (r, d), the add pending, which the next
     block's first layer norm (or Stack's final one) does; the same params and function. Without
@@ -472,6 +473,7 @@ class Block(nn.Module):
                  deterministic: bool = True):
         if self.layer_norm not in LAYER_NORMS:
             raise ValueError(f"Block.layer_norm must be one of {', '.join(LAYER_NORMS)}; got {self.layer_norm!r}")
+        layer_norm = _layer_norm.resolved(self.layer_norm)  # "auto": "pallas" on an NVIDIA GPU, else "xla"
         H = (x_BxTxH[0] if isinstance(x_BxTxH, tuple) else x_BxTxH).shape[-1]
         if H % self.num_heads:
             raise ValueError(f"hidden size {H} is not a multiple of num_heads {self.num_heads}")
@@ -481,12 +483,12 @@ class Block(nn.Module):
                   out_std=out_std, dtype=self.dtype, qkv=self.qkv)
         drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=deterministic)  # noqa: E731
         # with no dropout between them, an output projection's bias goes to the next layer norm
-        defer = self.layer_norm != "xla" and (self.dropout == 0 or deterministic)
+        defer = layer_norm != "xla" and (self.dropout == 0 or deterministic)
         branch = (lambda h: h) if defer else (lambda h: (drop(h),))  # noqa: E731
-        ln = functools.partial(_residual_ln, self.layer_norm, self.ln_eps, self.dtype)
+        ln = functools.partial(_residual_ln, layer_norm, self.ln_eps, self.dtype)
         # separate q/k/v projections after a Pallas layer norm: its backward kernel sums their
         # three input gradients as it reads them (otherwise a pass of its own, 3.6 GB per GPT-124M step)
-        x, y = ln("ln_1", x_BxTxH, copies=3 if self.qkv == "separate" and self.layer_norm != "xla" else 1)
+        x, y = ln("ln_1", x_BxTxH, copies=3 if self.qkv == "separate" and layer_norm != "xla" else 1)
         h, cache = Attention(**kw, bias_apart=defer, name="attn")(y, mask=mask, is_causal=self.causal, cache=cache)
         pending = (x, *branch(h))
         if self.cross_attention:
@@ -498,7 +500,7 @@ class Block(nn.Module):
         h = MLP(int(H * self.mlp_ratio), self.lora_rank, self.lora_alpha, out_std, self.dtype, self.gelu,
                 bias_apart=defer, gelu_grad=self.gelu_grad, name="mlp")(y)
         out = (x, *branch(h))
-        return (out if self.layer_norm != "xla" else out[0] + out[1]), cache
+        return (out if layer_norm != "xla" else out[0] + out[1]), cache
 
 
 class Stack(nn.Module):
@@ -534,7 +536,7 @@ class Stack(nn.Module):
                 x_BxTxH, mask=mask, memory=memory, memory_mask=memory_mask,
                 cache=None if caches is None else caches[i], deterministic=deterministic)
             new_caches.append(c)
-        _, x_BxTxH = _residual_ln(self.layer_norm, self.ln_eps, self.dtype, "ln_f", x_BxTxH)
+        _, x_BxTxH = _residual_ln(_layer_norm.resolved(self.layer_norm), self.ln_eps, self.dtype, "ln_f", x_BxTxH)
         return x_BxTxH, (None if caches is None else new_caches)
 
 

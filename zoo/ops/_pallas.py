@@ -12,6 +12,28 @@ def run(call, *args):
     return jax.lax.platform_dependent(*args, cuda=call(False), default=call(True))
 
 
+def on_cuda_gpu() -> bool:
+    """Whether JAX's default backend is an NVIDIA (CUDA) GPU: where the kernels run as Triton
+    kernels, so an op's "auto" implementation picks them (anywhere else Pallas would interpret
+    them, slowly). Decided as jax.default_backend() is, as zoo.ops.attention's auto decides."""
+    if jax.default_backend() != "gpu":
+        return False
+    device = jax.devices()[0]
+    version = getattr(getattr(device, "client", None), "platform_version", "") or ""
+    return "nvidia" in getattr(device, "device_kind", "").lower() or "cuda" in version.lower()
+
+
+def resolve(implementation: str | None, implementations, op: str) -> str:
+    """An op's implementation name, checked: None -> "xla"; "auto" -> "pallas" on an NVIDIA GPU
+    (on_cuda_gpu), "xla" elsewhere; anything not in `implementations` a ValueError naming `op`."""
+    if implementation is not None and implementation not in implementations:
+        raise ValueError(f"{op}: implementation must be one of {', '.join(implementations)} or None; "
+                         f"got {implementation!r}")
+    if implementation == "auto":
+        return "pallas" if on_cuda_gpu() else "xla"
+    return "xla" if implementation is None else implementation
+
+
 def columns(n: int, width: int | None = None, start=0):
     """(indices, mask) of a tile's columns: Triton's arrays have power-of-two sizes, so a tile
     `width` wide (default: n's next power of two) from `start`, masked to the n columns there are."""

@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from zoo.ops import _pallas
 from zoo.ops import logsumexp as _lse
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -69,15 +70,13 @@ def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array, *, logsumexp: str 
 
     `logsumexp` picks zoo.ops.logsumexp's implementation for the rows' logsumexp: "xla" (or None:
     jax.nn.logsumexp, two passes over the logits, row max then sum; one-pass XLA forms measured on
-    an H200 and dropped are in benchmarks/results/README.md) or "pallas" (one pass, a Triton
-    kernel on a GPU; the logits go to it in their own dtype)."""
+    an H200 and dropped are in benchmarks/results/README.md), "pallas" (one pass, a Triton
+    kernel on a GPU; the logits go to it in their own dtype) or "auto" (pallas on an NVIDIA GPU,
+    else xla)."""
     if logits_BxC.shape[:-1] != labels_B.shape:
         raise ValueError(f"cross_entropy: logits [..., C] and labels [...] need the same leading shape, "
                          f"got {logits_BxC.shape} and {labels_B.shape}")
-    if logsumexp is not None and logsumexp not in _lse.IMPLEMENTATIONS:
-        raise ValueError(f"cross_entropy: logsumexp must be one of {', '.join(_lse.IMPLEMENTATIONS)} or None; "
-                         f"got {logsumexp!r}")
-    return _xent(logits_BxC, labels_B, logsumexp)
+    return _xent(logits_BxC, labels_B, _lse_impl("cross_entropy", logsumexp))
 
 
 def linear_cross_entropy(h_NxH: jax.Array, w_VxH: jax.Array, labels_N: jax.Array, *, logits_dtype=None,
@@ -97,13 +96,19 @@ def linear_cross_entropy(h_NxH: jax.Array, w_VxH: jax.Array, labels_N: jax.Array
     if w_VxH.ndim != 2 or h_NxH.ndim < 1 or h_NxH.shape[-1] != w_VxH.shape[1] or h_NxH.shape[:-1] != labels_N.shape:
         raise ValueError(f"linear_cross_entropy: want h [..., H], w [V, H] and labels [...] with h's leading "
                          f"shape, got {h_NxH.shape}, {w_VxH.shape} and {labels_N.shape}")
-    if logsumexp is not None and logsumexp not in _lse.IMPLEMENTATIONS:
-        raise ValueError(f"linear_cross_entropy: logsumexp must be one of {', '.join(_lse.IMPLEMENTATIONS)} or "
-                         f"None; got {logsumexp!r}")
+    logsumexp = _lse_impl("linear_cross_entropy", logsumexp)
     logits_dtype = jnp.dtype(h_NxH.dtype if logits_dtype is None else logits_dtype)
     lead, H = labels_N.shape, h_NxH.shape[-1]
     nll = _linear_xent(h_NxH.reshape(-1, H), w_VxH, labels_N.reshape(-1), logits_dtype, logsumexp)
     return nll.reshape(lead)
+
+
+def _lse_impl(op: str, logsumexp: str | None) -> str:
+    """`logsumexp` checked and resolved ("auto": "pallas" on an NVIDIA GPU, else "xla"; None: "xla")."""
+    if logsumexp is not None and logsumexp not in _lse.IMPLEMENTATIONS:
+        raise ValueError(f"{op}: logsumexp must be one of {', '.join(_lse.IMPLEMENTATIONS)} or None; "
+                         f"got {logsumexp!r}")
+    return _pallas.resolve(logsumexp, _lse.IMPLEMENTATIONS, op)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
