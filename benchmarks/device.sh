@@ -4,19 +4,20 @@
 # PART: "a" = the GPU tests, then the S1024 forward's dispatch (benchmarks/scripts/
 #       attention_dispatch.py: per-call times of the zoo's, JAX's direct and PyTorch's cuDNN
 #       attention, the memsets per call by size, the compiled program);
-#       "b" = zoo.ops's Pallas kernels alone at several tilings against the XLA forms they
-#       replace (benchmarks/scripts/pallas_kernels.py: the loss's logsumexp, the loss with its
-#       gradient (cross_entropy_and_grad), the layer norm's forward and backward, the MLP's GELU
-#       backward in a matmul (matmul_gelu_grad); around the tilings the 2026-11-27 lease's sweep
-#       made the defaults), then `zoo bench gpt_step` (the step at B64, bf16 logits: the fastest
+#       "b" = `zoo bench gpt_step` (the step at B64, bf16 logits, cut at 250 s: the fastest
 #       measured, GPTConfig.qkv "separate", gelu "epilogue", layer_norm "pallas" and logsumexp
-#       "pallas"; the PyTorch peer, nanoGPT's step torch.compile'd, second, so that a cut does not
-#       lose it; the same with xent "fused" (its kernel's tiling is new); bf16 logits with
-#       GPTConfig's "auto" defaults (the Pallas layer norm and logsumexp); bf16 logits alone;
-#       synced and pipelined rows, the zoo's each with a kernel table of synced
+#       "pallas"; the PyTorch peer, nanoGPT's step torch.compile'd; the fastest again with XLA's
+#       Triton GEMMs off for its compile (the 2026-11-27 lease's program had no cuBLASLt epilogue);
+#       then, as time allows, the same with xent "fused" (its kernel's tiling is new), bf16
+#       logits with GPTConfig's "auto" defaults (the Pallas layer norm and logsumexp), bf16
+#       logits alone; synced and pipelined rows, the zoo's each with a kernel table of synced
 #       steps and one of three pipelined steps; the single variants, the GELU-backward kernel's
 #       run, PyTorch eager, the cuBLASLt-epilogue and no-command-buffer variants stay available
-#       (ZOO_GPT_STEP_RUNS, steps): all measured on earlier leases);
+#       (ZOO_GPT_STEP_RUNS, steps): all measured on earlier leases), then zoo.ops's Pallas
+#       kernels alone at several tilings against the XLA forms they replace
+#       (benchmarks/scripts/pallas_kernels.py, cut at 80 s: the loss's logsumexp, the loss with
+#       its gradient, the layer norm's forward and backward, the MLP's GELU backward in a
+#       matmul; around the tilings the 2026-11-27 lease's sweep made the defaults);
 #       "d" = `zoo bench attention`'s full set (in two processes: full, causal; 13 of 16 cases
 #       >= 0.95x PyTorch's cuDNN on three leases; the S1024 cases with XLA's command buffers for
 #       cuDNN calls, step attention-s1024-cmdbuf, ran on 2026-11-27: 0.82 / 0.86x for the
@@ -29,13 +30,12 @@
 #       attention, attention-s1024-cmdbuf, plans, dispatch, gelu (the MLP's GELU forms alone,
 #       benchmarks/scripts/gelu_forms.py, measured on two leases), pallas, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
 # A 15-minute lease: benchmarks/lease.sh runs a, b, then d in one call, every step cut at a
-# deadline (ZOO_DEVICE_DEADLINE, below; part b's leaves d its reserve). a: ~60 s expected
-# (2026-11-27: the tests 39 s, dispatch ~16 s). b: <= 600 s by its limits; ~400 s expected (the
-# Pallas kernels ~80 s, each zoo B64 run ~80 s with its profiles, the torch.compile'd peer with its
-# compile ~80 s: 2026-11-27), so a 570 s budget cuts the last runs of b (the seventh lease, at
-# 570 s, finished four zoo runs and lost the peer, then last). d: the S1024 cases ~35 s, then
-# attention with its pauses ~170 s (<= 300 s by its limits, 390 with the rerun of a faulting
-# part): what the reserve leaves (the seventh lease: the full set to S8192, no causal set).
+# deadline (ZOO_DEVICE_DEADLINE, below; part b's leaves d its reserve). a: ~55 s (2026-11-27:
+# the tests 39 s, dispatch ~16 s). b: 330 s by its limits (each zoo B64 run ~80 s with its
+# profiles, the torch.compile'd peer with its compile ~80 s, the Pallas kernels ~80 s). d: the
+# attention set with its pauses ~180 s (<= 300 s by its limits, 390 with the rerun of a faulting
+# part): what the reserve leaves. The seventh lease (2026-11-27, the Pallas sweep first and the
+# peer last in b, a 100 s reserve) lost the peer's rows and the causal attention set.
 # The GPU's SM clock, power and temperature are logged each second to OUTDIR/clocks-PART.csv
 # (does a sustained step run below the boost clock?).
 # gpt_step and diffusion print a kernel table of the zoo's program (ZOO_PROFILE=1, zoo/bench/profile.py) with the idle time between
@@ -52,7 +52,7 @@ set -u
 part=$1 out=$2
 case $part in
   a) steps=tests,dispatch ;;
-  b) steps=pallas,gpt_step ;;
+  b) steps=gpt_step,pallas ;;
   c) steps=diffusion,gibbs ;;
   d) steps=attention ;;
   *) steps=$part ;;
@@ -156,9 +156,9 @@ for step in ${steps//,/ }; do
         | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
     pallas)
       echo "=== Pallas kernels $(date -u +%T)" | tee -a "$log"
-      capped 140 python3 benchmarks/scripts/pallas_kernels.py 2>&1 \
+      capped 80 python3 benchmarks/scripts/pallas_kernels.py 2>&1 \
         | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
-    gpt_step) bench gpt_step 480 ;;
+    gpt_step) bench gpt_step 250 ;;  # its first three runs (~80 s each); the rest when a lease has time
     gpt_step-cublas) bench gpt_step 110 -cublas "$CUBLAS" ;;
     gpt_step-cublaslt) ZOO_GPT_STEP_RUNS=64-bf16-logits bench gpt_step 130 -cublaslt "$CUBLASLT" ;;
     gpt_step-nocmdbuf) ZOO_GPT_STEP_RUNS=64-bf16-logits bench gpt_step 90 -nocmdbuf "--xla_gpu_enable_command_buffer=" ;;

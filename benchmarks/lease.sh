@@ -2,16 +2,16 @@
 # A lease's GPU runs as one command: the device tool's one call of at most 600 s, on a machine that
 # goes back 30 s after a call (a second call would likely pay a second start of the 15 minutes).
 #   bash benchmarks/lease.sh OUTDIR [SHA] [BUDGET_S]
-# Runs benchmarks/device.sh part a (the GPU tests, the S1024 attention dispatch; ~60 s expected),
-# part b (the Pallas kernels alone at several tilings, `zoo bench gpt_step` with the
-# torch.compile'd PyTorch peer second; ~320 s expected to the third run), then part d (`zoo bench
-# attention`'s full set, full then causal; ~170 s), each cut at what is left of BUDGET_S (default
-# 580), part b at what is left less part d's reserve (RESERVE_S, default 180, at most a third of
-# the budget), into a scratch folder, then leaves in OUTDIR what the tool returns (at most 8
-# files): the logs as text (log-a.txt, log-b.txt, log-d.txt: their ends are what one reads first)
-# and everything, results JSON, clocks, compiled programs and logs, in lease.tar.gz. The seventh
-# lease (2026-11-27, reserve 100 s) lost the peer's rows and the causal attention set to the
-# limit; the reserve now holds the attention set whole (its S1024 cases are grouped alike since).
+# Runs benchmarks/device.sh part a (the GPU tests, the S1024 attention dispatch; ~55 s expected),
+# part b (`zoo bench gpt_step`'s first three runs, the torch.compile'd PyTorch peer second, then
+# the Pallas kernels alone at several tilings; 330 s by its limits), then part d (`zoo bench
+# attention`'s full set, full then causal; ~180 s), each cut at what is left of BUDGET_S
+# (default 580), part b at what is left less part d's reserve (RESERVE_S, default 180, at most a
+# third of the budget), into a scratch folder, then leaves in OUTDIR what the tool returns (at
+# most 8 files): the logs as text (log-a.txt, log-b.txt, log-d.txt: their ends are what one reads
+# first) and everything, results JSON, clocks, compiled programs and logs, in lease.tar.gz. The
+# seventh lease (2026-11-27, reserve 100 s, the peer last) lost the peer's rows and the causal
+# attention set to the limit.
 # Run from the repository root with `.whl` carried (see device.sh), e.g.
 #   bash benchmarks/lease.sh $OUT 0123abc
 set -u

@@ -109,7 +109,9 @@ def main(argv=None) -> int:
         # attention as auto picks it on a GPU (here auto would pick the CPU's kernels)
         cfg = dataclasses.replace(FULL["cfg"], implementation="cudnn", **(variant[1] if variant else {}))
         try:
-            compiled = step_program(cfg, B, args.target, args.xla)
+            # a run's own XLA options (zoo.bench.gpt_step: a variant's third element), then --xla's
+            compiled = step_program(cfg, B, args.target, {**(variant[2] if variant and len(variant) > 2 else {}),
+                                                          **args.xla})
         except RuntimeError as e:  # no CUDA plugin: what to install
             print(f"gpt_step_hlo.py: {e}", file=sys.stderr)
             return 2

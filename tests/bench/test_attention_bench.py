@@ -157,6 +157,24 @@ def test_gpt_step_run_selection(monkeypatch):
         gpt_step.selected_runs(runs, more)
 
 
+def test_gpt_step_run_options_reach_the_step_compile(monkeypatch):
+    """A run's third element (XLA compiler options: the -cublas run's Triton GEMMs off) goes to
+    its step's compile, and to its alone; an option XLA does not know fails that compile."""
+    from zoo.models.gpt import GPTConfig
+
+    seen = []
+    monkeypatch.setattr(gpt_step, "step_rows", lambda cfg, B, **kw: seen.append(kw.get("compiler_options")) or [])
+    monkeypatch.setitem(gpt_step.QUICK, "runs", ((8, ("a", {})), (8, ("b", {}, {"xla_x": False})), (8, None)))
+    gpt_step.run(quick=True)
+    assert seen == [None, {"xla_x": False}, None]
+    (cublas,) = [v for _, v in gpt_step.FULL["runs"] if v and v[0].endswith("-cublas")]
+    assert cublas[2] == {"xla_gpu_enable_triton_gemm": False} and cublas[1] == gpt_step.SEPARATE_EPILOGUE_LN_LSE[1]
+    monkeypatch.undo()
+    tiny = GPTConfig(vocab_size=32, max_len=8, num_layers=1, hidden=16, num_heads=2)
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        gpt_step.step_rows(tiny, 2, iters=1, compiler_options={"xla_no_such_option": True})
+
+
 def test_gpt_step_out_of_memory_loses_only_its_rows(monkeypatch, capsys):
     def fake(cfg, B, **kw):
         if B == 64:

@@ -20,7 +20,8 @@ T 1024), bf16 compute with float32 params, at B64 with the variant `bf16-logits`
 traffic over the [B * T, V] logits; an H200, 2026-11-26: 46.8% MFU pipelined at B64, the default
 45.8%; B16, measured on three leases, reached 43.4%; B128 ran out of memory on the H200). In
 this order: `bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas` (the fastest measured:
-46.9% MFU, H200 2026-11-27), the PyTorch peer (below), then
+46.9% MFU, H200 2026-11-27), the PyTorch peer (below), the same as the first with XLA's Triton
+GEMMs off for its compile (`...-cublas`: see NO_TRITON_GEMM), then
 `bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas-xent-fused`, with GPTConfig.qkv
 "separate", GPTConfig.gelu "epilogue" (the GELU in the fc matmul's cuBLASLt epilogue),
 GPTConfig.layer_norm "pallas" (each residual add inside the next layer norm's Triton kernel),
@@ -121,6 +122,16 @@ ALL_KERNELS = ("bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas-xent
 # and the MLP's GELU backward inside the proj matmul's backward (GPTConfig.gelu_grad "pallas",
 # zoo.ops.matmul_gelu: one Triton kernel, the matmul with GELU'(z) in its epilogue)
 ALL_KERNELS_DGELU = (ALL_KERNELS[0] + "-gelu-grad-pallas", dict(ALL_KERNELS[1], gelu_grad="pallas"))
+# the fastest run with XLA's matmuls as cuBLAS(Lt) calls only, no Triton GEMMs
+# (xla_gpu_enable_triton_gemm=false, this run's compile alone): on the 2026-11-27 lease the step
+# compiled on the device had no cuBLASLt epilogue at all (207 matmuls, epilogue DEFAULT), so the
+# bias adds and GELU_AUX ran as fusions of their own (the fc's bias and GELU: 4.1 ms per step),
+# where the same step compiled for an H200 without a device, Triton GEMMs off, takes the bias and
+# the GELU into the matmuls (benchmarks/scripts/gpt_step_hlo.py): autotuning's Triton candidates
+# keep the epilogues from forming. A third element of a run: its XLA compiler options
+NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
+SEPARATE_EPILOGUE_LN_LSE_CUBLAS = (SEPARATE_EPILOGUE_LN_LSE[0] + "-cublas", SEPARATE_EPILOGUE_LN_LSE[1],
+                                   NO_TRITON_GEMM)
 # GPTConfig's defaults since 2026-11-27 with bf16 logits: layer_norm and logsumexp "auto" (the
 # Pallas kernels on an NVIDIA GPU)
 BF16_LOGITS_AUTO = ("bf16-logits-auto", dict(f32_logits=False, layer_norm="auto", logsumexp="auto"))
@@ -135,8 +146,8 @@ PEERS = {"torch": "torch-nanogpt", "torch-compiled": "torch-nanogpt-compiled"}  
 # 2026-11-27), so that each run's name says what it runs, as on the leases before
 FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=768, num_heads=12,
                           dtype="bfloat16", layer_norm="xla", logsumexp="xla"),
-            runs=((64, SEPARATE_EPILOGUE_LN_LSE), (64, TORCH_COMPILED), (64, ALL_KERNELS), (64, BF16_LOGITS_AUTO),
-                  (64, BF16_LOGITS)),
+            runs=((64, SEPARATE_EPILOGUE_LN_LSE), (64, TORCH_COMPILED), (64, SEPARATE_EPILOGUE_LN_LSE_CUBLAS),
+                  (64, ALL_KERNELS), (64, BF16_LOGITS_AUTO), (64, BF16_LOGITS)),
             more=((64, SEPARATE_EPILOGUE), (64, ALL_KERNELS_DGELU), (64, XENT_FUSED), (64, SEPARATE_EPILOGUE_LN), (64, LSE_PALLAS), (64, GELU_EPILOGUE), (64, LN_PALLAS), (64, SEPARATE_SIGMOID), (64, QKV_SEPARATE), (64, GELU_SIGMOID), (64, QKV_SPLIT_GRAD),
                   (64, SPLIT_GRAD_SIGMOID), (64, TORCH), (64, None), (128, BF16_LOGITS), (128, SEPARATE_EPILOGUE_LN_LSE), (128, SEPARATE_EPILOGUE_LN),
                   (128, SEPARATE_EPILOGUE), (128, SEPARATE_SIGMOID)))
@@ -192,11 +203,12 @@ def run(quick: bool) -> list[dict]:
     rows, failed = [], []
     _CEILINGS.clear()
     for B, variant in selected_runs(spec["runs"], spec.get("more", ())):
-        name, changes = variant or ("", {})
+        name, changes, *options = variant or ("", {})
+        kw = {"compiler_options": options[0]} if options else {}
         make_rows = peer_rows if name in PEERS else step_rows
         try:
             rows += make_rows(dataclasses.replace(spec["cfg"], **changes), B, iters=10 if quick else 20,
-                              variant=name)
+                              variant=name, **kw)
         except Exception as e:  # noqa: BLE001 - a failing run loses its own rows only
             first = (str(e).splitlines() or [""])[0][:200]
             if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
@@ -213,16 +225,18 @@ def run(quick: bool) -> list[dict]:
     return rows
 
 
-def step_rows(cfg: GPTConfig, B: int, *, iters: int = 10, variant: str = "") -> list[dict]:
+def step_rows(cfg: GPTConfig, B: int, *, iters: int = 10, variant: str = "",
+              compiler_options: dict | None = None) -> list[dict]:
     """The train step's rows (and, without a known peak, the matmul ceiling's) at batch B; a
-    variant's rows are named zoo-train-step-VARIANT(-pipelined)."""
+    variant's rows are named zoo-train-step-VARIANT(-pipelined). compiler_options: XLA's, for
+    the step's compile."""
     import optax
 
     md = make_gpt(cfg)
     tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
     batch = _batch(cfg, B)
     state = jax.jit(lambda k: init_state(md.init(k, batch), tx, 0.0))(jax.random.PRNGKey(0))
-    step = jax.jit(make_train_step(md, tx, 0.0), donate_argnums=(0,))
+    step = jax.jit(make_train_step(md, tx, 0.0), donate_argnums=(0,), compiler_options=compiler_options)
     key = jax.random.PRNGKey(1)
     losses_first = []
     for _ in range(3):
