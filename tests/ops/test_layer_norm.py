@@ -240,9 +240,11 @@ def test_auto_runs_the_kernels_on_the_device():
     for name, c in (("auto", cfg), ("plain", dataclasses.replace(cfg, layer_norm="xla", logsumexp="xla"))):
         md = make_gpt(c)
         step[name] = jax.jit(jax.value_and_grad(lambda p, md=md: md.loss(p, jax.random.key(1), batch)[0]))
-    assert "__gpu$xla.gpu.triton" in step["auto"].lower(params).compile().as_text()
-    assert "__gpu$xla.gpu.triton" not in step["plain"].lower(params).compile().as_text()
-    (loss, grads), (want_loss, want_grads) = step["auto"](params), step["plain"](params)
+    # float32 matmuls in full (not TF32): the two programs differ in the layer norms and the loss only
+    with jax.default_matmul_precision("float32"):
+        assert "__gpu$xla.gpu.triton" in step["auto"].lower(params).compile().as_text()
+        assert "__gpu$xla.gpu.triton" not in step["plain"].lower(params).compile().as_text()
+        (loss, grads), (want_loss, want_grads) = step["auto"](params), step["plain"](params)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-4)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
