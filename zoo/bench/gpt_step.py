@@ -272,11 +272,14 @@ def step_rows(cfg: GPTConfig, B: int, *, iters: int = 10, variant: str = "",
         jax.block_until_ready((state, m))
 
     suffix = f"-{variant}" if variant else ""
+    # the rows out before the profiles (~20 s with ZOO_PROFILE): a time limit that cuts a profile
+    # keeps the run's figures
+    rows = emit(_rows(cfg, B, f"zoo-train-step{suffix}", sec, sec_pipelined, losses_first))
     profile.report(one_step, calls=3, title=f"the GPT train step{suffix} at B{B}", name=f"gpt_step{suffix}-B{B}",
                    hlo=lambda: step.lower(state, key, batch).compile().as_text())
     profile.report(three_steps, calls=1, top=3, title=f"three pipelined GPT train steps{suffix} at B{B}")
     del state
-    return emit(_rows(cfg, B, f"zoo-train-step{suffix}", sec, sec_pipelined, losses_first))
+    return rows
 
 
 def peer_rows(cfg: GPTConfig, B: int, *, iters: int = 10, variant: str = "torch") -> list[dict]:
