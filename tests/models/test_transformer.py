@@ -446,6 +446,27 @@ def test_gpt_fused_output_loss_in_bf16_and_with_a_soft_prompt():
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol, atol=tol * 1e-2)
 
 
+def test_stack_with_residual_adds_in_the_layer_norms_under_dropout():
+    """With dropout in training, the Pallas layer norm's stack (its default on an NVIDIA GPU
+    since GPTConfig.layer_norm "auto") still adds each dropped-out branch inside the next layer
+    norm, biases inside the branches: the same outputs and gradients as the plain stack for the
+    same dropout rng, and dropout does act (not the deterministic output)."""
+    from zoo.nn.transformer import Stack
+
+    x = jnp.asarray(np.random.default_rng(9).standard_normal((2, 6, 16)), jnp.float32)
+    stack = lambda ln: Stack(2, 4, 4, causal=True, dropout=0.3, layer_norm=ln)  # noqa: E731
+    params = stack("xla").init(jax.random.key(0), x)
+    rngs = {"dropout": jax.random.key(3)}
+    run = {ln: jax.jit(jax.value_and_grad(lambda p, ln=ln: jnp.sum(jnp.sin(
+        stack(ln).apply(p, x, deterministic=False, rngs=rngs)[0])))) for ln in ("xla", "pallas")}
+    (want, want_grads), (got, got_grads) = run["xla"](params), run["pallas"](params)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, c in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+    plain = jnp.sum(jnp.sin(stack("xla").apply(params, x)[0]))
+    assert abs(float(plain) - float(want)) > 1e-3
+
+
 def test_stack_with_residual_adds_in_the_layer_norms_is_the_same_model():
     """Stack(layer_norm="pallas"), with fused and with separate q/k/v projections: each residual
     add done inside the next layer norm (AddLayerNorm, the Pallas kernels interpreted here),
