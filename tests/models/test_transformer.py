@@ -467,6 +467,30 @@ def test_stack_with_residual_adds_in_the_layer_norms_under_dropout():
     assert abs(float(plain) - float(want)) > 1e-3
 
 
+def test_gpt_finetuning_with_the_pallas_layer_norm_is_the_same_model():
+    """LoRA and soft-prompt fine-tuning with GPTConfig.layer_norm "pallas" (what "auto" runs on
+    an NVIDIA GPU; interpreted here): the same loss and gradients as the plain layer norm's."""
+    import dataclasses
+
+    from zoo.models.gpt import GPTConfig, make_gpt
+
+    base = GPTConfig(vocab_size=32, max_len=16, num_layers=1, hidden=16, num_heads=2)
+    batch = {"x": jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 9)), jnp.int32),
+             "idx": jnp.arange(2, dtype=jnp.int32)}
+    pretrained = make_gpt(base).init(jax.random.key(0), batch)
+    for finetune in ("lora", "prompt"):
+        results = []
+        for ln in ("xla", "pallas"):
+            md = make_gpt(dataclasses.replace(base, finetune=finetune, prompt_len=4, layer_norm=ln), pretrained)
+            # every param moved off its init (LoRA's b starts at zero)
+            params = results[0][0] if results else jax.tree.map(lambda p: p + 0.01, md.init(jax.random.key(2), batch))
+            loss, grads = jax.jit(jax.value_and_grad(lambda p, md=md: md.loss(p, jax.random.key(1), batch)[0]))(params)
+            results.append((params, loss, grads))
+        np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-6)
+        for a, c in zip(jax.tree.leaves(results[1][2]), jax.tree.leaves(results[0][2])):
+            np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6)
+
+
 def test_stack_with_residual_adds_in_the_layer_norms_is_the_same_model():
     """Stack(layer_norm="pallas"), with fused and with separate q/k/v projections: each residual
     add done inside the next layer norm (AddLayerNorm, the Pallas kernels interpreted here),
