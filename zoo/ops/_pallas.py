@@ -23,11 +23,12 @@ def on_cuda_gpu() -> bool:
     return "nvidia" in getattr(device, "device_kind", "").lower() or "cuda" in version.lower()
 
 
-def resolve(implementation: str | None, implementations, op: str) -> str:
+def resolve(implementation: str | None, implementations, op: str, arg: str = "implementation") -> str:
     """An op's implementation name, checked: None -> "xla"; "auto" -> "pallas" on an NVIDIA GPU
-    (on_cuda_gpu), "xla" elsewhere; anything not in `implementations` a ValueError naming `op`."""
+    (on_cuda_gpu), "xla" elsewhere; anything not in `implementations` a ValueError naming `op`
+    and its argument `arg`."""
     if implementation is not None and implementation not in implementations:
-        raise ValueError(f"{op}: implementation must be one of {', '.join(implementations)} or None; "
+        raise ValueError(f"{op}: {arg} must be one of {', '.join(implementations)} or None; "
                          f"got {implementation!r}")
     if implementation == "auto":
         return "pallas" if on_cuda_gpu() else "xla"
