@@ -460,7 +460,9 @@ def test_stack_with_residual_adds_in_the_layer_norms_under_dropout():
     run = {ln: jax.jit(jax.value_and_grad(lambda p, ln=ln: jnp.sum(jnp.sin(
         stack(ln).apply(p, x, deterministic=False, rngs=rngs)[0])))) for ln in ("xla", "pallas")}
     (want, want_grads), (got, got_grads) = run["xla"](params), run["pallas"](params)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # a sum of 192 sines of O(1) outputs: float32 rounding is ~1e-6 absolute (JAX 0.12 fuses the
+    # two forms differently), skipping dropout moves it by > 1e-3 (the last line)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for a, c in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
     plain = jnp.sum(jnp.sin(stack("xla").apply(params, x)[0]))
