@@ -14,7 +14,7 @@ fns={}
 for impl in ["native","chunked-cpu"]:
     def f(q,k,v,b,impl=impl):
         if impl=="chunked-cpu":
-            return A._chunked(q,k,v,b,None,True,None,1/8,A.CPU_BLOCKS[1],A.CPU_BLOCKS[0])
+            return A.chunked.chunked(q,k,v,b,None,True,None,1/8,A.CPU_BLOCKS[1],A.CPU_BLOCKS[0])
         return A.dot_product_attention(q,k,v,bias=b,is_causal=True,implementation=impl)
     fw=jax.jit(f); bw=jax.jit(jax.grad(lambda q,k,v,b: jnp.sum(f(q,k,v,b)**2),(0,1,2)))
     fw(q,k,v,bias).block_until_ready(); jax.block_until_ready(bw(q,k,v,bias))

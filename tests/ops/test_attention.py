@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from zoo.ops import attention as A
+from zoo.ops.attention import blocked as AB
 from zoo.ops import native
 
 IMPLS = ["reference", "xla", "chunked", "chunked_q", None]  # None = auto
@@ -165,9 +166,9 @@ def test_blocked_tiles_cover_exactly_the_visible_keys(T, S, big, small, causal, 
     one (padded rows / keys included)."""
     visible = np.array([[(not causal or j <= i) and (window is None or i - window[0] <= j <= i + window[1])
                          for j in range(S)] for i in range(T)])
-    tiles = A._tiles(T, S, big, small, causal, window)
+    tiles = AB._tiles(T, S, big, small, causal, window)
     G = 2
-    cfg = A._BlockedCfg(causal, window, T, S, G, tiles, tiles)
+    cfg = AB._BlockedCfg(causal, window, T, S, G, tiles, tiles)
     covered = np.zeros((T, S), int)
     for rows, keys, edge, offsets in tiles.groups:
         assert tiles.tq % rows == 0 and tiles.tk % keys == 0 and rows <= max(big[0], small[0])
@@ -179,13 +180,13 @@ def test_blocked_tiles_cover_exactly_the_visible_keys(T, S, big, small, causal, 
             if edge:  # rows (t, g) of the tile, keys lo..lo+keys-1, past T / S padded with invisible
                 want = np.zeros((rows, keys), bool)
                 want[:block.shape[0], :block.shape[1]] = block
-                got = np.asarray(A._tile_visible(cfg, a, lo, rows, keys)).reshape(rows, G, keys)
+                got = np.asarray(AB._tile_visible(cfg, a, lo, rows, keys)).reshape(rows, G, keys)
                 for g in range(G):
                     np.testing.assert_array_equal(got[:min(rows, T - a), g], want[:min(rows, T - a)])
-                np.testing.assert_array_equal(np.asarray(A._tile_visible(cfg, a, lo, rows, keys, True)),
-                                              np.asarray(A._tile_visible(cfg, a, lo, rows, keys)).T)
+                np.testing.assert_array_equal(np.asarray(AB._tile_visible(cfg, a, lo, rows, keys, True)),
+                                              np.asarray(AB._tile_visible(cfg, a, lo, rows, keys)).T)
     assert covered.max() <= 1 and (covered[visible] == 1).all()
-    np.testing.assert_array_equal(A._rows_seen(cfg, T * G + 3), np.r_[np.repeat(visible.any(1), G), [False] * 3])
+    np.testing.assert_array_equal(AB._rows_seen(cfg, T * G + 3), np.r_[np.repeat(visible.any(1), G), [False] * 3])
 
 
 @pytest.mark.parametrize("unroll_area", [0, 2 ** 40])  # every group walked by lax.scan / unrolled
@@ -195,10 +196,10 @@ def test_blocked_two_level_tiles_match_numpy(monkeypatch, unroll_area, T, S, kw)
     """Big and small tiles together (big (8, 8) / (8, 4), small (4, 4) / (2, 2), so the causal
     diagonal, a window's edges and the padding fall in small tiles), scanned or unrolled, with
     grouped heads: values against NumPy, gradients against the reference."""
-    monkeypatch.setattr(A, "BLOCKED_FWD", ((8, 8), (4, 4)))
-    monkeypatch.setattr(A, "BLOCKED_BWD", ((8, 4), (2, 2)))
-    monkeypatch.setattr(A, "BLOCKED_UNROLL_AREA", unroll_area)
-    cfg = A._blocked_cfg(T, S, 2, kw.get("is_causal", False), kw.get("window"))
+    monkeypatch.setattr(AB, "BLOCKED_FWD", ((8, 8), (4, 4)))
+    monkeypatch.setattr(AB, "BLOCKED_BWD", ((8, 4), (2, 2)))
+    monkeypatch.setattr(AB, "BLOCKED_UNROLL_AREA", unroll_area)
+    cfg = AB._blocked_cfg(T, S, 2, kw.get("is_causal", False), kw.get("window"))
     assert {e for *_, e, _ in cfg.fwd.groups} >= {True} and len(cfg.fwd.groups + cfg.bwd.groups) >= 3
     q, k, v = _inputs(B=2, T=T, S=S, N=4, K=2, D=8, seed=T + S)
     got = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, implementation="blocked", **kw))(q, k, v)
@@ -408,7 +409,7 @@ def test_blocked_bound_normaliser_and_its_fallback(causal):
     and where the bound overshoots the row max by ~70 nats (past what m_i = |q_i| max|k| alone would
     survive), and replaced by the exact row max where it overshoots by ~700; values and gradients
     match NumPy / the reference on all three."""
-    cfg = A._blocked_cfg(6, 6, 1, causal, None, 2, 3)
+    cfg = AB._blocked_cfg(6, 6, 1, causal, None, 2, 3)
     cases = ((_inputs(B=1, T=6, S=6, N=1, K=1, D=2), True, 0, 30),
              (_loose_bound_inputs(11.5), True, 50, 90), (_loose_bound_inputs(100.0), False, 500, np.inf))
     for (q, k, v), bound_used, lo, hi in cases:
@@ -416,8 +417,8 @@ def test_blocked_bound_normaliser_and_its_fallback(causal):
         logits = np.where(np.tril(np.ones((6, 6), bool)) | (not causal), qs @ np.asarray(k[0, :, 0]).T, -np.inf)
         overshoot = np.linalg.norm(qs, axis=-1) * np.linalg.norm(k[0, :, 0], axis=-1).max() - logits.max(-1)
         assert lo <= overshoot.max() < hi  # the case is what it claims to be
-        l_min = A._blocked_fwd_head(cfg, jnp.asarray(qs), k[0, :, 0], v[0, :, 0])[2]
-        assert bool(l_min >= A.BOUND_MIN_SUM) == bound_used
+        l_min = AB._blocked_fwd_head(cfg, jnp.asarray(qs), k[0, :, 0], v[0, :, 0])[2]
+        assert bool(l_min >= AB.BOUND_MIN_SUM) == bound_used
         kw = dict(implementation="blocked", is_causal=causal, q_block_size=2, block_size=3)
         got = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, **kw))(q, k, v)
         np.testing.assert_allclose(got, np_attention(q, k, v, is_causal=causal), rtol=1e-5, atol=1e-5)

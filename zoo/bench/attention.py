@@ -50,7 +50,8 @@ import numpy as np
 
 from zoo.bench import emit, interleaved_times, median_seconds, paired_speedup
 from zoo.ops import native
-from zoo.ops.attention import _add_rows, _blocked_cfg, _rows, _scan_tiles, dot_product_attention
+from zoo.ops.attention import dot_product_attention
+from zoo.ops.attention.blocked import _add_rows, _blocked_cfg, _rows, _scan_tiles
 
 QUICK = dict(B=1, N=8, D=64, lengths=(1024, 4096), dtype="float32")
 FULL = dict(B=4, N=16, D=128, lengths=(1024, 4096, 8192, 16384), dtype="bfloat16")
