@@ -12,10 +12,10 @@ MLP feeds them (y the fc matmul's output):
   jax.checkpoint (the bias added in bf16, every step of the formula rounded to bf16);
 - `tanh-autodiff`: the same in float32 under jax.checkpoint, autodiff's derivative, the bias
   gradient summed from the float32 y gradient: the step's form until the thirteenth session;
-- `tanh`: zoo.nn.transformer.bias_gelu_tanh, its derivative in closed form and the bias gradient
+- `tanh`: zoo.ops.gelu.bias_gelu_tanh, its derivative in closed form and the bias gradient
   the float32 sum of the y gradient as returned, read in bf16 (sum_rows_f32: no float32 array
   written for it);
-- `sigmoid`: zoo.nn.transformer.bias_gelu_sigmoid, h * sigmoid(2 sqrt(2/pi) (h + 0.044715 h^3)),
+- `sigmoid`: zoo.ops.gelu.bias_gelu_sigmoid, h * sigmoid(2 sqrt(2/pi) (h + 0.044715 h^3)),
   the same function without tanh (XLA's float32 tanh is a rational approximation), the bias
   gradient as `tanh`'s.
 
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.bench import interleaved_times, paired_speedup, profile
-from zoo.nn.transformer import bias_gelu_sigmoid, bias_gelu_tanh
+from zoo.ops.gelu import bias_gelu_sigmoid, bias_gelu_tanh
 
 FORMS = {
     "tanh-bf16": jax.checkpoint(lambda y, b: jax.nn.gelu(y + b.astype(y.dtype), approximate=True)),

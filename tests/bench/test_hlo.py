@@ -101,7 +101,7 @@ def test_gelu_moves_each_array_once_each_way_on_a_gpu(form):
     recomputes the GELU from y; without the optimization barrier on its residuals XLA merged the
     two tanh computations, so the forward wrote tanh(...) out in float32 for the backward to read
     (9 arrays' worth for the tanh form)."""
-    from zoo.nn.transformer import bias_gelu
+    from zoo.ops.gelu import bias_gelu
 
     M, K, F = 8192, 256, 1024
 
@@ -127,7 +127,7 @@ def test_gelu_epilogue_runs_in_the_matmul_on_a_gpu():
     z = y + b (its aux output, for the backward), so no forward pass over an [M, F] array is left;
     the backward is the one pass of the other forms (z and h's gradient in, z's gradient out).
     bias_gelu_tanh's forward, compiled the same way, is a pass of its own (what this form saves)."""
-    from zoo.nn.transformer import bias_gelu
+    from zoo.ops.gelu import bias_gelu
 
     M, K, F = 8192, 256, 1024
 
@@ -152,10 +152,10 @@ def test_gelu_epilogue_runs_in_the_matmul_on_a_gpu():
 
 @pytest.mark.skipif(not CUDA_PLUGIN, reason="needs JAX's CUDA plugin (jax-cuda13-plugin), not a GPU")
 def test_bf16_bias_add_folds_into_the_matmul_on_a_gpu():
-    """zoo.nn.dense.add_bias on a bf16 matmul's output, as XLA compiles it for an H200: the add is
+    """zoo.ops.linear.add_bias on a bf16 matmul's output, as XLA compiles it for an H200: the add is
     cuBLASLt's BIAS epilogue (the matmul reads the bias; no pass over y of its own), and the bias
     gradient is one reduction reading y's gradient once, in float32."""
-    from zoo.nn.dense import add_bias
+    from zoo.ops.linear import add_bias
 
     M, K, F = 8192, 256, 768
 

@@ -114,7 +114,7 @@ def test_gelu_tanh_recomputes_in_the_backward(dtype, capsys):
     jax.checkpoint the backward keeps only h, never tanh(...) from the forward."""
     from jax.ad_checkpoint import print_saved_residuals
 
-    from zoo.nn.transformer import gelu_tanh
+    from zoo.ops.gelu import gelu_tanh
 
     h = np.linspace(-6, 6, 97)
     t = np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3))
@@ -143,7 +143,8 @@ def test_bias_gelu_keeps_only_the_matmul_output(capsys):
     parameters."""
     from jax.ad_checkpoint import print_saved_residuals
 
-    from zoo.nn.transformer import LoRADense, bias_gelu_tanh
+    from zoo.nn.transformer import LoRADense
+    from zoo.ops.gelu import bias_gelu_tanh
 
     rng = np.random.default_rng(0)
     y, b = jnp.asarray(rng.standard_normal((6, 8)) * 2), jnp.asarray(rng.standard_normal(8))
@@ -171,7 +172,7 @@ def test_bias_gelu_keeps_only_the_matmul_output(capsys):
 def test_sum_rows_f32_against_numpy(dtype):
     """sum_rows_f32: the float32 sum over all leading axes of x as stored (a bf16 x upcast from its
     bits, exactly), against NumPy's float64 sum of the same values."""
-    from zoo.nn.dense import sum_rows_f32
+    from zoo.ops.linear import sum_rows_f32
 
     x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 300, 7)) * 50, dtype)
     got = sum_rows_f32(x)
@@ -205,7 +206,8 @@ def test_bias_gelu_forms_are_the_tanh_gelu_with_its_derivative_in_closed_form(fo
     unknown form is a clear error."""
     from jax.ad_checkpoint import print_saved_residuals
 
-    from zoo.nn.transformer import LoRADense, bias_gelu
+    from zoo.nn.transformer import LoRADense
+    from zoo.ops.gelu import bias_gelu
 
     rng = np.random.default_rng(5)
     y64, b64, g64 = rng.standard_normal((512, 6)) * 3, rng.standard_normal(6), rng.standard_normal((512, 6))

@@ -1,4 +1,4 @@
-"""zoo.nn.dense: the 2-D matmul form is flax's Dense / x @ w in params, values and gradients, and
+"""zoo.nn.dense and zoo.ops.linear: the 2-D matmul form is flax's Dense / x @ w in params, values and gradients, and
 its dots are 2-D (the weight gradient contracts one axis, the point of the layer)."""
 
 import flax.linen as nn
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tests.jaxprs import equations
-from zoo.nn.dense import Dense, matmul
+from zoo.nn.dense import Dense
+from zoo.ops.linear import matmul
 
 
 def test_dense_is_flax_dense_with_two_dimensional_dots():
@@ -48,7 +49,7 @@ def test_add_bias_in_the_output_dtype_with_a_float32_bias_gradient():
     its gradient the float32 sum of y's gradient: within float32 rounding of NumPy's float64 sum
     over 4,096 rows, where a bf16 sum (of sums near 2,000, bf16's spacing there 8) is off by more
     than 0.1."""
-    from zoo.nn.dense import add_bias
+    from zoo.ops.linear import add_bias
 
     rng = np.random.default_rng(3)
     y64 = rng.standard_normal((4096, 24))
@@ -75,7 +76,7 @@ def test_bf16_bias_add_in_the_matmul_matches_numpy_on_the_device():
     """On a GPU add_bias folds into cuBLASLt's BIAS epilogue (XLA has had wrong results in those
     epilogues: openxla/xla#46110, #46897): the jitted bf16 matmul + bias and its gradients against
     NumPy's float64, to bf16's rounding."""
-    from zoo.nn.dense import add_bias
+    from zoo.ops.linear import add_bias
 
     rng = np.random.default_rng(4)
     x, w = rng.standard_normal((4096, 256)), rng.standard_normal((256, 768)) / 16
@@ -101,7 +102,7 @@ def test_gelu_epilogue_in_the_matmul_matches_numpy_on_the_device():
     epilogue (tests/bench/test_hlo.py), whose aux output, z = x @ w + b, the backward reads: the
     jitted bf16 matmul + bias + GELU and its gradients against NumPy's float64 (GPT-2's tanh GELU
     and its derivative), to bf16's rounding."""
-    from zoo.nn.transformer import bias_gelu
+    from zoo.ops.gelu import bias_gelu
 
     rng = np.random.default_rng(6)
     x, w = rng.standard_normal((4096, 256)), rng.standard_normal((256, 768)) / 16

@@ -47,7 +47,7 @@ def test_against_numpy(tile, dtype):
 def test_xla_form_is_the_mlps_backward():
     """The "xla" form equals autodiff of the MLP's own pieces, gelu_epilogue(z) @ w (w the proj
     kernel [F, H]): z's gradient, and the fc bias's (the sum over rows)."""
-    from zoo.nn.transformer import gelu_epilogue
+    from zoo.ops.gelu import gelu_epilogue
 
     g, w, z = _inputs(jnp.float32, seed=1)
     _, vjp = jax.vjp(lambda z: gelu_epilogue(z) @ w, z)

@@ -87,14 +87,14 @@ GELU_SIGMOID = ("bf16-logits-gelu-sigmoid", dict(f32_logits=False, gelu="sigmoid
 # the two that took the most off the step's kernel time on that lease, together
 SPLIT_GRAD_SIGMOID = ("bf16-logits-qkv-split-grad-gelu-sigmoid",
                       dict(f32_logits=False, qkv="fused-split-grad", gelu="sigmoid"))
-# separate q/k/v projections, since their bias adds fold into cuBLASLt's epilogue (zoo.nn.dense.
+# separate q/k/v projections, since their bias adds fold into cuBLASLt's epilogue (zoo.ops.linear.
 # add_bias), the fewest bytes moved of the qkv modes (the step compiled for an H200, 2026-11-27:
 # 92.2 GB of fusions and copies to the fused projection's 104.3; gpt_step_hlo.py), with the
 # sigmoid GELU
 SEPARATE_SIGMOID = ("bf16-logits-qkv-separate-gelu-sigmoid",
                     dict(f32_logits=False, qkv="separate", gelu="sigmoid"))
 # the MLP's GELU in the fc matmul's cuBLASLt epilogue (GPTConfig.gelu "epilogue",
-# zoo.nn.transformer.gelu_epilogue): no GELU forward pass (the step compiled for an H200,
+# zoo.ops.gelu.gelu_epilogue): no GELU forward pass (the step compiled for an H200,
 # 2026-11-27: 9.7 GB fewer bytes in fusions, 4.8 GB more written by the fc matmuls), alone and
 # with separate q/k/v (the fewest bytes of all: 82.5 GB + 4.8 to bf16-logits' 104.3)
 GELU_EPILOGUE = ("bf16-logits-gelu-epilogue", dict(f32_logits=False, gelu="epilogue"))

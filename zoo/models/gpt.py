@@ -34,7 +34,8 @@ import numpy as np
 
 from zoo.errors import ConfigError, DataError, unknown
 from zoo.models.base import ModelDef
-from zoo.nn.transformer import GELU_FORMS, GELU_GRADS, INIT_STD, LAYER_NORMS, QKV_MODES, Stack, init_caches
+from zoo.nn.transformer import INIT_STD, LAYER_NORMS, QKV_MODES, Stack, init_caches
+from zoo.ops.gelu import GELU_FORMS, GELU_GRADS
 from zoo.ops import losses, sampling
 from zoo.ops.precision import dot_f32
 from zoo.ops.attention import IMPLEMENTATIONS
@@ -67,7 +68,7 @@ class GPTConfig:
     lora_alpha: float = 16.0
     prompt_len: int = 16
     qkv: str = "fused"            # attention's q/k/v projections: fused | fused-split-grad | separate (same params)
-    gelu: str = "tanh"            # the MLP's GELU formula: tanh | sigmoid | epilogue (the same function, zoo.nn.transformer.bias_gelu)
+    gelu: str = "tanh"            # the MLP's GELU formula: tanh | sigmoid | epilogue (the same function, zoo.ops.gelu.bias_gelu)
     layer_norm: str = "auto"      # auto | xla | pallas: each residual add inside the next layer norm's kernel (zoo.ops.layer_norm; auto: pallas on an NVIDIA GPU, else xla)
     logsumexp: str = "auto"       # auto | xla | pallas: the loss's logsumexp in one kernel's pass over the logits (zoo.ops.logsumexp; auto as layer_norm's)
     xent: str = "logits"          # logits | fused: the training loss with the output layer inside (zoo.ops.losses.linear_cross_entropy: the logits never read in the backward)

@@ -37,7 +37,7 @@ import numpy as np
 from zoo.errors import ConfigError, DataError
 from zoo.nn.dense import Dense
 from zoo.nn.embeddings import timestep_embedding  # noqa: F401  (public here too)
-from zoo.nn.transformer import gelu_tanh
+from zoo.ops.gelu import gelu_tanh
 from zoo.ops.attention import dot_product_attention
 
 FREQ_DIM = 256      # G: timestep frequency embedding size (official TimestepEmbedder)

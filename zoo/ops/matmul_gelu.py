@@ -14,7 +14,7 @@ sums, summed over the row blocks after (the bias gradient). Measured on an H200 
 benchmarks/scripts/pallas_kernels.py `mlp-dgelu`): at its best tiling level with XLA's form
 (0.99x), 0.34-0.59x at the others; in the GPT step it lost 10% (GPTConfig.gelu_grad "pallas").
 
-GELU is the tanh approximation (GPT-2's; zoo.nn.transformer.gelu_epilogue's), its derivative in
+GELU is the tanh approximation (GPT-2's; zoo.ops.gelu.gelu_epilogue's), its derivative in
 closed form in float32: 0.5 (1 + t) + 0.5 z (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 z^2), with
 t = tanh(sqrt(2/pi) (z + 0.044715 z^3)).
 
