@@ -7,7 +7,7 @@ import flax.linen as nn
 
 
 class Dense(nn.Dense):
-    """flax.linen.Dense (same params, init and values) with the 2-D matmul of `matmul`."""
+    """flax.linen.Dense (same params, init and values) with the 2-D matmul of zoo.ops.linear.matmul."""
 
     def __call__(self, inputs):
         y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))

@@ -1,4 +1,4 @@
-"""GPT-2's GELU (tanh approximation, Hendrycks & Gimpel 2016, eq. in Sec. 2) as pure functions, in
+"""GPT-2's GELU (Hendrycks & Gimpel 2016, Sec. 2: the tanh approximation) as pure functions, in
 the forms a train step on a GPU wants: with the bias add inside (bias_gelu_tanh, bias_gelu_sigmoid:
 one pass over the matmul's output, the derivative recomputed in closed form in the backward),
 written as XLA folds it into a cuBLASLt matmul's epilogue (gelu_epilogue), and with the proj matmul
