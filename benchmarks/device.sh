@@ -44,7 +44,8 @@
 # which names the table's fusions. The log is OUTDIR/log-PART.txt (commas in PART become '_': a
 # returned file's name may hold no comma).
 # Runs the tree as is (PYTHONPATH, no install); Python packages the machine lacks or holds in other
-# versions travel as wheels in .whl/ (flax, optax, chex, ml_collections, diffusers) and go to
+# versions travel as wheels in .whl/ (ml_collections, nvidia-cudnn-frontend for zoo.ops.cudnn_direct; flax,
+# optax, chex, diffusers where the image's differ) and go to
 # /tmp/site. Each benchmark has its own time limit, prints its rows as each case finishes (into
 # OUTDIR/log-PART.txt) and writes OUTDIR/NAME-gpu.json when it completes (until then, and where a
 # limit cuts it, its finished rows are in OUTDIR/NAME-gpu.json.partial.jsonl, the header first).
@@ -52,21 +53,23 @@ set -u
 [ $# -ge 2 ] || { echo "usage: bash benchmarks/device.sh a|b|c|d|STEPS OUTDIR [SHA]" >&2; exit 2; }
 part=$1 out=$2
 case $part in
-  a) steps=tests,dispatch ;;
+  a) steps=cudnn,tests,dispatch ;;
   b) steps=gpt_step,pallas ;;
   c) steps=diffusion,gibbs ;;
   d) steps=attention ;;
   *) steps=$part ;;
 esac
 for step in ${steps//,/ }; do
-  case $step in tests|gibbs|gibbs-cublas|attention|attention-s1024-cmdbuf|plans|dispatch|gelu|pallas|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
-    *) echo "device.sh: unknown PART or step '$step' (a, b, c, d, or a comma list of: tests gibbs gibbs-cublas attention attention-s1024-cmdbuf plans dispatch gelu pallas gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
+  case $step in cudnn|tests|gibbs|gibbs-cublas|attention|attention-s1024-cmdbuf|plans|dispatch|gelu|pallas|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
+    *) echo "device.sh: unknown PART or step '$step' (a, b, c, d, or a comma list of: cudnn tests gibbs gibbs-cublas attention attention-s1024-cmdbuf plans dispatch gelu pallas gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
   esac
 done
 export ZOO_GIT_SHA=${3:-unknown} ZOO_PROFILE=1 ZOO_PROFILE_DIR=$2 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
 export ZOO_COMPILATION_CACHE=""  # nothing to reuse on a fresh machine
 log=$out/log-${part//,/_}.txt
 mkdir -p "$out"
+# step cudnn's verdict (an earlier part's, same OUTDIR): the direct cuDNN call failed its check
+[ -f "$out/cudnn-direct-off" ] && export ZOO_CUDNN_DIRECT=0
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >>"$log" 2>&1 || { echo "wheel install failed"; tail -20 "$log"; exit 1; }
@@ -119,15 +122,27 @@ nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu
 clocks=$!
 trap 'kill $clocks 2>/dev/null' EXIT
 # zoo bench attention: the unfused rows (each measured on the 2026-11-25/26 leases) are left out
-# for the time (and zoo-cudnn: on a GPU it is what zoo-auto runs)
+# for the time (and zoo-cudnn: zoo-auto runs it, its forwards through zoo.ops.cudnn_direct where
+# that builds; part a's dispatch times the S1024 forwards of both beside PyTorch's)
 export ZOO_ATTENTION_SKIP=${ZOO_ATTENTION_SKIP-zoo-cudnn,zoo-reference,zoo-xla,zoo-chunked,torch-sdpa-math,torch-sdpa-efficient}
 for step in ${steps//,/ }; do
   case $step in
+    cudnn)  # zoo.ops.cudnn_direct (auto's GPU forward where it builds): built once per machine and
+      # checked against JAX's cuDNN call in a process of its own; if that fails or crashes, the rest
+      # of the lease runs with it off (ZOO_CUDNN_DIRECT=0: auto is JAX's cuDNN call, as before)
+      echo "=== cudnn-direct check $(date -u +%T)" | tee -a "$log"
+      capped 150 python3 benchmarks/scripts/cudnn_direct_check.py 2>&1 \
+        | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log"
+      if [ "${PIPESTATUS[0]}" != 0 ]; then
+        touch "$out/cudnn-direct-off"
+        export ZOO_CUDNN_DIRECT=0
+        echo "=== cudnn-direct off for the rest of the lease" | tee -a "$log"
+      fi ;;
     tests)
       echo "=== GPU tests $(date -u +%T)" | tee -a "$log"
       capped 90 env JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_attention.py \
         tests/nn/test_dense.py tests/ops/test_layer_norm.py tests/ops/test_logsumexp.py tests/ops/test_linear_xent.py \
-        tests/ops/test_matmul_gelu.py 2>&1 \
+        tests/ops/test_matmul_gelu.py tests/ops/test_cudnn_direct.py 2>&1 \
         | tail -5 | tee -a "$log" ;;
     gibbs) bench gibbs 120 ;;
     gibbs-cublas) bench gibbs 90 -cublas "$CUBLAS" ;;

@@ -2,7 +2,8 @@
 # A lease's GPU runs as one command: the device tool's one call of at most 600 s, on a machine that
 # goes back 30 s after a call (a second call would likely pay a second start of the 15 minutes).
 #   bash benchmarks/lease.sh OUTDIR [SHA] [BUDGET_S]
-# Runs benchmarks/device.sh part a (the GPU tests, the S1024 attention dispatch; ~55 s expected),
+# Runs benchmarks/device.sh part a (zoo.ops.cudnn_direct built and checked, ~40 s the first time,
+# with the cuDNN frontend's wheel in .whl; the GPU tests; the S1024 attention dispatch; ~100 s),
 # part b (`zoo bench gpt_step`'s first three runs, the torch.compile'd PyTorch peer second, then
 # the Pallas kernels alone at several tilings; 330 s by its limits), then part d (`zoo bench
 # attention`'s full set, full then causal; ~180 s), each cut at what is left of BUDGET_S

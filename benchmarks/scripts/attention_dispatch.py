@@ -4,9 +4,10 @@ On the 2026-11-27 H200 lease attention_plans.py showed JAX's and PyTorch's cuDNN
 the same cuDNN 9.19 engines at the same speed (S4096 forward 0.803 vs 0.804 ms; S16384 12.35 vs
 12.82 ms), while `zoo bench attention` timed the zoo's forward at 0.86-0.90x PyTorch's (S16384:
 ~15.9 ms per call vs ~13.6). This times, in one process and interleaved, wall time per call over
-n calls dispatched back to back then one wait (the benchmark's method) for: the zoo's auto
-(jax.nn's cuDNN path, what the benchmark times), JAX's cuDNN called directly, and PyTorch's cuDNN
-SDPA; then profiles three back-to-back calls of each JAX program: kernel time vs first kernel to
+n calls dispatched back to back then one wait (the benchmark's method) for: the zoo's auto (what
+the benchmark times: on a GPU its forward is zoo.ops.cudnn_direct's call where that builds),
+the zoo's "cudnn" (jax.nn's cuDNN path, through XLA's cuDNN thunk), JAX's cuDNN function called
+without jax.nn, and PyTorch's cuDNN SDPA; then profiles three back-to-back calls of each JAX program: kernel time vs first kernel to
 last says whether the device waits between or inside calls.
 The thirteenth session's lease (2026-11-27) left the S1024 forwards as the gap (0.84x full, 0.79x
 causal), where the zoo's program runs three memsets per attention call to PyTorch's one (1 us);
@@ -115,9 +116,9 @@ def main():
         zoo = lambda q, k, v: dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
         runs = {
             "zoo-auto": jax_runner(zoo, q, k, v),
-            "jax-nn-cudnn": jax_runner(lambda q, k, v: jax.nn.dot_product_attention(
+            "zoo-cudnn": jax_runner(lambda q, k, v: dot_product_attention(
                 q, k, v, is_causal=causal, implementation="cudnn"), q, k, v),
-            "jax-cudnn-direct": jax_runner(lambda q, k, v: cudnn_attention(
+            "jax-cudnn-private": jax_runner(lambda q, k, v: cudnn_attention(
                 q, k, v, scale=D ** -0.5, mask_type=MaskType.CAUSAL if causal else MaskType.NO_MASK), q, k, v),
         }
         if torch is not None:
@@ -137,7 +138,7 @@ def main():
             t = statistics.median(ts)
             print(f"S{S} {mask} fwd n={n}: {name:18s} {t * 1e3:8.3f} ms per call  {flops / t / 1e12:6.1f} TFLOP/s",
                   flush=True)
-        for name in ("zoo-auto", "jax-cudnn-direct"):
+        for name in ("zoo-auto", "zoo-cudnn"):
             if name not in runs or jax.default_backend() != "gpu":
                 continue
             try:

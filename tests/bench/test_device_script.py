@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = """#!/bin/bash
-echo "$* |MASKS=${ZOO_ATTENTION_MASKS:-}|LENGTHS=${ZOO_ATTENTION_LENGTHS:-}|RUNS=${ZOO_GPT_STEP_RUNS:-}|XLA=${XLA_FLAGS:-}|DIR=${ZOO_PROFILE_DIR:-}|SKIP=${ZOO_ATTENTION_SKIP:-}" >> "$CALLS"
+echo "$* |MASKS=${ZOO_ATTENTION_MASKS:-}|LENGTHS=${ZOO_ATTENTION_LENGTHS:-}|RUNS=${ZOO_GPT_STEP_RUNS:-}|XLA=${XLA_FLAGS:-}|DIR=${ZOO_PROFILE_DIR:-}|SKIP=${ZOO_ATTENTION_SKIP:-}|CUDNN=${ZOO_CUDNN_DIRECT:-}" >> "$CALLS"
+if [[ "$*" == *cudnn_direct_check.py* && -n "${FAKE_CUDNN_FAIL:-}" ]]; then exit 1; fi
 if [[ "$*" == *"bench attention"* && -n "${FAKE_SLEEP:-}" ]]; then sleep "$FAKE_SLEEP"; fi
 prev=""; for a in "$@"; do if [[ "$prev" == --out ]]; then echo '{"rows": []}' > "$a"; fi; prev=$a; done
 if [[ "$*" == *"bench attention"* && "${ZOO_ATTENTION_MASKS:-}" == causal && -z "${XLA_FLAGS:-}" ]]; then exit 3; fi
@@ -20,7 +21,7 @@ exit 0
 """
 
 
-def _run(tmp_path, part):
+def _run(tmp_path, part, **env_extra):
     if shutil.which("bash") is None:
         pytest.skip("no bash")
     bin_dir = tmp_path / "bin"
@@ -28,8 +29,9 @@ def _run(tmp_path, part):
     (bin_dir / "python3").write_text(FAKE)
     (bin_dir / "python3").chmod(0o755)
     calls = tmp_path / f"calls-{part}.txt"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls)}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), **env_extra}
     env.pop("ZOO_ATTENTION_SKIP", None)
+    env.pop("ZOO_CUDNN_DIRECT", None)
     out = subprocess.run(["bash", "benchmarks/device.sh", part, str(tmp_path / "out"), "abc123"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -45,10 +47,12 @@ def test_part_a_runs_the_tests_and_the_dispatch(tmp_path):
     assert _run(tmp_path, "a") == []  # no benchmark
     out = tmp_path / "out"
     log = (out / "log-a.txt").read_text()
-    assert log.index("=== GPU tests") < log.index("=== attention dispatch, S1024")
+    assert log.index("=== cudnn-direct check") < log.index("=== GPU tests") < log.index("=== attention dispatch, S1024")
     lines = (tmp_path / "calls-a.txt").read_text().splitlines()
+    assert sum(line.startswith("benchmarks/scripts/cudnn_direct_check.py") for line in lines) == 1
     tests = [line for line in lines if line.startswith("-m pytest -q -m gpu")]
-    assert len(tests) == 1 and "tests/ops/test_linear_xent.py tests/ops/test_matmul_gelu.py |" in tests[0]
+    assert len(tests) == 1 and "tests/ops/test_matmul_gelu.py tests/ops/test_cudnn_direct.py |" in tests[0]
+    assert tests[0].endswith("|CUDNN=") and not (out / "cudnn-direct-off").exists()
     dispatch = [line for line in lines if line.startswith("benchmarks/scripts/attention_dispatch.py")]
     assert len(dispatch) == 1 and f"--seqs 1024 --hlo-dir {out} |" in dispatch[0]
     assert any(line.startswith("benchmarks/scripts/cudnn_libs.py") for line in lines)
@@ -164,3 +168,16 @@ def test_lease_leaves_part_d_its_reserve(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "gpt_step exit 124" in (tmp_path / "out" / "log-b.txt").read_text()
     assert "bench attention" in calls.read_text()  # part d ran in its reserve
+
+
+def test_a_failed_cudnn_direct_check_turns_it_off_for_the_rest_of_the_lease(tmp_path):
+    """The check fails (or crashes) in part a: the GPU tests and the dispatch after it, and the
+    benchmarks of a later part in the same OUTDIR, run with ZOO_CUDNN_DIRECT=0."""
+    assert _run(tmp_path, "a", FAKE_CUDNN_FAIL="1") == []
+    out = tmp_path / "out"
+    assert (out / "cudnn-direct-off").exists() and "=== cudnn-direct off" in (out / "log-a.txt").read_text()
+    later = [line for line in (tmp_path / "calls-a.txt").read_text().splitlines()
+             if line.startswith(("-m pytest", "benchmarks/scripts/attention_dispatch.py"))]
+    assert len(later) == 2 and all(line.endswith("|CUDNN=0") for line in later)
+    calls = _run(tmp_path, "b")
+    assert calls and all(c.endswith("|CUDNN=0") for c in calls)

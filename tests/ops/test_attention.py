@@ -363,7 +363,7 @@ def test_additive_and_multiplicative_attention_match_numpy():
     (((2, 5, 4, 8), (2, 7, 2, 8)), dict(bias=jnp.ones((3, 4, 5, 7))), r"\(3, 4, 5, 7\)"),
     (((2, 5, 4, 8), (2, 7, 2, 8)), dict(window=(-1, 2)), r"window"),
     (((2, 5, 4, 8), (2, 7, 2, 8)), dict(implementation="chunked", block_size=0), r"block_size"),
-    (((2, 5, 4, 8), (2, 7, 2, 8)), dict(implementation="flash"), r"'flash'.*reference, xla, cudnn, chunked, blocked"),
+    (((2, 5, 4, 8), (2, 7, 2, 8)), dict(implementation="flash"), r"'flash'.*reference, xla, cudnn, cudnn-direct, chunked, blocked"),
     (((2, 5, 4, 8), (2, 7, 2, 8)), dict(implementation="blocked", bias=jnp.zeros((5, 7))), r"blocked.*not bias or mask"),
 ])
 def test_bad_arguments_raise_clear_errors(shapes, kw, match):

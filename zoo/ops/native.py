@@ -161,7 +161,7 @@ def _attrs(is_causal, window, scale, block_q, block_k, has_mask, has_bias, bias_
                 has_mask=bool(has_mask), has_bias=bool(has_bias)), bias_grad
 
 
-def _by_batch(fn, n_arrays, rule, *, n_statics=N_STATICS, n_batched=None):
+def by_batch(fn, n_arrays, rule, *, n_statics=N_STATICS, n_batched=None):
     """fn(*arrays, *statics) as custom_partitioning over the batch axis: under jit over a mesh each
     device runs the kernel on its own examples, where a custom call would otherwise be given whole,
     gathered arrays on every device. The first n_batched arrays (default: all) and every result
@@ -232,8 +232,8 @@ def _by_batch_attention(kind, bias_batched):
     bias = "b p r u" if bias_batched else "a p r u"
     n = 4 + bias_batched
     if kind == "forward":
-        return _by_batch(_forward, 5, f"{_QKV}, {_MASK}, {bias} -> b t n d, b k t g", n_batched=n)
-    return _by_batch(_backward, 8, f"{_QKV}, {_MASK}, b t n d, b k t g, b t n d, {bias} -> {_QKV}, b k e f h",
+        return by_batch(_forward, 5, f"{_QKV}, {_MASK}, {bias} -> b t n d, b k t g", n_batched=n)
+    return by_batch(_backward, 8, f"{_QKV}, {_MASK}, b t n d, b k t g, b t n d, {bias} -> {_QKV}, b k e f h",
                      n_batched=n + 3)
 
 
@@ -346,7 +346,7 @@ def _chain(v0, seeds, rows, W, b, c, keep_history, block_rows, method, gemm_only
                 method=np.int64(CHAIN_METHODS[method]), gemm_only=bool(gemm_only))
 
 
-_chain_by_batch = _by_batch(_chain, 6, "b v, b k x y, b, v h, v, h -> b o v", n_statics=4, n_batched=3)
+_chain_by_batch = by_batch(_chain, 6, "b v, b k x y, b, v h, v, h -> b o v", n_statics=4, n_batched=3)
 
 
 @functools.lru_cache(maxsize=None)

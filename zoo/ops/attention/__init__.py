@@ -7,6 +7,9 @@ n // (N // K)). Implementations, all giving the same values and gradients:
   "reference"  the readable definition: full [T, S] logits, softmax in float32.
   "xla"        jax.nn.dot_product_attention(implementation="xla").
   "cudnn"      jax.nn.dot_product_attention(implementation="cudnn"): fused flash attention on GPU.
+  "cudnn-direct"  the same cuDNN kernel's forward called directly (zoo.ops.cudnn_direct, an FFI
+               call built on first use), without the zero-fill of the output that XLA runs
+               before its own cuDNN call; gradients by "cudnn". No bias, mask or window.
   "chunked"    online softmax over key blocks in lax.scan (Rabe & Staats 2021, "Self-attention does
                not need O(n^2) memory"; Dao et al. 2022, FlashAttention, Alg. 1), with a custom_vjp
                backward that recomputes each block from the saved logsumexp (Dao et al. 2022, Alg. 2
@@ -48,6 +51,7 @@ G = N // K query heads per kv head, D head dim, H hidden size (RNN attention), A
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -55,7 +59,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from zoo.ops import native
+from zoo.ops import cudnn_direct, native
 from zoo.ops.attention import blocked, chunked, native_cpu
 from zoo.ops.attention.masks import check_inputs, masked_softmax, rows_with_keys, structural_mask, zero_empty_rows
 from zoo.ops.attention.rnn import additive_attention, multiplicative_attention
@@ -63,7 +67,7 @@ from zoo.ops.attention.rnn import additive_attention, multiplicative_attention
 __all__ = ["IMPLEMENTATIONS", "dot_product_attention", "KVCache", "init_kv_cache", "update_kv_cache",
            "decode_attention", "additive_attention", "multiplicative_attention"]
 
-IMPLEMENTATIONS = ("reference", "xla", "cudnn", "chunked", "blocked", "native")
+IMPLEMENTATIONS = ("reference", "xla", "cudnn", "cudnn-direct", "chunked", "blocked", "native")
 
 
 # ------------------------------------------------------------------------------------ reference
@@ -111,6 +115,33 @@ def _cudnn_applies(q, k) -> bool:
             and k.dtype == q.dtype and D <= 128 and D % 8 == 0)
 
 
+# ---------------------------------------------------------------------------------- cudnn-direct
+# The forward by cuDNN called directly (zoo.ops.cudnn_direct: no zero-fill of the output before
+# the kernel, which XLA's own cuDNN call does), the gradients by JAX's cuDNN call: differentiated,
+# the custom_vjp's forward is "cudnn" itself (jax.vjp), so a train step runs exactly the "cudnn"
+# program, and only undifferentiated forwards (inference, sampling, evaluation) take the direct call.
+DIRECT_GRAD = "cudnn"  # what differentiates "cudnn-direct" (read when tracing)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _direct(q, k, v, is_causal, scale):
+    return cudnn_direct.attention_forward(q, k, v, scale=scale, is_causal=is_causal)
+
+
+def _direct_fwd(q, k, v, is_causal, scale):
+    return jax.vjp(lambda q, k, v: _jax_nn(q, k, v, None, None, is_causal, None, scale, DIRECT_GRAD), q, k, v)
+
+
+def _direct_bwd(is_causal, scale, vjp, g):
+    return vjp(g)
+
+
+_direct.defvjp(_direct_fwd, _direct_bwd)
+
+
+def _direct_applies(q, k, v, bias, mask, window) -> bool:
+    return _cudnn_applies(q, k) and v.dtype == q.dtype and bias is None and mask is None and window is None
+
 
 # ---------------------------------------------------------------------------------------- public
 
@@ -150,12 +181,13 @@ def _per_example(q, k, v, scale):
     return lax.map(one, (q, k, v))
 
 
-def _auto(q, k, bias, mask, is_causal, window):
-    """cuDNN where it applies; on CPU the C++ kernel ("native") where it applies and builds, else
+def _auto(q, k, bias, mask, is_causal, window, v=None):
+    """cuDNN where it applies (called directly where zoo.ops.cudnn_direct builds and there is no
+    bias, mask or window; else through JAX); on CPU the C++ kernel ("native") where it applies and builds, else
     "blocked" (or "chunked" with query blocks when there is a bias or mask) once the logits
     outgrow the caches; else "xla", or "chunked" once the full logits would be huge."""
     if _cudnn_applies(q, k):
-        return "cudnn"
+        return "cudnn-direct" if _direct_applies(q, k, k if v is None else v, bias, mask, window) and cudnn_direct.available() else "cudnn"
     B, T, N, _ = q.shape
     S = k.shape[1]
     if jax.default_backend() == "cpu" and T * S >= CPU_NATIVE_MIN_LOGITS and native_cpu.applies(q) and native.available():
@@ -180,7 +212,8 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
     mask: bool, broadcastable to [B, N, T, S], True = attend (a key padding mask [B, S] is
     mask[:, None, None, :]). bias: additive, broadcastable to [B, N, T, S]. window: (left, right)
     or an int for both. scale defaults to 1/sqrt(D). implementation: one of IMPLEMENTATIONS or None
-    (auto: cuDNN on GPU for fp16/bf16; on CPU "native", a C++ FlashAttention kernel built on first
+    (auto: cuDNN on GPU for fp16/bf16, called directly ("cudnn-direct") where zoo.ops.cudnn_direct
+    builds and there is no bias, mask or window; on CPU "native", a C++ FlashAttention kernel built on first
     use (zoo.ops.native), for head dims that are a multiple of 16 and T * S >=
     4096; else one example at a time for unmasked heads of D <= 16, and when T, S >= 256 "blocked"
     (no bias or mask) or "chunked" with query blocks; else "xla", or "chunked" when the
@@ -199,7 +232,7 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ValueError(f"{name} must be a positive int; got {size!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    impl = implementation or _auto(q, k, bias, mask, is_causal, window)
+    impl = implementation or _auto(q, k, bias, mask, is_causal, window, v)
     if impl == "per-example-cpu":
         return _per_example(q, k, v, scale)
     if impl == "chunked-cpu":
@@ -218,6 +251,17 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
             raise RuntimeError(f'implementation "native" is not available here: {native.unavailable_reason()}')
         sizes = (q_block_size, block_size) if implementation else (None, None)  # auto: measured sizes
         return native_cpu.attention(q, k, v, bias, mask, is_causal, window, scale, *sizes)
+    if impl == "cudnn-direct":
+        if not _direct_applies(q, k, v, bias, mask, window):
+            raise ValueError('implementation "cudnn-direct" takes bfloat16 / float16 q, k, v with a head dim '
+                             '<= 128 and a multiple of 8 on a GPU, and is_causal only (no bias, mask or '
+                             f'window); got {q.dtype} D={q.shape[-1]} on {jax.default_backend()}; use "cudnn" '
+                             'or None (auto)')
+        if not cudnn_direct.available():
+            raise RuntimeError(f'implementation "cudnn-direct" is not available here: {cudnn_direct.unavailable_reason()}')
+        if not isinstance(scale, (int, float)):  # a traced scale: into q, where autodiff sees it
+            q, scale = q * scale, 1.0
+        return _direct(q, k, v, bool(is_causal), float(scale))
     if impl == "reference":
         return _reference(q, k, v, bias, mask, is_causal, window, scale)
     if impl == "chunked":

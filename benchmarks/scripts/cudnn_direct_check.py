@@ -1,0 +1,52 @@
+"""zoo.ops.cudnn_direct on a lent GPU before anything else uses it: the build (timed), the load,
+and one forward per case against JAX's own cuDNN call (the same kernel, through XLA). Exit 0
+when it is available and agrees, 1 when not (benchmarks/device.sh then turns it off for the rest
+of the lease with ZOO_CUDNN_DIRECT=0, so auto runs JAX's cuDNN call as before it existed); a
+crash exits non-zero too.
+Run (GPU): python benchmarks/scripts/cudnn_direct_check.py"""
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from zoo.ops import cudnn_direct
+from zoo.ops.attention import dot_product_attention
+
+# (B, N, K, S, D, causal): the benchmark's S1024 shapes, and grouped heads with T != S
+CASES = ((4, 16, 16, 1024, 128, False), (4, 16, 16, 1024, 128, True), (2, 8, 2, 384, 64, True))
+
+
+def main() -> int:
+    t = time.perf_counter()
+    try:
+        path = cudnn_direct.build()
+    except cudnn_direct.Unavailable as e:
+        print(f"cudnn-direct: not built: {e}", flush=True)
+        return 1
+    print(f"cudnn-direct: {path} ready in {time.perf_counter() - t:.1f} s", flush=True)
+    if not cudnn_direct.available():
+        print(f"cudnn-direct: unavailable: {cudnn_direct.unavailable_reason()}", flush=True)
+        return 1
+    print(f"cudnn-direct: loaded, cuDNN {cudnn_direct._state['version']}, jax {jax.__version__} {jax.devices()}",
+          flush=True)
+    ok = True
+    for B, N, K, S, D, causal in CASES:
+        T = S if K == N else S // 2
+        keys = jax.random.split(jax.random.key(S + causal), 3)
+        q = jax.random.normal(keys[0], (B, T, N, D), jnp.bfloat16)
+        k, v = (jax.random.normal(key, (B, S, K, D), jnp.bfloat16) for key in keys[1:])
+        outs = {impl: jax.jit(lambda q, k, v, impl=impl: dot_product_attention(
+            q, k, v, is_causal=causal, implementation=impl))(q, k, v).astype(jnp.float32)
+            for impl in ("cudnn-direct", "cudnn")}
+        err = float(jnp.max(jnp.abs(outs["cudnn-direct"] - outs["cudnn"])))
+        scale = float(jnp.max(jnp.abs(outs["cudnn"])))
+        good = err <= 1e-2 * max(scale, 1.0)
+        ok &= good
+        print(f"cudnn-direct: B{B} T{T} S{S} N{N} K{K} D{D} {'causal' if causal else 'full'}: max |direct - cudnn| "
+              f"{err:.3g} (outputs up to {scale:.3g}) {'ok' if good else 'MISMATCH'}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
