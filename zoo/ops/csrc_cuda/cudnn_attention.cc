@@ -21,6 +21,7 @@
 #define NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING
 #define CUDNN_FRONTEND_SKIP_JSON_LIB
 
+#include <cuda.h>
 #include <dlfcn.h>
 
 #include <cstdint>
@@ -56,6 +57,33 @@ std::unordered_map<int32_t, cudnnHandle_t> handles;  // one per device
 std::unordered_map<std::string, std::shared_ptr<Plan>> plans;
 
 std::string fe_error(fe::error_t e) { return e.get_message(); }
+
+// The stream's CUDA context made current for the call (cuDNN's handle is created on, and its
+// plans built for, the current device; XLA's thread need not have the stream's device current),
+// through the driver library that is always loaded where a GPU runs.
+class StreamContext {
+ public:
+  explicit StreamContext(cudaStream_t stream) {
+    static void *driver = dlopen("libcuda.so.1", RTLD_NOW);
+    using GetCtx = CUresult (*)(CUstream, CUcontext *);
+    using Push = CUresult (*)(CUcontext);
+    static auto get_ctx = driver ? reinterpret_cast<GetCtx>(dlsym(driver, "cuStreamGetCtx")) : nullptr;
+    static auto push = driver ? reinterpret_cast<Push>(dlsym(driver, "cuCtxPushCurrent")) : nullptr;
+    pop_ = driver ? reinterpret_cast<Pop>(dlsym(driver, "cuCtxPopCurrent")) : nullptr;
+    CUcontext ctx = nullptr;
+    pushed_ = get_ctx && push && pop_ && get_ctx(reinterpret_cast<CUstream>(stream), &ctx) == CUDA_SUCCESS &&
+              push(ctx) == CUDA_SUCCESS;
+  }
+  ~StreamContext() {
+    CUcontext ctx;
+    if (pushed_) pop_(&ctx);
+  }
+
+ private:
+  using Pop = CUresult (*)(CUcontext *);
+  Pop pop_ = nullptr;
+  bool pushed_ = false;
+};
 
 // The graph for these shapes: q [B, T, N, D], k/v [B, S, K, D], o like q, as cuDNN's (b, h, s, d)
 // dims with the zoo's strides.
@@ -115,6 +143,7 @@ ffi::Error Forward(cudaStream_t stream, ffi::ScratchAllocator scratch, int32_t d
   const int64_t B = qd[0], T = qd[1], N = qd[2], D = qd[3], S = kd[1], K = kd[2];
 
   std::lock_guard<std::mutex> lock(mu);
+  StreamContext context(stream);
   auto found = handles.find(device);
   if (found == handles.end()) {
     cudnnHandle_t h = nullptr;
