@@ -134,3 +134,26 @@ def test_direct_call_matches_the_reference_and_cudnn_on_the_device():
         for g, r in zip(jax.grad(loss("cudnn-direct"), (0, 1, 2))(q, k, v), jax.grad(loss("cudnn"), (0, 1, 2))(q, k, v)):
             np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))
         assert A._auto(q, k, None, None, causal, None, v) == "cudnn-direct"
+
+
+def test_compiles_for_an_h200_to_the_one_custom_call(monkeypatch):
+    """With JAX's CUDA plugin and the headers here (no GPU): the forward, batch-partitioned, compiles
+    for an H200 to one custom call of this target and nothing around it (no copy, no memset)."""
+    from tests.bench.test_hlo import CUDA_PLUGIN
+    from zoo.bench import hlo
+
+    if not CUDA_PLUGIN:
+        pytest.skip("needs JAX's CUDA plugin (jax-cuda13-plugin), not a GPU")
+    try:
+        cudnn_direct.include_dirs()
+    except cudnn_direct.Unavailable as e:
+        pytest.skip(str(e))
+    lib = ctypes.CDLL(str(cudnn_direct.build()))
+    jax.ffi.register_ffi_target(cudnn_direct.TARGET, jax.ffi.pycapsule(lib.ZooCudnnAttentionForward), platform="CUDA")
+    q = jax.ShapeDtypeStruct((4, 1024, 16, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((4, 512, 4, 128), jnp.bfloat16)
+    text = hlo.compile_for_gpu(lambda q, k, v: cudnn_direct._forward_by_batch(q, k, v, 0.125, True), q, kv, kv).as_text()
+    entry = text[text.index("ENTRY"):]
+    ops = [line.split("=", 1)[1].split("(")[0].split()[-1] for line in entry.splitlines()[1:] if " = " in line]
+    assert ops == ["parameter", "parameter", "parameter", "custom-call"], ops
+    assert f'custom_call_target="{cudnn_direct.TARGET}"' in entry and "bf16[4,1024,16,128]" in entry
