@@ -26,6 +26,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -123,8 +124,9 @@ ffi::ErrorOr<std::shared_ptr<Plan>> build(cudnnHandle_t handle, fe::DataType_t d
   return plan;
 }
 
-ffi::Error Forward(cudaStream_t stream, ffi::ScratchAllocator scratch, int32_t device, ffi::AnyBuffer q,
-                   ffi::AnyBuffer k, ffi::AnyBuffer v, float scale, bool is_causal, ffi::Result<ffi::AnyBuffer> o) {
+ffi::Error ForwardImpl(cudaStream_t stream, ffi::ScratchAllocator &scratch, int32_t device, ffi::AnyBuffer q,
+                       ffi::AnyBuffer k, ffi::AnyBuffer v, float scale, bool is_causal,
+                       ffi::Result<ffi::AnyBuffer> &o) {
   auto qd = q.dimensions(), kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || v.dimensions().size() != 4) {
     return ffi::Error::InvalidArgument("q, k, v must be [B, T, N, D], [B, S, K, D], [B, S, K, D]");
@@ -186,6 +188,18 @@ ffi::Error Forward(cudaStream_t stream, ffi::ScratchAllocator scratch, int32_t d
   auto status = plan.graph->execute(handle, pointers, workspace);
   if (status.is_bad()) return ffi::Error::Internal("cuDNN SDPA execute: " + fe_error(status));
   return ffi::Error::Success();
+}
+
+// An exception must not cross into XLA (the frontend throws where it cannot load a CUDA library).
+ffi::Error Forward(cudaStream_t stream, ffi::ScratchAllocator scratch, int32_t device, ffi::AnyBuffer q,
+                   ffi::AnyBuffer k, ffi::AnyBuffer v, float scale, bool is_causal, ffi::Result<ffi::AnyBuffer> o) {
+  try {
+    return ForwardImpl(stream, scratch, device, q, k, v, scale, is_causal, o);
+  } catch (const std::exception &e) {
+    return ffi::Error::Internal(std::string("cuDNN attention: ") + e.what());
+  } catch (...) {
+    return ffi::Error::Internal("cuDNN attention: an unknown C++ exception");
+  }
 }
 
 }  // namespace
