@@ -28,10 +28,7 @@ import ctypes
 import hashlib
 import importlib.util
 import os
-import subprocess
 import sys
-import tempfile
-import threading
 from pathlib import Path
 
 import jax
@@ -47,7 +44,6 @@ HEADERS = {"cuda.h": "the CUDA toolkit (CUDA_HOME) or `pip install nvidia-cuda-r
            "cudnn.h": "`pip install nvidia-cudnn-cu13` (JAX's CUDA plugin brings it)",
            "cudnn_frontend.h": "`pip install nvidia-cudnn-frontend`"}
 
-_lock = threading.Lock()
 _state: dict = {}  # "lib" and "version", or "error": why not
 
 
@@ -95,37 +91,15 @@ def _flags(includes) -> list[str]:
 
 
 def build(cxx: str | None = None) -> Path:
-    """The compiled library's path, compiling it first if the cache lacks it."""
-    cxx = cxx or native._compiler()
-    if not cxx:
-        raise Unavailable("no C++ compiler found (set CXX, or install g++)")
+    """The compiled library's path, compiling it first if the cache lacks it (~30 s)."""
     includes = include_dirs()
-    try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise Unavailable(f"C++ compiler {cxx!r} does not run: {e}") from e
+    cxx, version = native.compiler_version(cxx, Unavailable)
     versions = [Path(d, h).read_text(errors="replace") for d in includes[1:]
                 for h in ("cudnn_version.h", "cudnn_frontend_version.h") if Path(d, h).is_file()]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, " ".join(_flags(includes)),
                                     *versions, jax.__version__]).encode()).hexdigest()[:16]
-    out = native.cache_dir() / f"cudnn-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"zoo: compiling the direct cuDNN attention call ({SOURCE.name}) with {cxx} (once per "
-          f"machine, ~30 s) into {out.parent}", file=sys.stderr, flush=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # then an atomic rename, as native's
-    os.close(fd)
-    try:
-        r = subprocess.run([cxx, *_flags(includes), str(SOURCE), "-o", tmp, "-ldl"],
-                           capture_output=True, text=True, timeout=900)
-        if r.returncode:
-            raise Unavailable(f"compiling {SOURCE.name} with {cxx} failed:\n{r.stderr[-3000:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return native.compile_into_cache(cxx, _flags(includes), [SOURCE], native.cache_dir() / f"cudnn-{key}.so",
+                                     "the direct cuDNN attention call", Unavailable, libs=("-ldl",))
 
 
 def _cudnn_library() -> str:
@@ -134,30 +108,25 @@ def _cudnn_library() -> str:
                  if (d / "libcudnn.so.9").is_file()), "")
 
 
+def _open():
+    if os.environ.get("ZOO_CUDNN_DIRECT", "1") == "0":
+        raise Unavailable("turned off by ZOO_CUDNN_DIRECT=0")
+    if not _pallas.on_cuda_gpu():
+        raise Unavailable(f"needs an NVIDIA GPU (JAX's default backend is {jax.default_backend()!r})")
+    lib = ctypes.CDLL(str(build()))
+    error = ctypes.create_string_buffer(1024)
+    lib.zoo_cudnn_init.restype = ctypes.c_int64
+    version = lib.zoo_cudnn_init(_cudnn_library().encode(), error, ctypes.c_int64(len(error)))
+    if not version:
+        raise Unavailable(error.value.decode(errors="replace"))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.ZooCudnnAttentionForward), platform="CUDA")
+    _state["version"] = version
+    return lib
+
+
 def load():
     """Build (if needed), load and register the call once per process; Unavailable if not."""
-    with _lock:
-        if "lib" in _state:
-            return _state["lib"]
-        if "error" in _state:
-            raise Unavailable(_state["error"])
-        try:
-            if os.environ.get("ZOO_CUDNN_DIRECT", "1") == "0":
-                raise Unavailable("turned off by ZOO_CUDNN_DIRECT=0")
-            if not _pallas.on_cuda_gpu():
-                raise Unavailable(f"needs an NVIDIA GPU (JAX's default backend is {jax.default_backend()!r})")
-            lib = ctypes.CDLL(str(build()))
-            error = ctypes.create_string_buffer(1024)
-            lib.zoo_cudnn_init.restype = ctypes.c_int64
-            version = lib.zoo_cudnn_init(_cudnn_library().encode(), error, ctypes.c_int64(len(error)))
-            if not version:
-                raise Unavailable(error.value.decode(errors="replace"))
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.ZooCudnnAttentionForward), platform="CUDA")
-        except (Unavailable, OSError, AttributeError) as e:
-            _state["error"] = str(e)
-            raise Unavailable(str(e)) from e
-        _state["lib"], _state["version"] = lib, version
-        return lib
+    return native.load_once(_state, _open, Unavailable)
 
 
 def available() -> bool:

@@ -56,7 +56,7 @@ TARGETS = {"zoo_attention_forward": "ZooAttentionForward",
            "zoo_attention_backward": "ZooAttentionBackward",
            "zoo_gibbs_chain": "ZooGibbsChain"}
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # load_once (re-entrant: a loader may load another library)
 _state: dict = {}  # "lib": the loaded library, or "error": why not
 
 
@@ -88,32 +88,33 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
-def build(cxx: str | None = None) -> Path:
-    """The compiled library's path, compiling it first if the cache lacks it."""
+def compiler_version(cxx: str | None, error: type[Exception]) -> tuple[str, str]:
+    """(the compiler, what `--version` prints); `error` where there is none or it does not run."""
     cxx = cxx or _compiler()
     if not cxx:
-        raise NativeUnavailable("no C++ compiler found (set CXX, or install g++)")
+        raise error("no C++ compiler found (set CXX, or install g++)")
     try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+        return cxx, subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        raise NativeUnavailable(f"C++ compiler {cxx!r} does not run: {e}") from e
-    texts = [f.read_text() for f in sorted(CSRC.iterdir()) if f.suffix in (".cc", ".h")]
-    key = hashlib.sha256("\0".join([*texts, cxx, version, " ".join(_flags()),
-                                    jax.__version__, _cpu_id()]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"kernels-{key}.so"
+        raise error(f"C++ compiler {cxx!r} does not run: {e}") from e
+
+
+def compile_into_cache(cxx: str, args: list[str], sources: list[Path], out: Path, note: str,
+                       error: type[Exception], libs: tuple[str, ...] = ()) -> Path:
+    """`cxx args sources -o out libs` unless `out` exists: into a temporary file, then an atomic rename,
+    so parallel builds (test workers) cannot clash; `error` with the compiler's message if it fails."""
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"zoo: compiling the native kernels ({', '.join(SOURCES)}) with {cxx} (once per machine, "
-          f"~10 s) into {out.parent}",
+    names = ", ".join(f.name for f in sources)
+    print(f"zoo: compiling {note} ({names}) with {cxx} (once per machine) into {out.parent}",
           file=sys.stderr, flush=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # then an atomic rename: parallel
-    os.close(fd)                                              # builds (test workers) cannot clash
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
     try:
-        r = subprocess.run([cxx, *_flags(), *(str(CSRC / f) for f in SOURCES), "-o", tmp],
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run([cxx, *args, *map(str, sources), "-o", tmp, *libs], capture_output=True, text=True, timeout=900)
         if r.returncode:
-            raise NativeUnavailable(f"compiling {', '.join(SOURCES)} with {cxx} failed:\n{r.stderr[-3000:]}")
+            raise error(f"compiling {names} with {cxx} failed:\n{r.stderr[-3000:]}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -121,24 +122,44 @@ def build(cxx: str | None = None) -> Path:
     return out
 
 
+def load_once(state: dict, open_library, error: type[Exception]):
+    """open_library() once per process: its library kept in state["lib"]; its failure (`error`, or
+    the loader's OSError / AttributeError) kept as state["error"] and raised again as `error`."""
+    with _lock:
+        if "lib" in state:
+            return state["lib"]
+        if "error" in state:
+            raise error(state["error"])
+        try:
+            state["lib"] = open_library()
+        except (error, OSError, AttributeError) as e:
+            state["error"] = str(e)
+            raise error(str(e)) from e
+        return state["lib"]
+
+
+def build(cxx: str | None = None) -> Path:
+    """The compiled library's path, compiling it first if the cache lacks it (~10 s)."""
+    cxx, version = compiler_version(cxx, NativeUnavailable)
+    texts = [f.read_text() for f in sorted(CSRC.iterdir()) if f.suffix in (".cc", ".h")]
+    key = hashlib.sha256("\0".join([*texts, cxx, version, " ".join(_flags()),
+                                    jax.__version__, _cpu_id()]).encode()).hexdigest()[:16]
+    return compile_into_cache(cxx, _flags(), [CSRC / f for f in SOURCES], cache_dir() / f"kernels-{key}.so",
+                              "the native kernels", NativeUnavailable)
+
+
+def _open():
+    if os.environ.get("ZOO_NATIVE", "1") == "0":
+        raise NativeUnavailable("turned off by ZOO_NATIVE=0")
+    lib = ctypes.CDLL(str(build()))
+    for name, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return lib
+
+
 def load():
     """Build (if needed), load and register the kernels once per process; NativeUnavailable if not."""
-    with _lock:
-        if "lib" in _state:
-            return _state["lib"]
-        if "error" in _state:
-            raise NativeUnavailable(_state["error"])
-        try:
-            if os.environ.get("ZOO_NATIVE", "1") == "0":
-                raise NativeUnavailable("turned off by ZOO_NATIVE=0")
-            lib = ctypes.CDLL(str(build()))
-            for name, symbol in TARGETS.items():
-                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-        except (NativeUnavailable, OSError, AttributeError) as e:
-            _state["error"] = str(e)
-            raise NativeUnavailable(str(e)) from e
-        _state["lib"] = lib
-        return lib
+    return load_once(_state, _open, NativeUnavailable)
 
 
 def available() -> bool:
