@@ -6,7 +6,8 @@ FLOPs (the FlashAttention papers' count): forward 4 * B * N * T * S * D (q k^T a
 when causal; forward+backward 3.5x the forward (the backward's five matmuls). GFLOP/s on a CPU,
 TFLOP/s on an accelerator (the unit says which).
 
-Implementations: `zoo-auto` (implementation=None: what users get), `zoo-xla`, `zoo-chunked`,
+Implementations: `zoo-auto` (implementation=None: what users get; on a GPU its forwards are
+`cudnn-direct` where zoo.ops.cudnn_direct builds, which the run prints), `zoo-xla`, `zoo-chunked`,
 `zoo-blocked` and `zoo-native` (CPU only; native where it builds), `zoo-reference`, `zoo-cudnn`
 (GPU only). Environment, for runs in
 parts (benchmarks/device.sh, so that a kernel fault loses one part, not the run):
@@ -415,6 +416,13 @@ def run(quick: bool) -> list[dict]:
     lengths, masks = _selected(spec["lengths"])
     spec["dtype"] = _dtype(spec["dtype"])
     rows = []
+    if jax.default_backend() == "gpu":  # what zoo-auto's forward rows run (see zoo.ops.cudnn_direct)
+        from zoo.ops import cudnn_direct
+
+        direct = cudnn_direct.available()
+        print(f"  zoo-auto's forwards: {'cudnn-direct' if direct else 'cudnn'}"
+              f"{'' if direct else ' (cudnn-direct: ' + str(cudnn_direct.unavailable_reason()).splitlines()[0] + ')'}",
+              flush=True)
     for S in lengths:
         for causal in masks:
             for backward in (False, True):
