@@ -1,4 +1,4 @@
-"""Attention as pure functions: scaled dot-product (six implementations), KV-cache decoding, and
+"""Attention as pure functions: scaled dot-product (seven implementations), KV-cache decoding, and
 the classic additive / multiplicative attention of RNN encoder-decoders.
 
 dot_product_attention computes softmax(q k^T * scale + bias, masked) v (Vaswani et al. 2017, eq. 1)
