@@ -46,6 +46,8 @@ def test_header_search_finds_each_header_once_or_names_what_is_missing(tmp_path,
             (d / h).write_text("")
     monkeypatch.setattr(cudnn_direct, "_candidate_dirs", lambda: [tmp_path / "none", a, b])
     assert cudnn_direct.include_dirs() == [jax.ffi.include_dir(), str(a), str(b)]
+    monkeypatch.setattr(cudnn_direct, "SYSTEM_INCLUDES", (str(b),))  # found there, not named with -I
+    assert cudnn_direct.include_dirs() == [jax.ffi.include_dir(), str(a)]
     (b / "cudnn_frontend.h").unlink()
     with pytest.raises(cudnn_direct.Unavailable, match=r"cudnn_frontend\.h \(from `pip install nvidia-cudnn-frontend`\)"):
         cudnn_direct.include_dirs()

@@ -44,6 +44,10 @@ HEADERS = {"cuda.h": "the CUDA toolkit (CUDA_HOME) or `pip install nvidia-cuda-r
            "cudnn.h": "`pip install nvidia-cudnn-cu13` (JAX's CUDA plugin brings it)",
            "cudnn_frontend.h": "`pip install nvidia-cudnn-frontend`"}
 
+# searched by the compiler anyway; naming one with -I reorders the C library's headers and can break
+# #include_next in libstdc++'s
+SYSTEM_INCLUDES = ("/usr/include", "/usr/local/include")
+
 _state: dict = {}  # "lib" and "version", or "error": why not
 
 
@@ -78,7 +82,7 @@ def include_dirs() -> list[str]:
         where = next((d for d in candidates if (d / header).is_file()), None)
         if where is None:
             missing.append(f"{header} (from {source})")
-        elif str(where) not in found:
+        elif str(where) not in found and str(where) not in SYSTEM_INCLUDES:
             found.append(str(where))
     if missing:
         raise Unavailable("headers not found: " + "; ".join(missing))
