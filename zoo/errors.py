@@ -9,6 +9,10 @@ class ConfigError(ZooError, ValueError):
     """An unknown config key, a value of the wrong type, or an unknown choice."""
 
 
+class UnavailableError(ZooError, RuntimeError):
+    """A requested implementation that cannot run here (no GPU, no C++ compiler): the message says why."""
+
+
 class DataError(ZooError, ValueError):
     """An unknown data source, a missing file, or data of the wrong shape."""
 

@@ -33,6 +33,28 @@ def test_unavailable_off_an_nvidia_gpu_with_the_reason(fresh):
     assert A._auto(q, k, None, None, True, None, v) != "cudnn-direct"
 
 
+def test_off_a_gpu_the_cudnn_implementations_are_clear_errors_down_to_the_cli(tmp_path):
+    """A cuDNN implementation asked for where none can run: a ZooError (a ValueError or a
+    RuntimeError for library callers), so `zoo train` prints one `error:` line, no traceback."""
+    import subprocess
+    import sys
+
+    from zoo.errors import ConfigError, UnavailableError
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is here")
+    q, k, v = _inputs(T=8, S=8, D=8, dtype=jnp.bfloat16)
+    with pytest.raises(ConfigError, match='"cudnn-direct" takes'):
+        A.dot_product_attention(q, k, v, implementation="cudnn-direct")
+    with pytest.raises(UnavailableError, match="implementation 'cudnn' cannot run here"):
+        A.dot_product_attention(q, k, v, implementation="cudnn")
+    out = subprocess.run([sys.executable, "-m", "zoo", "train", "gpt", "--workdir", str(tmp_path / "run"), "--steps",
+                          "1", "model.implementation=cudnn-direct", "model.num_layers=1", "model.hidden=32"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert 'error: implementation "cudnn-direct" takes' in out.stderr
+
+
 def test_turned_off_by_the_environment(fresh, monkeypatch):
     monkeypatch.setenv("ZOO_CUDNN_DIRECT", "0")
     assert not fresh.available() and "ZOO_CUDNN_DIRECT=0" in fresh.unavailable_reason()

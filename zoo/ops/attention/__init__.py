@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from zoo.errors import ConfigError, UnavailableError
 from zoo.ops import cudnn_direct, native
 from zoo.ops.attention import blocked, chunked, native_cpu
 from zoo.ops.attention.masks import check_inputs, masked_softmax, rows_with_keys, structural_mask, zero_empty_rows
@@ -101,8 +102,11 @@ def _jax_nn(q, k, v, bias, mask, is_causal, window, scale, implementation):
             bias = jnp.broadcast_to(bias, bias.shape[:2] + (T, S)).astype(q.dtype)
         if mask is not None:
             mask = jnp.broadcast_to(mask, (B, N, T, S))
-    out = jax.nn.dot_product_attention(q, k, v, bias, mask, scale=scale, is_causal=is_causal,
-                                       local_window_size=window, implementation=implementation)
+    try:
+        out = jax.nn.dot_product_attention(q, k, v, bias, mask, scale=scale, is_causal=is_causal,
+                                           local_window_size=window, implementation=implementation)
+    except RuntimeError as e:  # e.g. "cuDNN is not detected": no GPU here
+        raise UnavailableError(f"implementation {implementation!r} cannot run here: {e}") from e
     if mask is None and not is_causal and window is None:
         return out
     return zero_empty_rows(out, rows_with_keys(mask, is_causal, window, T, S))
@@ -248,17 +252,18 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
             raise ValueError(f'implementation "native" needs a head dim that is a multiple of '
                              f'{native.HEAD_DIM_MULTIPLE}; got {q.shape[-1]}; use None (auto) for others')
         if not native.available():
-            raise RuntimeError(f'implementation "native" is not available here: {native.unavailable_reason()}')
+            raise UnavailableError(f'implementation "native" is not available here: {native.unavailable_reason()}')
         sizes = (q_block_size, block_size) if implementation else (None, None)  # auto: measured sizes
         return native_cpu.attention(q, k, v, bias, mask, is_causal, window, scale, *sizes)
     if impl == "cudnn-direct":
         if not _direct_applies(q, k, v, bias, mask, window):
-            raise ValueError('implementation "cudnn-direct" takes bfloat16 / float16 q, k, v with a head dim '
+            raise ConfigError('implementation "cudnn-direct" takes bfloat16 / float16 q, k, v with a head dim '
                              '<= 128 and a multiple of 8 on a GPU, and is_causal only (no bias, mask or '
                              f'window); got {q.dtype} D={q.shape[-1]} on {jax.default_backend()}; use "cudnn" '
                              'or None (auto)')
         if not cudnn_direct.available():
-            raise RuntimeError(f'implementation "cudnn-direct" is not available here: {cudnn_direct.unavailable_reason()}')
+            raise UnavailableError(f'implementation "cudnn-direct" is not available here: '
+                                   f'{cudnn_direct.unavailable_reason()}')
         if not isinstance(scale, (int, float)):  # a traced scale: into q, where autodiff sees it
             q, scale = q * scale, 1.0
         return _direct(q, k, v, bool(is_causal), float(scale))
