@@ -377,7 +377,7 @@ def test_gpt_qkv_modes_and_gelu_forms_give_one_model():
         GPTConfig(logsumexp="triton")
     with pytest.raises(ConfigError, match="model.xent .cut.; valid: fused, logits"):
         GPTConfig(xent="cut")
-    with pytest.raises(ConfigError, match="model.gelu_grad .cublas.; valid: pallas, xla"):
+    with pytest.raises(ConfigError, match="model.gelu_grad .cublas.; valid: cublaslt, pallas, xla"):
         GPTConfig(gelu_grad="cublas")
     with pytest.raises(ConfigError, match="model.gelu_grad=pallas needs model.gelu=epilogue and no LoRA"):
         GPTConfig(gelu_grad="pallas")
@@ -417,7 +417,7 @@ def test_mlp_with_the_gelu_backward_in_the_matmul_is_the_same_mlp(dtype):
         MLP(128, gelu_grad="pallas").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="got gelu='epilogue', lora_rank=4"):
         MLP(128, lora_rank=4, gelu="epilogue", gelu_grad="pallas").init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match="MLP.gelu_grad must be one of xla, pallas; got 'cublas'"):
+    with pytest.raises(ValueError, match="MLP.gelu_grad must be one of xla, pallas, cublaslt; got 'cublas'"):
         MLP(128, gelu_grad="cublas").init(jax.random.key(0), x)
 
 

@@ -59,7 +59,7 @@ def test_xla_form_is_the_mlps_backward():
 
 def test_bad_input_is_a_clear_error():
     g, w, z = _inputs(jnp.float32)
-    with pytest.raises(ValueError, match="implementation must be one of xla, pallas or None; got 'cublas'"):
+    with pytest.raises(ValueError, match="implementation must be one of xla, pallas, cublaslt or None; got 'cublas'"):
         matmul_gelu_grad(g, w, z, implementation="cublas")
     with pytest.raises(ValueError, match=r"want g \[M, K\], w \[N, K\] and z \[M, N\], got \(64, 32\), \(48, 32\) "
                                          r"and \(64, 40\)"):

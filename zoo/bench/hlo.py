@@ -101,8 +101,9 @@ class Launch:
     flops: float       # a matmul's (0 for the rest)
     pass_: str         # forward | backward | other (an optimizer update, the loss's plumbing)
     source: str        # the op_name path, layer numbers folded: stack/block_*/mlp/fc
-    aux: int = 0       # of `written`, a matmul's outputs besides its product (cuBLASLt's GELU_AUX
-                       # epilogue also writes its input out for the backward)
+    aux: int = 0       # a matmul's epilogue's bytes besides its operands and product: cuBLASLt's
+                       # GELU_AUX writes the GELU's input out for the backward (of `written`), its
+                       # DGELU_BGRAD (zoo.ops.cublaslt) reads it back (of `read`)
 
     @property
     def bytes(self) -> int:
@@ -216,7 +217,11 @@ def launches(text: str) -> list[Launch]:
             target = re.search(r'custom_call_target="([^"]+)"', ins.attrs).group(1)
             kind = f"custom-call:{target}"
             outs = _ARRAY.findall(ins.shape)
-            if "cublas" in target:
+            if target == "zoo_cublaslt_dgelu":
+                # zoo.ops.cublaslt: cuBLASLt's matmul g [M, K] x w [N, K]^T, its epilogue reading z [M, N]
+                (M, K), N = _dims(operand_shapes[0]), _dims(operand_shapes[1])[0]
+                kind, flops, aux = "gemm", 2.0 * M * N * K, array_bytes(operand_shapes[2])
+            elif "cublas" in target:
                 at = ins.attrs.index("backend_config=") + len("backend_config=")
                 cfg = json.JSONDecoder().raw_decode(ins.attrs[at:])[0]  # the JSON object, whatever follows
                 dims = cfg["gemm_backend_config"]["dot_dimension_numbers"]
@@ -256,8 +261,16 @@ def traffic(ls: list[Launch], by: str = "kind") -> list[dict]:
 def tracing_for_gpu(target: str = "h200"):
     """Within it, JAX traces cuDNN attention for `target` on a machine with no cuDNN library: JAX
     asks the library for its version before it emits the call; answered with the target's (XLA
-    compiles the call without building cuDNN's graph). compile_for_gpu lowers within it; trace
-    (jax.eval_shape) a model's init within it too."""
+    compiles the call without building cuDNN's graph). zoo.ops.cublaslt's call traces too
+    (compiling_without_device). compile_for_gpu lowers within it; trace (jax.eval_shape) a
+    model's init within it too."""
+    from zoo.ops import cublaslt
+
+    with cublaslt.compiling_without_device():
+        yield from _cudnn_version_for(target)
+
+
+def _cudnn_version_for(target: str):
     m = re.search(r"dnn_version_info \{ major: (\d+) minor: (\d+)", GPU_TARGETS[target])
     version = int(m.group(1)) * 10000 + int(m.group(2)) * 100
     try:

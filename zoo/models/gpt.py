@@ -72,7 +72,7 @@ class GPTConfig:
     layer_norm: str = "auto"      # auto | xla | pallas: each residual add inside the next layer norm's kernel (zoo.ops.layer_norm; auto: pallas on an NVIDIA GPU, else xla)
     logsumexp: str = "auto"       # auto | xla | pallas: the loss's logsumexp in one kernel's pass over the logits (zoo.ops.logsumexp; auto as layer_norm's)
     xent: str = "logits"          # logits | fused: the training loss with the output layer inside (zoo.ops.losses.linear_cross_entropy: the logits never read in the backward)
-    gelu_grad: str = "xla"        # xla | pallas (with gelu "epilogue", no LoRA): the GELU's backward inside the proj matmul's (zoo.ops.matmul_gelu)
+    gelu_grad: str = "xla"        # xla | pallas | cublaslt (with gelu "epilogue", no LoRA): the GELU's backward inside the proj matmul's (zoo.ops.matmul_gelu)
 
     def __post_init__(self):
         for name in ("vocab_size", "max_len", "num_layers", "hidden", "num_heads"):

@@ -198,9 +198,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """Dense(F) -> GELU (tanh approximation, as GPT-2; `gelu` picks its formula) -> Dense(H).
 
-    gelu_grad="pallas" (gelu "epilogue", no LoRA): the GELU and the proj matmul as gelu_proj, so
-    the GELU's backward runs inside the matmul that makes its input gradient (one Triton kernel);
-    the same params and function."""
+    gelu_grad="pallas" or "cublaslt" (gelu "epilogue", no LoRA): the GELU and the proj matmul as
+    gelu_proj, so the GELU's backward runs inside the matmul that makes its input gradient (one
+    Triton kernel, or cuBLASLt's DGELU_BGRAD epilogue); the same params and function."""
 
     width: int
     lora_rank: int = 0

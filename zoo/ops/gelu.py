@@ -15,6 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from zoo.errors import UnavailableError
+from zoo.ops import cublaslt as _cublaslt
 from zoo.ops import matmul_gelu as _matmul_gelu
 from zoo.ops.linear import add_bias, matmul, sum_rows_f32
 
@@ -163,8 +165,12 @@ def gelu_proj(y, bias, w, implementation: str = "pallas"):
     the plain one (on a GPU the GELU in the fc matmul's cuBLASLt epilogue). The backward reads
     GELU's input z = y + bias in zoo.ops.matmul_gelu.matmul_gelu_grad, the GELU's derivative
     applied inside the matmul that makes its input gradient, the fc bias's gradient its column
-    sums ("pallas": one Triton kernel, its tile fitted to the rows; "xla": the matmul, then a
-    pass); w's gradient is GELU(z).T @ g as autodiff's."""
+    sums ("pallas": one Triton kernel, its tile fitted to the rows; "cublaslt": cuBLASLt's
+    DGELU_BGRAD epilogue, NVIDIA GPUs only; "xla": the matmul, then a pass); w's gradient is
+    GELU(z).T @ g as autodiff's."""
+    if implementation == "cublaslt" and not _cublaslt.available():
+        raise UnavailableError(f'gelu_proj: implementation "cublaslt" is not available here: '
+                               f'{_cublaslt.unavailable_reason()}')
     return _gelu_proj(y, bias, w, implementation)
 
 
@@ -184,8 +190,11 @@ def _gelu_proj_bwd(implementation, res, g):
     z, a, wc, bias_like, w_like = res
     F, H = wc.shape
     g2, z2 = g.reshape(-1, H).astype(z.dtype), z.reshape(-1, F)
-    tile = _matmul_gelu.fit_tile(g2.shape[0], F, H) if implementation == "pallas" else None
-    dz, dbias = _matmul_gelu.matmul_gelu_grad(g2, wc, z2, implementation="pallas" if tile else "xla", tile=tile)
+    if implementation == "pallas":
+        tile = _matmul_gelu.fit_tile(g2.shape[0], F, H)
+        dz, dbias = _matmul_gelu.matmul_gelu_grad(g2, wc, z2, implementation="pallas" if tile else "xla", tile=tile)
+    else:
+        dz, dbias = _matmul_gelu.matmul_gelu_grad(g2, wc, z2, implementation=implementation)
     dw = matmul(a.reshape(-1, F).T, g2)
     return dz.reshape(z.shape), dbias.astype(bias_like.dtype), dw.astype(w_like.dtype)
 

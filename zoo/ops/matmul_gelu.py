@@ -23,7 +23,12 @@ implementation:
   product with GELU'(z) in float32, rounded to z's dtype, and float32 column sums of that;
 - "pallas": the kernel above on an NVIDIA (CUDA) GPU (the product from the float32 accumulator,
   one rounding), Pallas's interpreter elsewhere (correct, slow: for tests);
-- None: "xla" (the kernel is opt-in: it has not beaten XLA's form on a GPU).
+- "cublaslt": cuBLASLt's matmul with its DGELU_BGRAD epilogue, called directly
+  (zoo.ops.cublaslt): cuBLAS's matmul, GELU'(z) applied to its float32 accumulator, dz and its
+  column sums written once. g, w and z go in z's dtype (bfloat16 or float16); cuBLASLt writes the
+  column sums in that dtype too (its rule for bias gradients), returned as float32. On an NVIDIA
+  GPU only (zoo.errors.UnavailableError elsewhere, with the reason).
+- None: "xla" (the kernels are opt-in until measured faster than XLA's form on a GPU).
 
 Shapes: g [M, K], w [N, K], z [M, N] -> (dz [M, N] in z's dtype, dbias [N] float32). The pallas
 form needs the tile to divide them (M by bm, N by bn, K by bk). Under jit over several devices
@@ -38,9 +43,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from zoo.errors import UnavailableError
+from zoo.ops import cublaslt
 from zoo.ops._pallas import by_rows, run
 
-IMPLEMENTATIONS = ("xla", "pallas")
+IMPLEMENTATIONS = ("xla", "pallas", "cublaslt")
 # rows, columns, depth per step of the product; warps; pipeline stages: the fastest of seven on an
 # H200 (2026-11-27, pallas_kernels.py, GPT-124M's B64 shapes): 1.12 ms, 0.99x XLA's cuBLAS matmul
 # and its pass (277 TFLOP/s); (128, 128, 64, 4, 3), the default until then, 0.59x
@@ -81,6 +88,13 @@ def matmul_gelu_grad(g, w, z, *, implementation: str | None = None,
         da = jnp.dot(g, w.astype(g.dtype).T)
         dz = (da.astype(jnp.float32) * gelu_tanh_grad(z)).astype(z.dtype)
         return dz, jnp.sum(dz.astype(jnp.float32), axis=0)
+    if impl == "cublaslt":
+        g, w = g.astype(z.dtype), w.astype(z.dtype)
+        cublaslt.check(g, w, z)
+        if not cublaslt.available():
+            raise UnavailableError(f'matmul_gelu_grad: implementation "cublaslt" is not available here: '
+                                   f'{cublaslt.unavailable_reason()}')
+        return tuple(by_rows(_cublaslt_local, [g, w, z], ["rows", "whole", "rows"], ["rows", "sum"]))
     bm, bn, bk, warps, stages = TILE if tile is None else tile
     (M, K), N = g.shape, w.shape[0]
     pow2 = all(v >= 1 and not v & (v - 1) for v in (bm, bn, bk, warps))
@@ -90,6 +104,11 @@ def matmul_gelu_grad(g, w, z, *, implementation: str | None = None,
                          f"{(bm, bn, bk, warps, stages)!r} (implementation='xla' takes any shape)")
     return tuple(by_rows(lambda g, w, z: _local(g, w.astype(g.dtype), z, (bm, bn, bk, warps, stages)),
                          [g, w, z], ["rows", "whole", "rows"], ["rows", "sum"]))
+
+
+def _cublaslt_local(g, w, z):
+    dz, dbias = cublaslt.dgelu(g, w, z)
+    return dz, dbias.astype(jnp.float32)
 
 
 def fit_tile(M: int, N: int, K: int, tile: tuple[int, int, int, int, int] | None = None):

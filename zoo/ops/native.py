@@ -138,6 +138,15 @@ def load_once(state: dict, open_library, error: type[Exception]):
         return state["lib"]
 
 
+def why_not(load, state: dict, error: type[Exception]) -> str | None:
+    """None if load() works (a library loaded once, by load_once), else why not."""
+    try:
+        load()
+        return None
+    except error:
+        return state.get("error")
+
+
 def build(cxx: str | None = None) -> Path:
     """The compiled library's path, compiling it first if the cache lacks it (~10 s)."""
     cxx, version = compiler_version(cxx, NativeUnavailable)
