@@ -53,15 +53,15 @@ set -u
 [ $# -ge 2 ] || { echo "usage: bash benchmarks/device.sh a|b|c|d|STEPS OUTDIR [SHA]" >&2; exit 2; }
 part=$1 out=$2
 case $part in
-  a) steps=cudnn,tests,dispatch ;;
+  a) steps=cudnn,cublaslt,tests,dispatch ;;
   b) steps=gpt_step,pallas ;;
   c) steps=diffusion,gibbs ;;
   d) steps=attention ;;
   *) steps=$part ;;
 esac
 for step in ${steps//,/ }; do
-  case $step in cudnn|tests|gibbs|gibbs-cublas|attention|attention-s1024-cmdbuf|plans|dispatch|gelu|pallas|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
-    *) echo "device.sh: unknown PART or step '$step' (a, b, c, d, or a comma list of: cudnn tests gibbs gibbs-cublas attention attention-s1024-cmdbuf plans dispatch gelu pallas gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
+  case $step in cudnn|cublaslt|tests|gibbs|gibbs-cublas|attention|attention-s1024-cmdbuf|plans|dispatch|gelu|pallas|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
+    *) echo "device.sh: unknown PART or step '$step' (a, b, c, d, or a comma list of: cudnn cublaslt tests gibbs gibbs-cublas attention attention-s1024-cmdbuf plans dispatch gelu pallas gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
   esac
 done
 export ZOO_GIT_SHA=${3:-unknown} ZOO_PROFILE=1 ZOO_PROFILE_DIR=$2 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
@@ -70,6 +70,8 @@ log=$out/log-${part//,/_}.txt
 mkdir -p "$out"
 # step cudnn's verdict (an earlier part's, same OUTDIR): the direct cuDNN call failed its check
 [ -f "$out/cudnn-direct-off" ] && export ZOO_CUDNN_DIRECT=0
+# and step cublaslt's (zoo.ops.cublaslt's DGELU_BGRAD call)
+[ -f "$out/cublaslt-off" ] && export ZOO_CUBLASLT=0
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >>"$log" 2>&1 || { echo "wheel install failed"; tail -20 "$log"; exit 1; }
@@ -138,11 +140,22 @@ for step in ${steps//,/ }; do
         export ZOO_CUDNN_DIRECT=0
         echo "=== cudnn-direct off for the rest of the lease" | tee -a "$log"
       fi ;;
+    cublaslt)  # zoo.ops.cublaslt (gpt_step's -gelu-grad-cublaslt runs): built, checked against
+      # float64 and timed beside XLA's form in a process of its own; if that fails or crashes, the
+      # rest of the lease runs with it off (ZOO_CUBLASLT=0: those runs lose their own rows)
+      echo "=== cublaslt check $(date -u +%T)" | tee -a "$log"
+      capped 90 python3 benchmarks/scripts/cublaslt_check.py 2>&1 \
+        | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log"
+      if [ "${PIPESTATUS[0]}" != 0 ]; then
+        touch "$out/cublaslt-off"
+        export ZOO_CUBLASLT=0
+        echo "=== cublaslt off for the rest of the lease" | tee -a "$log"
+      fi ;;
     tests)
       echo "=== GPU tests $(date -u +%T)" | tee -a "$log"
       capped 90 env JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_attention.py \
         tests/nn/test_dense.py tests/ops/test_layer_norm.py tests/ops/test_logsumexp.py tests/ops/test_linear_xent.py \
-        tests/ops/test_matmul_gelu.py tests/ops/test_cudnn_direct.py 2>&1 \
+        tests/ops/test_matmul_gelu.py tests/ops/test_cudnn_direct.py tests/ops/test_cublaslt.py 2>&1 \
         | tail -5 | tee -a "$log" ;;
     gibbs) bench gibbs 120 ;;
     gibbs-cublas) bench gibbs 90 -cublas "$CUBLAS" ;;
@@ -174,7 +187,7 @@ for step in ${steps//,/ }; do
       echo "=== Pallas kernels $(date -u +%T)" | tee -a "$log"
       capped 60 python3 benchmarks/scripts/pallas_kernels.py 2>&1 \
         | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log" ;;
-    gpt_step) bench gpt_step 270 ;;  # its first three runs (~80 s each); the rest when a lease has time
+    gpt_step) bench gpt_step 270 ;;  # its first three runs (~80 s each; the third and the peer fourth as time allows)
     gpt_step-cublas) bench gpt_step 110 -cublas "$CUBLAS" ;;
     gpt_step-cublaslt) ZOO_GPT_STEP_RUNS=64-bf16-logits bench gpt_step 130 -cublaslt "$CUBLASLT" ;;
     gpt_step-nocmdbuf) ZOO_GPT_STEP_RUNS=64-bf16-logits bench gpt_step 90 -nocmdbuf "--xla_gpu_enable_command_buffer=" ;;

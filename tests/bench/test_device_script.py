@@ -12,8 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = """#!/bin/bash
-echo "$* |MASKS=${ZOO_ATTENTION_MASKS:-}|LENGTHS=${ZOO_ATTENTION_LENGTHS:-}|RUNS=${ZOO_GPT_STEP_RUNS:-}|XLA=${XLA_FLAGS:-}|DIR=${ZOO_PROFILE_DIR:-}|SKIP=${ZOO_ATTENTION_SKIP:-}|CUDNN=${ZOO_CUDNN_DIRECT:-}" >> "$CALLS"
+echo "$* |MASKS=${ZOO_ATTENTION_MASKS:-}|LENGTHS=${ZOO_ATTENTION_LENGTHS:-}|RUNS=${ZOO_GPT_STEP_RUNS:-}|XLA=${XLA_FLAGS:-}|DIR=${ZOO_PROFILE_DIR:-}|SKIP=${ZOO_ATTENTION_SKIP:-}|CUDNN=${ZOO_CUDNN_DIRECT:-}|LT=${ZOO_CUBLASLT:-}" >> "$CALLS"
 if [[ "$*" == *cudnn_direct_check.py* && -n "${FAKE_CUDNN_FAIL:-}" ]]; then exit 1; fi
+if [[ "$*" == *cublaslt_check.py* && -n "${FAKE_CUBLASLT_FAIL:-}" ]]; then exit 139; fi
 if [[ "$*" == *"bench attention"* && -n "${FAKE_SLEEP:-}" ]]; then sleep "$FAKE_SLEEP"; fi
 prev=""; for a in "$@"; do if [[ "$prev" == --out ]]; then echo '{"rows": []}' > "$a"; fi; prev=$a; done
 if [[ "$*" == *"bench attention"* && "${ZOO_ATTENTION_MASKS:-}" == causal && -z "${XLA_FLAGS:-}" ]]; then exit 3; fi
@@ -32,6 +33,7 @@ def _run(tmp_path, part, **env_extra):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), **env_extra}
     env.pop("ZOO_ATTENTION_SKIP", None)
     env.pop("ZOO_CUDNN_DIRECT", None)
+    env.pop("ZOO_CUBLASLT", None)
     out = subprocess.run(["bash", "benchmarks/device.sh", part, str(tmp_path / "out"), "abc123"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -47,12 +49,15 @@ def test_part_a_runs_the_tests_and_the_dispatch(tmp_path):
     assert _run(tmp_path, "a") == []  # no benchmark
     out = tmp_path / "out"
     log = (out / "log-a.txt").read_text()
-    assert log.index("=== cudnn-direct check") < log.index("=== GPU tests") < log.index("=== attention dispatch, S1024")
+    assert (log.index("=== cudnn-direct check") < log.index("=== cublaslt check") < log.index("=== GPU tests")
+            < log.index("=== attention dispatch, S1024"))
     lines = (tmp_path / "calls-a.txt").read_text().splitlines()
     assert sum(line.startswith("benchmarks/scripts/cudnn_direct_check.py") for line in lines) == 1
+    assert sum(line.startswith("benchmarks/scripts/cublaslt_check.py") for line in lines) == 1
     tests = [line for line in lines if line.startswith("-m pytest -q -m gpu")]
-    assert len(tests) == 1 and "tests/ops/test_matmul_gelu.py tests/ops/test_cudnn_direct.py |" in tests[0]
-    assert tests[0].endswith("|CUDNN=") and not (out / "cudnn-direct-off").exists()
+    assert len(tests) == 1 and "tests/ops/test_cudnn_direct.py tests/ops/test_cublaslt.py |" in tests[0]
+    assert tests[0].endswith("|CUDNN=|LT=") and not (out / "cudnn-direct-off").exists()
+    assert not (out / "cublaslt-off").exists()
     dispatch = [line for line in lines if line.startswith("benchmarks/scripts/attention_dispatch.py")]
     assert len(dispatch) == 1 and f"--seqs 1024 --hlo-dir {out} |" in dispatch[0]
     assert any(line.startswith("benchmarks/scripts/cudnn_libs.py") for line in lines)
@@ -178,6 +183,20 @@ def test_a_failed_cudnn_direct_check_turns_it_off_for_the_rest_of_the_lease(tmp_
     assert (out / "cudnn-direct-off").exists() and "=== cudnn-direct off" in (out / "log-a.txt").read_text()
     later = [line for line in (tmp_path / "calls-a.txt").read_text().splitlines()
              if line.startswith(("-m pytest", "benchmarks/scripts/attention_dispatch.py"))]
-    assert len(later) == 2 and all(line.endswith("|CUDNN=0") for line in later)
+    assert len(later) == 2 and all(line.endswith("|CUDNN=0|LT=") for line in later)
     calls = _run(tmp_path, "b")
-    assert calls and all(c.endswith("|CUDNN=0") for c in calls)
+    assert calls and all(c.endswith("|CUDNN=0|LT=") for c in calls)
+
+
+def test_a_crashed_cublaslt_check_turns_it_off_for_the_rest_of_the_lease(tmp_path):
+    """The cuBLASLt check crashes in part a (a segfault's status): what runs after it, and a later
+    part's gpt_step, run with ZOO_CUBLASLT=0 (its runs lose their own rows); cuDNN's call stays on."""
+    assert _run(tmp_path, "a", FAKE_CUBLASLT_FAIL="1") == []
+    out = tmp_path / "out"
+    assert (out / "cublaslt-off").exists() and "=== cublaslt off" in (out / "log-a.txt").read_text()
+    assert not (out / "cudnn-direct-off").exists()
+    later = [line for line in (tmp_path / "calls-a.txt").read_text().splitlines()
+             if line.startswith(("-m pytest", "benchmarks/scripts/attention_dispatch.py"))]
+    assert len(later) == 2 and all(line.endswith("|CUDNN=|LT=0") for line in later)
+    calls = _run(tmp_path, "b")
+    assert calls and all(c.endswith("|CUDNN=|LT=0") for c in calls)

@@ -20,8 +20,11 @@ T 1024), bf16 compute with float32 params, at B64 with the variant `bf16-logits`
 traffic over the [B * T, V] logits; an H200, 2026-11-26: 46.8% MFU pipelined at B64, the default
 45.8%; B16, measured on three leases, reached 43.4%; B128 ran out of memory on the H200). In
 this order: `bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas` (the fastest measured:
-46.9% MFU, H200 2026-11-27), the PyTorch peer (below), the same as the first with XLA's Triton
-GEMMs off for its compile (`...-cublas`: see NO_TRITON_GEMM), then
+46.9% MFU, H200 2026-11-27), the same with GPTConfig.gelu_grad "cublaslt" (the MLP's GELU
+backward in cuBLASLt's DGELU_BGRAD epilogue, zoo.ops.cublaslt) and XLA's Triton GEMMs off for its
+compile (`...-gelu-grad-cublaslt-cublas`: see NO_TRITON_GEMM; the two changes the estimates of
+benchmarks/scripts/gpt_step_hlo.py put nearest 50% MFU), the first with Triton GEMMs off alone
+(`...-cublas`), the PyTorch peer (below), the first with gelu_grad "cublaslt" alone, then
 `bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas-xent-fused`, with GPTConfig.qkv
 "separate", GPTConfig.gelu "epilogue" (the GELU in the fc matmul's cuBLASLt epilogue),
 GPTConfig.layer_norm "pallas" (each residual add inside the next layer norm's Triton kernel),
@@ -50,9 +53,9 @@ Quick (CPU): L4 H256 8 heads, V 256, T 256, batch 8, float32.
 The peer, when torch is installed: the same model and step in PyTorch as nanoGPT writes it
 (zoo.bench.torch_gpt: bf16 autocast, SDPA, fused AdamW; its weights are the zoo's init), rows
 `torch-nanogpt-compiled` (torch.compile; CUDA, full set) and `torch-nanogpt` eager (quick set,
-and when named), each synced and pipelined, with MFU counted as the zoo's. It runs second, after
-the zoo's fastest run (a lease's limit cut it when it ran last; a slow compile or an
-out-of-memory loses its own rows only), and hands its cached GPU memory back when done.
+and when named), each synced and pipelined, with MFU counted as the zoo's. It runs fourth (a
+lease's limit cut it when it ran last; a slow compile or an out-of-memory loses its own rows
+only), and hands its cached GPU memory back when done.
 """
 
 from __future__ import annotations
@@ -132,6 +135,12 @@ ALL_KERNELS_DGELU = (ALL_KERNELS[0] + "-gelu-grad-pallas", dict(ALL_KERNELS[1], 
 NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
 SEPARATE_EPILOGUE_LN_LSE_CUBLAS = (SEPARATE_EPILOGUE_LN_LSE[0] + "-cublas", SEPARATE_EPILOGUE_LN_LSE[1],
                                    NO_TRITON_GEMM)
+# the fastest run with the MLP's GELU backward in cuBLASLt's DGELU_BGRAD epilogue (GPTConfig.gelu_grad
+# "cublaslt", zoo.ops.cublaslt: the product g @ w.T never written or read back, 0.8 of the 1.2 GB
+# per layer that XLA's form moves), with XLA's Triton GEMMs on and off
+DGELU_CUBLASLT = (SEPARATE_EPILOGUE_LN_LSE[0] + "-gelu-grad-cublaslt", dict(SEPARATE_EPILOGUE_LN_LSE[1],
+                                                                             gelu_grad="cublaslt"))
+DGELU_CUBLASLT_CUBLAS = (DGELU_CUBLASLT[0] + "-cublas", DGELU_CUBLASLT[1], NO_TRITON_GEMM)
 # GPTConfig's defaults since 2026-11-27 with bf16 logits: layer_norm and logsumexp "auto" (the
 # Pallas kernels on an NVIDIA GPU)
 BF16_LOGITS_AUTO = ("bf16-logits-auto", dict(f32_logits=False, layer_norm="auto", logsumexp="auto"))
@@ -146,8 +155,9 @@ PEERS = {"torch": "torch-nanogpt", "torch-compiled": "torch-nanogpt-compiled"}  
 # 2026-11-27), so that each run's name says what it runs, as on the leases before
 FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=768, num_heads=12,
                           dtype="bfloat16", layer_norm="xla", logsumexp="xla"),
-            runs=((64, SEPARATE_EPILOGUE_LN_LSE), (64, TORCH_COMPILED), (64, SEPARATE_EPILOGUE_LN_LSE_CUBLAS),
-                  (64, ALL_KERNELS), (64, BF16_LOGITS_AUTO), (64, BF16_LOGITS)),
+            runs=((64, SEPARATE_EPILOGUE_LN_LSE), (64, DGELU_CUBLASLT_CUBLAS), (64, SEPARATE_EPILOGUE_LN_LSE_CUBLAS),
+                  (64, TORCH_COMPILED), (64, DGELU_CUBLASLT), (64, ALL_KERNELS), (64, BF16_LOGITS_AUTO),
+                  (64, BF16_LOGITS)),
             more=((64, SEPARATE_EPILOGUE), (64, ALL_KERNELS_DGELU), (64, XENT_FUSED), (64, SEPARATE_EPILOGUE_LN), (64, LSE_PALLAS), (64, GELU_EPILOGUE), (64, LN_PALLAS), (64, SEPARATE_SIGMOID), (64, QKV_SEPARATE), (64, GELU_SIGMOID), (64, QKV_SPLIT_GRAD),
                   (64, SPLIT_GRAD_SIGMOID), (64, TORCH), (64, None), (128, BF16_LOGITS), (128, SEPARATE_EPILOGUE_LN_LSE), (128, SEPARATE_EPILOGUE_LN),
                   (128, SEPARATE_EPILOGUE), (128, SEPARATE_SIGMOID)))
