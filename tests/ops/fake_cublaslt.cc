@@ -103,6 +103,7 @@ int cublasLtMatmulPreferenceCreate(void **pref) {
   return SUCCESS;
 }
 int cublasLtMatmulPreferenceSetAttribute(void *, int, const void *, size_t) { return SUCCESS; }
+int cublasLtMatmulPreferenceDestroy(void *) { return SUCCESS; }
 
 // op(A) m x k, op(B) k x n, D m x n from the layouts, or false where they disagree
 static bool sizes(const Desc *d, const Layout *a, const Layout *b, const Layout *out, uint64_t &m, uint64_t &n,

@@ -50,6 +50,7 @@ struct Api {
   Status (*layout_create)(Layout *, int, uint64_t, uint64_t, int64_t);
   Status (*pref_create)(Pref *);
   Status (*pref_set)(Pref, int, const void *, size_t);
+  Status (*pref_destroy)(Pref);
   Status (*heuristic)(Handle, Desc, Layout, Layout, Layout, Layout, Pref, int, HeuristicResult *, int *);
   Status (*matmul)(Handle, Desc, const void *, const void *, Layout, const void *, Layout, const void *,
                    const void *, Layout, void *, Layout, const Algo *, void *, size_t, cudaStream_t);
@@ -141,10 +142,9 @@ ffi::ErrorOr<Plan> build(Handle handle, int dtype, int64_t M, int64_t N, int64_t
   }
   HeuristicResult result{};
   int found = 0;
-  if (auto e = Check(api.heuristic(handle, p.desc, p.a, p.b, p.d, p.d, pref, 1, &result, &found), "heuristic");
-      e.failure()) {
-    return ffi::Unexpected(e);
-  }
+  auto searched = Check(api.heuristic(handle, p.desc, p.a, p.b, p.d, p.d, pref, 1, &result, &found), "heuristic");
+  if (api.pref_destroy) api.pref_destroy(pref);
+  if (searched.failure()) return ffi::Unexpected(searched);
   if (found == 0) {
     return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kUnimplemented,
                       "cuBLASLt has no DGELU_BGRAD algorithm for M=" + std::to_string(M) + " N=" + std::to_string(N) +
@@ -296,6 +296,7 @@ extern "C" int64_t zoo_cublaslt_init(const char *path, char *error, int64_t erro
                    find(api.pref_set, "cublasLtMatmulPreferenceSetAttribute") &&
                    find(api.heuristic, "cublasLtMatmulAlgoGetHeuristic") && find(api.matmul, "cublasLtMatmul");
   find(api.status_string, "cublasLtGetStatusString");
+  find(api.pref_destroy, "cublasLtMatmulPreferenceDestroy");
   if (!all) {
     api = Api{};
     return fail("the loaded cuBLASLt lacks a function this call uses");
