@@ -116,7 +116,7 @@ def test_builds_without_cuda_and_says_when_there_is_no_cublaslt(library):
     if _real_cublaslt_loaded():
         pytest.skip("a cuBLASLt is loaded in this process")
     version, error = _init(lib, "/nonexistent/libcublasLt.so.13")
-    assert version == 0 and "cannot load cuBLASLt (libcublasLt.so.13 or .12)" in error, error
+    assert version == 0 and "cannot load cuBLASLt (libcublasLt.so.13 or libcublasLt.so.12): " in error, error
 
 
 def _host_call(lib, g, w, z, dtype=14):

@@ -51,7 +51,7 @@ def _flags() -> list[str]:
 def build(cxx: str | None = None) -> Path:
     """The compiled library's path, compiling it first if the cache lacks it (a few seconds)."""
     cxx, version = native.compiler_version(cxx, Unavailable)
-    texts = [SOURCE.read_text(), (CSRC / "cublaslt_abi.h").read_text()]
+    texts = [SOURCE.read_text(), *((CSRC / h).read_text() for h in ("cublaslt_abi.h", "ffi_cuda.h"))]
     key = hashlib.sha256("\0".join([*texts, cxx, version, " ".join(_flags()), jax.__version__]).encode()
                          ).hexdigest()[:16]
     return native.compile_into_cache(cxx, _flags(), [SOURCE], native.cache_dir() / f"cublaslt-{key}.so",

@@ -100,7 +100,7 @@ def build(cxx: str | None = None) -> Path:
     cxx, version = native.compiler_version(cxx, Unavailable)
     versions = [Path(d, h).read_text(errors="replace") for d in includes[1:]
                 for h in ("cudnn_version.h", "cudnn_frontend_version.h") if Path(d, h).is_file()]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, " ".join(_flags(includes)),
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), (SOURCE.parent / "ffi_cuda.h").read_text(), cxx, version, " ".join(_flags(includes)),
                                     *versions, jax.__version__]).encode()).hexdigest()[:16]
     return native.compile_into_cache(cxx, _flags(includes), [SOURCE], native.cache_dir() / f"cudnn-{key}.so",
                                      "the direct cuDNN attention call", Unavailable, libs=("-ldl",))

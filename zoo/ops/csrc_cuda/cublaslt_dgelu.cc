@@ -22,17 +22,14 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <exception>
 #include <mutex>
 #include <string>
 #include <tuple>
 #include <unordered_map>
 #include <vector>
 
-struct CUstream_st;
-typedef CUstream_st *cudaStream_t;
-
 #include "cublaslt_abi.h"
+#include "ffi_cuda.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -40,6 +37,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using namespace zoo_lt;
+using zoo_cuda::StreamContext;
 
 struct Api {
   Status (*create)(Handle *);
@@ -54,34 +52,6 @@ struct Api {
   Status (*heuristic)(Handle, Desc, Layout, Layout, Layout, Layout, Pref, int, HeuristicResult *, int *);
   Status (*matmul)(Handle, Desc, const void *, const void *, Layout, const void *, Layout, const void *,
                    const void *, Layout, void *, Layout, const Algo *, void *, size_t, cudaStream_t);
-};
-
-// The CUDA driver's calls for making the stream's context current (libcuda is loaded wherever a GPU
-// runs): cuBLASLt creates its handle for, and picks algorithms by, the current device, and XLA's
-// thread need not have the stream's device current.
-using CuResult = int;  // CUresult; 0 = CUDA_SUCCESS
-using CuContext = void *;
-
-class StreamContext {
- public:
-  explicit StreamContext(cudaStream_t stream) {
-    static void *driver = dlopen("libcuda.so.1", RTLD_NOW);
-    static auto get_ctx =
-        driver ? reinterpret_cast<CuResult (*)(cudaStream_t, CuContext *)>(dlsym(driver, "cuStreamGetCtx")) : nullptr;
-    static auto push = driver ? reinterpret_cast<CuResult (*)(CuContext)>(dlsym(driver, "cuCtxPushCurrent")) : nullptr;
-    static auto pop = driver ? reinterpret_cast<CuResult (*)(CuContext *)>(dlsym(driver, "cuCtxPopCurrent")) : nullptr;
-    pop_ = pop;
-    CuContext ctx = nullptr;
-    pushed_ = get_ctx && push && pop && get_ctx(stream, &ctx) == 0 && push(ctx) == 0;
-  }
-  ~StreamContext() {
-    CuContext ctx;
-    if (pushed_) pop_(&ctx);
-  }
-
- private:
-  CuResult (*pop_)(CuContext *) = nullptr;
-  bool pushed_ = false;
 };
 
 constexpr size_t WORKSPACE = size_t{32} << 20;  // TransformerEngine's and PyTorch's for Hopper
@@ -117,38 +87,44 @@ ffi::Error Check(Status s, const char *what) {
   return s == 0 ? ffi::Error::Success() : ffi::Error::Internal(why(what, s));
 }
 
+// The descriptors for these shapes and pointers' alignments, and the algorithm cuBLASLt's
+// heuristic picks for them (its first).
 ffi::ErrorOr<Plan> build(Handle handle, int dtype, int64_t M, int64_t N, int64_t K, void *bias, const void *aux) {
   Plan p;
   const int ta = OP_T, tb = OP_N;
   const uint32_t epilogue = EPILOGUE_DGELU_BGRAD;
   const int64_t ld = N;
-  if (auto e = Check(api.desc_create(&p.desc, COMPUTE_32F, CUDA_R_32F), "matmul descriptor"); e.failure()) return ffi::Unexpected(e);
+  Status status = 0;
+  const char *step = "";
+  auto ok = [&](Status s, const char *what) {  // the first failure kept, with its step
+    if (status == 0 && s != 0) status = s, step = what;
+    return status == 0;
+  };
+  bool good = ok(api.desc_create(&p.desc, COMPUTE_32F, CUDA_R_32F), "matmul descriptor");
   for (auto [attr, value, size] : {std::tuple<int, const void *, size_t>{DESC_TRANSA, &ta, sizeof(ta)},
                                    {DESC_TRANSB, &tb, sizeof(tb)},
                                    {DESC_EPILOGUE, &epilogue, sizeof(epilogue)},
                                    {DESC_BIAS_POINTER, &bias, sizeof(bias)},
                                    {DESC_AUX_POINTER, &aux, sizeof(aux)},
                                    {DESC_AUX_LD, &ld, sizeof(ld)}}) {
-    if (auto e = Check(api.desc_set(p.desc, attr, value, size), "matmul descriptor attribute"); e.failure()) return ffi::Unexpected(e);
+    good = good && ok(api.desc_set(p.desc, attr, value, size), "matmul descriptor attribute");
   }
-  if (auto e = Check(api.layout_create(&p.a, dtype, K, N, K), "layout of w"); e.failure()) return ffi::Unexpected(e);
-  if (auto e = Check(api.layout_create(&p.b, dtype, K, M, K), "layout of g"); e.failure()) return ffi::Unexpected(e);
-  if (auto e = Check(api.layout_create(&p.d, dtype, N, M, N), "layout of dz"); e.failure()) return ffi::Unexpected(e);
+  good = good && ok(api.layout_create(&p.a, dtype, K, N, K), "layout of w") &&
+         ok(api.layout_create(&p.b, dtype, K, M, K), "layout of g") &&
+         ok(api.layout_create(&p.d, dtype, N, M, N), "layout of dz");
   Pref pref = nullptr;
-  if (auto e = Check(api.pref_create(&pref), "preference"); e.failure()) return ffi::Unexpected(e);
-  if (auto e = Check(api.pref_set(pref, PREF_MAX_WORKSPACE_BYTES, &WORKSPACE, sizeof(WORKSPACE)), "preference");
-      e.failure()) {
-    return ffi::Unexpected(e);
-  }
+  good = good && ok(api.pref_create(&pref), "preference") &&
+         ok(api.pref_set(pref, PREF_MAX_WORKSPACE_BYTES, &WORKSPACE, sizeof(WORKSPACE)), "preference");
   HeuristicResult result{};
   int found = 0;
-  auto searched = Check(api.heuristic(handle, p.desc, p.a, p.b, p.d, p.d, pref, 1, &result, &found), "heuristic");
-  if (api.pref_destroy) api.pref_destroy(pref);
-  if (searched.failure()) return ffi::Unexpected(searched);
+  good = good && ok(api.heuristic(handle, p.desc, p.a, p.b, p.d, p.d, pref, 1, &result, &found), "heuristic");
+  if (pref != nullptr && api.pref_destroy) api.pref_destroy(pref);
+  if (!good) return ffi::Unexpected(ffi::Error::Internal(why(step, status)));
   if (found == 0) {
     return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kUnimplemented,
-                      "cuBLASLt has no DGELU_BGRAD algorithm for M=" + std::to_string(M) + " N=" + std::to_string(N) +
-                          " K=" + std::to_string(K) + " in this dtype on this device"));
+                                      "cuBLASLt has no DGELU_BGRAD algorithm for M=" + std::to_string(M) +
+                                          " N=" + std::to_string(N) + " K=" + std::to_string(K) +
+                                          " in this dtype on this device"));
   }
   p.algo = result.algo;
   p.workspace = result.workspaceSize;
@@ -239,13 +215,7 @@ ffi::Error DgeluImpl(cudaStream_t stream, ffi::ScratchAllocator &scratch, int32_
 ffi::Error Dgelu(cudaStream_t stream, ffi::ScratchAllocator scratch, int32_t device, ffi::AnyBuffer g,
                  ffi::AnyBuffer w, ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> dz,
                  ffi::Result<ffi::AnyBuffer> dbias) {
-  try {
-    return DgeluImpl(stream, scratch, device, g, w, z, dz, dbias);
-  } catch (const std::exception &e) {
-    return ffi::Error::Internal(std::string("cuBLASLt DGELU: ") + e.what());
-  } catch (...) {
-    return ffi::Error::Internal("cuBLASLt DGELU: an unknown C++ exception");
-  }
+  return zoo_cuda::Guarded("cuBLASLt DGELU", [&] { return DgeluImpl(stream, scratch, device, g, w, z, dz, dbias); });
 }
 
 template <typename F>
@@ -260,10 +230,7 @@ bool find(F &fn, const char *name) {
 #pragma GCC visibility push(default)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooCublasLtDgelu, Dgelu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              zoo_cuda::BindOnStream()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
@@ -274,20 +241,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooCublasLtDgelu, Dgelu,
 // version (cublasLtGetVersion), or 0 with the reason in `error`.
 extern "C" int64_t zoo_cublaslt_init(const char *path, char *error, int64_t error_size) {
   std::lock_guard<std::mutex> lock(mu);
-  auto fail = [&](const std::string &reason) {
-    std::snprintf(error, static_cast<size_t>(error_size), "%s", reason.c_str());
-    return int64_t{0};
-  };
+  std::string why;
   if (library == nullptr) {
-    for (const char *name : {"libcublasLt.so.13", "libcublasLt.so.12"}) {
-      if (library == nullptr) library = dlopen(name, RTLD_NOW | RTLD_NOLOAD);
-    }
-    if (library == nullptr && path != nullptr && path[0] != '\0') library = dlopen(path, RTLD_NOW);
-    if (library == nullptr) {
-      const char *reason = dlerror();
-      return fail(std::string("cannot load cuBLASLt (libcublasLt.so.13 or .12): ") + (reason ? reason : "not loaded"));
-    }
+    library = zoo_cuda::OpenLibrary("cuBLASLt", {"libcublasLt.so.13", "libcublasLt.so.12"}, path, why);
   }
+  if (library == nullptr) return zoo_cuda::Fail(error, error_size, why);
   const bool all = find(api.create, "cublasLtCreate") && find(api.version, "cublasLtGetVersion") &&
                    find(api.desc_create, "cublasLtMatmulDescCreate") &&
                    find(api.desc_set, "cublasLtMatmulDescSetAttribute") &&
@@ -299,7 +257,7 @@ extern "C" int64_t zoo_cublaslt_init(const char *path, char *error, int64_t erro
   find(api.pref_destroy, "cublasLtMatmulPreferenceDestroy");
   if (!all) {
     api = Api{};
-    return fail("the loaded cuBLASLt lacks a function this call uses");
+    return zoo_cuda::Fail(error, error_size, "the loaded cuBLASLt lacks a function this call uses");
   }
   return static_cast<int64_t>(api.version());
 }

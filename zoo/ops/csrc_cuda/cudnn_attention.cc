@@ -35,6 +35,7 @@
 
 #include <cudnn_frontend.h>
 
+#include "ffi_cuda.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace cudnn_frontend {
@@ -43,6 +44,7 @@ void *cudnn_dlhandle = nullptr;  // the frontend's dynamic loading looks cuDNN's
 
 namespace ffi = xla::ffi;
 namespace fe = cudnn_frontend;
+using zoo_cuda::StreamContext;
 
 namespace {
 
@@ -58,33 +60,6 @@ std::unordered_map<int32_t, cudnnHandle_t> handles;  // one per device
 std::unordered_map<std::string, std::shared_ptr<Plan>> plans;
 
 std::string fe_error(fe::error_t e) { return e.get_message(); }
-
-// The stream's CUDA context made current for the call (cuDNN's handle is created on, and its
-// plans built for, the current device; XLA's thread need not have the stream's device current),
-// through the driver library that is always loaded where a GPU runs.
-class StreamContext {
- public:
-  explicit StreamContext(cudaStream_t stream) {
-    static void *driver = dlopen("libcuda.so.1", RTLD_NOW);
-    using GetCtx = CUresult (*)(CUstream, CUcontext *);
-    using Push = CUresult (*)(CUcontext);
-    static auto get_ctx = driver ? reinterpret_cast<GetCtx>(dlsym(driver, "cuStreamGetCtx")) : nullptr;
-    static auto push = driver ? reinterpret_cast<Push>(dlsym(driver, "cuCtxPushCurrent")) : nullptr;
-    pop_ = driver ? reinterpret_cast<Pop>(dlsym(driver, "cuCtxPopCurrent")) : nullptr;
-    CUcontext ctx = nullptr;
-    pushed_ = get_ctx && push && pop_ && get_ctx(reinterpret_cast<CUstream>(stream), &ctx) == CUDA_SUCCESS &&
-              push(ctx) == CUDA_SUCCESS;
-  }
-  ~StreamContext() {
-    CUcontext ctx;
-    if (pushed_) pop_(&ctx);
-  }
-
- private:
-  using Pop = CUresult (*)(CUcontext *);
-  Pop pop_ = nullptr;
-  bool pushed_ = false;
-};
 
 // The graph for these shapes: q [B, T, N, D], k/v [B, S, K, D], o like q, as cuDNN's (b, h, s, d)
 // dims with the zoo's strides.
@@ -115,12 +90,12 @@ ffi::ErrorOr<std::shared_ptr<Plan>> build(cudnnHandle_t handle, fe::DataType_t d
                     +[](fe::graph::Graph &g, cudnnHandle_t h) { return g.check_support(h); },
                     +[](fe::graph::Graph &g, cudnnHandle_t h) { return g.build_plans(h); }}) {
     auto status = step(*graph, handle);
-    if (status.is_bad()) return ffi::Error::Internal("cuDNN SDPA graph: " + fe_error(status));
+    if (status.is_bad()) return ffi::Unexpected(ffi::Error::Internal("cuDNN SDPA graph: " + fe_error(status)));
   }
   auto plan = std::make_shared<Plan>();
   plan->graph = graph;
   auto status = graph->get_workspace_size(plan->workspace);
-  if (status.is_bad()) return ffi::Error::Internal("cuDNN SDPA workspace: " + fe_error(status));
+  if (status.is_bad()) return ffi::Unexpected(ffi::Error::Internal("cuDNN SDPA workspace: " + fe_error(status)));
   return plan;
 }
 
@@ -190,16 +165,10 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::ScratchAllocator &scratch, int3
   return ffi::Error::Success();
 }
 
-// An exception must not cross into XLA (the frontend throws where it cannot load a CUDA library).
 ffi::Error Forward(cudaStream_t stream, ffi::ScratchAllocator scratch, int32_t device, ffi::AnyBuffer q,
                    ffi::AnyBuffer k, ffi::AnyBuffer v, float scale, bool is_causal, ffi::Result<ffi::AnyBuffer> o) {
-  try {
-    return ForwardImpl(stream, scratch, device, q, k, v, scale, is_causal, o);
-  } catch (const std::exception &e) {
-    return ffi::Error::Internal(std::string("cuDNN attention: ") + e.what());
-  } catch (...) {
-    return ffi::Error::Internal("cuDNN attention: an unknown C++ exception");
-  }
+  return zoo_cuda::Guarded("cuDNN attention",
+                           [&] { return ForwardImpl(stream, scratch, device, q, k, v, scale, is_causal, o); });
 }
 
 }  // namespace
@@ -208,10 +177,7 @@ ffi::Error Forward(cudaStream_t stream, ffi::ScratchAllocator scratch, int32_t d
 #pragma GCC visibility push(default)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooCudnnAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              zoo_cuda::BindOnStream()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
@@ -223,22 +189,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooCudnnAttentionForward, Forward,
 // `path`. Returns cuDNN's version (cudnnGetVersion), or 0 with the reason in `error`.
 extern "C" int64_t zoo_cudnn_init(const char *path, char *error, int64_t error_size) {
   std::lock_guard<std::mutex> lock(mu);
-  auto fail = [&](const std::string &why) {
-    std::snprintf(error, static_cast<size_t>(error_size), "%s", why.c_str());
-    return int64_t{0};
-  };
+  std::string why;
   if (fe::cudnn_dlhandle == nullptr) {
-    fe::cudnn_dlhandle = dlopen("libcudnn.so.9", RTLD_NOW | RTLD_NOLOAD);
-    if (fe::cudnn_dlhandle == nullptr && path != nullptr && path[0] != '\0') {
-      fe::cudnn_dlhandle = dlopen(path, RTLD_NOW);
-    }
-    if (fe::cudnn_dlhandle == nullptr) {
-      const char *why = dlerror();
-      return fail(std::string("cannot load cuDNN (libcudnn.so.9): ") + (why ? why : "not loaded"));
-    }
+    fe::cudnn_dlhandle = zoo_cuda::OpenLibrary("cuDNN", {"libcudnn.so.9"}, path, why);
   }
+  if (fe::cudnn_dlhandle == nullptr) return zoo_cuda::Fail(error, error_size, why);
   auto version = reinterpret_cast<size_t (*)()>(dlsym(fe::cudnn_dlhandle, "cudnnGetVersion"));
-  if (version == nullptr) return fail("libcudnn.so.9 has no cudnnGetVersion");
+  if (version == nullptr) return zoo_cuda::Fail(error, error_size, "libcudnn.so.9 has no cudnnGetVersion");
   return static_cast<int64_t>(version());
 }
 
