@@ -107,6 +107,17 @@ bench() {  # NAME LIMIT_S [SUFFIX XLA_FLAGS]
   rc=${PIPESTATUS[0]}
   echo "=== $1${3:-} exit $rc $(date -u +%T)" | tee -a "$log"
 }
+check() {  # NAME SCRIPT LIMIT_S ENV: a direct call (zoo.ops.cudnn_direct, zoo.ops.cublaslt) built and
+  # checked in a process of its own; if that fails or crashes, ENV=0 for the rest of the lease (a
+  # later part in the same OUTDIR too: OUTDIR/NAME-off)
+  echo "=== $1 check $(date -u +%T)" | tee -a "$log"
+  capped "$3" python3 "$2" 2>&1 | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log"
+  if [ "${PIPESTATUS[0]}" != 0 ]; then
+    touch "$out/$1-off"
+    export "$4=0"
+    echo "=== $1 off for the rest of the lease" | tee -a "$log"
+  fi
+}
 CUBLAS="--xla_gpu_enable_triton_gemm=false"  # XLA's GEMMs through cuBLAS only, not its Triton emitter
 CUBLASLT="--xla_gpu_enable_cublaslt=true"  # lets XLA fuse bias adds (and bias + GELU) into cuBLASLt epilogues
 # XLA's command buffers (CUDA graphs) for cuDNN calls too, from a program of one command up: the
@@ -129,28 +140,12 @@ trap 'kill $clocks 2>/dev/null' EXIT
 export ZOO_ATTENTION_SKIP=${ZOO_ATTENTION_SKIP-zoo-cudnn,zoo-reference,zoo-xla,zoo-chunked,torch-sdpa-math,torch-sdpa-efficient}
 for step in ${steps//,/ }; do
   case $step in
-    cudnn)  # zoo.ops.cudnn_direct (auto's GPU forward where it builds): built once per machine and
-      # checked against JAX's cuDNN call in a process of its own; if that fails or crashes, the rest
-      # of the lease runs with it off (ZOO_CUDNN_DIRECT=0: auto is JAX's cuDNN call, as before)
-      echo "=== cudnn-direct check $(date -u +%T)" | tee -a "$log"
-      capped 150 python3 benchmarks/scripts/cudnn_direct_check.py 2>&1 \
-        | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log"
-      if [ "${PIPESTATUS[0]}" != 0 ]; then
-        touch "$out/cudnn-direct-off"
-        export ZOO_CUDNN_DIRECT=0
-        echo "=== cudnn-direct off for the rest of the lease" | tee -a "$log"
-      fi ;;
-    cublaslt)  # zoo.ops.cublaslt (gpt_step's -gelu-grad-cublaslt runs): built, checked against
-      # float64 and timed beside XLA's form in a process of its own; if that fails or crashes, the
-      # rest of the lease runs with it off (ZOO_CUBLASLT=0: those runs lose their own rows)
-      echo "=== cublaslt check $(date -u +%T)" | tee -a "$log"
-      capped 90 python3 benchmarks/scripts/cublaslt_check.py 2>&1 \
-        | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log"
-      if [ "${PIPESTATUS[0]}" != 0 ]; then
-        touch "$out/cublaslt-off"
-        export ZOO_CUBLASLT=0
-        echo "=== cublaslt off for the rest of the lease" | tee -a "$log"
-      fi ;;
+    cudnn)  # zoo.ops.cudnn_direct (auto's GPU forward where it builds): if its check fails or
+      # crashes, the rest of the lease runs with it off (auto is JAX's cuDNN call, as before)
+      check cudnn-direct benchmarks/scripts/cudnn_direct_check.py 150 ZOO_CUDNN_DIRECT ;;
+    cublaslt)  # zoo.ops.cublaslt (gpt_step's -gelu-grad-cublaslt runs): if its check fails or
+      # crashes, the rest of the lease runs with it off (those runs lose their own rows)
+      check cublaslt benchmarks/scripts/cublaslt_check.py 90 ZOO_CUBLASLT ;;
     tests)
       echo "=== GPU tests $(date -u +%T)" | tee -a "$log"
       capped 90 env JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_attention.py \

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from direct_call import ready
 from zoo.ops import cublaslt
 from zoo.ops.matmul_gelu import gelu_tanh_grad, matmul_gelu_grad
 
@@ -41,17 +42,8 @@ def _time(impl, args, calls=20, rounds=7):
 
 
 def main() -> int:
-    t = time.perf_counter()
-    try:
-        path = cublaslt.build()
-    except cublaslt.Unavailable as e:
-        print(f"cublaslt: not built: {e}", flush=True)
+    if not ready(cublaslt, "cublaslt", "cuBLASLt"):
         return 1
-    print(f"cublaslt: {path} ready in {time.perf_counter() - t:.1f} s", flush=True)
-    if not cublaslt.available():
-        print(f"cublaslt: unavailable: {cublaslt.unavailable_reason()}", flush=True)
-        return 1
-    print(f"cublaslt: loaded, cuBLASLt {cublaslt._state['version']}, jax {jax.__version__} {jax.devices()}", flush=True)
     M = CHECK_ROWS
     g, w, z = _inputs(M)
     dz, db = jax.jit(lambda g, w, z: matmul_gelu_grad(g, w, z, implementation="cublaslt"))(g, w, z)

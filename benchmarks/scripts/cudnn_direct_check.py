@@ -5,11 +5,11 @@ of the lease with ZOO_CUDNN_DIRECT=0, so auto runs JAX's cuDNN call as before it
 crash exits non-zero too.
 Run (GPU): python benchmarks/scripts/cudnn_direct_check.py"""
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+from direct_call import ready
 from zoo.ops import cudnn_direct
 from zoo.ops.attention import dot_product_attention
 
@@ -18,18 +18,8 @@ CASES = ((4, 16, 16, 1024, 128, False), (4, 16, 16, 1024, 128, True), (2, 8, 2, 
 
 
 def main() -> int:
-    t = time.perf_counter()
-    try:
-        path = cudnn_direct.build()
-    except cudnn_direct.Unavailable as e:
-        print(f"cudnn-direct: not built: {e}", flush=True)
+    if not ready(cudnn_direct, "cudnn-direct", "cuDNN"):
         return 1
-    print(f"cudnn-direct: {path} ready in {time.perf_counter() - t:.1f} s", flush=True)
-    if not cudnn_direct.available():
-        print(f"cudnn-direct: unavailable: {cudnn_direct.unavailable_reason()}", flush=True)
-        return 1
-    print(f"cudnn-direct: loaded, cuDNN {cudnn_direct._state['version']}, jax {jax.__version__} {jax.devices()}",
-          flush=True)
     ok = True
     for B, N, K, S, D, causal in CASES:
         T = S if K == N else S // 2

@@ -3,6 +3,7 @@ GPU it exits 1 saying why (device.sh then turns the call off); with the call sto
 tests/ops/test_cublaslt.py) at small sizes it checks, times each form and exits 0; a stand-in that
 computes something else fails the check."""
 
+import os
 import re
 import subprocess
 import sys
@@ -58,3 +59,14 @@ def test_checks_and_times_with_the_call_stood_in(monkeypatch, capsys):
     monkeypatch.setattr(cublaslt, "_call", lambda g, w, z: tuple(x * jnp.asarray(1.1, x.dtype) for x in wrong(g, w, z)))
     assert check.main() == 1
     assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_the_cudnn_direct_check_without_a_gpu_says_why_and_fails():
+    """benchmarks/scripts/cudnn_direct_check.py shares the build-and-load steps (direct_call.py)."""
+    if jax.default_backend() == "gpu":
+        return
+    out = subprocess.run([sys.executable, "benchmarks/scripts/cudnn_direct_check.py"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "ZOO_CUDNN_DIRECT": "0"})
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert re.search(r"^cudnn-direct: (not built: .+|unavailable: turned off by ZOO_CUDNN_DIRECT=0)$", out.stdout,
+                     re.M), out.stdout
