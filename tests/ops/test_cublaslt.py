@@ -213,6 +213,10 @@ def test_gpt_gradients_with_gelu_grad_cublaslt_equal_xla(stood_in):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(c, np.float32), rtol=3e-2, atol=3e-3)
     with pytest.raises(ConfigError, match="model.gelu_grad=cublaslt needs model.gelu=epilogue"):
         GPTConfig(gelu_grad="cublaslt")
+    with pytest.raises(ConfigError, match="needs a bfloat16 or float16 model.dtype"):
+        GPTConfig(gelu_grad="cublaslt", gelu="epilogue")
+    with pytest.raises(ValueError, match='"cublaslt" takes bfloat16 or float16 inputs, got float32'):
+        gelu_proj(jnp.zeros((4, 16)), jnp.zeros(16), jnp.zeros((16, 8)), "cublaslt")
 
 
 def test_on_eight_devices_each_shard_calls_on_its_rows(stood_in):

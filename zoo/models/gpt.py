@@ -100,6 +100,9 @@ class GPTConfig:
         if self.gelu_grad != "xla" and (self.gelu != "epilogue" or self.finetune == "lora"):
             raise ConfigError(f"model.gelu_grad={self.gelu_grad} needs model.gelu=epilogue and no LoRA "
                               f"(got gelu={self.gelu}, finetune={self.finetune or 'none'})")
+        if self.gelu_grad == "cublaslt" and self.dtype == "float32":
+            raise ConfigError("model.gelu_grad=cublaslt needs a bfloat16 or float16 model.dtype (cuBLASLt's "
+                              "DGELU epilogue takes those), got float32")
         if self.implementation and self.implementation not in IMPLEMENTATIONS:
             raise ConfigError(unknown("model.implementation", self.implementation, IMPLEMENTATIONS))
         if self.dtype not in DTYPES:

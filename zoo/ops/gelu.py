@@ -168,6 +168,8 @@ def gelu_proj(y, bias, w, implementation: str = "pallas"):
     sums ("pallas": one Triton kernel, its tile fitted to the rows; "cublaslt": cuBLASLt's
     DGELU_BGRAD epilogue, NVIDIA GPUs only; "xla": the matmul, then a pass); w's gradient is
     GELU(z).T @ g as autodiff's."""
+    if implementation == "cublaslt" and jnp.dtype(y.dtype) not in _cublaslt.DTYPES:
+        raise ValueError(f'gelu_proj: implementation "cublaslt" takes bfloat16 or float16 inputs, got {y.dtype}')
     if implementation == "cublaslt" and not _cublaslt.available():
         raise UnavailableError(f'gelu_proj: implementation "cublaslt" is not available here: '
                                f'{_cublaslt.unavailable_reason()}')
