@@ -76,14 +76,8 @@ def _open():
         return lib
     if not _pallas.on_cuda_gpu():
         raise Unavailable(f"needs an NVIDIA GPU (JAX's default backend is {jax.default_backend()!r})")
-    lib = ctypes.CDLL(str(build()))
-    error = ctypes.create_string_buffer(1024)
-    lib.zoo_cublaslt_init.restype = ctypes.c_int64
-    version = lib.zoo_cublaslt_init(_library_path().encode(), error, ctypes.c_int64(len(error)))
-    if not version:
-        raise Unavailable(error.value.decode(errors="replace"))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.ZooCublasLtDgelu), platform="CUDA")
-    _state["version"] = version
+    lib, _state["version"] = native.open_cuda_call(build(), "zoo_cublaslt_init", "ZooCublasLtDgelu", TARGET,
+                                                   _library_path(), Unavailable)
     return lib
 
 

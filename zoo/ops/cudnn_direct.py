@@ -24,7 +24,6 @@ Forward only: zoo.ops.attention's "cudnn-direct" differentiates through JAX's ow
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib.util
 import os
@@ -117,14 +116,8 @@ def _open():
         raise Unavailable("turned off by ZOO_CUDNN_DIRECT=0")
     if not _pallas.on_cuda_gpu():
         raise Unavailable(f"needs an NVIDIA GPU (JAX's default backend is {jax.default_backend()!r})")
-    lib = ctypes.CDLL(str(build()))
-    error = ctypes.create_string_buffer(1024)
-    lib.zoo_cudnn_init.restype = ctypes.c_int64
-    version = lib.zoo_cudnn_init(_cudnn_library().encode(), error, ctypes.c_int64(len(error)))
-    if not version:
-        raise Unavailable(error.value.decode(errors="replace"))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.ZooCudnnAttentionForward), platform="CUDA")
-    _state["version"] = version
+    lib, _state["version"] = native.open_cuda_call(build(), "zoo_cudnn_init", "ZooCudnnAttentionForward", TARGET,
+                                                   _cudnn_library(), Unavailable)
     return lib
 
 
@@ -133,16 +126,12 @@ def load():
     return native.load_once(_state, _open, Unavailable)
 
 
-def available() -> bool:
-    try:
-        load()
-        return True
-    except Unavailable:
-        return False
-
-
 def unavailable_reason() -> str | None:
-    return None if available() else _state.get("error")
+    return native.why_not(load, _state, Unavailable)
+
+
+def available() -> bool:
+    return unavailable_reason() is None
 
 
 def _forward(q, k, v, scale, is_causal):

@@ -138,6 +138,21 @@ def load_once(state: dict, open_library, error: type[Exception]):
         return state["lib"]
 
 
+def open_cuda_call(path: Path, init: str, handler: str, target: str, fallback: str, error: type[Exception]):
+    """(library, version): the compiled direct call at `path` (zoo.ops.cudnn_direct, zoo.ops.cublaslt)
+    loaded, its `init` run (it finds the CUDA library it calls: the copy JAX's plugin loaded, else
+    the one at `fallback`; 0 and the reason if none), its `handler` registered as the FFI target
+    `target` for CUDA. `error` with init's reason where it fails."""
+    lib = ctypes.CDLL(str(path))
+    reason = ctypes.create_string_buffer(1024)
+    getattr(lib, init).restype = ctypes.c_int64
+    version = getattr(lib, init)(fallback.encode(), reason, ctypes.c_int64(len(reason)))
+    if not version:
+        raise error(reason.value.decode(errors="replace"))
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, handler)), platform="CUDA")
+    return lib, version
+
+
 def why_not(load, state: dict, error: type[Exception]) -> str | None:
     """None if load() works (a library loaded once, by load_once), else why not."""
     try:
@@ -171,16 +186,12 @@ def load():
     return load_once(_state, _open, NativeUnavailable)
 
 
-def available() -> bool:
-    try:
-        load()
-        return True
-    except NativeUnavailable:
-        return False
-
-
 def unavailable_reason() -> str | None:
-    return None if available() else _state.get("error")
+    return why_not(load, _state, NativeUnavailable)
+
+
+def available() -> bool:
+    return unavailable_reason() is None
 
 
 def _attrs(is_causal, window, scale, block_q, block_k, has_mask, has_bias, bias_grad):
