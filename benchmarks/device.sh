@@ -70,8 +70,10 @@ log=$out/log-${part//,/_}.txt
 mkdir -p "$out"
 # step cudnn's verdict (an earlier part's, same OUTDIR): the direct cuDNN call failed its check
 [ -f "$out/cudnn-direct-off" ] && export ZOO_CUDNN_DIRECT=0
-# and step cublaslt's (zoo.ops.cublaslt's DGELU_BGRAD call)
+# and step cublaslt's (zoo.ops.cublaslt's calls: both, or its weight-gradient call alone)
 [ -f "$out/cublaslt-off" ] && export ZOO_CUBLASLT=0
+[ -f "$out/cublaslt-ZOO_CUBLASLT_WGRAD-off" ] && export ZOO_CUBLASLT_WGRAD=0
+[ -f "$out/cublaslt.env" ] && . "$out/cublaslt.env"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >>"$log" 2>&1 || { echo "wheel install failed"; tail -20 "$log"; exit 1; }
@@ -107,12 +109,22 @@ bench() {  # NAME LIMIT_S [SUFFIX XLA_FLAGS]
   rc=${PIPESTATUS[0]}
   echo "=== $1${3:-} exit $rc $(date -u +%T)" | tee -a "$log"
 }
-check() {  # NAME SCRIPT LIMIT_S ENV: a direct call (zoo.ops.cudnn_direct, zoo.ops.cublaslt) built and
-  # checked in a process of its own; if that fails or crashes, ENV=0 for the rest of the lease (a
-  # later part in the same OUTDIR too: OUTDIR/NAME-off)
+check() {  # NAME SCRIPT LIMIT_S ENV [ENV3]: a direct call (zoo.ops.cudnn_direct, zoo.ops.cublaslt) built
+  # and checked in a process of its own; if that fails or crashes, ENV=0 for the rest of the lease
+  # (a later part in the same OUTDIR too: OUTDIR/NAME-off); exit status 3 with ENV3 given: only
+  # the part ENV3 turns off failed, ENV3=0 (OUTDIR/NAME-ENV3-off). The check may write `export`
+  # lines to the file ZOO_CHECK_ENV_FILE names (OUTDIR/NAME.env), sourced here and by later parts
   echo "=== $1 check $(date -u +%T)" | tee -a "$log"
-  capped "$3" python3 "$2" 2>&1 | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log"
-  if [ "${PIPESTATUS[0]}" != 0 ]; then
+  capped "$3" env ZOO_CHECK_ENV_FILE="$out/$1.env" python3 "$2" 2>&1 \
+    | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  # what the check chose for the rest of the lease (the faster cuBLASLt weight-gradient epilogue)
+  if [ -f "$out/$1.env" ]; then . "$out/$1.env"; cat "$out/$1.env" >>"$log"; fi
+  if [ "$rc" = 3 ] && [ -n "${5:-}" ]; then
+    touch "$out/$1-$5-off"
+    export "$5=0"
+    echo "=== $1: $5=0 for the rest of the lease" | tee -a "$log"
+  elif [ "$rc" != 0 ]; then
     touch "$out/$1-off"
     export "$4=0"
     echo "=== $1 off for the rest of the lease" | tee -a "$log"
@@ -143,9 +155,10 @@ for step in ${steps//,/ }; do
     cudnn)  # zoo.ops.cudnn_direct (auto's GPU forward where it builds): if its check fails or
       # crashes, the rest of the lease runs with it off (auto is JAX's cuDNN call, as before)
       check cudnn-direct benchmarks/scripts/cudnn_direct_check.py 150 ZOO_CUDNN_DIRECT ;;
-    cublaslt)  # zoo.ops.cublaslt (gpt_step's -gelu-grad-cublaslt runs): if its check fails or
-      # crashes, the rest of the lease runs with it off (those runs lose their own rows)
-      check cublaslt benchmarks/scripts/cublaslt_check.py 90 ZOO_CUBLASLT ;;
+    cublaslt)  # zoo.ops.cublaslt (gpt_step's -gelu-grad-cublaslt and -qkv-grad-cublaslt runs): if
+      # its check fails or crashes, the rest of the lease runs with it off (those runs lose their
+      # own rows); if only its weight-gradient call fails, with that one off
+      check cublaslt benchmarks/scripts/cublaslt_check.py 110 ZOO_CUBLASLT ZOO_CUBLASLT_WGRAD ;;
     tests)
       echo "=== GPU tests $(date -u +%T)" | tee -a "$log"
       capped 90 env JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_attention.py \

@@ -3,11 +3,11 @@
 # goes back 30 s after a call (a second call would likely pay a second start of the 15 minutes).
 #   bash benchmarks/lease.sh OUTDIR [SHA] [BUDGET_S]
 # Runs benchmarks/device.sh part a (zoo.ops.cudnn_direct built and checked, ~40 s the first time,
-# with the cuDNN frontend's wheel in .whl; zoo.ops.cublaslt built, checked and timed, ~20 s; the
+# with the cuDNN frontend's wheel in .whl; zoo.ops.cublaslt's two calls built, checked and timed, ~40 s; the
 # GPU tests; the S1024 attention dispatch; ~150 s), part b (`zoo bench gpt_step`'s first runs:
-# the fastest, the same with the cuBLASLt GELU backward and Triton GEMMs off, Triton GEMMs off
-# alone, the torch.compile'd PyTorch peer; then the Pallas kernels alone at several tilings; 330 s
-# by its limits), then part d (`zoo bench
+# the fastest, the same with every kernel (xent fused, the cuBLASLt GELU backward and q/k/v
+# weight gradients) and Triton GEMMs off, the same without xent fused, the torch.compile'd
+# PyTorch peer; then the Pallas kernels alone at several tilings; 330 s by its limits), then part d (`zoo bench
 # attention`'s full set, full then causal; ~180 s), each cut at what is left of BUDGET_S
 # (default 580), part b at what is left less part d's reserve (RESERVE_S, default 180, at most a
 # third of the budget), into a scratch folder, then leaves in OUTDIR what the tool returns (at

@@ -1,11 +1,19 @@
-"""zoo.ops.cublaslt on a lent GPU before anything else uses it: the build (timed), the load, the
-MLP's GELU backward by cuBLASLt's DGELU_BGRAD epilogue against float64 from the same bf16 inputs
-(GPT-124M's widths, 4,096 rows), and at GPT-124M's B64 shape (65,536 rows) its time beside XLA's
-form and the Pallas kernel (medians of 20 calls, each form's in one jitted loop). Exit 0 when it
-is available and agrees, 1 when not (benchmarks/device.sh then turns it off for the rest of the
-lease with ZOO_CUBLASLT=0, so the gpt_step runs that use it lose their own rows only); a crash
-exits non-zero too.
+"""zoo.ops.cublaslt on a lent GPU before anything else uses it: the build (timed), the load, then
+each call against float64 from the same bf16 inputs (GPT-124M's widths, 4,096 rows) and timed at
+GPT-124M's B64 shape (65,536 rows; medians of 20 calls, each form's in one jitted loop):
+
+- the MLP's GELU backward by cuBLASLt's DGELU_BGRAD epilogue, beside XLA's form and the Pallas
+  kernel (zoo.ops.matmul_gelu);
+- a q/k/v projection's weight and bias gradients by its BGRADB epilogue (the default) and by
+  BGRADA, beside XLA's (zoo.ops.linear.dense); the faster that checks out is the one the rest of
+  the lease uses (see wgrad_part).
+
+Exit 0 when both are available and agree; 1 when the first is not (benchmarks/device.sh then
+turns the calls off for the rest of the lease with ZOO_CUBLASLT=0, so the gpt_step runs that use
+them lose their own rows only); 3 when the second is not (ZOO_CUBLASLT_WGRAD=0). A crash exits
+non-zero too.
 Run (GPU): python benchmarks/scripts/cublaslt_check.py"""
+import os
 import statistics
 import sys
 import time
@@ -16,6 +24,7 @@ import numpy as np
 
 from direct_call import ready
 from zoo.ops import cublaslt
+from zoo.ops.linear import dense
 from zoo.ops.matmul_gelu import gelu_tanh_grad, matmul_gelu_grad
 
 # rows checked against float64, and timed (GPT-124M at B64); the widths GPT-124M's MLP's
@@ -29,9 +38,11 @@ def _inputs(M, seed=0):
             (2.0 * jax.random.normal(keys[2], (M, N))).astype(jnp.bfloat16))
 
 
-def _time(impl, args, calls=20, rounds=7):
-    f = jax.jit(lambda g, w, z: jax.lax.fori_loop(0, calls, lambda i, acc: acc + matmul_gelu_grad(
-        g, w, z, implementation=impl)[1][0], jnp.float32(0)))
+def _time(impl, args, calls=20, rounds=7, op=None):
+    """Median seconds per call of op(impl, *args) (a tuple of arrays), `calls` of them in one
+    jitted loop (default op: matmul_gelu_grad)."""
+    op = op or (lambda impl, g, w, z: matmul_gelu_grad(g, w, z, implementation=impl))
+    f = jax.jit(lambda *a: jax.lax.fori_loop(0, calls, lambda i, acc: acc + op(impl, *a)[1][0], jnp.float32(0)))
     f(*args).block_until_ready()
     times = []
     for _ in range(rounds):
@@ -39,6 +50,74 @@ def _time(impl, args, calls=20, rounds=7):
         f(*args).block_until_ready()
         times.append((time.perf_counter() - t) / calls)
     return statistics.median(times)
+
+
+def _wgrad(impl, x, w, b, dy):
+    """dense's (w, b) gradients by `impl` (x's unused: only the weight gradient's matmul runs)."""
+    return jax.vjp(lambda w, b: dense(x, w, b, weight_grad=impl), w, b)[1](dy)
+
+
+def check_wgrad(epilogue: str) -> bool:
+    """The weight and bias gradients by cuBLASLt's `epilogue` (zoo.ops.cublaslt.WGRAD_EPILOGUES)
+    against float64; True if they agree."""
+    os.environ["ZOO_CUBLASLT_WGRAD_EPILOGUE"] = epilogue
+    M = CHECK_ROWS
+    keys = jax.random.split(jax.random.key(1), 2)
+    x, dy = (jax.random.normal(k, (M, K), jnp.bfloat16) for k in keys)
+    w, b = jnp.zeros((K, K), jnp.float32), jnp.zeros(K, jnp.float32)
+    try:
+        dw, db = jax.jit(lambda *a: _wgrad("cublaslt", *a))(x, w, b, dy)
+    except Exception as e:  # noqa: BLE001 - the epilogue refused: this call off, the DGELU one kept
+        print(f"cublaslt: wgrad {epilogue} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+        return False
+    x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    ref_w, ref_b = x64.T @ dy64, dy64.sum(0)
+    # each within one bf16 rounding of float64 (the float32 accumulator's sums, rounded once)
+    # and 1e-3 absolute where it is near 0
+    excess = max(float(np.max(np.abs(np.asarray(got, np.float64) - ref) - 1.1 * 2.0**-8 * np.abs(ref)))
+                 for got, ref in ((dw, ref_w), (db, ref_b)))
+    ok = excess <= 1e-3
+    print(f"cublaslt: wgrad {epilogue} M{M} I{K} F{K} bf16: dw and db off float64 by at most one bf16 rounding + "
+          f"{max(excess, 0):.3g} (allowed 1e-3) {'ok' if ok else 'MISMATCH'}", flush=True)
+    return ok
+
+
+def time_wgrad(epilogues) -> dict:
+    """XLA's weight and bias gradients and cuBLASLt's by each of `epilogues`, at GPT-124M's B64:
+    {form: median ms}, printed."""
+    keys = jax.random.split(jax.random.key(2), 2)
+    x, dy = (jax.random.normal(k, (TIME_ROWS, K), jnp.bfloat16) for k in keys)
+    args = (x, jnp.zeros((K, K), jnp.float32), jnp.zeros(K, jnp.float32), dy)
+    ms = {"xla": _time("xla", args, op=_wgrad) * 1e3}
+    for epilogue in epilogues:
+        os.environ["ZOO_CUBLASLT_WGRAD_EPILOGUE"] = epilogue
+        ms[epilogue] = _time("cublaslt", args, op=_wgrad) * 1e3
+    print(f"cublaslt: wgrad M{TIME_ROWS} I{K} F{K} bf16 (GPT-124M B64, per projection): " + ", ".join(
+        f"{'' if k == 'xla' else 'cublaslt '}{k} {v:.3f} ms ({2 * TIME_ROWS * K * K / v / 1e9:.0f} TFLOP/s)"
+        for k, v in ms.items()), flush=True)
+    return ms
+
+
+def wgrad_part() -> int:
+    """Each epilogue checked, each that checks out timed. The faster of those is the one the rest
+    of the lease uses: written as `export ZOO_CUBLASLT_WGRAD_EPILOGUE=...` to the file
+    ZOO_CHECK_ENV_FILE names (benchmarks/device.sh sources it). 0 if that, or the default
+    epilogue (zoo.ops.cublaslt.wgrad_epilogue()) without such a file, checks out; else 3."""
+    default = cublaslt.wgrad_epilogue()
+    good = [e for e in (default, *(e for e in cublaslt.WGRAD_EPILOGUES if e != default)) if check_wgrad(e)]
+    os.environ["ZOO_CUBLASLT_WGRAD_EPILOGUE"] = default
+    if not good:
+        return 3
+    ms = time_wgrad(good)
+    os.environ["ZOO_CUBLASLT_WGRAD_EPILOGUE"] = default
+    best = min(good, key=ms.get)
+    env_file = os.environ.get("ZOO_CHECK_ENV_FILE")
+    if env_file:
+        with open(env_file, "a") as f:
+            f.write(f"export ZOO_CUBLASLT_WGRAD_EPILOGUE={best}\n")
+        print(f"cublaslt: wgrad by {best} for the rest of the lease", flush=True)
+        return 0
+    return 0 if default in good else 3
 
 
 def main() -> int:
@@ -71,7 +150,7 @@ def main() -> int:
     flop = 2 * TIME_ROWS * N * K
     print(f"cublaslt: M{TIME_ROWS} K{K} N{N} bf16 (GPT-124M B64, per layer): " + ", ".join(
         f"{k} {v:.3f} ms ({flop / v / 1e9:.0f} TFLOP/s)" for k, v in ms.items()), flush=True)
-    return 0
+    return wgrad_part()
 
 
 if __name__ == "__main__":

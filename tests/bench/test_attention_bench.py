@@ -168,11 +168,14 @@ def test_gpt_step_run_options_reach_the_step_compile(monkeypatch):
     gpt_step.run(quick=True)
     assert seen == [None, {"xla_x": False}, None]
     cublas = {v[0]: v for _, v in gpt_step.FULL["runs"] if v and v[0].endswith("-cublas")}
-    best = gpt_step.SEPARATE_EPILOGUE_LN_LSE
-    assert set(cublas) == {best[0] + "-cublas", best[0] + "-gelu-grad-cublaslt-cublas"}
+    best, every = gpt_step.SEPARATE_EPILOGUE_LN_LSE, gpt_step.ALL_KERNELS
+    lt = "-gelu-grad-cublaslt-qkv-grad-cublaslt-cublas"
+    assert list(cublas) == [every[0] + lt, best[0] + lt, best[0] + "-gelu-grad-cublaslt-cublas", best[0] + "-cublas"]
     assert all(v[2] == {"xla_gpu_enable_triton_gemm": False} for v in cublas.values())
     assert cublas[best[0] + "-cublas"][1] == best[1]
     assert cublas[best[0] + "-gelu-grad-cublaslt-cublas"][1] == dict(best[1], gelu_grad="cublaslt")
+    assert cublas[best[0] + lt][1] == dict(best[1], gelu_grad="cublaslt", qkv_grad="cublaslt")
+    assert cublas[every[0] + lt][1] == dict(best[1], xent="fused", gelu_grad="cublaslt", qkv_grad="cublaslt")
     monkeypatch.undo()
     tiny = GPTConfig(vocab_size=32, max_len=8, num_layers=1, hidden=16, num_heads=2)
     with pytest.raises(Exception, match="xla_no_such_option"):

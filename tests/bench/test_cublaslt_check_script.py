@@ -1,7 +1,8 @@
 """benchmarks/scripts/cublaslt_check.py (run on a lent GPU in device.sh part a) on this CPU: with no
-GPU it exits 1 saying why (device.sh then turns the call off); with the call stood in (as in
-tests/ops/test_cublaslt.py) at small sizes it checks, times each form and exits 0; a stand-in that
-computes something else fails the check."""
+GPU it exits 1 saying why (device.sh then turns the calls off); with the calls stood in (as in
+tests/ops/test_cublaslt.py) at small sizes it checks, times each form and exits 0; a DGELU
+stand-in that computes something else fails the check (1), a weight-gradient one fails its part
+(3)."""
 
 import os
 import re
@@ -12,7 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from tests.ops.test_cublaslt import _stand_in
+from tests.ops.test_cublaslt import _stand_in, _wgrad_stand_in
 from zoo.ops import cublaslt
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,10 +37,13 @@ def test_without_a_gpu_it_says_why_and_fails():
     assert "cublaslt: unavailable: needs an NVIDIA GPU" in out.stdout or "cublaslt: not built" in out.stdout
 
 
-def test_checks_and_times_with_the_call_stood_in(monkeypatch, capsys):
+def test_checks_and_times_with_the_call_stood_in(monkeypatch, capsys, tmp_path):
     check = _script()
+    monkeypatch.setenv("ZOO_CUBLASLT_WGRAD_EPILOGUE", "bgradb")  # the script sets it: restored after
+    monkeypatch.delenv("ZOO_CHECK_ENV_FILE", raising=False)
     calls = []
     monkeypatch.setattr(cublaslt, "_call", _stand_in(calls))
+    monkeypatch.setattr(cublaslt, "_wgrad_call", _wgrad_stand_in(calls))
     monkeypatch.setattr(cublaslt, "load", lambda: None)
     monkeypatch.setattr(cublaslt, "available", lambda: True)
     monkeypatch.setattr(cublaslt, "build", lambda: Path("stand-in.so"))
@@ -53,7 +57,32 @@ def test_checks_and_times_with_the_call_stood_in(monkeypatch, capsys):
     assert re.search(r"cublaslt: M64 K32 N48 bf16: dz off float64 by at most one bf16 rounding \+ \S+ \(allowed "
                      r"1e-3\), column sums up to \S+x their rounding noise ok\n", out), out
     assert "cublaslt: M32 K32 N48 bf16 (GPT-124M B64, per layer): xla " in out and ", cublaslt " in out
-    assert calls
+    for epilogue in ("bgradb", "bgrada"):
+        assert re.search(rf"cublaslt: wgrad {epilogue} M64 I32 F32 bf16: dw and db off float64 by at most one bf16 "
+                         r"rounding \+ \S+ \(allowed 1e-3\) ok\n", out), out
+    assert re.search(r"cublaslt: wgrad M32 I32 F32 bf16 \(GPT-124M B64, per projection\): xla \S+ ms \(\d+ TFLOP/s\), "
+                     r"cublaslt bgradb \S+ ms \(\d+ TFLOP/s\), cublaslt bgrada ", out), out
+    assert ("wgrad", (64, 32), (64, 32)) in calls and any(c[0] != "wgrad" for c in calls)
+    # a weight-gradient call off by a factor fails its own part: exit 3
+    wrong_w = _wgrad_stand_in([])
+    monkeypatch.setattr(cublaslt, "_wgrad_call", lambda x, dy, e: tuple(a * jnp.asarray(1.1, a.dtype)
+                                                                         for a in wrong_w(x, dy, e)))
+    assert check.main() == 3
+    assert "wgrad bgradb M64 I32 F32 bf16: dw and db off float64 by at most one bf16 rounding" in capsys.readouterr().out
+    # one that fails outright with the default epilogue: exit 3, the error printed, the other timed
+    monkeypatch.setattr(cublaslt, "_wgrad_call", lambda x, dy, e: 1 / 0 if e == "bgradb" else wrong_w(x, dy, e))
+    assert check.main() == 3
+    out = capsys.readouterr().out
+    assert "cublaslt: wgrad bgradb failed: ZeroDivisionError: division by zero" in out
+    assert "cublaslt: wgrad bgrada M64" in out and "ok" in out and ", cublaslt bgrada " in out
+    assert os.environ.get("ZOO_CUBLASLT_WGRAD_EPILOGUE", "bgradb") == "bgradb"
+    # with an env file (device.sh's check): the faster epilogue that checks out written there
+    env_file = tmp_path / "cublaslt.env"
+    monkeypatch.setenv("ZOO_CHECK_ENV_FILE", str(env_file))
+    assert check.main() == 0  # bgradb still fails: bgrada, the one left
+    assert env_file.read_text() == "export ZOO_CUBLASLT_WGRAD_EPILOGUE=bgrada\n"
+    assert "cublaslt: wgrad by bgrada for the rest of the lease" in capsys.readouterr().out
+    monkeypatch.setattr(cublaslt, "_wgrad_call", _wgrad_stand_in([]))
     # a call that is off by a factor fails the check
     wrong = _stand_in([])
     monkeypatch.setattr(cublaslt, "_call", lambda g, w, z: tuple(x * jnp.asarray(1.1, x.dtype) for x in wrong(g, w, z)))

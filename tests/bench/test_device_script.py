@@ -12,9 +12,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = """#!/bin/bash
-echo "$* |MASKS=${ZOO_ATTENTION_MASKS:-}|LENGTHS=${ZOO_ATTENTION_LENGTHS:-}|RUNS=${ZOO_GPT_STEP_RUNS:-}|XLA=${XLA_FLAGS:-}|DIR=${ZOO_PROFILE_DIR:-}|SKIP=${ZOO_ATTENTION_SKIP:-}|CUDNN=${ZOO_CUDNN_DIRECT:-}|LT=${ZOO_CUBLASLT:-}" >> "$CALLS"
+echo "$* |MASKS=${ZOO_ATTENTION_MASKS:-}|LENGTHS=${ZOO_ATTENTION_LENGTHS:-}|RUNS=${ZOO_GPT_STEP_RUNS:-}|XLA=${XLA_FLAGS:-}|DIR=${ZOO_PROFILE_DIR:-}|SKIP=${ZOO_ATTENTION_SKIP:-}|EPI=${ZOO_CUBLASLT_WGRAD_EPILOGUE:-}|LTW=${ZOO_CUBLASLT_WGRAD:-}|CUDNN=${ZOO_CUDNN_DIRECT:-}|LT=${ZOO_CUBLASLT:-}" >> "$CALLS"
 if [[ "$*" == *cudnn_direct_check.py* && -n "${FAKE_CUDNN_FAIL:-}" ]]; then exit 1; fi
 if [[ "$*" == *cublaslt_check.py* && -n "${FAKE_CUBLASLT_FAIL:-}" ]]; then exit 139; fi
+if [[ "$*" == *cublaslt_check.py* && -n "${FAKE_CUBLASLT_WGRAD_FAIL:-}" ]]; then exit 3; fi
+if [[ "$*" == *cublaslt_check.py* && -n "${ZOO_CHECK_ENV_FILE:-}" ]]; then echo "export ZOO_CUBLASLT_WGRAD_EPILOGUE=bgrada" >> "$ZOO_CHECK_ENV_FILE"; fi
 if [[ "$*" == *"bench attention"* && -n "${FAKE_SLEEP:-}" ]]; then sleep "$FAKE_SLEEP"; fi
 prev=""; for a in "$@"; do if [[ "$prev" == --out ]]; then echo '{"rows": []}' > "$a"; fi; prev=$a; done
 if [[ "$*" == *"bench attention"* && "${ZOO_ATTENTION_MASKS:-}" == causal && -z "${XLA_FLAGS:-}" ]]; then exit 3; fi
@@ -34,6 +36,8 @@ def _run(tmp_path, part, **env_extra):
     env.pop("ZOO_ATTENTION_SKIP", None)
     env.pop("ZOO_CUDNN_DIRECT", None)
     env.pop("ZOO_CUBLASLT", None)
+    env.pop("ZOO_CUBLASLT_WGRAD", None)
+    env.pop("ZOO_CUBLASLT_WGRAD_EPILOGUE", None)
     out = subprocess.run(["bash", "benchmarks/device.sh", part, str(tmp_path / "out"), "abc123"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -200,3 +204,33 @@ def test_a_crashed_cublaslt_check_turns_it_off_for_the_rest_of_the_lease(tmp_pat
     assert len(later) == 2 and all(line.endswith("|CUDNN=|LT=0") for line in later)
     calls = _run(tmp_path, "b")
     assert calls and all(c.endswith("|CUDNN=|LT=0") for c in calls)
+
+
+def test_a_failed_weight_gradient_check_turns_that_call_alone_off(tmp_path):
+    """The cuBLASLt check exits 3 (its DGELU call passed, its weight-gradient call did not): the
+    rest of the lease, a later part's gpt_step too, runs with ZOO_CUBLASLT_WGRAD=0 and the DGELU
+    call on."""
+    assert _run(tmp_path, "a", FAKE_CUBLASLT_WGRAD_FAIL="1") == []
+    out = tmp_path / "out"
+    assert (out / "cublaslt-ZOO_CUBLASLT_WGRAD-off").exists() and not (out / "cublaslt-off").exists()
+    assert "=== cublaslt: ZOO_CUBLASLT_WGRAD=0 for the rest of the lease" in (out / "log-a.txt").read_text()
+    later = [line for line in (tmp_path / "calls-a.txt").read_text().splitlines()
+             if line.startswith(("-m pytest", "benchmarks/scripts/attention_dispatch.py"))]
+    assert len(later) == 2 and all(line.endswith("|LTW=0|CUDNN=|LT=") for line in later)
+    calls = _run(tmp_path, "b")
+    assert calls and all(c.endswith("|LTW=0|CUDNN=|LT=") for c in calls)
+
+
+def test_what_the_cublaslt_check_chose_holds_for_the_rest_of_the_lease(tmp_path):
+    """The check writes `export ZOO_CUBLASLT_WGRAD_EPILOGUE=...` to the file device.sh names
+    (ZOO_CHECK_ENV_FILE): what runs after it in part a, and a later part's gpt_step, has it."""
+    _run(tmp_path, "a")
+    out = tmp_path / "out"
+    assert (out / "cublaslt.env").read_text() == "export ZOO_CUBLASLT_WGRAD_EPILOGUE=bgrada\n"
+    lines = (tmp_path / "calls-a.txt").read_text().splitlines()
+    check = [line for line in lines if line.startswith("benchmarks/scripts/cublaslt_check.py")]
+    assert check and "|EPI=|" in check[0]
+    later = [line for line in lines if line.startswith(("-m pytest", "benchmarks/scripts/attention_dispatch.py"))]
+    assert len(later) == 2 and all("|EPI=bgrada|" in line for line in later)
+    calls = _run(tmp_path, "b")
+    assert calls and all("|EPI=bgrada|" in c for c in calls)

@@ -1,10 +1,12 @@
 // A stand-in for libcublasLt on the host, for tests/ops/test_cublaslt.py: the functions
-// zoo/ops/csrc_cuda/cublaslt_dgelu.cc calls, computing what cuBLASLt's documentation says they
+// zoo/ops/csrc_cuda/cublaslt.cc calls, computing what cuBLASLt's documentation says they
 // compute, on host memory, bfloat16 only. Written from the documentation (column-major matrices
 // with leading dimensions; D = op(A) op(B), op(A) m x k, op(B) k x n, D m x n; the DGELU_BGRAD
 // epilogue: D := D * GELU'(aux), aux m x n with its own leading dimension, bias[i] := sum over
-// the n columns of D's row i), not from the caller's row-major mapping, so the test checks that
-// mapping. It refuses what the real library would: a layout whose sizes do not match the op's
+// the n columns of D's row i; the BGRADB epilogue, "the bias gradient of the input matrix B":
+// bias[j] := sum over the k rows of op(B)'s column j, one per column of D; BGRADA, of A:
+// bias[i] := sum over the k columns of op(A)'s row i, one per row of D), not from the caller's
+// row-major mapping, so the test checks that mapping. It refuses what the real library would: a layout whose sizes do not match the op's
 // m, n, k, an aux leading dimension below m or not a multiple of 8, a missing pointer.
 
 #include <cmath>
@@ -140,9 +142,9 @@ int cublasLtMatmul(void *, Desc *d, const float *alpha, const void *A, Layout *a
     return INVALID_VALUE;
   }
   if (workspace_size < WORKSPACE || !workspace) return INVALID_VALUE;
-  const bool dgelu = d->epilogue == 208;
-  if (d->epilogue != 1 && !dgelu) return NOT_SUPPORTED;
-  if (dgelu && (!d->aux || !d->bias)) return INVALID_VALUE;
+  const bool dgelu = d->epilogue == 208, bgradb = d->epilogue == 512, bgrada = d->epilogue == 256;
+  if (d->epilogue != 1 && !dgelu && !bgradb && !bgrada) return NOT_SUPPORTED;
+  if ((dgelu && (!d->aux || !d->bias)) || ((bgradb || bgrada) && !d->bias)) return INVALID_VALUE;
   auto *pa = static_cast<const uint16_t *>(A), *pb = static_cast<const uint16_t *>(B);
   auto *pd = static_cast<uint16_t *>(D);
   auto *aux = static_cast<const uint16_t *>(d->aux);
@@ -165,6 +167,20 @@ int cublasLtMatmul(void *, Desc *d, const float *alpha, const void *A, Layout *a
   }
   if (dgelu) {
     for (uint64_t i = 0; i < m; ++i) static_cast<uint16_t *>(d->bias)[i] = to_bf16(bias[i]);
+  }
+  if (bgradb) {
+    for (uint64_t j = 0; j < n; ++j) {
+      float sum = 0;
+      for (uint64_t l = 0; l < k; ++l) sum += from_bf16(d->transb ? pb[j + l * b->ld] : pb[l + j * b->ld]);
+      static_cast<uint16_t *>(d->bias)[j] = to_bf16(sum);
+    }
+  }
+  if (bgrada) {
+    for (uint64_t i = 0; i < m; ++i) {
+      float sum = 0;
+      for (uint64_t l = 0; l < k; ++l) sum += from_bf16(d->transa ? pa[l + i * a->ld] : pa[i + l * a->ld]);
+      static_cast<uint16_t *>(d->bias)[i] = to_bf16(sum);
+    }
   }
   return SUCCESS;
 }

@@ -1,13 +1,14 @@
-"""zoo.ops.cublaslt, the MLP's GELU backward in cuBLASLt's DGELU_BGRAD epilogue, called directly.
+"""zoo.ops.cublaslt, cuBLASLt's matmuls with backward epilogues, called directly: the MLP's GELU
+backward (DGELU_BGRAD) and a dense layer's weight and bias gradients (BGRADB).
 
 Without a GPU: the ABI it writes out against CUDA's headers (where found); the library builds
 from jax.ffi's headers alone and says why when there is no cuBLASLt; its row-major-to-cuBLASLt
-mapping driven against a stand-in cuBLASLt (tests/ops/fake_cublaslt.cc, written from cuBLASLt's
+mappings driven against a stand-in cuBLASLt (tests/ops/fake_cublaslt.cc, written from cuBLASLt's
 documented column-major semantics) and checked with NumPy float64; the wiring of
-matmul_gelu_grad / gelu_proj / GPT's gelu_grad="cublaslt" with the FFI call replaced by a
-stand-in, against the "xla" form, on one device and on 8; clear errors; and (with JAX's CUDA
-plugin, no GPU) the GPT step compiled for an H200 with one call per layer. On a GPU: the call
-against float64."""
+matmul_gelu_grad / gelu_proj / GPT's gelu_grad="cublaslt", and of zoo.ops.linear.dense / GPT's
+qkv_grad="cublaslt", with the FFI calls replaced by stand-ins, against the "xla" forms, on one
+device and on 8; clear errors; and (with JAX's CUDA plugin, no GPU) the GPT step compiled for an
+H200 with one call per layer (per projection). On a GPU: the calls against float64."""
 
 import ctypes
 import os
@@ -26,6 +27,7 @@ from tests.ops.test_matmul_gelu import _inputs, _numpy
 from zoo.errors import UnavailableError
 from zoo.ops import cublaslt, native
 from zoo.ops.gelu import gelu_proj
+from zoo.ops.linear import dense
 from zoo.ops.matmul_gelu import matmul_gelu_grad
 
 HERE = Path(__file__).parent
@@ -57,6 +59,7 @@ static_assert(z::DESC_BIAS_POINTER == CUBLASLT_MATMUL_DESC_BIAS_POINTER);
 static_assert(z::DESC_AUX_POINTER == CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER);
 static_assert(z::DESC_AUX_LD == CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD);
 static_assert(z::EPILOGUE_DGELU_BGRAD == CUBLASLT_EPILOGUE_DGELU_BGRAD);
+static_assert(z::EPILOGUE_BGRADB == CUBLASLT_EPILOGUE_BGRADB);
 static_assert(z::PREF_MAX_WORKSPACE_BYTES == CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES);
 static_assert(sizeof(z::HeuristicResult) == sizeof(cublasLtMatmulHeuristicResult_t));
 static_assert(offsetof(z::HeuristicResult, workspaceSize) == offsetof(cublasLtMatmulHeuristicResult_t, workspaceSize));
@@ -112,7 +115,8 @@ def test_builds_without_cuda_and_says_when_there_is_no_cublaslt(library):
     """No CUDA header or library at build time; the handler and init are exported; init with no
     cuBLASLt loaded and none at the path given names what it looked for."""
     lib = library()
-    assert hasattr(lib, "ZooCublasLtDgelu") and hasattr(lib, "zoo_cublaslt_dgelu_host")
+    assert all(hasattr(lib, name) for name in (*cublaslt.HANDLERS.values(), "zoo_cublaslt_dgelu_host",
+                                               "zoo_cublaslt_wgrad_host"))
     if _real_cublaslt_loaded():
         pytest.skip("a cuBLASLt is loaded in this process")
     version, error = _init(lib, "/nonexistent/libcublasLt.so.13")
@@ -157,6 +161,49 @@ def test_the_row_major_mapping_against_a_stand_in_cublaslt(library, fake_cublasl
     assert ok == 0 and "cuBLASLt heuristic: the stand-in refused" in error, error
 
 
+def _host_wgrad(lib, x, dy, epilogue, dtype=14):
+    """zoo_cublaslt_wgrad_host on bf16 host arrays: (ok, dw [I, F], db [F], error), dw as the call
+    writes it for `epilogue` ("bgradb": transposed) turned [I, F]."""
+    x, dy = (np.ascontiguousarray(a, dtype=ml_dtypes.bfloat16) for a in (x, dy))
+    (M, I), F = x.shape, dy.shape[1]
+    dw, db = np.zeros((F, I) if epilogue == "bgradb" else (I, F), ml_dtypes.bfloat16), np.zeros(F, ml_dtypes.bfloat16)
+    error = ctypes.create_string_buffer(512)
+    p = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    lib.zoo_cublaslt_wgrad_host.restype = ctypes.c_int64
+    ok = lib.zoo_cublaslt_wgrad_host(*(ctypes.c_int64(v) for v in (dtype, cublaslt.WGRAD_EPILOGUES[epilogue], M, I, F)),
+                                     p(x), p(dy), p(dw), p(db), error, ctypes.c_int64(len(error)))
+    return ok, (dw.T if epilogue == "bgradb" else dw), db, error.value.decode()
+
+
+@pytest.mark.parametrize("epilogue", ["bgradb", "bgrada"])
+def test_the_weight_gradient_mapping_against_a_stand_in_cublaslt(library, fake_cublaslt, epilogue):
+    """Row-major x [M, I] and dy [M, F] handed to cuBLASLt as D = x^T dy (BGRADB: column-major
+    I x F, its memory dw transposed) or D = dy^T x (BGRADA: column-major F x I, its memory dw):
+    dw and dy's column sums as NumPy float64 computes them, through the stand-in (which sums
+    op(B)'s columns, or op(A)'s rows, over k, as cuBLASLt's documentation says those epilogues
+    do). Odd M; the plan reused; I % 8 != 0 and an unknown epilogue are errors."""
+    lib = library()
+    version, error = _init(lib, str(fake_cublaslt))
+    if version == 0 or _real_cublaslt_loaded():
+        pytest.skip(f"the stand-in did not load: {error or 'a real cuBLASLt is loaded'}")
+    rng = np.random.default_rng(5)
+    for M, I, F in [(24, 40, 16), (24, 40, 16), (7, 8, 32)]:
+        x, dy = (np.asarray(rng.standard_normal(s), ml_dtypes.bfloat16).astype(np.float64) for s in ((M, I), (M, F)))
+        ok, dw, db, error = _host_wgrad(lib, x, dy, epilogue)
+        assert ok == 1, error
+        np.testing.assert_allclose(np.asarray(dw, np.float64), x.T @ dy, rtol=2.0**-8, atol=1e-3)
+        np.testing.assert_allclose(np.asarray(db, np.float64), dy.sum(0), rtol=2.0**-8, atol=1e-3)
+    ok, *_, error = _host_wgrad(lib, x[:, :6], dy, epilogue)
+    assert ok == 0 and "I and F must be multiples of 8" in error, error
+    monkey = dict(cublaslt.WGRAD_EPILOGUES)
+    try:
+        cublaslt.WGRAD_EPILOGUES[epilogue] = 208
+        ok, *_, error = _host_wgrad(lib, x, dy, epilogue)
+    finally:
+        cublaslt.WGRAD_EPILOGUES.update(monkey)
+    assert ok == 0 and "epilogue must be BGRADB (512) or BGRADA (256), got 208" in error, error
+
+
 def _stand_in(calls):
     """The FFI call replaced by what cuBLASLt computes: float32 product and GELU', dz and its
     column sums rounded to the input dtype."""
@@ -169,10 +216,21 @@ def _stand_in(calls):
     return call
 
 
+def _wgrad_stand_in(calls):
+    """The weight-gradient call replaced by what cuBLASLt computes: float32 sums, rounded to the
+    input dtype, dw written transposed for "bgradb"."""
+    def call(x, dy, epilogue):
+        calls.append(("wgrad", x.shape, dy.shape))
+        dw = jnp.dot(x.astype(jnp.float32).T, dy.astype(jnp.float32))
+        return (dw.T if epilogue == "bgradb" else dw).astype(x.dtype), jnp.sum(dy.astype(jnp.float32), 0).astype(x.dtype)
+    return call
+
+
 @pytest.fixture
 def stood_in(monkeypatch):
     calls = []
     monkeypatch.setattr(cublaslt, "_call", _stand_in(calls))
+    monkeypatch.setattr(cublaslt, "_wgrad_call", _wgrad_stand_in(calls))
     monkeypatch.setattr(cublaslt, "load", lambda: None)
     monkeypatch.setattr(cublaslt, "available", lambda: True)
     return calls
@@ -237,6 +295,86 @@ def test_on_eight_devices_each_shard_calls_on_its_rows(stood_in):
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=2e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("epilogue", ["bgradb", "bgrada"])
+def test_dense_with_cublaslt_weight_gradients_equals_xla(stood_in, monkeypatch, epilogue):
+    """dense(weight_grad="cublaslt") (the call stood in, either epilogue): the same output as
+    "xla", and x's, w's and the bias's gradients within bf16's rounding (w and bias float32, as
+    params are)."""
+    monkeypatch.setenv("ZOO_CUBLASLT_WGRAD_EPILOGUE", epilogue)
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((4, 6, 32)), jnp.bfloat16)
+    w, b = jnp.asarray(rng.standard_normal((32, 24)) * 0.2, jnp.float32), jnp.asarray(rng.standard_normal(24), jnp.float32)
+    t = jnp.asarray(rng.standard_normal((4, 6, 24)), jnp.float32)
+    out = {}
+    for impl in ("xla", "cublaslt"):
+        f = lambda x, w, b, impl=impl: jnp.sum(dense(x, w, b, weight_grad=impl).astype(jnp.float32) * t)  # noqa: E731
+        out[impl] = (dense(x, w, b, weight_grad=impl), jax.grad(f, argnums=(0, 1, 2))(x, w, b))
+    assert set(stood_in) == {("wgrad", (24, 32), (24, 24))}
+    np.testing.assert_array_equal(np.asarray(out["cublaslt"][0], np.float32), np.asarray(out["xla"][0], np.float32))
+    for a, c in zip(out["cublaslt"][1], out["xla"][1]):
+        assert a.dtype == c.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(c, np.float32), rtol=1e-2, atol=2e-2)
+    # against NumPy float64 from the same bf16 values
+    x64, t64 = np.asarray(x, np.float64).reshape(24, 32), np.asarray(t, np.float64).reshape(24, 24)
+    np.testing.assert_allclose(np.asarray(out["cublaslt"][1][1]), x64.T @ t64, rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(out["cublaslt"][1][2]), t64.sum(0), rtol=2e-2, atol=2e-2)
+
+
+def test_gpt_gradients_with_qkv_grad_cublaslt_equal_xla(stood_in):
+    """A bf16 GPT with qkv "separate" and qkv_grad="cublaslt" (the call stood in), with the XLA
+    layer norm and the Pallas one (its three copies of the input): the loss and every gradient as
+    qkv_grad="xla"'s (to bf16's rounding)."""
+    import dataclasses
+
+    from zoo.errors import ConfigError
+    from zoo.models.gpt import GPTConfig, make_gpt
+
+    batch = {"x": jnp.asarray(np.random.default_rng(8).integers(0, 32, (2, 9)), jnp.int32),
+             "idx": jnp.arange(2, dtype=jnp.int32)}
+    for layer_norm in ("xla", "pallas"):
+        cfg = GPTConfig(vocab_size=32, max_len=8, num_layers=2, hidden=16, num_heads=2, dtype="bfloat16",
+                        qkv="separate", layer_norm=layer_norm)
+        params = make_gpt(cfg).init(jax.random.key(0), batch)
+        out = {}
+        for impl in ("xla", "cublaslt"):
+            stood_in.clear()
+            md = make_gpt(dataclasses.replace(cfg, qkv_grad=impl))
+            out[impl] = jax.jit(jax.value_and_grad(lambda p, md=md: md.loss(p, jax.random.key(1), batch)[0]))(params)
+        assert set(stood_in) == {("wgrad", (16, 16), (16, 16))}  # B*T rows, the hidden width in and out
+        np.testing.assert_allclose(float(out["cublaslt"][0]), float(out["xla"][0]), rtol=1e-6)
+        for a, c in zip(jax.tree.leaves(out["cublaslt"][1]), jax.tree.leaves(out["xla"][1])):
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(c, np.float32), rtol=3e-2, atol=3e-3)
+    for bad, match in [(dict(qkv_grad="cublas"), "model.qkv_grad 'cublas'; valid: cublaslt, xla"),
+                       (dict(qkv_grad="cublaslt", dtype="bfloat16"), "needs model.qkv=separate"),
+                       (dict(qkv_grad="cublaslt", qkv="separate"), "dtype=float32"),
+                       (dict(qkv_grad="cublaslt", qkv="separate", dtype="bfloat16", finetune="lora"), "finetune=lora")]:
+        with pytest.raises(ConfigError, match=match):
+            GPTConfig(**bad)
+
+
+def test_dense_on_eight_devices_each_shard_calls_on_its_rows(stood_in):
+    """x's rows sharded over 8 devices: the weight-gradient call runs per shard (8 rows each), the
+    gradients summed across shards in float32; values as on one device, to the shards' bf16
+    rounding."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs the 8 fake CPU devices of tests/conftest.py")
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.standard_normal((64, 32)), jnp.bfloat16)
+    w, b = jnp.asarray(rng.standard_normal((32, 16)) * 0.2, jnp.float32), jnp.zeros(16, jnp.float32)
+    f = jax.grad(lambda x, w, b: jnp.sum(dense(x, w, b, weight_grad="cublaslt").astype(jnp.float32) ** 2),
+                 argnums=(0, 1, 2))
+    rows, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    got = jax.jit(f, in_shardings=(rows, rep, rep))(x, w, b)
+    assert ("wgrad", (8, 32), (8, 16)) in stood_in
+    want = jax.jit(f)(x, w, b)
+    for a, c in zip(got, want):  # each shard's sums rounded to bf16 (2^-9 relative) before the sum
+        c = np.asarray(c, np.float32)
+        np.testing.assert_allclose(np.asarray(a, np.float32), c, rtol=1e-2, atol=8 * 2.0**-9 * np.abs(c).max())
+
+
 def test_errors_are_clear():
     g, w, z = _inputs(jnp.float32)
     with pytest.raises(ValueError, match="must all be bfloat16 or all float16, got float32"):
@@ -250,6 +388,28 @@ def test_errors_are_clear():
             matmul_gelu_grad(gb, wb, zb, implementation="cublaslt")
         with pytest.raises(UnavailableError, match="needs an NVIDIA GPU"):
             gelu_proj(zb, jnp.zeros(48, jnp.float32), wb.T, "cublaslt")
+        with pytest.raises(UnavailableError, match='dense: weight_grad "cublaslt" is not available here: needs an'):
+            dense(jnp.zeros((4, 16), jnp.bfloat16), jnp.zeros((16, 8)), jnp.zeros(8), weight_grad="cublaslt")
+    with pytest.raises(ValueError, match='weight_grad "cublaslt" takes a bfloat16 or float16 x, got float32'):
+        dense(jnp.zeros((4, 16)), jnp.zeros((16, 8)), jnp.zeros(8), weight_grad="cublaslt")
+    with pytest.raises(ValueError, match=r"I and F must be multiples of 8, got x \(4, 12\) and dy \(4, 8\)"):
+        dense(jnp.zeros((4, 12), jnp.bfloat16), jnp.zeros((12, 8)), jnp.zeros(8), weight_grad="cublaslt")
+    with pytest.raises(ValueError, match="weight_grad must be one of xla, cublaslt; got 'cublas'"):
+        dense(jnp.zeros((4, 16)), jnp.zeros((16, 8)), jnp.zeros(8), weight_grad="cublas")
+    from zoo.nn.transformer import Attention, LoRADense
+
+    x16 = jnp.zeros((2, 4, 16), jnp.bfloat16)
+    for layer, match in [(LoRADense(8, weight_grad="cublas"), "LoRADense.weight_grad must be one of xla, cublaslt"),
+                         (LoRADense(8, weight_grad="cublaslt", gelu="tanh"), "needs a plain layer: a bias, no LoRA"),
+                         (LoRADense(8, weight_grad="cublaslt", rank=2), "needs a plain layer"),
+                         (LoRADense(8, weight_grad="cublaslt", use_bias=False), "needs a plain layer"),
+                         (Attention(2, 2, 8, qkv_grad="cublaslt"), "Attention.qkv_grad='cublaslt' needs qkv='separate'")]:
+        with pytest.raises(ValueError, match=match):
+            layer.init(jax.random.key(0), x16)
+    with pytest.raises(ValueError, match="wgrad: epilogue must be one of bgradb, bgrada; got 'dgelu'"):
+        cublaslt.wgrad(jnp.zeros((4, 16), jnp.bfloat16), jnp.zeros((4, 8), jnp.bfloat16), "dgelu")
+    with pytest.raises(ValueError, match=r"want x \[..., I\], w \[I, F\] and bias \[F\]"):
+        dense(jnp.zeros((4, 16)), jnp.zeros((16, 8)), jnp.zeros(7))
 
 
 def test_turned_off_by_the_environment(monkeypatch):
@@ -278,12 +438,31 @@ def test_on_the_device_against_float64():
     np.testing.assert_allclose(np.asarray(db), ref.sum(0), rtol=2.0**-8, atol=3 * noise)
 
 
+@pytest.mark.gpu
+def test_weight_gradients_on_the_device_against_float64():
+    """cuBLASLt's BGRADB at GPT-124M's q/k/v width (bf16, 4,096 rows) against float64 from the same
+    bf16 inputs: dense's w and bias gradients each within one bf16 rounding (float32 sums,
+    rounded once)."""
+    if cublaslt.wgrad_unavailable_reason():
+        pytest.skip(cublaslt.wgrad_unavailable_reason())
+    rng = np.random.default_rng(10)
+    x, dy = (jnp.asarray(rng.standard_normal((4096, 768)), jnp.bfloat16) for _ in range(2))
+    w, b = jnp.zeros((768, 768), jnp.float32), jnp.zeros(768, jnp.float32)
+    dw, db = jax.jit(lambda x, w, b, dy: jax.vjp(lambda w, b: dense(x, w, b, weight_grad="cublaslt"), w, b)[1](dy))(
+        x, w, b, dy)
+    x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    np.testing.assert_allclose(np.asarray(dw, np.float64), x64.T @ dy64, rtol=1.1 * 2.0**-8, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(db, np.float64), dy64.sum(0), rtol=1.1 * 2.0**-8, atol=1e-3)
+
+
 @pytest.mark.skipif(not CUDA_PLUGIN, reason="needs JAX's CUDA plugin (jax-cuda13-plugin), not a GPU")
 def test_compiles_for_an_h200_to_one_call_per_layer():
     """Compiled for an H200 here (zoo.bench.hlo, no GPU): at GPT-124M's B64 MLP shapes the op is
     the one custom call, reading g, w and z once and writing dz and the sums (counted by
     zoo.bench.hlo as a matmul with z read by its epilogue), moving under 0.6x of XLA's form;
-    a small GPT's train step has one call per layer, and none of XLA's GELU-backward passes."""
+    a small GPT's train step has one call per layer, and none of XLA's GELU-backward passes; with
+    qkv_grad="cublaslt" also one weight-gradient call per q/k/v projection, which at GPT-124M's
+    shape reads x and dy once and leaves no pass over dy."""
     import dataclasses
 
     import optax
@@ -313,11 +492,22 @@ def test_compiles_for_an_h200_to_one_call_per_layer():
     tx = optax.adamw(1e-3)
     batch = {"x": S((8, 65), jnp.int32), "idx": S((8,), jnp.int32)}
     counts = {}
-    for impl in ("xla", "cublaslt"):
-        md = make_gpt(dataclasses.replace(cfg, gelu_grad=impl))
+    for name, change in [("xla", {}), ("gelu_grad", dict(gelu_grad="cublaslt")),
+                         ("both", dict(gelu_grad="cublaslt", qkv="separate", qkv_grad="cublaslt"))]:
+        md = make_gpt(dataclasses.replace(cfg, **change))
         with hlo.tracing_for_gpu("h200"):
             state = jax.eval_shape(lambda k, b, md=md: init_state(md.init(k, b), tx, 0.0), jax.random.PRNGKey(0), batch)
         text = hlo.compile_for_gpu(make_train_step(md, tx, 0.0), state, S((2,), jnp.uint32), batch,
                                    donate_argnums=(0,)).as_text()
-        counts[impl] = text.count(f'custom_call_target="{cublaslt.TARGET}"')
-    assert counts == {"xla": 0, "cublaslt": 2}, counts
+        counts[name] = tuple(text.count(f'custom_call_target="{t}"') for t in cublaslt.HANDLERS)
+    # DGELU: one per layer; BGRADB: one per layer's q, k and v projections
+    assert counts == {"xla": (0, 0), "gelu_grad": (2, 0), "both": (2, 6)}, counts
+
+    # one weight-gradient call at GPT-124M's B64 q/k/v shape: a matmul, reading x and dy once
+    x, w, b = S((M, K), jnp.bfloat16), S((K, K), jnp.float32), S((K,), jnp.float32)
+    ls = hlo.launches(hlo.compile_for_gpu(lambda x, w, b, dy: jax.vjp(
+        lambda w, b: dense(x, w, b, weight_grad="cublaslt"), w, b)[1](dy), x, w, b, x).as_text())
+    (call,) = [x for x in ls if x.kind == "gemm"]
+    assert call.flops == 2 * M * K * K and call.read == 2 * 2 * M * K and call.written == 2 * K * K + 2 * K
+    # no pass over dy of its own: the rest is dw and db turned float32 (dw transposed back)
+    assert sum(x.bytes for x in ls if x.kind != "gemm") <= 3 * (2 * K * K + 2 * K)

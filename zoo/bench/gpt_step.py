@@ -20,11 +20,15 @@ T 1024), bf16 compute with float32 params, at B64 with the variant `bf16-logits`
 traffic over the [B * T, V] logits; an H200, 2026-11-26: 46.8% MFU pipelined at B64, the default
 45.8%; B16, measured on three leases, reached 43.4%; B128 ran out of memory on the H200). In
 this order: `bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas` (the fastest measured:
-46.9% MFU, H200 2026-11-27), the same with GPTConfig.gelu_grad "cublaslt" (the MLP's GELU
-backward in cuBLASLt's DGELU_BGRAD epilogue, zoo.ops.cublaslt) and XLA's Triton GEMMs off for its
-compile (`...-gelu-grad-cublaslt-cublas`: see NO_TRITON_GEMM; the two changes the estimates of
-benchmarks/scripts/gpt_step_hlo.py put nearest 50% MFU), the first with Triton GEMMs off alone
-(`...-cublas`), the PyTorch peer (below), the first with gelu_grad "cublaslt" alone, then
+46.9% MFU, H200 2026-11-27); the same with every kernel of the zoo's and XLA's Triton GEMMs off
+for its compile (`...-lse-pallas-xent-fused-gelu-grad-cublaslt-qkv-grad-cublaslt-cublas`: the
+output layer inside the loss, GPTConfig.xent "fused"; the MLP's GELU backward in cuBLASLt's
+DGELU_BGRAD epilogue, GPTConfig.gelu_grad "cublaslt", zoo.ops.cublaslt; the q/k/v projections'
+weight and bias gradients in one cuBLASLt matmul each, GPTConfig.qkv_grad "cublaslt"; see
+NO_TRITON_GEMM: nearest 50% MFU by the estimates of benchmarks/scripts/gpt_step_hlo.py); the
+same without xent fused (`...-lse-pallas-gelu-grad-cublaslt-qkv-grad-cublaslt-cublas`); the
+PyTorch peer (below); then without qkv_grad (`...-gelu-grad-cublaslt-cublas`), the first with
+Triton GEMMs off alone (`...-cublas`), the first with gelu_grad "cublaslt" alone, then
 `bf16-logits-qkv-separate-gelu-epilogue-ln-pallas-lse-pallas-xent-fused`, with GPTConfig.qkv
 "separate", GPTConfig.gelu "epilogue" (the GELU in the fc matmul's cuBLASLt epilogue),
 GPTConfig.layer_norm "pallas" (each residual add inside the next layer norm's Triton kernel),
@@ -141,6 +145,14 @@ SEPARATE_EPILOGUE_LN_LSE_CUBLAS = (SEPARATE_EPILOGUE_LN_LSE[0] + "-cublas", SEPA
 DGELU_CUBLASLT = (SEPARATE_EPILOGUE_LN_LSE[0] + "-gelu-grad-cublaslt", dict(SEPARATE_EPILOGUE_LN_LSE[1],
                                                                              gelu_grad="cublaslt"))
 DGELU_CUBLASLT_CUBLAS = (DGELU_CUBLASLT[0] + "-cublas", DGELU_CUBLASLT[1], NO_TRITON_GEMM)
+# and the q/k/v projections' weight and bias gradients in one cuBLASLt matmul each (GPTConfig.qkv_grad
+# "cublaslt", zoo.ops.linear.dense: the BGRADB epilogue sums dy as the matmul reads it, where XLA
+# reads it in a pass of its own, 3.7 GB per step)
+QKV_CUBLASLT_CUBLAS = (DGELU_CUBLASLT[0] + "-qkv-grad-cublaslt-cublas", dict(DGELU_CUBLASLT[1], qkv_grad="cublaslt"),
+                       NO_TRITON_GEMM)
+# and the output layer inside the loss too (GPTConfig.xent "fused"): every kernel of the zoo's
+ALL_CUBLASLT_CUBLAS = (ALL_KERNELS[0] + "-gelu-grad-cublaslt-qkv-grad-cublaslt-cublas",
+                       dict(ALL_KERNELS[1], gelu_grad="cublaslt", qkv_grad="cublaslt"), NO_TRITON_GEMM)
 # GPTConfig's defaults since 2026-11-27 with bf16 logits: layer_norm and logsumexp "auto" (the
 # Pallas kernels on an NVIDIA GPU)
 BF16_LOGITS_AUTO = ("bf16-logits-auto", dict(f32_logits=False, layer_norm="auto", logsumexp="auto"))
@@ -155,9 +167,9 @@ PEERS = {"torch": "torch-nanogpt", "torch-compiled": "torch-nanogpt-compiled"}  
 # 2026-11-27), so that each run's name says what it runs, as on the leases before
 FULL = dict(cfg=GPTConfig(vocab_size=50304, max_len=1024, num_layers=12, hidden=768, num_heads=12,
                           dtype="bfloat16", layer_norm="xla", logsumexp="xla"),
-            runs=((64, SEPARATE_EPILOGUE_LN_LSE), (64, DGELU_CUBLASLT_CUBLAS), (64, SEPARATE_EPILOGUE_LN_LSE_CUBLAS),
-                  (64, TORCH_COMPILED), (64, DGELU_CUBLASLT), (64, ALL_KERNELS), (64, BF16_LOGITS_AUTO),
-                  (64, BF16_LOGITS)),
+            runs=((64, SEPARATE_EPILOGUE_LN_LSE), (64, ALL_CUBLASLT_CUBLAS), (64, QKV_CUBLASLT_CUBLAS),
+                  (64, TORCH_COMPILED), (64, DGELU_CUBLASLT_CUBLAS), (64, SEPARATE_EPILOGUE_LN_LSE_CUBLAS),
+                  (64, DGELU_CUBLASLT), (64, ALL_KERNELS), (64, BF16_LOGITS_AUTO), (64, BF16_LOGITS)),
             more=((64, SEPARATE_EPILOGUE), (64, ALL_KERNELS_DGELU), (64, XENT_FUSED), (64, SEPARATE_EPILOGUE_LN), (64, LSE_PALLAS), (64, GELU_EPILOGUE), (64, LN_PALLAS), (64, SEPARATE_SIGMOID), (64, QKV_SEPARATE), (64, GELU_SIGMOID), (64, QKV_SPLIT_GRAD),
                   (64, SPLIT_GRAD_SIGMOID), (64, TORCH), (64, None), (128, BF16_LOGITS), (128, SEPARATE_EPILOGUE_LN_LSE), (128, SEPARATE_EPILOGUE_LN),
                   (128, SEPARATE_EPILOGUE), (128, SEPARATE_SIGMOID)))

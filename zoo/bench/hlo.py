@@ -221,6 +221,10 @@ def launches(text: str) -> list[Launch]:
                 # zoo.ops.cublaslt: cuBLASLt's matmul g [M, K] x w [N, K]^T, its epilogue reading z [M, N]
                 (M, K), N = _dims(operand_shapes[0]), _dims(operand_shapes[1])[0]
                 kind, flops, aux = "gemm", 2.0 * M * N * K, array_bytes(operand_shapes[2])
+            elif target == "zoo_cublaslt_wgrad":
+                # zoo.ops.cublaslt: cuBLASLt's matmul x [M, I]^T x dy [M, F], its epilogue summing dy
+                (M, I), F = _dims(operand_shapes[0]), _dims(operand_shapes[1])[1]
+                kind, flops = "gemm", 2.0 * M * I * F
             elif "cublas" in target:
                 at = ins.attrs.index("backend_config=") + len("backend_config=")
                 cfg = json.JSONDecoder().raw_decode(ins.attrs[at:])[0]  # the JSON object, whatever follows

@@ -36,6 +36,7 @@ from zoo.errors import ConfigError, DataError, unknown
 from zoo.models.base import ModelDef
 from zoo.nn.transformer import INIT_STD, LAYER_NORMS, QKV_MODES, Stack, init_caches
 from zoo.ops.gelu import GELU_FORMS, GELU_GRADS
+from zoo.ops.linear import WEIGHT_GRADS
 from zoo.ops import losses, sampling
 from zoo.ops.precision import dot_f32
 from zoo.ops.attention import IMPLEMENTATIONS
@@ -73,6 +74,7 @@ class GPTConfig:
     logsumexp: str = "auto"       # auto | xla | pallas: the loss's logsumexp in one kernel's pass over the logits (zoo.ops.logsumexp; auto as layer_norm's)
     xent: str = "logits"          # logits | fused: the training loss with the output layer inside (zoo.ops.losses.linear_cross_entropy: the logits never read in the backward)
     gelu_grad: str = "xla"        # xla | pallas | cublaslt (with gelu "epilogue", no LoRA): the GELU's backward inside the proj matmul's (zoo.ops.matmul_gelu)
+    qkv_grad: str = "xla"         # xla | cublaslt (with qkv "separate", bf16/f16, no LoRA): each q/k/v projection's weight and bias gradients in one cuBLASLt matmul (zoo.ops.linear.dense)
 
     def __post_init__(self):
         for name in ("vocab_size", "max_len", "num_layers", "hidden", "num_heads"):
@@ -103,6 +105,12 @@ class GPTConfig:
         if self.gelu_grad == "cublaslt" and self.dtype == "float32":
             raise ConfigError("model.gelu_grad=cublaslt needs a bfloat16 or float16 model.dtype (cuBLASLt's "
                               "DGELU epilogue takes those), got float32")
+        if self.qkv_grad not in WEIGHT_GRADS:
+            raise ConfigError(unknown("model.qkv_grad", self.qkv_grad, WEIGHT_GRADS))
+        if self.qkv_grad != "xla" and (self.qkv != "separate" or self.finetune == "lora" or self.dtype == "float32"):
+            raise ConfigError(f"model.qkv_grad={self.qkv_grad} needs model.qkv=separate, a bfloat16 or float16 "
+                              f"model.dtype and no LoRA (got qkv={self.qkv}, dtype={self.dtype}, "
+                              f"finetune={self.finetune or 'none'})")
         if self.implementation and self.implementation not in IMPLEMENTATIONS:
             raise ConfigError(unknown("model.implementation", self.implementation, IMPLEMENTATIONS))
         if self.dtype not in DTYPES:
@@ -154,6 +162,7 @@ class GPT(nn.Module):
                           dropout=c.dropout, lora_rank=c.lora_rank if c.finetune == "lora" else 0,
                           lora_alpha=c.lora_alpha, implementation=c.implementation or None,
                           dtype=dtype, qkv=c.qkv, gelu=c.gelu, layer_norm=c.layer_norm, gelu_grad=c.gelu_grad,
+                          qkv_grad=c.qkv_grad,
                           name="stack")(x, caches=caches, deterministic=deterministic)
         if not head:
             return x[:, P:].astype(dtype), caches

@@ -25,7 +25,7 @@ from zoo.ops import layer_norm as _layer_norm
 from zoo.ops.attention import (KVCache, decode_attention, dot_product_attention, init_kv_cache,
                                update_kv_cache)
 from zoo.ops.gelu import GELU_GRADS, bias_gelu, gelu_proj
-from zoo.ops.linear import add_bias, matmul
+from zoo.ops.linear import WEIGHT_GRADS, add_bias, dense as _dense, matmul
 
 INIT_STD = 0.02  # GPT-2 / BERT initialiser scale
 QKV_MODES = ("fused", "fused-split-grad", "separate")  # Attention.qkv
@@ -41,6 +41,9 @@ class LoRADense(nn.Module):
     matmul's cuBLASLt epilogue), its gradient, a sum over every token, summed in float32; inside
     the GELU it is added in float32 with the GELU's math.
     lora_a starts Gaussian and lora_b at zero, so adapters start as the identity update.
+    weight_grad (WEIGHT_GRADS; a plain layer: a bias, no LoRA, no GELU, not bias_apart): how the
+    backward makes the kernel's and bias's gradients (zoo.ops.linear.dense; "cublaslt": one
+    cuBLASLt matmul with the bias gradient in its epilogue).
     """
 
     features: int
@@ -51,6 +54,7 @@ class LoRADense(nn.Module):
     dtype: Any = None  # compute dtype (params stay float32)
     gelu: str = ""  # "" (none) or a GELU_FORMS entry: GELU(x @ kernel + bias), the bias add inside the GELU
     bias_apart: bool = False  # (x @ kernel [+ lora], bias) for the next op to add (no GELU)
+    weight_grad: str = "xla"  # WEIGHT_GRADS
 
     @nn.compact
     def __call__(self, x_BxI, *, weights_only=False):
@@ -67,6 +71,14 @@ class LoRADense(nn.Module):
             lora = lambda x: (self.alpha / self.rank) * matmul(matmul(x, a.astype(dtype)), b.astype(dtype))  # noqa: E731
         if weights_only:
             return kernel.astype(dtype), bias, lora
+        if self.weight_grad != "xla":
+            if self.weight_grad not in WEIGHT_GRADS:
+                raise ValueError(f"LoRADense.weight_grad must be one of {', '.join(WEIGHT_GRADS)}; got "
+                                 f"{self.weight_grad!r}")
+            if bias is None or lora is not None or self.gelu or self.bias_apart:
+                raise ValueError(f"LoRADense.weight_grad={self.weight_grad!r} needs a plain layer: a bias, no LoRA, no "
+                                 "GELU, not bias_apart")
+            return _dense(x_BxI.astype(dtype), kernel, bias, weight_grad=self.weight_grad)
         x = x_BxI.astype(dtype)
         y = matmul(x, kernel.astype(dtype))
         if lora is not None:
@@ -151,6 +163,7 @@ class Attention(nn.Module):
     qkv: str = "fused"  # the projections of one input: one matmul ("fused"; "fused-split-grad":
     # its backward per projection, see fused_dense) or one per projection ("separate"); same params
     bias_apart: bool = False  # the output projection's (y, bias), its bias for the caller to add
+    qkv_grad: str = "xla"  # the q/k/v projections' LoRADense.weight_grad (qkv "separate" only)
 
     @nn.compact
     def __call__(self, x_BxTxH, memory_BxSxH=None, *, mask=None, is_causal=False,
@@ -164,6 +177,8 @@ class Attention(nn.Module):
             raise ValueError("Attention: a tuple x (one per projection) needs qkv='separate', self-attention "
                              f"and three arrays; got qkv={self.qkv!r}, {len(copies)} arrays"
                              f"{', cross-attention' if memory_BxSxH is not None else ''}")
+        if self.qkv_grad != "xla" and self.qkv != "separate":
+            raise ValueError(f"Attention.qkv_grad={self.qkv_grad!r} needs qkv='separate'; got qkv={self.qkv!r}")
         x_BxTxH = x_BxTxH if copies is None else copies[0]
         B, T, H = x_BxTxH.shape
         N, K, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -175,7 +190,8 @@ class Attention(nn.Module):
             project = lambda x, layers: [layer(xi) for layer, xi in zip(layers, copies)]  # noqa: E731
         src = x_BxTxH if memory_BxSxH is None else memory_BxSxH
         if memory_BxSxH is None:  # self-attention: one matmul for the three projections
-            q, k, v = project(x_BxTxH, [dense(N * D, "query"), dense(K * D, "key"), dense(K * D, "value")])
+            qkv = lambda f, name: dense(f, name, weight_grad=self.qkv_grad)  # noqa: E731
+            q, k, v = project(x_BxTxH, [qkv(N * D, "query"), qkv(K * D, "key"), qkv(K * D, "value")])
         else:
             q = dense(N * D, "query")(x_BxTxH)
             k, v = project(src, [dense(K * D, "key"), dense(K * D, "value")])
@@ -296,6 +312,7 @@ class Block(nn.Module):
     gelu: str = "tanh"  # MLP.gelu
     layer_norm: str = "xla"  # LAYER_NORMS
     gelu_grad: str = "xla"  # MLP.gelu_grad
+    qkv_grad: str = "xla"  # Attention.qkv_grad
 
     @nn.compact
     def __call__(self, x_BxTxH, *, mask=None, memory=None, memory_mask=None, cache=None,
@@ -318,7 +335,8 @@ class Block(nn.Module):
         # separate q/k/v projections after a Pallas layer norm: its backward kernel sums their
         # three input gradients as it reads them (otherwise a pass of its own, 3.6 GB per GPT-124M step)
         x, y = ln("ln_1", x_BxTxH, copies=3 if self.qkv == "separate" and layer_norm != "xla" else 1)
-        h, cache = Attention(**kw, bias_apart=defer, name="attn")(y, mask=mask, is_causal=self.causal, cache=cache)
+        h, cache = Attention(**kw, bias_apart=defer, qkv_grad=self.qkv_grad, name="attn")(
+            y, mask=mask, is_causal=self.causal, cache=cache)
         pending = (x, *branch(h))
         if self.cross_attention:
             cross_mask = None if memory_mask is None else memory_mask[:, None, None, :]
@@ -351,6 +369,7 @@ class Stack(nn.Module):
     gelu: str = "tanh"  # MLP.gelu
     layer_norm: str = "xla"  # Block.layer_norm
     gelu_grad: str = "xla"  # MLP.gelu_grad
+    qkv_grad: str = "xla"  # Attention.qkv_grad
 
     @nn.compact
     def __call__(self, x_BxTxH, *, mask=None, memory=None, memory_mask=None,
@@ -361,7 +380,7 @@ class Stack(nn.Module):
                                self.causal, self.cross_attention, self.dropout, self.lora_rank,
                                self.lora_alpha, self.implementation, self.ln_eps, self.dtype,
                                qkv=self.qkv, gelu=self.gelu, layer_norm=self.layer_norm, gelu_grad=self.gelu_grad,
-                               name=f"block_{i}")(
+                               qkv_grad=self.qkv_grad, name=f"block_{i}")(
                 x_BxTxH, mask=mask, memory=memory, memory_mask=memory_mask,
                 cache=None if caches is None else caches[i], deterministic=deterministic)
             new_caches.append(c)

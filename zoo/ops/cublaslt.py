@@ -1,19 +1,25 @@
-"""cuBLASLt's matmul with the GELU backward in its epilogue (DGELU_BGRAD), called directly
-(csrc_cuda/cublaslt_dgelu.cc, an XLA FFI custom call): `dgelu(g, w, z)` = ((g @ w.T) * GELU'(z),
-the column sums of that), the MLP's backward through its GELU in one matmul.
+"""cuBLASLt's matmuls with backward epilogues, called directly (csrc_cuda/cublaslt.cc, XLA FFI
+custom calls); XLA never emits these epilogues (its cuBLASLt rewriter knows only the forward ones):
 
-XLA never uses this epilogue: its form of the same is the matmul writing g @ w.T, then a pass
-reading that and z to write dz (zoo.ops.matmul_gelu's "xla"): for GPT-124M at B64 that pass moves
-1.2 GB per layer, and the epilogue saves 0.8 of it (the product is never written or read back).
-cuBLASLt's GELU is GPT-2's tanh approximation. Its bias gradient is written in the output's dtype
-(bfloat16 / float16: cuBLASLt's rule for BGRAD epilogues), from float32 sums.
+- `dgelu(g, w, z)` = ((g @ w.T) * GELU'(z), the column sums of that): the MLP's backward through
+  its GELU in one matmul (DGELU_BGRAD). XLA's form is the matmul writing g @ w.T, then a pass
+  reading that and z to write dz (zoo.ops.matmul_gelu's "xla"): for GPT-124M at B64 that pass
+  moves 1.2 GB per layer, and the epilogue saves 0.8 of it (the product is never written or read
+  back). cuBLASLt's GELU is GPT-2's tanh approximation.
+- `wgrad(x, dy)` = (x.T @ dy, the column sums of dy): a dense layer's weight and bias gradients
+  in one matmul (BGRADB: the epilogue sums dy as the matmul reads it). XLA's form reads dy in a
+  pass of its own for the bias gradient: for each of GPT-124M's q, k and v projections at B64,
+  0.1 GB per layer (3.7 GB per step).
+
+Their bias gradients are written in the output's dtype (bfloat16 / float16: cuBLASLt's rule for
+BGRAD epilogues), from float32 sums.
 
 Built on first use like zoo.ops.native, with the machine's C++ compiler (CXX, else g++) and
 jax.ffi.include_dir() alone: no CUDA header is needed (the few cuBLASLt declarations it uses are
 in csrc_cuda/cublaslt_abi.h), and no CUDA library is linked (it uses the libcublasLt that JAX's
 CUDA plugin loaded for XLA's own matmuls, else the nvidia-cublas package's). Where it cannot run
 (no NVIDIA GPU, no compiler), `available()` is False with the reason in `unavailable_reason()`.
-ZOO_CUBLASLT=0 turns it off.
+ZOO_CUBLASLT=0 turns both calls off, ZOO_CUBLASLT_WGRAD=0 the weight-gradient one alone.
 """
 
 from __future__ import annotations
@@ -27,12 +33,15 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from zoo.ops import _pallas, native
 
 CSRC = Path(__file__).with_name("csrc_cuda")
-SOURCE = CSRC / "cublaslt_dgelu.cc"
+SOURCE = CSRC / "cublaslt.cc"
 TARGET = "zoo_cublaslt_dgelu"
+WGRAD_TARGET = "zoo_cublaslt_wgrad"
+HANDLERS = {TARGET: "ZooCublasLtDgelu", WGRAD_TARGET: "ZooCublasLtWgrad"}  # FFI target -> the library's symbol
 DTYPES = (jnp.bfloat16, jnp.float16)
 
 _state: dict = {}  # "lib" and "version", or "error": why not
@@ -72,12 +81,12 @@ def _open():
         raise Unavailable("turned off by ZOO_CUBLASLT=0")
     if _compile_only[0]:  # compiling_without_device: registered to compile, never run
         lib = ctypes.CDLL(str(build()))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.ZooCublasLtDgelu), platform="CUDA")
+        native.register_cuda(lib, HANDLERS)
         return lib
     if not _pallas.on_cuda_gpu():
         raise Unavailable(f"needs an NVIDIA GPU (JAX's default backend is {jax.default_backend()!r})")
-    lib, _state["version"] = native.open_cuda_call(build(), "zoo_cublaslt_init", "ZooCublasLtDgelu", TARGET,
-                                                   _library_path(), Unavailable)
+    lib, _state["version"] = native.open_cuda_call(build(), "zoo_cublaslt_init", HANDLERS, _library_path(),
+                                                   Unavailable)
     return lib
 
 
@@ -92,6 +101,14 @@ def unavailable_reason() -> str | None:
 
 def available() -> bool:
     return unavailable_reason() is None
+
+
+def wgrad_unavailable_reason() -> str | None:
+    """Why `wgrad` cannot run here (None if it can): as `unavailable_reason`, or turned off alone
+    by ZOO_CUBLASLT_WGRAD=0 (benchmarks/device.sh, where its check fails and DGELU's passes)."""
+    if os.environ.get("ZOO_CUBLASLT_WGRAD", "1") == "0":
+        return "turned off by ZOO_CUBLASLT_WGRAD=0"
+    return unavailable_reason()
 
 
 @contextlib.contextmanager
@@ -137,3 +154,52 @@ def dgelu(g, w, z):
     check(g, w, z)
     load()
     return _call(g, w, z)
+
+
+def check_wgrad(x, dy) -> None:
+    """ValueError unless wgrad takes these: x [M, I], dy [M, F] of one dtype, bfloat16 or float16,
+    I and F multiples of 8 (16-byte rows, as cuBLASLt's tensor-core matmuls want)."""
+    if x.ndim != 2 or dy.ndim != 2 or x.shape[0] != dy.shape[0]:
+        raise ValueError(f"cuBLASLt BGRADB: want x [M, I] and dy [M, F], got {x.shape} and {dy.shape}")
+    if x.dtype != dy.dtype or x.dtype not in DTYPES:
+        raise ValueError(f"cuBLASLt BGRADB: x and dy must both be bfloat16 or both float16, got {x.dtype} and "
+                         f"{dy.dtype}")
+    if x.shape[1] % 8 or dy.shape[1] % 8:
+        raise ValueError(f"cuBLASLt BGRADB: I and F must be multiples of 8, got x {x.shape} and dy {dy.shape}")
+
+
+# cuBLASLt's epilogue for wgrad: "bgradb" (TransformerEngine's mapping, the weight gradient
+# written transposed and transposed back by XLA) or "bgrada" (written as Flax keeps the kernel);
+# ZOO_CUBLASLT_WGRAD_EPILOGUE picks (benchmarks/scripts/cublaslt_check.py checks and times both)
+WGRAD_EPILOGUES = {"bgradb": 512, "bgrada": 256}
+
+
+def wgrad_epilogue() -> str:
+    name = os.environ.get("ZOO_CUBLASLT_WGRAD_EPILOGUE", "bgradb")
+    if name not in WGRAD_EPILOGUES:
+        raise ValueError(f"ZOO_CUBLASLT_WGRAD_EPILOGUE must be one of {', '.join(WGRAD_EPILOGUES)}; got {name!r}")
+    return name
+
+
+def _wgrad_call(x, dy, epilogue: str):
+    """(dw [I, F] for "bgrada", its transpose [F, I] for "bgradb"; db [F]): the FFI call's layout."""
+    F, I = dy.shape[1], x.shape[1]
+    shape = (F, I) if epilogue == "bgradb" else (I, F)
+    call = jax.ffi.ffi_call(WGRAD_TARGET, (jax.ShapeDtypeStruct(shape, x.dtype), jax.ShapeDtypeStruct((F,), x.dtype)),
+                            vmap_method="sequential")
+    return call(x, dy, epilogue=np.int32(WGRAD_EPILOGUES[epilogue]))
+
+
+def wgrad(x, dy, epilogue: str | None = None):
+    """(dw, db) = (x.T @ dy, dy's column sums) by one cuBLASLt matmul: x [M, I], dy [M, F] of one
+    dtype (bfloat16 / float16) -> dw [I, F] and db [F], both in that dtype (see `check_wgrad`).
+    epilogue (WGRAD_EPILOGUES, default wgrad_epilogue()): "bgradb" writes dw transposed, [F, I]
+    (TransformerEngine's mapping), transposed back here (XLA copies it where it is read);
+    "bgrada" writes it as it is. One device's rows; not differentiable."""
+    epilogue = epilogue or wgrad_epilogue()
+    if epilogue not in WGRAD_EPILOGUES:
+        raise ValueError(f"wgrad: epilogue must be one of {', '.join(WGRAD_EPILOGUES)}; got {epilogue!r}")
+    check_wgrad(x, dy)
+    load()
+    dw, db = _wgrad_call(x, dy, epilogue)
+    return (dw.T if epilogue == "bgradb" else dw), db

@@ -116,7 +116,7 @@ def _open():
         raise Unavailable("turned off by ZOO_CUDNN_DIRECT=0")
     if not _pallas.on_cuda_gpu():
         raise Unavailable(f"needs an NVIDIA GPU (JAX's default backend is {jax.default_backend()!r})")
-    lib, _state["version"] = native.open_cuda_call(build(), "zoo_cudnn_init", "ZooCudnnAttentionForward", TARGET,
+    lib, _state["version"] = native.open_cuda_call(build(), "zoo_cudnn_init", {TARGET: "ZooCudnnAttentionForward"},
                                                    _cudnn_library(), Unavailable)
     return lib
 

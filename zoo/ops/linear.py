@@ -2,6 +2,8 @@
 one [M, I] @ [I, F] with the leading axes flattened into M, the result reshaped back to [..., F]),
 and `add_bias`, a bias added in the output's dtype with its gradient summed in float32
 (`sum_rows_f32`). zoo.nn.dense.Dense and zoo.nn.transformer's layers are built on them.
+`dense(x, w, bias, weight_grad=...)` is x @ w + bias with a choice of how its backward makes the
+weight and bias gradients (WEIGHT_GRADS).
 
 The values are those of x @ w; what changes is the backward: the weight gradient's dot contracts
 one axis rather than every leading one, which XLA:CPU otherwise feeds by materialising
@@ -16,6 +18,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from zoo.errors import UnavailableError
+from zoo.ops import cublaslt
+from zoo.ops._pallas import by_rows
+
+WEIGHT_GRADS = ("xla", "cublaslt")  # dense's weight_grad
 
 
 def matmul(x, w):
@@ -77,3 +85,58 @@ _add_bias_16_apart = jax.custom_vjp(_add_bias_16_fn)
 _add_bias_16_apart.defvjp(
     lambda y, bias: (_add_bias_16_apart(y, bias), bias),
     lambda bias, g: (g, sum_rows_f32(jax.lax.optimization_barrier(g)).astype(bias.dtype)))
+
+
+def dense(x, w, bias, *, weight_grad: str = "xla"):
+    """x [..., I] @ w [I, F] + bias [F] in x's dtype (w cast to it; the bias added as add_bias
+    adds it), with the weight and bias gradients made by `weight_grad`:
+
+    - "xla": autodiff's, the bias gradient summed in float32 (add_bias);
+    - "cublaslt": one cuBLASLt matmul with the BGRADB epilogue (zoo.ops.cublaslt.wgrad), which
+      sums y's gradient for the bias as the weight gradient's matmul reads it: no pass over it of
+      its own (GPT-124M's separate q, k and v projections at B64: 3.7 GB per step). Both come out
+      of cuBLASLt in x's dtype (the weight gradient as autodiff's bf16 matmul writes it; the bias
+      gradient summed in float32, rounded once), returned in w's and bias's. x bfloat16 or
+      float16, I and F multiples of 8, on an NVIDIA GPU (zoo.errors.UnavailableError elsewhere,
+      with the reason). Under jit over several devices (x's rows sharded) each device runs the
+      call on its own rows and the gradients are summed across devices (zoo.ops._pallas.by_rows).
+    x's gradient is dy @ w.T either way."""
+    if weight_grad not in WEIGHT_GRADS:
+        raise ValueError(f"dense: weight_grad must be one of {', '.join(WEIGHT_GRADS)}; got {weight_grad!r}")
+    if w.ndim != 2 or bias.shape != (w.shape[1],) or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"dense: want x [..., I], w [I, F] and bias [F], got {x.shape}, {w.shape} and {bias.shape}")
+    if weight_grad == "xla":
+        return add_bias(matmul(x, w.astype(x.dtype)), bias)
+    if jnp.dtype(x.dtype) not in cublaslt.DTYPES:
+        raise ValueError(f'dense: weight_grad "cublaslt" takes a bfloat16 or float16 x, got {x.dtype}')
+    rows = x.size // x.shape[-1]
+    cublaslt.check_wgrad(*(jax.ShapeDtypeStruct((rows, n), x.dtype) for n in w.shape))
+    why = cublaslt.wgrad_unavailable_reason()
+    if why:
+        raise UnavailableError(f'dense: weight_grad "cublaslt" is not available here: {why}')
+    return _dense_cublaslt(x, w, bias)
+
+
+@jax.custom_vjp
+def _dense_cublaslt(x, w, bias):
+    return matmul(x, w.astype(x.dtype)) + bias.astype(x.dtype)
+
+
+def _dense_cublaslt_fwd(x, w, bias):
+    return _dense_cublaslt(x, w, bias), (x, w, bias)
+
+
+def _dense_cublaslt_bwd(res, dy):
+    x, w, bias = res
+    dx = matmul(dy, w.astype(dy.dtype).T)
+    dw, db = by_rows(_wgrad_local, [x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])], ["rows", "rows"],
+                     ["sum", "sum"])
+    return dx, dw.astype(w.dtype), db.astype(bias.dtype)
+
+
+def _wgrad_local(x, dy):
+    """One device's rows' weight and bias gradients, in float32 (for the sum across devices)."""
+    return tuple(o.astype(jnp.float32) for o in cublaslt.wgrad(x, dy))
+
+
+_dense_cublaslt.defvjp(_dense_cublaslt_fwd, _dense_cublaslt_bwd)

@@ -138,19 +138,25 @@ def load_once(state: dict, open_library, error: type[Exception]):
         return state["lib"]
 
 
-def open_cuda_call(path: Path, init: str, handler: str, target: str, fallback: str, error: type[Exception]):
-    """(library, version): the compiled direct call at `path` (zoo.ops.cudnn_direct, zoo.ops.cublaslt)
+def open_cuda_call(path: Path, init: str, handlers: dict[str, str], fallback: str, error: type[Exception]):
+    """(library, version): the compiled direct calls at `path` (zoo.ops.cudnn_direct, zoo.ops.cublaslt)
     loaded, its `init` run (it finds the CUDA library it calls: the copy JAX's plugin loaded, else
-    the one at `fallback`; 0 and the reason if none), its `handler` registered as the FFI target
-    `target` for CUDA. `error` with init's reason where it fails."""
+    the one at `fallback`; 0 and the reason if none), each of its `handlers` ({FFI target: the
+    handler's symbol}) registered for CUDA. `error` with init's reason where it fails."""
     lib = ctypes.CDLL(str(path))
     reason = ctypes.create_string_buffer(1024)
     getattr(lib, init).restype = ctypes.c_int64
     version = getattr(lib, init)(fallback.encode(), reason, ctypes.c_int64(len(reason)))
     if not version:
         raise error(reason.value.decode(errors="replace"))
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, handler)), platform="CUDA")
+    register_cuda(lib, handlers)
     return lib, version
+
+
+def register_cuda(lib, handlers: dict[str, str]) -> None:
+    """Each of `handlers` ({FFI target: symbol in lib}) registered as a CUDA FFI target."""
+    for target, handler in handlers.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, handler)), platform="CUDA")
 
 
 def why_not(load, state: dict, error: type[Exception]) -> str | None:

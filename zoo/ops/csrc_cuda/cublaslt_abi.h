@@ -1,4 +1,4 @@
-// The part of cuBLASLt's C ABI that cublaslt_dgelu.cc uses, written out so that it builds without
+// The part of cuBLASLt's C ABI that cublaslt.cc uses, written out so that it builds without
 // CUDA's headers (the values are cublasLt.h's, cublas_api.h's and library_types.h's of CUDA 12 and
 // 13; tests/ops/test_cublaslt.py checks them against those headers where it finds them).
 #pragma once
@@ -28,7 +28,7 @@ constexpr int COMPUTE_32F = 68;
 constexpr int OP_N = 0, OP_T = 1;
 constexpr int DESC_TRANSA = 3, DESC_TRANSB = 4, DESC_EPILOGUE = 7, DESC_BIAS_POINTER = 8, DESC_AUX_POINTER = 11,
               DESC_AUX_LD = 12;
-constexpr uint32_t EPILOGUE_DGELU_BGRAD = 208;
+constexpr uint32_t EPILOGUE_DGELU_BGRAD = 208, EPILOGUE_BGRADA = 256, EPILOGUE_BGRADB = 512;
 constexpr int PREF_MAX_WORKSPACE_BYTES = 1;
 
 }  // namespace zoo_lt

@@ -1,4 +1,4 @@
-// What zoo's CUDA FFI calls (cudnn_attention.cc, cublaslt_dgelu.cc) share: the stream's context
+// What zoo's CUDA FFI calls (cudnn_attention.cc, cublaslt.cc) share: the stream's context
 // made current for a call, and C++ exceptions kept from crossing into XLA. Needs no CUDA header:
 // the driver is reached through dlopen, and cudaStream_t is declared as CUDA's driver_types.h
 // declares it.
