@@ -2,11 +2,13 @@
 each call against float64 from the same bf16 inputs (GPT-124M's widths, 4,096 rows) and timed at
 GPT-124M's B64 shape (65,536 rows; medians of 20 calls, each form's in one jitted loop):
 
-- the MLP's GELU backward by cuBLASLt's DGELU_BGRAD epilogue, beside XLA's form and the Pallas
-  kernel (zoo.ops.matmul_gelu);
+- the MLP's GELU backward by cuBLASLt's DGELU_BGRAD epilogue, with w as it is (the default) and
+  transposed first, beside XLA's form and the Pallas kernel (zoo.ops.matmul_gelu);
 - a q/k/v projection's weight and bias gradients by its BGRADB epilogue (the default) and by
-  BGRADA, beside XLA's (zoo.ops.linear.dense); the faster that checks out is the one the rest of
-  the lease uses (see wgrad_part).
+  BGRADA, beside XLA's (zoo.ops.linear.dense).
+
+Of each call's two forms the faster that checks out is the one the rest of the lease uses (see
+`pick`).
 
 Exit 0 when both are available and agree; 1 when the first is not (benchmarks/device.sh then
 turns the calls off for the rest of the lease with ZOO_CUBLASLT=0, so the gpt_step runs that use
@@ -52,6 +54,57 @@ def _time(impl, args, calls=20, rounds=7, op=None):
     return statistics.median(times)
 
 
+def _failed(what: str, e: Exception) -> None:
+    print(f"cublaslt: {what} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+
+
+def check_dgelu(w_layout: str) -> bool:
+    """dz and the column sums by cuBLASLt's DGELU_BGRAD, w handed over as `w_layout`
+    (zoo.ops.cublaslt.DGELU_W_LAYOUTS), against float64; True if they agree."""
+    os.environ["ZOO_CUBLASLT_DGELU_W"] = w_layout
+    M = CHECK_ROWS
+    g, w, z = _inputs(M)
+    try:
+        dz, db = jax.jit(lambda g, w, z: matmul_gelu_grad(g, w, z, implementation="cublaslt"))(g, w, z)
+    except Exception as e:  # noqa: BLE001 - cuBLASLt refused this mapping
+        _failed(f"dgelu w {w_layout}", e)
+        return False
+    ref = (np.asarray(g, np.float64) @ np.asarray(w, np.float64).T
+           * np.asarray(gelu_tanh_grad(jnp.asarray(z, jnp.float32)), np.float64))
+    dz, db = np.asarray(dz, np.float64), np.asarray(db, np.float64)
+    # dz within one bf16 rounding of float64 (1e-3 absolute where it is near 0); the column sums
+    # within a bf16 rounding and 3x the rounding noise of M sums of rounded values
+    excess = float(np.max(np.abs(dz - ref) - 1.1 * 2.0**-8 * np.abs(ref)))
+    noise = np.sqrt(M) * np.sqrt(np.mean(ref**2)) * 2.0**-8
+    sums = float(np.max(np.abs(db - ref.sum(0)) / (noise + 2.0**-8 * np.abs(ref.sum(0)))))
+    ok = excess <= 1e-3 and sums <= 3.0
+    print(f"cublaslt: dgelu w {w_layout} M{M} K{K} N{N} bf16: dz off float64 by at most one bf16 rounding + "
+          f"{max(excess, 0):.3g} (allowed 1e-3), column sums up to {sums:.3g}x their rounding noise "
+          f"{'ok' if ok else 'MISMATCH'}", flush=True)
+    return ok
+
+
+def time_dgelu(layouts) -> dict:
+    """XLA's form, the Pallas kernel and cuBLASLt's call with w as each of `layouts`, at GPT-124M's
+    B64: {form: median ms}, printed."""
+    args = _inputs(TIME_ROWS)
+    forms = [("xla", None), *(("cublaslt", w) for w in layouts), ("pallas", None)]
+    ms = {}
+    for impl, w_layout in forms:
+        name = f"cublaslt w {w_layout}" if w_layout else impl
+        if w_layout:
+            os.environ["ZOO_CUBLASLT_DGELU_W"] = w_layout
+        try:
+            ms[w_layout or impl] = _time(impl, args) * 1e3
+        except Exception as e:  # noqa: BLE001 - a form that fails here loses its own row
+            _failed(name, e)
+    flop = 2 * TIME_ROWS * N * K
+    print(f"cublaslt: dgelu M{TIME_ROWS} K{K} N{N} bf16 (GPT-124M B64, per layer): " + ", ".join(
+        f"{'cublaslt w ' if k in cublaslt.DGELU_W_LAYOUTS else ''}{k} {v:.3f} ms ({flop / v / 1e9:.0f} TFLOP/s)"
+        for k, v in ms.items()), flush=True)
+    return ms
+
+
 def _wgrad(impl, x, w, b, dy):
     """dense's (w, b) gradients by `impl` (x's unused: only the weight gradient's matmul runs)."""
     return jax.vjp(lambda w, b: dense(x, w, b, weight_grad=impl), w, b)[1](dy)
@@ -67,8 +120,8 @@ def check_wgrad(epilogue: str) -> bool:
     w, b = jnp.zeros((K, K), jnp.float32), jnp.zeros(K, jnp.float32)
     try:
         dw, db = jax.jit(lambda *a: _wgrad("cublaslt", *a))(x, w, b, dy)
-    except Exception as e:  # noqa: BLE001 - the epilogue refused: this call off, the DGELU one kept
-        print(f"cublaslt: wgrad {epilogue} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+    except Exception as e:  # noqa: BLE001 - cuBLASLt refused this epilogue
+        _failed(f"wgrad {epilogue}", e)
         return False
     x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
     ref_w, ref_b = x64.T @ dy64, dy64.sum(0)
@@ -91,66 +144,45 @@ def time_wgrad(epilogues) -> dict:
     ms = {"xla": _time("xla", args, op=_wgrad) * 1e3}
     for epilogue in epilogues:
         os.environ["ZOO_CUBLASLT_WGRAD_EPILOGUE"] = epilogue
-        ms[epilogue] = _time("cublaslt", args, op=_wgrad) * 1e3
+        try:
+            ms[epilogue] = _time("cublaslt", args, op=_wgrad) * 1e3
+        except Exception as e:  # noqa: BLE001 - a form that fails here loses its own row
+            _failed(f"cublaslt {epilogue}", e)
     print(f"cublaslt: wgrad M{TIME_ROWS} I{K} F{K} bf16 (GPT-124M B64, per projection): " + ", ".join(
         f"{'' if k == 'xla' else 'cublaslt '}{k} {v:.3f} ms ({2 * TIME_ROWS * K * K / v / 1e9:.0f} TFLOP/s)"
         for k, v in ms.items()), flush=True)
     return ms
 
 
-def wgrad_part() -> int:
-    """Each epilogue checked, each that checks out timed. The faster of those is the one the rest
-    of the lease uses: written as `export ZOO_CUBLASLT_WGRAD_EPILOGUE=...` to the file
-    ZOO_CHECK_ENV_FILE names (benchmarks/device.sh sources it). 0 if that, or the default
-    epilogue (zoo.ops.cublaslt.wgrad_epilogue()) without such a file, checks out; else 3."""
-    default = cublaslt.wgrad_epilogue()
-    good = [e for e in (default, *(e for e in cublaslt.WGRAD_EPILOGUES if e != default)) if check_wgrad(e)]
-    os.environ["ZOO_CUBLASLT_WGRAD_EPILOGUE"] = default
-    if not good:
-        return 3
-    ms = time_wgrad(good)
-    os.environ["ZOO_CUBLASLT_WGRAD_EPILOGUE"] = default
-    best = min(good, key=ms.get)
+def pick(label: str, env: str, default: str, options, check, time_them) -> bool:
+    """Each of `options` checked (the default first), those that check out timed; the fastest is
+    the one the rest of the lease uses: `export ENV=...` appended to the file ZOO_CHECK_ENV_FILE
+    names (benchmarks/device.sh sources it). True if one is usable: that one, or without such a
+    file the default. `env` is left at the default in this process."""
+    good = [o for o in (default, *(o for o in options if o != default)) if check(o)]
+    ms = time_them(good) if good else {}
+    os.environ[env] = default
+    timed = [o for o in good if o in ms]
     env_file = os.environ.get("ZOO_CHECK_ENV_FILE")
-    if env_file:
+    if env_file and timed:
+        best = min(timed, key=ms.get)
         with open(env_file, "a") as f:
-            f.write(f"export ZOO_CUBLASLT_WGRAD_EPILOGUE={best}\n")
-        print(f"cublaslt: wgrad by {best} for the rest of the lease", flush=True)
-        return 0
-    return 0 if default in good else 3
+            f.write(f"export {env}={best}\n")
+        print(f"cublaslt: {label} by {best} for the rest of the lease", flush=True)
+        return True
+    return default in good
 
 
 def main() -> int:
     if not ready(cublaslt, "cublaslt", "cuBLASLt"):
         return 1
-    M = CHECK_ROWS
-    g, w, z = _inputs(M)
-    dz, db = jax.jit(lambda g, w, z: matmul_gelu_grad(g, w, z, implementation="cublaslt"))(g, w, z)
-    ref = (np.asarray(g, np.float64) @ np.asarray(w, np.float64).T
-           * np.asarray(gelu_tanh_grad(jnp.asarray(z, jnp.float32)), np.float64))
-    dz, db = np.asarray(dz, np.float64), np.asarray(db, np.float64)
-    # dz within one bf16 rounding of float64 (1e-3 absolute where it is near 0); the column sums
-    # within a bf16 rounding and 3x the rounding noise of M sums of rounded values
-    excess = float(np.max(np.abs(dz - ref) - 1.1 * 2.0**-8 * np.abs(ref)))
-    noise = np.sqrt(M) * np.sqrt(np.mean(ref**2)) * 2.0**-8
-    sums = float(np.max(np.abs(db - ref.sum(0)) / (noise + 2.0**-8 * np.abs(ref.sum(0)))))
-    ok = excess <= 1e-3 and sums <= 3.0
-    print(f"cublaslt: M{M} K{K} N{N} bf16: dz off float64 by at most one bf16 rounding + {max(excess, 0):.3g} "
-          f"(allowed 1e-3), column sums up to {sums:.3g}x their rounding noise {'ok' if ok else 'MISMATCH'}",
-          flush=True)
-    if not ok:
+    if not pick("dgelu w", "ZOO_CUBLASLT_DGELU_W", cublaslt.dgelu_w_layout(), cublaslt.DGELU_W_LAYOUTS,
+                check_dgelu, time_dgelu):
         return 1
-    args = _inputs(TIME_ROWS)
-    ms = {}
-    for impl in ("xla", "cublaslt", "pallas"):
-        try:
-            ms[impl] = _time(impl, args) * 1e3
-        except Exception as e:  # noqa: BLE001 - a form that fails here loses its own row
-            print(f"cublaslt: {impl} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
-    flop = 2 * TIME_ROWS * N * K
-    print(f"cublaslt: M{TIME_ROWS} K{K} N{N} bf16 (GPT-124M B64, per layer): " + ", ".join(
-        f"{k} {v:.3f} ms ({flop / v / 1e9:.0f} TFLOP/s)" for k, v in ms.items()), flush=True)
-    return wgrad_part()
+    if not pick("wgrad", "ZOO_CUBLASLT_WGRAD_EPILOGUE", cublaslt.wgrad_epilogue(), cublaslt.WGRAD_EPILOGUES,
+                check_wgrad, time_wgrad):
+        return 3
+    return 0
 
 
 if __name__ == "__main__":

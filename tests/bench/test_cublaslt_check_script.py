@@ -39,7 +39,8 @@ def test_without_a_gpu_it_says_why_and_fails():
 
 def test_checks_and_times_with_the_call_stood_in(monkeypatch, capsys, tmp_path):
     check = _script()
-    monkeypatch.setenv("ZOO_CUBLASLT_WGRAD_EPILOGUE", "bgradb")  # the script sets it: restored after
+    monkeypatch.setenv("ZOO_CUBLASLT_WGRAD_EPILOGUE", "bgradb")  # the script sets these: restored after
+    monkeypatch.setenv("ZOO_CUBLASLT_DGELU_W", "nk")
     monkeypatch.delenv("ZOO_CHECK_ENV_FILE", raising=False)
     calls = []
     monkeypatch.setattr(cublaslt, "_call", _stand_in(calls))
@@ -54,15 +55,18 @@ def test_checks_and_times_with_the_call_stood_in(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(check, "N", 48)
     assert check.main() == 0
     out = capsys.readouterr().out
-    assert re.search(r"cublaslt: M64 K32 N48 bf16: dz off float64 by at most one bf16 rounding \+ \S+ \(allowed "
-                     r"1e-3\), column sums up to \S+x their rounding noise ok\n", out), out
-    assert "cublaslt: M32 K32 N48 bf16 (GPT-124M B64, per layer): xla " in out and ", cublaslt " in out
+    for layout in ("nk", "kn"):
+        assert re.search(rf"cublaslt: dgelu w {layout} M64 K32 N48 bf16: dz off float64 by at most one bf16 rounding "
+                         r"\+ \S+ \(allowed 1e-3\), column sums up to \S+x their rounding noise ok\n", out), out
+    assert re.search(r"cublaslt: dgelu M32 K32 N48 bf16 \(GPT-124M B64, per layer\): xla \S+ ms \(\d+ TFLOP/s\), "
+                     r"cublaslt w nk \S+ ms \(\d+ TFLOP/s\), cublaslt w kn \S+ ms \(\d+ TFLOP/s\)", out), out
     for epilogue in ("bgradb", "bgrada"):
         assert re.search(rf"cublaslt: wgrad {epilogue} M64 I32 F32 bf16: dw and db off float64 by at most one bf16 "
                          r"rounding \+ \S+ \(allowed 1e-3\) ok\n", out), out
     assert re.search(r"cublaslt: wgrad M32 I32 F32 bf16 \(GPT-124M B64, per projection\): xla \S+ ms \(\d+ TFLOP/s\), "
                      r"cublaslt bgradb \S+ ms \(\d+ TFLOP/s\), cublaslt bgrada ", out), out
-    assert ("wgrad", (64, 32), (64, 32)) in calls and any(c[0] != "wgrad" for c in calls)
+    assert ("wgrad", (64, 32), (64, 32)) in calls and (64, 32) in calls
+    assert "for the rest of the lease" not in out  # no env file: nothing chosen
     # a weight-gradient call off by a factor fails its own part: exit 3
     wrong_w = _wgrad_stand_in([])
     monkeypatch.setattr(cublaslt, "_wgrad_call", lambda x, dy, e: tuple(a * jnp.asarray(1.1, a.dtype)
@@ -70,24 +74,36 @@ def test_checks_and_times_with_the_call_stood_in(monkeypatch, capsys, tmp_path):
     assert check.main() == 3
     assert "wgrad bgradb M64 I32 F32 bf16: dw and db off float64 by at most one bf16 rounding" in capsys.readouterr().out
     # one that fails outright with the default epilogue: exit 3, the error printed, the other timed
-    monkeypatch.setattr(cublaslt, "_wgrad_call", lambda x, dy, e: 1 / 0 if e == "bgradb" else wrong_w(x, dy, e))
+    monkeypatch.setattr(cublaslt, "_wgrad_call", lambda x, dy, e: 1 / 0 if e == "bgradb" else _wgrad_stand_in([])(x, dy, e))
     assert check.main() == 3
     out = capsys.readouterr().out
     assert "cublaslt: wgrad bgradb failed: ZeroDivisionError: division by zero" in out
-    assert "cublaslt: wgrad bgrada M64" in out and "ok" in out and ", cublaslt bgrada " in out
-    assert os.environ.get("ZOO_CUBLASLT_WGRAD_EPILOGUE", "bgradb") == "bgradb"
-    # with an env file (device.sh's check): the faster epilogue that checks out written there
+    assert "cublaslt: wgrad bgrada M64" in out and ", cublaslt bgrada " in out
+    assert os.environ["ZOO_CUBLASLT_WGRAD_EPILOGUE"] == "bgradb" and os.environ["ZOO_CUBLASLT_DGELU_W"] == "nk"
+    # with an env file (device.sh's check): for each call the faster form that checks out
     env_file = tmp_path / "cublaslt.env"
     monkeypatch.setenv("ZOO_CHECK_ENV_FILE", str(env_file))
     assert check.main() == 0  # bgradb still fails: bgrada, the one left
-    assert env_file.read_text() == "export ZOO_CUBLASLT_WGRAD_EPILOGUE=bgrada\n"
+    lines = env_file.read_text().splitlines()
+    assert lines[0] in ("export ZOO_CUBLASLT_DGELU_W=nk", "export ZOO_CUBLASLT_DGELU_W=kn")
+    assert lines[1:] == ["export ZOO_CUBLASLT_WGRAD_EPILOGUE=bgrada"]
     assert "cublaslt: wgrad by bgrada for the rest of the lease" in capsys.readouterr().out
     monkeypatch.setattr(cublaslt, "_wgrad_call", _wgrad_stand_in([]))
-    # a call that is off by a factor fails the check
+    monkeypatch.delenv("ZOO_CHECK_ENV_FILE")
+    # a DGELU call off by a factor in both layouts fails the check: exit 1
     wrong = _stand_in([])
-    monkeypatch.setattr(cublaslt, "_call", lambda g, w, z: tuple(x * jnp.asarray(1.1, x.dtype) for x in wrong(g, w, z)))
+    monkeypatch.setattr(cublaslt, "_call", lambda g, w, z, lay: tuple(x * jnp.asarray(1.1, x.dtype)
+                                                                      for x in wrong(g, w, z, lay)))
     assert check.main() == 1
     assert "MISMATCH" in capsys.readouterr().out
+    # wrong in its default layout only: without an env file that fails too, with one "kn" is chosen
+    monkeypatch.setattr(cublaslt, "_call", lambda g, w, z, lay: (wrong if lay == "kn" else
+                                                                 lambda *a: 1 / 0)(g, w, z, lay))
+    assert check.main() == 1
+    env_file.unlink()
+    monkeypatch.setenv("ZOO_CHECK_ENV_FILE", str(env_file))
+    assert check.main() == 0
+    assert env_file.read_text().splitlines()[0] == "export ZOO_CUBLASLT_DGELU_W=kn"
 
 
 def test_the_cudnn_direct_check_without_a_gpu_says_why_and_fails():

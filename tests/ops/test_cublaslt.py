@@ -123,25 +123,29 @@ def test_builds_without_cuda_and_says_when_there_is_no_cublaslt(library):
     assert version == 0 and "cannot load cuBLASLt (libcublasLt.so.13 or libcublasLt.so.12): " in error, error
 
 
-def _host_call(lib, g, w, z, dtype=14):
-    """zoo_cublaslt_dgelu_host on bf16 host arrays: (ok, dz, dbias, error)."""
+def _host_call(lib, g, w, z, w_layout="nk", dtype=14):
+    """zoo_cublaslt_dgelu_host on bf16 host arrays (w [N, K], handed over as `w_layout` says):
+    (ok, dz, dbias, error)."""
     g, w, z = (np.ascontiguousarray(a, dtype=ml_dtypes.bfloat16) for a in (g, w, z))
     (M, K), N = g.shape, w.shape[0]
+    w = np.ascontiguousarray(w.T) if w_layout == "kn" else w
     dz, db = np.zeros((M, N), ml_dtypes.bfloat16), np.zeros(N, ml_dtypes.bfloat16)
     error = ctypes.create_string_buffer(512)
     p = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     lib.zoo_cublaslt_dgelu_host.restype = ctypes.c_int64
-    ok = lib.zoo_cublaslt_dgelu_host(*(ctypes.c_int64(v) for v in (dtype, M, N, K)), p(g), p(w), p(z), p(dz), p(db),
-                                     error, ctypes.c_int64(len(error)))
+    ok = lib.zoo_cublaslt_dgelu_host(*(ctypes.c_int64(v) for v in (dtype, cublaslt.DGELU_W_LAYOUTS[w_layout], M, N, K)),
+                                     p(g), p(w), p(z), p(dz), p(db), error, ctypes.c_int64(len(error)))
     return ok, dz, db, error.value.decode()
 
 
-def test_the_row_major_mapping_against_a_stand_in_cublaslt(library, fake_cublaslt):
-    """Row-major g [M, K], w [N, K], z [M, N] handed to cuBLASLt as the column-major operands of
-    D = dz^T with the DGELU_BGRAD epilogue: dz and the column sums as NumPy float64 computes them
-    (GELU' by central differences), through a stand-in that computes what cuBLASLt's documentation
-    says (and refuses mismatched layouts, a bad aux leading dimension, a missing workspace).
-    Then: the plan is reused for new pointers; a dtype it refuses, and N % 8 != 0, are errors."""
+@pytest.mark.parametrize("w_layout", ["nk", "kn"])
+def test_the_row_major_mapping_against_a_stand_in_cublaslt(library, fake_cublaslt, w_layout):
+    """Row-major g [M, K], w [N, K] (or [K, N]: w_layout "kn"), z [M, N] handed to cuBLASLt as the
+    column-major operands of D = dz^T with the DGELU_BGRAD epilogue: dz and the column sums as
+    NumPy float64 computes them (GELU' by central differences), through a stand-in that computes
+    what cuBLASLt's documentation says (and refuses mismatched layouts, a bad aux leading
+    dimension, a missing workspace). Then: the plan is reused for new pointers; a dtype it
+    refuses, and N % 8 != 0, are errors."""
     lib = library()
     version, error = _init(lib, str(fake_cublaslt))
     if version == 0 or _real_cublaslt_loaded():
@@ -149,15 +153,15 @@ def test_the_row_major_mapping_against_a_stand_in_cublaslt(library, fake_cublasl
     assert version == 130802
     for seed, (M, K, N) in enumerate([(24, 40, 16), (24, 40, 16), (7, 8, 32)]):
         g, w, z = (np.asarray(a, np.float32) for a in _inputs(jnp.bfloat16, M=M, K=K, N=N, seed=seed))
-        ok, dz, db, error = _host_call(lib, g, w, z)
+        ok, dz, db, error = _host_call(lib, g, w, z, w_layout)
         assert ok == 1, error
         want_dz, want_db = _numpy(g, w, z)
         dz = np.asarray(dz, np.float64)
         np.testing.assert_allclose(dz, want_dz, rtol=2.0**-8, atol=1e-3)
         np.testing.assert_allclose(np.asarray(db, np.float64), want_db, rtol=2.0**-7, atol=1e-2)
-    ok, *_, error = _host_call(lib, g, w[:12], z[:, :12])
+    ok, *_, error = _host_call(lib, g, w[:12], z[:, :12], w_layout)
     assert ok == 0 and "multiples of 8" in error, error
-    ok, *_, error = _host_call(lib, g, w, z, dtype=2)  # float16: the stand-in has no such kernel
+    ok, *_, error = _host_call(lib, g, w, z, w_layout, dtype=2)  # float16: the stand-in has no such kernel
     assert ok == 0 and "cuBLASLt heuristic: the stand-in refused" in error, error
 
 
@@ -209,8 +213,9 @@ def _stand_in(calls):
     column sums rounded to the input dtype."""
     from zoo.ops.matmul_gelu import gelu_tanh_grad
 
-    def call(g, w, z):
+    def call(g, w, z, w_layout):
         calls.append(g.shape)
+        w = w.T if w_layout == "kn" else w
         dz = jnp.dot(g.astype(jnp.float32), w.astype(jnp.float32).T) * gelu_tanh_grad(z)
         return dz.astype(z.dtype), jnp.sum(dz, axis=0).astype(z.dtype)
     return call
@@ -236,7 +241,9 @@ def stood_in(monkeypatch):
     return calls
 
 
-def test_matmul_gelu_grad_by_cublaslt_equals_the_xla_form(stood_in):
+@pytest.mark.parametrize("w_layout", ["nk", "kn"])
+def test_matmul_gelu_grad_by_cublaslt_equals_the_xla_form(stood_in, monkeypatch, w_layout):
+    monkeypatch.setenv("ZOO_CUBLASLT_DGELU_W", w_layout)
     g, w, z = _inputs(jnp.bfloat16, M=64, K=32, N=48)
     dz, db = matmul_gelu_grad(g, w, z, implementation="cublaslt")
     want_dz, want_db = matmul_gelu_grad(g, w, z, implementation="xla")
@@ -456,10 +463,11 @@ def test_weight_gradients_on_the_device_against_float64():
 
 
 @pytest.mark.skipif(not CUDA_PLUGIN, reason="needs JAX's CUDA plugin (jax-cuda13-plugin), not a GPU")
-def test_compiles_for_an_h200_to_one_call_per_layer():
+def test_compiles_for_an_h200_to_one_call_per_layer(monkeypatch):
     """Compiled for an H200 here (zoo.bench.hlo, no GPU): at GPT-124M's B64 MLP shapes the op is
-    the one custom call, reading g, w and z once and writing dz and the sums (counted by
-    zoo.bench.hlo as a matmul with z read by its epilogue), moving under 0.6x of XLA's form;
+    the one custom call (with w as it is, or transposed first), reading g, w and z once and
+    writing dz and the sums (counted by zoo.bench.hlo as a matmul with z read by its epilogue),
+    moving under 0.6x of XLA's form;
     a small GPT's train step has one call per layer, and none of XLA's GELU-backward passes; with
     qkv_grad="cublaslt" also one weight-gradient call per q/k/v projection, which at GPT-124M's
     shape reads x and dy once and leaves no pass over dy."""
@@ -476,15 +484,17 @@ def test_compiles_for_an_h200_to_one_call_per_layer():
     M, K, N = 65536, 768, 3072
     args = (S((M, K), jnp.bfloat16), S((N, K), jnp.bfloat16), S((M, N), jnp.bfloat16))
     moved = {}
-    for impl in ("xla", "cublaslt"):
+    for impl, w_layout in (("xla", "nk"), ("cublaslt", "nk"), ("cublaslt", "kn")):
+        monkeypatch.setenv("ZOO_CUBLASLT_DGELU_W", w_layout)
         ls = hlo.launches(hlo.compile_for_gpu(lambda g, w, z, impl=impl: matmul_gelu_grad(
             g, w, z, implementation=impl), *args).as_text())
-        moved[impl] = sum(x.bytes for x in ls)
+        moved[impl] = sum(x.bytes for x in ls if w_layout == "nk" or x.kind == "gemm")  # "kn": + w's transpose
         if impl == "cublaslt":
             (call,) = [x for x in ls if x.kind == "gemm"]  # the call, and no matmul of XLA's
             assert call.kind == "gemm" and call.flops == 2 * M * N * K and call.aux == 2 * M * N
             assert call.read == 2 * (M * K + N * K + M * N) and call.written == 2 * M * N + 2 * N
     assert moved["cublaslt"] < 0.6 * moved["xla"], moved
+    monkeypatch.delenv("ZOO_CUBLASLT_DGELU_W")
     assert not cublaslt.available() or jax.default_backend() == "gpu"  # the compile-only state is gone
 
     cfg = GPTConfig(vocab_size=256, max_len=64, num_layers=2, hidden=128, num_heads=2, dtype="bfloat16",

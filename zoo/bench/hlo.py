@@ -218,8 +218,9 @@ def launches(text: str) -> list[Launch]:
             kind = f"custom-call:{target}"
             outs = _ARRAY.findall(ins.shape)
             if target == "zoo_cublaslt_dgelu":
-                # zoo.ops.cublaslt: cuBLASLt's matmul g [M, K] x w [N, K]^T, its epilogue reading z [M, N]
-                (M, K), N = _dims(operand_shapes[0]), _dims(operand_shapes[1])[0]
+                # zoo.ops.cublaslt: cuBLASLt's matmul g [M, K] x w^T (w [N, K] or [K, N]), its epilogue
+                # reading z [M, N]
+                (M, K), N = _dims(operand_shapes[0]), _dims(operand_shapes[2])[1]
                 kind, flops, aux = "gemm", 2.0 * M * N * K, array_bytes(operand_shapes[2])
             elif target == "zoo_cublaslt_wgrad":
                 # zoo.ops.cublaslt: cuBLASLt's matmul x [M, I]^T x dy [M, F], its epilogue summing dy

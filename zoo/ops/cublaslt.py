@@ -19,7 +19,10 @@ jax.ffi.include_dir() alone: no CUDA header is needed (the few cuBLASLt declarat
 in csrc_cuda/cublaslt_abi.h), and no CUDA library is linked (it uses the libcublasLt that JAX's
 CUDA plugin loaded for XLA's own matmuls, else the nvidia-cublas package's). Where it cannot run
 (no NVIDIA GPU, no compiler), `available()` is False with the reason in `unavailable_reason()`.
-ZOO_CUBLASLT=0 turns both calls off, ZOO_CUBLASLT_WGRAD=0 the weight-gradient one alone.
+ZOO_CUBLASLT=0 turns both calls off, ZOO_CUBLASLT_WGRAD=0 the weight-gradient one alone;
+ZOO_CUBLASLT_DGELU_W and ZOO_CUBLASLT_WGRAD_EPILOGUE pick between two mappings of each (both
+checked on the host; which cuBLASLt runs faster, or at all, is for a GPU to say:
+benchmarks/scripts/cublaslt_check.py).
 """
 
 from __future__ import annotations
@@ -140,20 +143,35 @@ def check(g, w, z) -> None:
         raise ValueError(f"cuBLASLt DGELU: N and K must be multiples of 8, got w {w.shape}")
 
 
-def _call(g, w, z):
+# how dgelu hands w to cuBLASLt: "nk" as it is, [N, K], read transposed (op(A) T), or "kn" transposed
+# by XLA first (a [K, N] copy, 4.7 MB for GPT-124M's proj), read as it is (op(A) N,
+# TransformerEngine's form); ZOO_CUBLASLT_DGELU_W picks (benchmarks/scripts/cublaslt_check.py
+# checks and times both)
+DGELU_W_LAYOUTS = {"nk": 0, "kn": 1}
+
+
+def dgelu_w_layout() -> str:
+    name = os.environ.get("ZOO_CUBLASLT_DGELU_W", "nk")
+    if name not in DGELU_W_LAYOUTS:
+        raise ValueError(f"ZOO_CUBLASLT_DGELU_W must be one of {', '.join(DGELU_W_LAYOUTS)}; got {name!r}")
+    return name
+
+
+def _call(g, w, z, w_layout):
     call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct(z.shape, z.dtype), jax.ShapeDtypeStruct(z.shape[1:], z.dtype)),
                             vmap_method="sequential")
-    return call(g, w, z)
+    return call(g, w, z, w_kn=np.int32(DGELU_W_LAYOUTS[w_layout]))
 
 
 def dgelu(g, w, z):
     """(dz, dbias) = ((g @ w.T) * GELU'(z), dz's column sums) by one cuBLASLt matmul: g [M, K],
     w [N, K], z [M, N], one dtype (bfloat16 / float16) -> dz [M, N] and dbias [N], both in that
-    dtype (see `check`). Not differentiable (it is itself a backward); one device's rows (see
-    zoo.ops.matmul_gelu for the sharded form)."""
+    dtype (see `check`; w handed over as dgelu_w_layout() says). Not differentiable (it is itself
+    a backward); one device's rows (see zoo.ops.matmul_gelu for the sharded form)."""
     check(g, w, z)
     load()
-    return _call(g, w, z)
+    w_layout = dgelu_w_layout()
+    return _call(g, w.T if w_layout == "kn" else w, z, w_layout)
 
 
 def check_wgrad(x, dy) -> None:

@@ -6,7 +6,9 @@
 // writes g @ w^T, then a pass reads that and z again (zoo.ops.matmul_gelu). In cuBLASLt's
 // column-major terms the row-major arrays are transposed: D = dz^T (N x M, ld N) = op(A) B with
 // A = w's memory (K x N, ld K, transposed), B = g's memory (K x M, ld K); the aux input is z's
-// memory (N x M, ld N); the bias gradient has D's N rows, summed over its M columns.
+// memory (N x M, ld N); the bias gradient has D's N rows, summed over its M columns. With the
+// attribute w_kn, w comes transposed, [K, N]: A = its memory (N x K, ld N), not transposed
+// (TransformerEngine's form).
 //
 // BGRADB or BGRADA (ZooCublasLtWgrad, its attribute `epilogue`): a dense layer's weight and
 // bias gradients in one matmul: x [M, I] (its input), dy [M, F] (its output's gradient) -> the
@@ -211,21 +213,21 @@ ffi::Error Run(cudaStream_t stream, int32_t device, int dtype, const Gemm &m, Al
                "matmul");
 }
 
-// dz = (g @ w^T) * GELU'(z), dbias = its column sums (row-major g [M, K], w [N, K], z and dz
-// [M, N], dbias [N]); N and K multiples of 8 (the aux leading dimension, 16-byte rows), else
-// an error.
-ffi::ErrorOr<Gemm> DgeluGemm(int64_t M, int64_t N, int64_t K, const void *g, const void *w, const void *z, void *dz,
-                             void *dbias) {
+// dz = (g @ w^T) * GELU'(z), dbias = its column sums (row-major g [M, K], z and dz [M, N], dbias
+// [N]; w [N, K], or with w_kn its transpose [K, N]: then op(A) is N, TransformerEngine's form of
+// this matmul); N and K multiples of 8 (the aux leading dimension, 16-byte rows), else an error.
+ffi::ErrorOr<Gemm> DgeluGemm(int64_t M, int64_t N, int64_t K, bool w_kn, const void *g, const void *w, const void *z,
+                             void *dz, void *dbias) {
   if (N % 8 != 0 || K % 8 != 0) {
     return ffi::Unexpected(
         ffi::Error::InvalidArgument("N and K must be multiples of 8 (cuBLASLt's aux leading dimension)"));
   }
-  Gemm m{"DGELU_BGRAD", EPILOGUE_DGELU_BGRAD, OP_T, OP_N, static_cast<uint64_t>(K), static_cast<uint64_t>(N),
-         static_cast<uint64_t>(K), static_cast<uint64_t>(M), static_cast<uint64_t>(N), static_cast<uint64_t>(M),
-         w, g, dz, dbias};
-  m.aux = z;
-  m.aux_ld = N;
-  return m;
+  const auto m = static_cast<uint64_t>(M), n = static_cast<uint64_t>(N), k = static_cast<uint64_t>(K);
+  Gemm gemm = w_kn ? Gemm{"DGELU_BGRAD", EPILOGUE_DGELU_BGRAD, OP_N, OP_N, n, k, k, m, n, m, w, g, dz, dbias}
+                   : Gemm{"DGELU_BGRAD", EPILOGUE_DGELU_BGRAD, OP_T, OP_N, k, n, k, m, n, m, w, g, dz, dbias};
+  gemm.aux = z;
+  gemm.aux_ld = N;
+  return gemm;
 }
 
 // The weight gradient and db = dy's column sums (row-major x [M, I], dy [M, F], db [F]): with
@@ -258,10 +260,11 @@ auto FromScratch(ffi::ScratchAllocator &scratch) {
 
 ffi::Error DgeluImpl(cudaStream_t stream, ffi::ScratchAllocator &scratch, int32_t device, ffi::AnyBuffer g,
                      ffi::AnyBuffer w, ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> &dz,
-                     ffi::Result<ffi::AnyBuffer> &dbias) {
+                     ffi::Result<ffi::AnyBuffer> &dbias, int32_t w_kn) {
   auto gd = g.dimensions(), wd = w.dimensions(), zd = z.dimensions();
-  if (gd.size() != 2 || wd.size() != 2 || zd.size() != 2 || wd[1] != gd[1] || zd[0] != gd[0] || zd[1] != wd[0]) {
-    return ffi::Error::InvalidArgument("want g [M, K], w [N, K] and z [M, N]");
+  if (gd.size() != 2 || wd.size() != 2 || zd.size() != 2 || wd[w_kn ? 0 : 1] != gd[1] || zd[0] != gd[0] ||
+      zd[1] != wd[w_kn ? 1 : 0]) {
+    return ffi::Error::InvalidArgument("want g [M, K], w [N, K] (w_kn: [K, N]) and z [M, N]");
   }
   const int dtype = CudaType(z.element_type());
   if (dtype < 0) return ffi::Error::InvalidArgument("cuBLASLt's DGELU epilogue here takes bfloat16 or float16");
@@ -269,16 +272,17 @@ ffi::Error DgeluImpl(cudaStream_t stream, ffi::ScratchAllocator &scratch, int32_
       dz->element_type() != z.element_type() || dbias->element_type() != z.element_type()) {
     return ffi::Error::InvalidArgument("g, w, z, dz and dbias must share a dtype");
   }
-  auto m = DgeluGemm(gd[0], wd[0], gd[1], g.untyped_data(), w.untyped_data(), z.untyped_data(), dz->untyped_data(),
-                     dbias->untyped_data());
+  auto m = DgeluGemm(gd[0], zd[1], gd[1], w_kn != 0, g.untyped_data(), w.untyped_data(), z.untyped_data(),
+                     dz->untyped_data(), dbias->untyped_data());
   if (m.has_error()) return m.error();
   return Run(stream, device, dtype, m.value(), FromScratch(scratch));
 }
 
 ffi::Error Dgelu(cudaStream_t stream, ffi::ScratchAllocator scratch, int32_t device, ffi::AnyBuffer g,
-                 ffi::AnyBuffer w, ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> dz,
-                 ffi::Result<ffi::AnyBuffer> dbias) {
-  return zoo_cuda::Guarded("cuBLASLt DGELU", [&] { return DgeluImpl(stream, scratch, device, g, w, z, dz, dbias); });
+                 ffi::AnyBuffer w, ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> dz, ffi::Result<ffi::AnyBuffer> dbias,
+                 int32_t w_kn) {
+  return zoo_cuda::Guarded("cuBLASLt DGELU",
+                           [&] { return DgeluImpl(stream, scratch, device, g, w, z, dz, dbias, w_kn); });
 }
 
 ffi::Error WgradImpl(cudaStream_t stream, ffi::ScratchAllocator &scratch, int32_t device, ffi::AnyBuffer x,
@@ -337,7 +341,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooCublasLtDgelu, Dgelu,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("w_kn"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooCublasLtWgrad, Wgrad,
                               zoo_cuda::BindOnStream()
@@ -374,10 +379,10 @@ extern "C" int64_t zoo_cublaslt_init(const char *path, char *error, int64_t erro
 
 // The same matmuls with no FFI and no stream, for tests/ops/test_cublaslt.py to drive the code
 // above against a stand-in cuBLASLt on the host: return 1, or 0 with the reason in `error`.
-extern "C" int64_t zoo_cublaslt_dgelu_host(int64_t dtype, int64_t M, int64_t N, int64_t K, const void *g,
-                                           const void *w, const void *z, void *dz, void *dbias, char *error,
-                                           int64_t error_size) {
-  return OnHost(static_cast<int>(dtype), DgeluGemm(M, N, K, g, w, z, dz, dbias), error, error_size);
+extern "C" int64_t zoo_cublaslt_dgelu_host(int64_t dtype, int64_t w_kn, int64_t M, int64_t N, int64_t K,
+                                           const void *g, const void *w, const void *z, void *dz, void *dbias,
+                                           char *error, int64_t error_size) {
+  return OnHost(static_cast<int>(dtype), DgeluGemm(M, N, K, w_kn != 0, g, w, z, dz, dbias), error, error_size);
 }
 
 extern "C" int64_t zoo_cublaslt_wgrad_host(int64_t dtype, int64_t epilogue, int64_t M, int64_t I, int64_t F,
