@@ -423,6 +423,20 @@ def test_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setattr(cublaslt, "_state", {})
     monkeypatch.setenv("ZOO_CUBLASLT", "0")
     assert not cublaslt.available() and cublaslt.unavailable_reason() == "turned off by ZOO_CUBLASLT=0"
+    assert cublaslt.wgrad_unavailable_reason() == "turned off by ZOO_CUBLASLT=0"
+    monkeypatch.setattr(cublaslt, "_state", {})
+    monkeypatch.delenv("ZOO_CUBLASLT")
+    monkeypatch.setenv("ZOO_CUBLASLT_WGRAD", "0")  # the weight-gradient call alone
+    assert cublaslt.wgrad_unavailable_reason() == "turned off by ZOO_CUBLASLT_WGRAD=0"
+    with pytest.raises(UnavailableError, match="turned off by ZOO_CUBLASLT_WGRAD=0"):
+        dense(jnp.zeros((4, 16), jnp.bfloat16), jnp.zeros((16, 8)), jnp.zeros(8), weight_grad="cublaslt")
+    assert (cublaslt.dgelu_w_layout(), cublaslt.wgrad_epilogue()) == ("nk", "bgradb")  # the defaults
+    for env, bad, match in [("ZOO_CUBLASLT_DGELU_W", "nn", "ZOO_CUBLASLT_DGELU_W must be one of nk, kn; got 'nn'"),
+                            ("ZOO_CUBLASLT_WGRAD_EPILOGUE", "bgrad",
+                             "ZOO_CUBLASLT_WGRAD_EPILOGUE must be one of bgradb, bgrada; got 'bgrad'")]:
+        monkeypatch.setenv(env, bad)
+        with pytest.raises(ValueError, match=match):
+            (cublaslt.dgelu_w_layout if "DGELU" in env else cublaslt.wgrad_epilogue)()
     monkeypatch.setattr(cublaslt, "_state", {})
 
 

@@ -150,11 +150,16 @@ def check(g, w, z) -> None:
 DGELU_W_LAYOUTS = {"nk": 0, "kn": 1}
 
 
-def dgelu_w_layout() -> str:
-    name = os.environ.get("ZOO_CUBLASLT_DGELU_W", "nk")
-    if name not in DGELU_W_LAYOUTS:
-        raise ValueError(f"ZOO_CUBLASLT_DGELU_W must be one of {', '.join(DGELU_W_LAYOUTS)}; got {name!r}")
+def _env_choice(env: str, options, default: str) -> str:
+    """The option the environment variable `env` names (default if unset), or a ValueError."""
+    name = os.environ.get(env, default)
+    if name not in options:
+        raise ValueError(f"{env} must be one of {', '.join(options)}; got {name!r}")
     return name
+
+
+def dgelu_w_layout() -> str:
+    return _env_choice("ZOO_CUBLASLT_DGELU_W", DGELU_W_LAYOUTS, "nk")
 
 
 def _call(g, w, z, w_layout):
@@ -178,12 +183,12 @@ def check_wgrad(x, dy) -> None:
     """ValueError unless wgrad takes these: x [M, I], dy [M, F] of one dtype, bfloat16 or float16,
     I and F multiples of 8 (16-byte rows, as cuBLASLt's tensor-core matmuls want)."""
     if x.ndim != 2 or dy.ndim != 2 or x.shape[0] != dy.shape[0]:
-        raise ValueError(f"cuBLASLt BGRADB: want x [M, I] and dy [M, F], got {x.shape} and {dy.shape}")
+        raise ValueError(f"cuBLASLt weight gradient: want x [M, I] and dy [M, F], got {x.shape} and {dy.shape}")
     if x.dtype != dy.dtype or x.dtype not in DTYPES:
-        raise ValueError(f"cuBLASLt BGRADB: x and dy must both be bfloat16 or both float16, got {x.dtype} and "
+        raise ValueError(f"cuBLASLt weight gradient: x and dy must both be bfloat16 or both float16, got {x.dtype} and "
                          f"{dy.dtype}")
     if x.shape[1] % 8 or dy.shape[1] % 8:
-        raise ValueError(f"cuBLASLt BGRADB: I and F must be multiples of 8, got x {x.shape} and dy {dy.shape}")
+        raise ValueError(f"cuBLASLt weight gradient: I and F must be multiples of 8, got x {x.shape} and dy {dy.shape}")
 
 
 # cuBLASLt's epilogue for wgrad: "bgradb" (TransformerEngine's mapping, the weight gradient
@@ -193,10 +198,7 @@ WGRAD_EPILOGUES = {"bgradb": 512, "bgrada": 256}
 
 
 def wgrad_epilogue() -> str:
-    name = os.environ.get("ZOO_CUBLASLT_WGRAD_EPILOGUE", "bgradb")
-    if name not in WGRAD_EPILOGUES:
-        raise ValueError(f"ZOO_CUBLASLT_WGRAD_EPILOGUE must be one of {', '.join(WGRAD_EPILOGUES)}; got {name!r}")
-    return name
+    return _env_choice("ZOO_CUBLASLT_WGRAD_EPILOGUE", WGRAD_EPILOGUES, "bgradb")
 
 
 def _wgrad_call(x, dy, epilogue: str):
