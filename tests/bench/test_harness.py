@@ -85,10 +85,12 @@ def test_run_benchmark_keeps_a_cut_runs_finished_rows(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "zoo_fake_bench", fake)
     monkeypatch.setitem(bench.BENCHMARKS, "fake", "zoo_fake_bench")
     out = tmp_path / "r" / "fake.json"
+    monkeypatch.setenv("ZOO_CUBLASLT_WGRAD_EPILOGUE", "bgrada")  # the environment a result ran under
     with pytest.raises(RuntimeError, match="cut off"):
         bench.run_benchmark("fake", quick=True, out=str(out))
     lines = [json.loads(x) for x in (tmp_path / "r" / "fake.json.partial.jsonl").read_text().splitlines()]
     assert lines[0]["benchmark"] == "fake" and lines[0]["quick"] is True and lines[1:] == [row]
+    assert lines[0]["env"]["ZOO_CUBLASLT_WGRAD_EPILOGUE"] == "bgrada"
     assert not out.exists()
     bench.emit([row])  # outside run_benchmark: printed only
     assert len((tmp_path / "r" / "fake.json.partial.jsonl").read_text().splitlines()) == 2

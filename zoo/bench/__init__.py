@@ -95,13 +95,20 @@ def git_sha() -> str:
         return "unknown"
 
 
+def switches() -> dict:
+    """The environment that changes what a benchmark runs: every ZOO_* variable set (the direct
+    calls' switches and forms, ZOO_CUBLASLT_WGRAD_EPILOGUE and the like; a lease's check may set
+    them) and XLA_FLAGS, so that a result says which program it timed."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("ZOO_") or k == "XLA_FLAGS"}
+
+
 def header(name: str) -> dict:
     import jax
 
     dev = jax.devices()[0]
     return {"benchmark": name, "device": f"{dev.platform}:{dev.device_kind}", "device_count": jax.device_count(),
             "jax": jax.__version__, "sha": git_sha(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "env": switches()}
 
 
 def table(rows: list[dict]) -> str:
