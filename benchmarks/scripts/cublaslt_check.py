@@ -2,8 +2,8 @@
 each call against float64 from the same bf16 inputs (GPT-124M's widths, 4,096 rows) and timed at
 GPT-124M's B64 shape (65,536 rows; medians of 20 calls, each form's in one jitted loop):
 
-- the MLP's GELU backward by cuBLASLt's DGELU_BGRAD epilogue, with w as it is (the default) and
-  transposed first, beside XLA's form (zoo.ops.matmul_gelu);
+- the MLP's GELU backward by cuBLASLt's DGELU_BGRAD epilogue, with w transposed first (the
+  default) and as it is, beside XLA's form (zoo.ops.matmul_gelu);
 - a q/k/v projection's weight and bias gradients by its BGRADB epilogue (the default) and by
   BGRADA, beside XLA's (zoo.ops.linear.dense).
 

@@ -432,7 +432,7 @@ def test_turned_off_by_the_environment(monkeypatch):
         dense(jnp.zeros((4, 16), jnp.bfloat16), jnp.zeros((16, 8)), jnp.zeros(8), weight_grad="cublaslt")
     monkeypatch.delenv("ZOO_CUBLASLT_DGELU_W", raising=False)
     monkeypatch.delenv("ZOO_CUBLASLT_WGRAD_EPILOGUE", raising=False)
-    assert (cublaslt.dgelu_w_layout(), cublaslt.wgrad_epilogue()) == ("nk", "bgradb")  # the defaults
+    assert (cublaslt.dgelu_w_layout(), cublaslt.wgrad_epilogue()) == ("kn", "bgradb")  # the defaults
     for env, bad, match in [("ZOO_CUBLASLT_DGELU_W", "nn", "ZOO_CUBLASLT_DGELU_W must be one of nk, kn; got 'nn'"),
                             ("ZOO_CUBLASLT_WGRAD_EPILOGUE", "bgrad",
                              "ZOO_CUBLASLT_WGRAD_EPILOGUE must be one of bgradb, bgrada; got 'bgrad'")]:

@@ -143,10 +143,12 @@ def check(g, w, z) -> None:
         raise ValueError(f"cuBLASLt DGELU: N and K must be multiples of 8, got w {w.shape}")
 
 
-# how dgelu hands w to cuBLASLt: "nk" as it is, [N, K], read transposed (op(A) T), or "kn" transposed
-# by XLA first (a [K, N] copy, 4.7 MB for GPT-124M's proj), read as it is (op(A) N,
-# TransformerEngine's form); ZOO_CUBLASLT_DGELU_W picks (benchmarks/scripts/cublaslt_check.py
-# checks and times both)
+# how dgelu hands w to cuBLASLt: "kn" (the default) transposed by XLA first, [K, N], read as it is
+# (op(A) N: TransformerEngine's form of this matmul, its weight [out, in], so the form known to
+# run; in a GPT step the transpose folds into the kernel's cast to bf16, no launch of its own;
+# alone, a [K, N] copy, 4.7 MB for GPT-124M's proj), or "nk" as it is, [N, K], read transposed
+# (op(A) T); ZOO_CUBLASLT_DGELU_W picks (benchmarks/scripts/cublaslt_check.py checks and times
+# both)
 DGELU_W_LAYOUTS = {"nk": 0, "kn": 1}
 
 
@@ -159,7 +161,7 @@ def _env_choice(env: str, options, default: str) -> str:
 
 
 def dgelu_w_layout() -> str:
-    return _env_choice("ZOO_CUBLASLT_DGELU_W", DGELU_W_LAYOUTS, "nk")
+    return _env_choice("ZOO_CUBLASLT_DGELU_W", DGELU_W_LAYOUTS, "kn")
 
 
 def _call(g, w, z, w_layout):

@@ -7,8 +7,8 @@
 // column-major terms the row-major arrays are transposed: D = dz^T (N x M, ld N) = op(A) B with
 // A = w's memory (K x N, ld K, transposed), B = g's memory (K x M, ld K); the aux input is z's
 // memory (N x M, ld N); the bias gradient has D's N rows, summed over its M columns. With the
-// attribute w_kn, w comes transposed, [K, N]: A = its memory (N x K, ld N), not transposed
-// (TransformerEngine's form).
+// attribute w_kn (zoo.ops.cublaslt's default), w comes transposed, [K, N]: A = its memory
+// (N x K, ld N), not transposed (TransformerEngine's form, its weights [out, in]).
 //
 // BGRADB or BGRADA (ZooCublasLtWgrad, its attribute `epilogue`): a dense layer's weight and
 // bias gradients in one matmul: x [M, I] (its input), dy [M, F] (its output's gradient) -> the
