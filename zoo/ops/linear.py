@@ -92,7 +92,8 @@ def dense(x, w, bias, *, weight_grad: str = "xla"):
     adds it), with the weight and bias gradients made by `weight_grad`:
 
     - "xla": autodiff's, the bias gradient summed in float32 (add_bias);
-    - "cublaslt": one cuBLASLt matmul with the BGRADB epilogue (zoo.ops.cublaslt.wgrad), which
+    - "cublaslt": one cuBLASLt matmul with a BGRAD epilogue (zoo.ops.cublaslt.wgrad: BGRADB or
+      BGRADA, as wgrad_epilogue() says), which
       sums y's gradient for the bias as the weight gradient's matmul reads it: no pass over it of
       its own (GPT-124M's separate q, k and v projections at B64: 3.7 GB per step). Both come out
       of cuBLASLt in x's dtype (the weight gradient as autodiff's bf16 matmul writes it; the bias
