@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.ops import _pallas, native
+from zoo.ops import native
 
 CSRC = Path(__file__).with_name("csrc_cuda")
 SOURCE = CSRC / "cublaslt.cc"
@@ -86,9 +86,7 @@ def _open():
         lib = ctypes.CDLL(str(build()))
         native.register_cuda(lib, HANDLERS)
         return lib
-    if not _pallas.on_cuda_gpu():
-        raise Unavailable(f"needs an NVIDIA GPU (JAX's default backend is {jax.default_backend()!r})")
-    lib, _state["version"] = native.open_cuda_call(build(), "zoo_cublaslt_init", HANDLERS, _library_path(),
+    lib, _state["version"] = native.open_cuda_call(build, "zoo_cublaslt_init", HANDLERS, _library_path(),
                                                    Unavailable)
     return lib
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from zoo.ops import _pallas, native
+from zoo.ops import native
 
 SOURCE = Path(__file__).with_name("csrc_cuda") / "cudnn_attention.cc"
 TARGET = "zoo_cudnn_attention_forward"
@@ -114,9 +114,7 @@ def _cudnn_library() -> str:
 def _open():
     if os.environ.get("ZOO_CUDNN_DIRECT", "1") == "0":
         raise Unavailable("turned off by ZOO_CUDNN_DIRECT=0")
-    if not _pallas.on_cuda_gpu():
-        raise Unavailable(f"needs an NVIDIA GPU (JAX's default backend is {jax.default_backend()!r})")
-    lib, _state["version"] = native.open_cuda_call(build(), "zoo_cudnn_init", {TARGET: "ZooCudnnAttentionForward"},
+    lib, _state["version"] = native.open_cuda_call(build, "zoo_cudnn_init", {TARGET: "ZooCudnnAttentionForward"},
                                                    _cudnn_library(), Unavailable)
     return lib
 

@@ -138,12 +138,17 @@ def load_once(state: dict, open_library, error: type[Exception]):
         return state["lib"]
 
 
-def open_cuda_call(path: Path, init: str, handlers: dict[str, str], fallback: str, error: type[Exception]):
-    """(library, version): the compiled direct calls at `path` (zoo.ops.cudnn_direct, zoo.ops.cublaslt)
-    loaded, its `init` run (it finds the CUDA library it calls: the copy JAX's plugin loaded, else
-    the one at `fallback`; 0 and the reason if none), each of its `handlers` ({FFI target: the
-    handler's symbol}) registered for CUDA. `error` with init's reason where it fails."""
-    lib = ctypes.CDLL(str(path))
+def open_cuda_call(build, init: str, handlers: dict[str, str], fallback: str, error: type[Exception]):
+    """(library, version): the direct calls' library (zoo.ops.cudnn_direct, zoo.ops.cublaslt) built
+    (build() -> its path) and loaded, its `init` run (it finds the CUDA library it calls: the copy
+    JAX's plugin loaded, else the one at `fallback`; 0 and the reason if none), each of its
+    `handlers` ({FFI target: the handler's symbol}) registered for CUDA. `error` with init's reason where it fails, or where
+    JAX's default backend is not an NVIDIA GPU (checked first)."""
+    from zoo.ops._pallas import on_cuda_gpu
+
+    if not on_cuda_gpu():
+        raise error(f"needs an NVIDIA GPU (JAX's default backend is {jax.default_backend()!r})")
+    lib = ctypes.CDLL(str(build()))
     reason = ctypes.create_string_buffer(1024)
     getattr(lib, init).restype = ctypes.c_int64
     version = getattr(lib, init)(fallback.encode(), reason, ctypes.c_int64(len(reason)))
