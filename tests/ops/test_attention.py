@@ -1,5 +1,6 @@
 """zoo.ops.attention against a NumPy softmax-attention written here, plus gradient agreement."""
 
+import concurrent.futures
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -481,6 +482,21 @@ def test_native_long_sequences_match_numpy(native_kernel, kw):
     np.testing.assert_allclose(got, np_attention(q, k, v, **kw), rtol=1e-5, atol=1e-5)
     for g, r in zip(_grads("native", q, k, v, kw), _grads("reference", q, k, v, kw)):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "5"])
+def test_native_calls_from_many_threads_at_once_match_numpy(native_kernel, monkeypatch, threads):
+    """The kernels' thread pool: calls from four Python threads at once, each on its own inputs
+    (one call holds the pool, the others spawn their own threads), and ZOO_NUM_THREADS workers
+    (5: more than this machine's cores, so the pool grows), each call's values its own."""
+    monkeypatch.setenv("ZOO_NUM_THREADS", threads)
+    cases = [_inputs(B=2, T=300, S=300, N=4, K=2, D=32, seed=20 + i) for i in range(4)]
+    f = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, is_causal=True, implementation="native"))
+    f(*cases[0]).block_until_ready()  # compiled once, before the threads
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        outs = list(ex.map(lambda c: np.asarray(f(*c)), cases * 3))
+    for i, out in enumerate(outs):
+        np.testing.assert_allclose(out, np_attention(*cases[i % 4], is_causal=True), rtol=1e-5, atol=1e-5)
 
 
 def test_native_a_nan_key_reaches_only_the_rows_that_see_it(native_kernel):

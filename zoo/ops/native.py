@@ -7,7 +7,8 @@ registers its handlers for the CPU; ZOO_NATIVE_CXXFLAGS adds flags (e.g. -mno-av
 AVX2 code on an AVX-512 machine). Nothing is downloaded. Where there is no compiler, or it
 fails, `available()` is False, with the reason in `unavailable_reason()`, and callers fall back
 to XLA code. ZOO_NATIVE=0 turns the kernels off. ZOO_NUM_THREADS caps their threads (default: the
-CPUs this process may run on).
+CPUs this process may run on): one pool for the process, whose threads spin for ZOO_NATIVE_SPIN_US
+microseconds (default 1000) after each call, then sleep (csrc/simd.h says why).
 
 Kernels (all sources in csrc/ build into one library):
 - `attention_forward` / `attention_backward`, FlashAttention in float32 (csrc/attention.cc):

@@ -1,11 +1,12 @@
 // Shared by the native CPU kernels (attention.cc, gibbs.cc): float vectors through GCC vector
 // extensions (AVX-512 where the compiler targets it, else 8 floats), exp, one register-blocked
-// GEMM micro-kernel and its driver, and a parallel for over std::threads. Everything is in an
-// anonymous namespace: each kernel file gets its own copy.
+// GEMM micro-kernel and its driver, and a parallel for over a pool of threads. Everything but
+// the pool is in an anonymous namespace: each kernel file gets its own copy.
 
 #pragma once
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sched.h>
 #endif
 #if defined(__x86_64__) || defined(__i386__)
@@ -18,11 +19,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -250,10 +254,10 @@ int num_threads() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// body(task, worker) for task in [0, n), on up to num_threads() threads (the caller's one).
+// body(task, worker) for task in [0, n) on up to num_threads() threads (the caller's one), in a
+// fresh std::thread for each helper: what parallel_for falls back to where the pool is busy.
 template <class Body>
-void parallel_for(int64_t n, Body body) {
-  const int nt = static_cast<int>(std::min<int64_t>(n, num_threads()));
+void parallel_for_spawned(int64_t n, int nt, Body& body) {
   std::atomic<int64_t> next{0};
   auto work = [&](int worker) {
     for (int64_t i; (i = next.fetch_add(1)) < n;) body(i, worker);
@@ -265,6 +269,164 @@ void parallel_for(int64_t n, Body body) {
   }
   work(0);
   for (auto& t : threads) t.join();
+}
+
+}  // namespace
+
+// One pool of helper threads per process (shared by every kernel file: not in the anonymous
+// namespace; built on the first parallel call, never torn down). A call publishes its job; the
+// helpers that wake in time each take a worker slot and pull tasks until none is left; the
+// caller works too, then closes the job and waits only for the helpers that joined it. Between
+// jobs a helper spins for ZOO_NATIVE_SPIN_US microseconds (default 1000) before it sleeps, as
+// OpenMP's and Eigen's pools do: a thread made afresh for each call (as before) starts on a
+// core that has gone idle, and on the 2-core CPU machines about half the calls of the S1024
+// forward (13 ms) then ran at one core's speed (85 vs 165 GFLOP/s, benchmarks/results/README.md).
+namespace zoo_native {
+
+class Pool {
+ public:
+  static Pool& get() {
+    static const bool once = (pthread_atfork(nullptr, nullptr, [] { instance() = new Pool(); }), true);
+    (void)once;
+    return *instance();
+  }
+
+  // False (nothing run) where another job holds the pool: a concurrent call (XLA runs one per
+  // emulated device) or a nested one; the caller then spawns its own threads.
+  template <class Body>
+  bool run(int64_t n, int nt, Body& body) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    start_helpers(nt - 1);
+    body_ = &body;
+    call_ = [](void* b, int64_t i, int w) { (*static_cast<Body*>(b))(i, w); };
+    n_ = n;
+    next_.store(0, std::memory_order_relaxed);
+    finished_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (job_.load(std::memory_order_relaxed) >> 32) + 1;
+    max_helpers_.store(nt - 1, std::memory_order_relaxed);
+    job_.store(gen << 32, std::memory_order_release);  // open: generation gen, no helper joined yet
+    {
+      std::lock_guard<std::mutex> lock(sleep_);
+    }
+    wake_.notify_all();
+    work(0);
+    const uint64_t closed = job_.exchange((gen << 32) | CLOSED, std::memory_order_acq_rel);
+    const uint32_t joined = static_cast<uint32_t>(closed & 0xffffffffu);
+    while (finished_.load(std::memory_order_acquire) < joined) pause();
+    return true;
+  }
+
+ private:
+  static constexpr uint64_t CLOSED = 0xffffffffu;
+
+  // Leaked on purpose (helpers may still be asleep at exit); a forked child, which has none of
+  // the helpers and maybe a lock held by one of them, gets a new pool.
+  static Pool*& instance() {
+    static Pool* pool = new Pool();
+    return pool;
+  }
+
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#endif
+  }
+
+  static int64_t spin_us() {
+    const char* env = std::getenv("ZOO_NATIVE_SPIN_US");
+    return env ? std::max<int64_t>(0, std::atoll(env)) : 1000;
+  }
+
+  void work(int worker) {
+    for (int64_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < n_;) call_(body_, i, worker);
+  }
+
+  void start_helpers(int want) {  // under busy_
+    try {
+      while (static_cast<int>(helpers_.size()) < want) {
+        helpers_.emplace_back([this] { helper(); });
+        helpers_.back().detach();
+      }
+    } catch (const std::system_error&) {  // no more threads to be had: fewer do the work
+    }
+  }
+
+  // Join the open job of generation gen: a worker slot (1, 2, ...), or 0 where it is closed,
+  // full or already another generation's.
+  int join(uint64_t gen) {
+    uint64_t cur = job_.load(std::memory_order_acquire);
+    while ((cur >> 32) == gen && (cur & 0xffffffffu) < static_cast<uint64_t>(max_helpers_.load(std::memory_order_relaxed))) {
+      if (job_.compare_exchange_weak(cur, cur + 1, std::memory_order_acq_rel)) return static_cast<int>((cur & 0xffffffffu) + 1);
+    }
+    return 0;
+  }
+
+  void helper() {
+    uint64_t seen = job_.load(std::memory_order_acquire) >> 32;
+    for (;;) {
+      uint64_t gen = job_.load(std::memory_order_acquire) >> 32;
+      if (gen == seen) {  // the variable read each time (~0.1 us): a process can change it
+        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us());
+        for (int k = 0; (gen = job_.load(std::memory_order_acquire) >> 32) == seen; ++k) {
+          if ((k & 255) == 255 && std::chrono::steady_clock::now() >= until) break;
+          pause();
+        }
+      }
+      if (gen == seen) {
+        std::unique_lock<std::mutex> lock(sleep_);
+        wake_.wait(lock, [&] { return (job_.load(std::memory_order_acquire) >> 32) != seen; });
+        gen = job_.load(std::memory_order_acquire) >> 32;
+      }
+      seen = gen;
+      if (const int slot = join(gen)) {
+        work(slot);
+        finished_.fetch_add(1, std::memory_order_release);
+      }
+    }
+  }
+
+  std::mutex busy_;    // held by the job running
+  std::mutex sleep_;   // the helpers' sleep
+  std::condition_variable wake_;
+  std::vector<std::thread> helpers_;
+  std::atomic<uint64_t> job_{0};  // generation << 32 | helpers joined (CLOSED: closed)
+  std::atomic<int64_t> next_{0};
+  std::atomic<uint32_t> finished_{0};
+  int64_t n_ = 0;
+  std::atomic<int> max_helpers_{0};
+  void* body_ = nullptr;
+  void (*call_)(void*, int64_t, int) = nullptr;
+};
+
+// Whether this thread is running a parallel_for's task (one flag for every kernel and Body).
+inline bool& in_task() {
+  static thread_local bool inside = false;
+  return inside;
+}
+
+}  // namespace zoo_native
+
+namespace {
+
+// body(task, worker) for task in [0, n), on up to num_threads() threads (the caller's one):
+// worker in [0, that count), each worker's tasks one after another.
+// A call from inside a task runs serially on its thread.
+template <class Body>
+void parallel_for(int64_t n, Body body) {
+  const int nt = zoo_native::in_task() ? 1 : static_cast<int>(std::min<int64_t>(n, num_threads()));
+  if (nt <= 1) {
+    for (int64_t i = 0; i < n; ++i) body(i, 0);
+    return;
+  }
+  auto task = [&](int64_t i, int worker) {
+    bool& inside = zoo_native::in_task();  // this thread's flag
+    const bool was = inside;
+    inside = true;
+    body(i, worker);
+    inside = was;
+  };
+  if (!zoo_native::Pool::get().run(n, nt, task)) parallel_for_spawned(n, nt, task);
 }
 
 }  // namespace
