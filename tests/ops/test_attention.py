@@ -499,6 +499,22 @@ def test_native_calls_from_many_threads_at_once_match_numpy(native_kernel, monke
         np.testing.assert_allclose(out, np_attention(*cases[i % 4], is_causal=True), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("blocks", [dict(q_block_size=10**9), dict(block_size=2**40), dict(q_block_size=3, block_size=32)])
+def test_native_any_block_size_gives_the_same_values(native_kernel, blocks):
+    """Blocks larger than the problem act as one block (they once asked for buffers of that
+    size: std::bad_alloc); small ones as many. Values and gradients against NumPy / reference."""
+    q, k, v = _inputs(B=1, T=100, S=90, N=4, K=2, D=16, seed=9)
+    kw = dict(is_causal=True)
+    got = A.dot_product_attention(q, k, v, implementation="native", **blocks, **kw)
+    np.testing.assert_allclose(got, np_attention(q, k, v, **kw), rtol=1e-5, atol=1e-5)
+    def grads(**impl):
+        loss = lambda q, k, v: (A.dot_product_attention(q, k, v, **impl, **kw) ** 2).sum()
+        return jax.grad(loss, (0, 1, 2))(q, k, v)
+
+    for g, r in zip(grads(implementation="native", **blocks), grads(implementation="reference")):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
 def test_native_a_nan_key_reaches_only_the_rows_that_see_it(native_kernel):
     rng = np.random.default_rng(11)
     T = 40

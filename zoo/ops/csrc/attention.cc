@@ -783,6 +783,9 @@ ffi::Error problem(QKV& q, QKV& k, QKV& v, ffi::Buffer<ffi::PRED>& mask, ffi::Bu
     p.dbg = bd[1] == 1 ? 1 : p.G, p.dbt = bd[2], p.dbs = bd[3];
   }
   p.Sp = (p.S + COL_ALIGN - 1) / COL_ALIGN * COL_ALIGN;
+  // blocks past the problem's size (block_q=10**9: one block) hold what one block would
+  p.rows = std::min(p.rows, std::max<int64_t>(1, p.T) * p.G);
+  p.kv_block = std::min(p.kv_block, std::max(COL_ALIGN, p.Sp));
   p.ldt = p.Sp + 16;
   p.Dp = (p.D + 31) / 32 * 32;
   return ffi::Error::Success();

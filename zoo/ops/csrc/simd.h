@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <mutex>
 #include <string>
@@ -419,14 +420,25 @@ void parallel_for(int64_t n, Body body) {
     for (int64_t i = 0; i < n; ++i) body(i, 0);
     return;
   }
+  // An exception in a task (std::bad_alloc, say) skips the tasks not yet started and is thrown
+  // again here, on the caller's thread, once every worker is done: XLA's FFI turns it into an
+  // error for Python (one in a helper thread would have ended the process).
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
   auto task = [&](int64_t i, int worker) {
+    if (failed.load(std::memory_order_relaxed)) return;
     bool& inside = zoo_native::in_task();  // this thread's flag
     const bool was = inside;
     inside = true;
-    body(i, worker);
+    try {
+      body(i, worker);
+    } catch (...) {
+      if (!failed.exchange(true)) error = std::current_exception();
+    }
     inside = was;
   };
   if (!zoo_native::Pool::get().run(n, nt, task)) parallel_for_spawned(n, nt, task);
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace
