@@ -314,7 +314,12 @@ class Pool {
     work(0);
     const uint64_t closed = job_.exchange((gen << 32) | CLOSED, std::memory_order_acq_rel);
     const uint32_t joined = static_cast<uint32_t>(closed & 0xffffffffu);
-    while (finished_.load(std::memory_order_acquire) < joined) pause();
+    // the joined helpers' last tasks: spin a little, then yield (on an oversubscribed machine a
+    // helper may be waiting for this core)
+    for (int k = 0; finished_.load(std::memory_order_acquire) < joined; ++k) {
+      if (k < 1024) pause();
+      else std::this_thread::yield();
+    }
     return true;
   }
 
