@@ -487,16 +487,19 @@ def test_native_long_sequences_match_numpy(native_kernel, kw):
 @pytest.mark.parametrize("threads", ["1", "2", "5"])
 def test_native_calls_from_many_threads_at_once_match_numpy(native_kernel, monkeypatch, threads):
     """The kernels' thread pool: calls from four Python threads at once, each on its own inputs
-    (one call holds the pool, the others spawn their own threads), and ZOO_NUM_THREADS workers
-    (5: more than this machine's cores, so the pool grows), each call's values its own."""
+    of its own size (one call holds the pool, the others spawn their own threads; in bfloat16
+    without AMX each thread's cached widened copies), and ZOO_NUM_THREADS workers (5: more than
+    this machine's cores, so the pool grows), each call's values its own."""
     monkeypatch.setenv("ZOO_NUM_THREADS", threads)
-    cases = [_inputs(B=2, T=300, S=300, N=4, K=2, D=32, seed=20 + i) for i in range(4)]
     f = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, is_causal=True, implementation="native"))
-    f(*cases[0]).block_until_ready()  # compiled once, before the threads
-    with concurrent.futures.ThreadPoolExecutor(4) as ex:
-        outs = list(ex.map(lambda c: np.asarray(f(*c)), cases * 3))
-    for i, out in enumerate(outs):
-        np.testing.assert_allclose(out, np_attention(*cases[i % 4], is_causal=True), rtol=1e-5, atol=1e-5)
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):  # bf16: AMX, or widened copies
+        cases = [_inputs(B=2, T=300 - 40 * i, S=300 - 40 * i, N=4, K=2, D=32, seed=20 + i, dtype=dtype)
+                 for i in range(4)]
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            outs = list(ex.map(lambda c: np.asarray(f(*c), np.float32), cases * 3))
+        for i, out in enumerate(outs):
+            want = np_attention(*(np.asarray(x, np.float32) for x in cases[i % 4]), is_causal=True)
+            np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("blocks", [dict(q_block_size=10**9), dict(block_size=2**40), dict(q_block_size=3, block_size=32)])

@@ -802,14 +802,43 @@ void run_backward(const Problem& p, const float* q, const float* k, const float*
   backward(p, q, k, v, o, lse, dout, dq, dk, dv, db);
 }
 
-std::vector<float> widen(const uint16_t* x, size_t n) {
-  std::vector<float> out(n);
-  for (size_t i = 0; i < n; ++i) out[i] = from_bf16(x[i]);
+// Without AMX, bfloat16 runs the float32 kernels on widened copies, made and rounded back in
+// parallel chunks (one serial pass each took ~5 ms of a 13 ms S1024 causal forward). Their
+// memory is kept for the calling thread's next call, up to CACHED_BYTES a copy: glibc handed
+// these megabytes back to the OS after each call, and faulting them in again (~2,000 page
+// faults a call, ~2 us each on the 2-core VMs) cost as much as the conversions. Beyond that
+// size the kernels' O(T * S) work dwarfs the faults. Not zeroed: every element is written.
+constexpr int64_t CONVERT_CHUNK = 1 << 15;
+constexpr int64_t CACHED_BYTES = int64_t(16) << 20;  // so at most 8 x 16 MB kept a thread
+
+struct Floats {  // n floats: the calling thread's cached block `slot`, or a block of its own
+  Floats(int slot, int64_t n) {
+    thread_local std::vector<float> cache[8];
+    if (n * 4 <= CACHED_BYTES) {
+      if (static_cast<int64_t>(cache[slot].size()) < n) cache[slot].resize(n);
+      data = cache[slot].data();
+    } else {
+      own.reset(new float[n]);
+      data = own.get();
+    }
+  }
+  float* data;
+  std::unique_ptr<float[]> own;
+};
+
+Floats widen(int slot, const uint16_t* x, int64_t n) {
+  Floats out(slot, n);
+  float* o = out.data;
+  parallel_for((n + CONVERT_CHUNK - 1) / CONVERT_CHUNK, [&](int64_t c, int) {
+    for (int64_t i = c * CONVERT_CHUNK, end = std::min(n, i + CONVERT_CHUNK); i < end; ++i) o[i] = from_bf16(x[i]);
+  });
   return out;
 }
 
-void narrow(const std::vector<float>& x, uint16_t* out) {
-  for (size_t i = 0; i < x.size(); ++i) out[i] = to_bf16(x[i]);
+void narrow(const float* x, int64_t n, uint16_t* out) {
+  parallel_for((n + CONVERT_CHUNK - 1) / CONVERT_CHUNK, [&](int64_t c, int) {
+    for (int64_t i = c * CONVERT_CHUNK, end = std::min(n, i + CONVERT_CHUNK); i < end; ++i) out[i] = to_bf16(x[i]);
+  });
 }
 
 void run_forward(const Problem& p, const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* o,
@@ -817,10 +846,10 @@ void run_forward(const Problem& p, const uint16_t* q, const uint16_t* k, const u
 #if ZOO_AMX
   if (amx_enabled()) return forward_amx(p, q, k, v, o, lse);
 #endif
-  const size_t nq = p.B * p.T * p.N * p.D, nk = p.B * p.S * p.K * p.D;
-  std::vector<float> of(nq);
-  forward(p, widen(q, nq).data(), widen(k, nk).data(), widen(v, nk).data(), of.data(), lse);
-  narrow(of, o);
+  const int64_t nq = p.B * p.T * p.N * p.D, nk = p.B * p.S * p.K * p.D;
+  const Floats qf = widen(0, q, nq), kf = widen(1, k, nk), vf = widen(2, v, nk), of(3, nq);
+  forward(p, qf.data, kf.data, vf.data, of.data, lse);
+  narrow(of.data, nq, o);
 }
 
 void run_backward(const Problem& p, const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* o,
@@ -828,13 +857,16 @@ void run_backward(const Problem& p, const uint16_t* q, const uint16_t* k, const 
 #if ZOO_AMX
   if (amx_enabled()) return backward_amx(p, q, k, v, o, lse, dout, dq, dk, dv, db);
 #endif
-  const size_t nq = p.B * p.T * p.N * p.D, nk = p.B * p.S * p.K * p.D;
-  std::vector<float> dqf(nq), dkf(nk), dvf(nk);
-  backward(p, widen(q, nq).data(), widen(k, nk).data(), widen(v, nk).data(), widen(o, nq).data(), lse,
-           widen(dout, nq).data(), dqf.data(), dkf.data(), dvf.data(), db);
-  narrow(dqf, dq);
-  narrow(dkf, dk);
-  narrow(dvf, dv);
+  const int64_t nq = p.B * p.T * p.N * p.D, nk = p.B * p.S * p.K * p.D;
+  {  // blocks 0-4: q, k, v, o, do widened; 5-7: dq, dk, dv
+    const Floats qf = widen(0, q, nq), kf = widen(1, k, nk), vf = widen(2, v, nk), of = widen(3, o, nq),
+                 df = widen(4, dout, nq);
+    Floats dqf(5, nq), dkf(6, nk), dvf(7, nk);
+    backward(p, qf.data, kf.data, vf.data, of.data, lse, df.data, dqf.data, dkf.data, dvf.data, db);
+    narrow(dqf.data, nq, dq);
+    narrow(dkf.data, nk, dk);
+    narrow(dvf.data, nk, dv);
+  }
 }
 
 // The handlers, for T = F32 or BF16 (q, k, v, o, do and the gradients; mask, bias, lse and dbias
