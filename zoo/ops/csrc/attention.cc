@@ -159,9 +159,49 @@ void add_dbias(const Problem& p, const float* ds, int64_t rows, int64_t t0, int6
   }
 }
 
-// x^T of kv head (b, h) of x [B, S, K, D] packed as [D, ldt], zero from S to Sp.
+#if defined(__AVX512F__)
+// r[0..16) (16 rows of 16 floats) transposed in registers: unpack pairs of rows, gather 4-row
+// groups per 128-bit lane, then move the lanes.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + k], lane L: rows 4i..4i+3 at column 4L + k
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 x0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), x1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+    const __m512 y0 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88),
+                 y1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+    t[k] = _mm512_shuffle_f32x4(x0, y0, 0x88);       // column k
+    t[8 + k] = _mm512_shuffle_f32x4(x0, y0, 0xDD);   // column 8 + k
+    t[4 + k] = _mm512_shuffle_f32x4(x1, y1, 0x88);   // column 4 + k
+    t[12 + k] = _mm512_shuffle_f32x4(x1, y1, 0xDD);  // column 12 + k
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+#endif
+
+// x^T of kv head (b, h) of x [B, S, K, D] packed as [D, ldt], zero from S to Sp. With AVX-512,
+// blocks of 16 keys x 16 dims are transposed in registers (one element at a time, this pack was
+// ~4% of an S1024 forward or forward + backward).
 void pack_transposed(const Problem& p, const float* x, int64_t b, int64_t h, float* out) {
-  for (int64_t j = 0; j < p.S; ++j) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j + 16 <= p.S; j += 16)
+    for (int64_t d0 = 0; d0 < p.D; d0 += 16) {  // D is a multiple of VW = 16
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(p.row(x, b, j + i, h, p.K, p.S) + d0);
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + (d0 + i) * p.ldt + j, r[i]);
+    }
+#endif
+  for (; j < p.S; ++j) {
     const float* xj = p.row(x, b, j, h, p.K, p.S);
     for (int64_t d = 0; d < p.D; ++d) out[d * p.ldt + j] = xj[d];
   }
@@ -185,10 +225,11 @@ void gather_rows(const Problem& p, const float* x, int64_t b, int64_t h, int64_t
 }
 
 void forward(const Problem& p, const float* q, const float* k, const float* v, float* o, float* lse) {
-  std::vector<float> kT(p.B * p.K * p.D * p.ldt), vp(p.B * p.K * p.S * p.D);
+  // not zeroed: the packs write all that is read (columns past Sp of kT never are)
+  std::unique_ptr<float[]> kT(new float[p.B * p.K * p.D * p.ldt]), vp(new float[p.B * p.K * p.S * p.D]);
   parallel_for(p.B * p.K, [&](int64_t bh, int) {
-    pack_transposed(p, k, bh / p.K, bh % p.K, kT.data() + bh * p.D * p.ldt);
-    pack_rows(p, v, bh / p.K, bh % p.K, vp.data() + bh * p.S * p.D);
+    pack_transposed(p, k, bh / p.K, bh % p.K, kT.get() + bh * p.D * p.ldt);
+    pack_rows(p, v, bh / p.K, bh % p.K, vp.get() + bh * p.S * p.D);
   });
   const int64_t tq = std::max<int64_t>(1, p.rows / p.G);  // positions per task
   const int64_t nq = (p.T + tq - 1) / tq;
@@ -208,7 +249,7 @@ void forward(const Problem& p, const float* q, const float* k, const float* v, f
     std::fill(acc, acc + rows * p.D, 0.0f);
     std::fill(m, m + rows, NEG_INF);
     std::fill(l, l + rows, 0.0f);
-    const float* kTh = kT.data() + bh * p.D * p.ldt;
+    const float* kTh = kT.get() + bh * p.D * p.ldt;
     for_key_tiles(p, t0, t1, [&](int64_t k0, int64_t w, bool masked) {
       gemm_keys(rows, w, p.D, qb, p.D, 1, kTh + k0, p.ldt, s, w);
       if (p.bias) add_bias(p, s, rows, b, h, t0, k0, w);
@@ -237,7 +278,7 @@ void forward(const Problem& p, const float* q, const float* k, const float* v, f
         l[r] = l[r] * alpha[r] + hsum(sum);
         m[r] = m_new;
       }
-      const float* vh = vp.data() + (bh * p.S + k0) * p.D;  // rows past S meet p = 0 ...
+      const float* vh = vp.get() + (bh * p.S + k0) * p.D;  // rows past S meet p = 0 ...
       const int64_t valid = std::min(w, p.S - k0);          // ... but are not there: stop at S
       gemm_dim(rows, p.D, valid, s, w, 1, vh, p.D, acc, p.D, alpha);
     });
