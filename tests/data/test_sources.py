@@ -143,3 +143,16 @@ def test_tfds_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import now raises ImportError
     with pytest.raises(DataError, match=r'pip install -e "\.\[tfds\]"'):
         load("tfds:mnist")
+
+
+def test_tfds_unknown_name_is_one_short_line(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    # tfds's own message lists every registered dataset (~250 lines); ours keeps its first line
+    # and the close names.
+    with pytest.raises(DataError) as info:
+        load("tfds:mnistt", data_dir=str(tmp_path))
+    msg = str(info.value)
+    assert "mnistt" in msg and "Close matches: mnist" in msg
+    assert len(msg.splitlines()) == 1 and len(msg) < 300
+    with pytest.raises(DataError, match="None of the [0-9]+ datasets tfds knows is close"):
+        load("tfds:qqqqqqqqqqqq", data_dir=str(tmp_path))

@@ -13,8 +13,10 @@ Fixed splits, so a test set never leaks into training whatever the seed:
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
+import re
 from typing import Any, Callable
 
 import numpy as np
@@ -184,6 +186,21 @@ class TfdsSource(Source):
         return out
 
 
+def _short_tfds_error(name: str, e: Exception) -> str:
+    """tfds's message for an unknown dataset lists every registered one (~250 lines): keep its
+    first line and the names close to `name` (from that list: tfds.list_builders() would go to
+    the network for its community index)."""
+    text = str(e)
+    if type(e).__name__ != "DatasetNotFoundError":
+        return text
+    listed = re.findall(r"^\t- (\S+)$", text, flags=re.M)
+    close = difflib.get_close_matches(name, listed, n=5, cutoff=0.6)
+    first = text.strip().splitlines()[0] if text.strip() else f"Dataset {name} not found."
+    if close:
+        return f"{first} Close matches: {', '.join(close)}."
+    return f"{first} None of the {len(listed)} datasets tfds knows is close." if listed else first
+
+
 def _tfds(spec, arg, split, seq_len, *, data_dir=None, image_key="image", label_key="label",
           **options) -> Source:
     """Options: data_dir, image_key ("image"), label_key ("label")."""
@@ -196,7 +213,8 @@ def _tfds(spec, arg, split, seq_len, *, data_dir=None, image_key="image", label_
     try:
         ds = tfds.data_source(name, split=split, data_dir=data_dir)
     except Exception as e:  # unknown dataset, failed download, missing array_record, ...
-        raise DataError(f"{spec}: tfds could not load {name!r} split {split!r}: {e}") from e
+        raise DataError(f"{spec}: tfds could not load {name!r} split {split!r}: "
+                        f"{_short_tfds_error(name, e)}") from e
     return TfdsSource(ds, spec, image_key, label_key)
 
 
