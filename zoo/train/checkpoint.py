@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -54,6 +56,64 @@ def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
         registry.add("meta", args, ocp.JsonCheckpointHandler())
     return registry
+
+
+def _first_line(e: BaseException) -> str:
+    """An orbax error's gist: the first line of its root cause (which names the array and the
+    file: orbax's own wrapper names only an index), without TensorStore's spec dump."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: " + re.sub(r"\s*See full TensorStore details:.*", "", line)[:300]
+
+
+def _orbax_leftover(unraisable) -> bool:
+    """A read coroutine of orbax's that failed after the restore had already raised.
+
+    When one array of a damaged checkpoint fails to read, orbax's restore raises, and its other
+    reads (coroutines still pending) fail later, when they are collected, each printing its
+    TensorStore spec ("Exception ignored in: <coroutine ...>", ~60 lines each) or "Event loop is
+    closed". The restore's own error has already been reported; those say nothing more.
+    """
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+        return True
+    # a read that finished after orbax had closed its event loop: TensorStore's callback
+    # schedules the result on the closed loop
+    return unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+
+
+class _DropUnretrieved(logging.Filter):
+    """asyncio's "Future exception was never retrieved" records: the same leftovers, as asyncio
+    reports them when the future, not the coroutine, is collected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in str(record.msg)
+
+
+def _quiet_orbax_leftovers() -> None:
+    """After a failed restore: drop the leftovers of its reads (see _orbax_leftover) from here on.
+
+    Every other unraisable error is printed as before; asyncio's logger loses only its "exception
+    was never retrieved" records and Python only its "coroutine ... was never awaited" warnings,
+    which in this process now come from the failed restore.
+    """
+    if getattr(sys.unraisablehook, "_zoo_orbax_filter", False):
+        return
+    # the reads orbax never awaited once one had failed
+    warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropUnretrieved) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_DropUnretrieved())
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _orbax_leftover(unraisable):
+            previous(unraisable)
+
+    hook._zoo_orbax_filter = True
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -93,10 +153,12 @@ class Checkpointer:
                           f"checkpoints to {moved})", file=sys.stderr)
                 return out.state, out.meta, s
             except Exception as e:  # orbax raises many types for damaged files
+                _quiet_orbax_leftovers()
                 errors.append(f"checkpoint at step {s} in {self.directory} is corrupt or partial "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+                              f"({_first_line(e)})")
         if errors:
-            raise ZooError("; ".join(errors) + "; no readable checkpoint left")
+            raise ZooError("; ".join(errors) + "; no readable checkpoint left (it is kept; to "
+                           f"start afresh, move {self.directory} away)")
         return None
 
     def _set_aside(self, steps: list[int]) -> str:
