@@ -1,4 +1,5 @@
-"""BERT: the 80/10/10 masking, the MLM loss against NumPy, bidirectionality, training, errors."""
+"""BERT: the 80/10/10 masking, the MLM loss against NumPy, bidirectionality, training, filling
+[MASK]s, errors."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 
 from zoo.errors import ConfigError, DataError
-from zoo.models.bert import BERT, BERTConfig, grow_params, make_bert, mask_tokens
+from zoo.models.bert import (BERT, MASK_TEXT, BERTConfig, encode_masked, fill_masks, grow_params, make_bert,
+                             mask_tokens)
 
 TINY = BERTConfig(max_len=32, num_layers=1, hidden=16, num_heads=2)
 
@@ -143,3 +145,86 @@ def test_init_from_a_missing_or_foreign_workdir(tmp_path):
         cfg.init_from = str(tmp_path / "gpt_run")
     with pytest.raises(ZooError, match="holds a 'gpt' run, not 'bert'"):
         entry.build(cfg, info)
+
+
+def _sharp_params(cfg, seed=0):
+    """Init params with a perturbation, so logits differ clearly between bytes and positions."""
+    params = make_bert(cfg).init(jax.random.key(seed), _batch(1, 8))
+    return jax.tree.map(lambda a: a + 0.3 * jnp.sin(jnp.arange(a.size).reshape(a.shape) * 1.7 + seed), params)
+
+
+def _log_softmax64(logits):
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _reference_fill(cfg, params, tokens):
+    """Greedy most-confident-first filling, one row and one position at a time, in NumPy."""
+    out = np.array(tokens)
+    apply = jax.jit(lambda row: BERT(cfg).apply({"params": params}, row[None])[0])
+    for row in out:
+        while (row == cfg.mask_id).any():
+            lp = _log_softmax64(apply(jnp.asarray(row)))
+            conf = np.where(row == cfg.mask_id, lp.max(-1), -np.inf)
+            p = int(conf.argmax())
+            row[p] = int(lp[p].argmax())
+    return out
+
+
+def test_fill_masks_greedy_matches_a_numpy_loop():
+    params = _sharp_params(TINY)
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 256, (4, 12)).astype(np.int32)
+    tokens[0, [2, 3, 4, 9]] = TINY.mask_id       # a span and one alone
+    tokens[1, 0] = TINY.mask_id                  # one
+    tokens[3, :] = TINY.mask_id                  # every position
+    # row 2: no mask, returned as it is
+    got = np.asarray(fill_masks(TINY, params, jax.random.key(0), tokens))
+    want = _reference_fill(TINY, params, tokens)
+    np.testing.assert_array_equal(got, want)
+    assert not (got == TINY.mask_id).any()
+    unmasked = tokens != TINY.mask_id
+    np.testing.assert_array_equal(got[unmasked], tokens[unmasked])
+    # one mask: the argmax of the logits at its position
+    lp = _log_softmax64(BERT(TINY).apply({"params": params}, jnp.asarray(tokens[1:2])))
+    assert got[1, 0] == lp[0, 0].argmax()
+    # the fills of a span depend on each other: not what one pass predicts at every position
+    lp0 = _log_softmax64(BERT(TINY).apply({"params": params}, jnp.asarray(tokens[3:4])))[0]
+    assert (got[3] != lp0.argmax(-1)).any()
+    # jitted, and top_k=1 at any temperature is greedy
+    jitted = jax.jit(lambda t: fill_masks(TINY, params, jax.random.key(5), t, temperature=2.0, top_k=1))
+    np.testing.assert_array_equal(np.asarray(jitted(tokens)), want)
+
+
+def test_fill_masks_samples_from_the_filtered_softmax():
+    params = _sharp_params(TINY, seed=1)
+    row = np.random.default_rng(4).integers(0, 256, 10).astype(np.int32)
+    row[6] = TINY.mask_id
+    n = 4000
+    got = np.asarray(fill_masks(TINY, params, jax.random.key(2), np.tile(row, (n, 1)), temperature=0.7, top_k=4))
+    np.testing.assert_array_equal(np.delete(got, 6, 1), np.tile(np.delete(row, 6), (n, 1)))
+    logits = np.asarray(BERT(TINY).apply({"params": params}, jnp.asarray(row[None]))[0, 6], np.float64)
+    top = np.argsort(-logits)[:4]
+    p = np.exp((logits[top] - logits[top].max()) / 0.7)
+    p /= p.sum()
+    freq = np.array([(got[:, 6] == b).mean() for b in top])
+    assert freq.sum() == 1.0  # only the top 4 bytes are drawn
+    np.testing.assert_allclose(freq, p, atol=4 * np.sqrt(0.25 / n) + 1e-3)
+
+
+def test_generate_fills_a_prompt_and_says_what_it_needs():
+    cfg = TINY
+    md = make_bert(cfg)
+    params = _sharp_params(cfg)
+    prompt = f"ab{MASK_TEXT}{MASK_TEXT}cd{MASK_TEXT}"
+    tokens = encode_masked(prompt, cfg)
+    np.testing.assert_array_equal(tokens, [97, 98, cfg.mask_id, cfg.mask_id, 99, 100, cfg.mask_id])
+    out = md.generate(params, jax.random.key(0), {"prompt": prompt})["text"]
+    filled = np.asarray(fill_masks(cfg, params, jax.random.key(0), tokens[None]))[0]
+    assert out == [prompt, "-> " + bytes(filled.astype(np.uint8).tolist()).decode("utf-8", errors="replace")]
+    assert len(md.generate(params, jax.random.key(0), {"prompt": prompt, "temperature": 1.0, "n": 3})["text"]) == 4
+    with pytest.raises(DataError, match=r"put \[MASK\] in --prompt"):
+        md.generate(params, jax.random.key(0), {"prompt": "no masks here"})
+    with pytest.raises(DataError, match="over the model's max_len=32"):
+        md.generate(params, jax.random.key(0), {"prompt": "x" * 30 + MASK_TEXT * 3})

@@ -11,6 +11,9 @@ Architecture: token + learned position embeddings, pre-LN encoder blocks (zoo.nn
 the original is post-LN), then the MLM head of the original: Dense -> GELU -> LayerNorm -> output
 layer tied to the token embedding, plus an output bias.
 
+Sampling (`zoo sample bert --prompt "...[MASK]..."`): fill_masks fills each masked byte, the most
+confident first, one per forward pass (Mask-Predict's decoding, one token at a time).
+
 Shape letters: B batch, T tokens, H hidden, V vocabulary (bytes + [MASK]), M masked per sequence.
 """
 
@@ -23,12 +26,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from zoo.errors import ConfigError, DataError
 from zoo.models.base import ModelDef
 from zoo.nn.dense import Dense
 from zoo.nn.transformer import INIT_STD, Stack
-from zoo.ops import losses
+from zoo.ops import losses, sampling
 from zoo.ops.random import example_keys
 from zoo.registry import register
 from zoo.train.config import base_config, transformer_optimizer
@@ -100,6 +104,52 @@ def mask_tokens(cfg: BERTConfig, key, tokens_BxT, idx_B):
     return jax.vmap(one)(example_keys(key, idx_B), tokens_BxT)
 
 
+MASK_TEXT = "[MASK]"  # in a prompt: one masked byte
+
+
+def encode_masked(text: str, cfg: BERTConfig) -> np.ndarray:
+    """A prompt's tokens [T]: its UTF-8 bytes, each MASK_TEXT one cfg.mask_id."""
+    parts = [np.frombuffer(part.encode("utf-8"), np.uint8).astype(np.int32) for part in text.split(MASK_TEXT)]
+    out = [parts[0]]
+    for part in parts[1:]:
+        out += [np.array([cfg.mask_id], np.int32), part]
+    return np.concatenate(out)
+
+
+def fill_masks(cfg: BERTConfig, params, key, tokens_BxT, *, temperature=0.0, top_k=None, top_p=None):
+    """Fill every cfg.mask_id in tokens [B, T], one position per forward pass: [B, T] int32.
+
+    Each pass runs the encoder on the current tokens, takes the masked position whose most likely
+    byte is the most probable (the model's most confident guess), and fills it, greedily
+    (temperature 0) or by zoo.ops.sampling.sample_logits; later passes see the bytes filled
+    before them. That is Mask-Predict's decoding with one token per pass (Ghazvininejad et al.
+    2019, Sec. 3.2): spans of several masks come out consistent, where one pass would predict each
+    mask alone. Rows run until their own masks are gone; a row without masks is returned as is.
+    Jit-friendly: a lax.while_loop over passes, as many as the row with the most masks needs.
+    """
+    model = BERT(cfg)
+    tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
+    B, T = tokens_BxT.shape
+    if T > cfg.max_len:
+        raise ValueError(f"{T} tokens exceed the model's max_len={cfg.max_len}")
+
+    def one_pass(carry):
+        tokens, key = carry
+        key, k_draw = jax.random.split(key)
+        logits_BxTxV = model.apply({"params": params}, tokens).astype(jnp.float32)
+        masked_BxT = tokens == cfg.mask_id
+        confidence_BxT = jnp.max(jax.nn.log_softmax(logits_BxTxV, -1), -1)
+        pos_B = jnp.argmax(jnp.where(masked_BxT, confidence_BxT, -jnp.inf), -1)
+        logits_BxV = jnp.take_along_axis(logits_BxTxV, pos_B[:, None, None], 1)[:, 0]
+        byte_B = sampling.sample_logits(k_draw, logits_BxV, temperature=temperature, top_k=top_k, top_p=top_p)
+        rows_B = jnp.arange(B)
+        fill_B = jnp.where(masked_BxT[rows_B, pos_B], byte_B, tokens[rows_B, pos_B])
+        return tokens.at[rows_B, pos_B].set(fill_B), key
+
+    tokens, _ = jax.lax.while_loop(lambda c: jnp.any(c[0] == cfg.mask_id), one_pass, (tokens_BxT, key))
+    return tokens
+
+
 def grow_params(trained, fresh, cfg: BERTConfig):
     """Params of the `cfg` model starting from a trained shallower (or equal) one: every trained
     tensor kept; each block past the trained ones from `fresh`, with its attention and MLP output
@@ -160,7 +210,32 @@ def make_bert(cfg: BERTConfig, pretrained=None) -> ModelDef:
         nll = losses.cross_entropy(logits, targets)
         return {"masked_accuracy": (jnp.argmax(logits, -1) == targets).mean(-1), "masked_nll": nll.mean(-1)}
 
-    return ModelDef(init=init, loss=loss, evaluate=evaluate)
+    fill = jax.jit(lambda params, key, tokens, temperature, top_k, top_p: fill_masks(
+        cfg, params, key, tokens, temperature=temperature, top_k=top_k, top_p=top_p), static_argnums=(3, 4, 5))
+
+    def generate(params, key, request):
+        """Fill the [MASK]s of request["prompt"] (one byte each): greedily by default, printed once;
+        with a temperature > 0, request["n"] (default 4) draws."""
+        text = request.get("prompt") or DEFAULT_PROMPT
+        tokens_T = encode_masked(text, cfg)
+        if not (tokens_T == cfg.mask_id).any():
+            raise DataError(f"bert fills masked bytes: put {MASK_TEXT} in --prompt where each unknown "
+                            f"byte goes, e.g. {DEFAULT_PROMPT!r}")
+        if len(tokens_T) > cfg.max_len:
+            raise DataError(f"the prompt is {len(tokens_T)} bytes ({MASK_TEXT} counting one), over the "
+                            f"model's max_len={cfg.max_len}")
+        temperature = float(request.get("temperature") or 0.0)
+        n = 1 if temperature == 0 else int(request.get("n") or 4)
+        out = fill(params, key, jnp.asarray(np.tile(tokens_T, (n, 1))), temperature, request.get("top_k"),
+                   request.get("top_p"))
+        texts = [bytes(np.asarray(row, np.uint8).tolist()).decode("utf-8", errors="replace")
+                 for row in np.asarray(out)]
+        return {"text": [text] + [f"-> {t}" for t in texts]}
+
+    return ModelDef(init=init, loss=loss, evaluate=evaluate, generate=generate)
+
+
+DEFAULT_PROMPT = "Return the [MASK][MASK][MASK][MASK][MASK] of the items in the list."
 
 
 def bert_config() -> ml_collections.ConfigDict:
