@@ -134,7 +134,8 @@ def cmd_sample(args) -> int:
     model_def, source = build(config)
     kind = registry.get(args.name).samples or source.info.get("kind")
     if model_def.sample is None and model_def.generate is None:
-        raise ZooError(f"model {args.name!r} has no sampler")
+        raise ZooError(f"model {args.name!r} has no sampler; `zoo eval {args.name} --workdir "
+                       f"{args.workdir}` gives its held-out metrics")
     params, _ = restore_params(args.workdir, config, model_def, source)
     if model_def.generate is not None:
         request = {k: getattr(args, k) for k in SAMPLE_OPTIONS}

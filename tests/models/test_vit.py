@@ -183,4 +183,5 @@ def test_cli_sample_says_no_sampler(tmp_path, capsys):
     write_config(str(tmp_path), c)  # `zoo sample` refuses before it looks for a checkpoint
     assert cli.main(["sample", "vit", "--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: model 'vit' has no sampler"], err
+    assert err == [f"error: model 'vit' has no sampler; `zoo eval vit --workdir {tmp_path}` gives its "
+                   "held-out metrics"], err
