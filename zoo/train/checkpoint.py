@@ -157,7 +157,7 @@ class Checkpointer:
                 errors.append(f"checkpoint at step {s} in {self.directory} is corrupt or partial "
                               f"({_first_line(e)})")
         if errors:
-            raise ZooError("; ".join(errors) + "; no readable checkpoint left (it is kept; to "
+            raise ZooError("; ".join(errors) + "; no readable checkpoint left (nothing was deleted; to "
                            f"start afresh, move {self.directory} away)")
         return None
 
