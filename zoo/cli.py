@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("name")
     e.add_argument("--workdir", required=True)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-progress", action="store_true")
     e.add_argument("overrides", nargs="*", help="e.g. model.eval_k=100 eval.max_examples=100")
 
     b = sub.add_parser("bench", help="run a benchmark; JSON to --out")
@@ -168,7 +169,8 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     from zoo.eval.run import evaluate_workdir
 
-    print(json.dumps(evaluate_workdir(args.name, args.workdir, seed=args.seed, overrides=args.overrides)))
+    print(json.dumps(evaluate_workdir(args.name, args.workdir, seed=args.seed, overrides=args.overrides,
+                                     show_progress=not args.no_progress)))
     return 0
 
 

@@ -57,7 +57,7 @@ def is_finite(x: float) -> bool:
     return math.isfinite(float(x))
 
 
-def progress(total: int, initial: int, enabled: bool):
+def progress(total: int, initial: int, enabled: bool, unit: str = "step"):
     """tqdm bar on an interactive terminal; silent otherwise (CI, logs, tests)."""
     return tqdm(total=total, initial=initial, disable=not (enabled and sys.stderr.isatty()),
-                dynamic_ncols=True, unit="step")
+                dynamic_ncols=True, unit=unit, file=sys.stderr)
