@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -112,7 +113,9 @@ def cmd_train(args) -> int:
     result = train(model_def, config, source, workdir=args.workdir, show_progress=not args.no_progress)
     summary = {"step": result.step, "preempted": result.preempted,
                "train_seconds": round(time.perf_counter() - t, 2),  # init, compile, steps, checkpoints
-               "steps_per_sec": round(result.steps_per_sec, 2), **result.metrics}
+               # null when too few steps ran to time (JSON has no NaN)
+               "steps_per_sec": round(result.steps_per_sec, 2) if math.isfinite(result.steps_per_sec) else None,
+               **result.metrics}
     print(json.dumps(summary))
     return 0
 

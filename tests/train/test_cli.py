@@ -94,10 +94,21 @@ def test_train_sample_eval(tmp_path, capsys):
     # resuming with another model or model config is refused, and the run is left as it was
     before = open(os.path.join(wd, "config.json")).read()
     assert cli.main(["train", "vae", "--workdir", wd, "--steps", "40", *TINY, "model.latent_dim=8"]) == 2
-    assert "different model" in err_line(capsys)
+    err = err_line(capsys)
+    assert "holds another run (model.latent_dim: 4 there, 8 now)" in err, err
+    assert "hidden" not in err  # only what differs
     assert cli.main(["train", "ae", "--workdir", wd, "--steps", "40"]) == 2
-    assert "different name" in err_line(capsys)
+    assert "name: 'vae' there, 'ae' now" in err_line(capsys)
     assert open(os.path.join(wd, "config.json")).read() == before
+    # already at (or past) --steps: nothing to train, said so; the summary stays valid JSON
+    capsys.readouterr()
+    assert cli.main(["train", "vae", "--workdir", wd, "--steps", "20", "--no-progress", *TINY]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(f"JSON has {c}"))
+    assert summary["step"] == 30 and summary["steps_per_sec"] is None
+    assert "at step 30, not below steps=20: nothing to train" in err
+    rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
 
 
 def test_python_dash_m_zoo_runs():

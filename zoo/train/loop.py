@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -78,9 +79,16 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
         saved = json.load(f)
     new = json.loads(config.to_json_best_effort())
     for key in ("name", "model", "data"):
-        if saved.get(key) != new.get(key):
-            raise ConfigError(f"{workdir} holds a run with a different {key} ({saved.get(key)} vs "
-                              f"{new.get(key)}); use a new --workdir")
+        old_value, new_value = saved.get(key), new.get(key)
+        if old_value == new_value:
+            continue
+        if isinstance(old_value, dict) and isinstance(new_value, dict):
+            diffs = [f"{key}.{k}: {old_value.get(k, '(unset)')!r} there, {new_value.get(k, '(unset)')!r} now"
+                     for k in sorted(set(old_value) | set(new_value)) if old_value.get(k) != new_value.get(k)]
+        else:
+            diffs = [f"{key}: {old_value!r} there, {new_value!r} now"]
+        raise ConfigError(f"{workdir} holds another run ({'; '.join(diffs)}); resume it with its own "
+                          f"settings or use a new --workdir")
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -123,6 +131,9 @@ def train(model_def: ModelDef, config: ml_collections.ConfigDict, data: Source, 
         if restored is not None:
             state, _, start = restored
             state = strategy.place(state)
+            if start >= total and jax.process_index() == 0:
+                print(f"note: {workdir} is at step {start}, not below steps={total}: nothing to train "
+                      f"(a larger --steps continues it)", file=sys.stderr)
     if state is None:
         state = strategy.init(init_key, first)
     writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl") if workdir else None, start,
