@@ -139,3 +139,12 @@ def test_lda_on_users_npz_counts_prints_topics_as_ids(tmp_path, capsys):
     assert [line.split(":")[0] for line in lines] == ["topic 0", "topic 1"]
     tops = sorted(sorted(int(i) // 6 for i in line.split(":")[1].split()) for line in lines)
     assert tops == [[0] * 6, [1] * 6]  # each topic's six top words are one planted topic's
+
+
+def test_workdir_that_is_a_file_or_cannot_be_made(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["train", "vae", "--workdir", str(tmp_path / "afile"), "--steps", "1", *TINY]) == 2
+    assert err_line(capsys) == f"error: workdir {tmp_path / 'afile'} is a file, not a directory"
+    assert (tmp_path / "afile").read_text() == "x"
+    assert cli.main(["train", "vae", "--workdir", str(tmp_path / "afile" / "w"), "--steps", "1", *TINY]) == 2
+    assert err_line(capsys).startswith(f"error: cannot create workdir {tmp_path / 'afile' / 'w'}: ")

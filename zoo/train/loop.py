@@ -92,9 +92,14 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"workdir {workdir} is a file, not a directory")
     check_same_run(workdir, config)
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create workdir {workdir}: {e.strerror or e}") from e
         path = os.path.join(workdir, "config.json")
         with open(path + ".tmp", "w") as f:  # atomic: other processes may be reading it
             f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
