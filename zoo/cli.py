@@ -23,6 +23,34 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _number(kind, text: str, need: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _number(int, text, "an integer >= 1")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = _number(float, text, "a finite number >= 0")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _number(float, text, "in (0, 1]")
+    if not 0 < value <= 1:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="zoo", description="A JAX/Flax model zoo of generative models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -44,17 +72,18 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample a trained model: a PNG grid, or text")
     s.add_argument("name")
     s.add_argument("--workdir", required=True)
-    s.add_argument("--n", type=int, default=None, help="how many samples (default: 64 images, 4 texts)")
+    s.add_argument("--n", type=_positive_int, default=None, help="how many samples (default: 64 images, 4 texts)")
     s.add_argument("--out", default=None, help="PNG path (default: WORKDIR/samples.png)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--prompt", default=None, help="text models: the text to continue / translate")
-    s.add_argument("--max-new-tokens", type=int, default=None)
-    s.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--prompt", default=None,
+                   help="text models: the text to continue / translate; bert: text with [MASK] bytes to fill")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=None)
+    s.add_argument("--temperature", type=_nonnegative_float, default=None, help="0 = greedy")
+    s.add_argument("--top-k", type=_positive_int, default=None)
+    s.add_argument("--top-p", type=_probability, default=None, help="in (0, 1]")
     s.add_argument("--sampler", default=None, help="diffusion: ddpm | ddim | dpm")
-    s.add_argument("--steps", type=int, default=None, help="diffusion: sampler steps")
-    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    s.add_argument("--steps", type=_positive_int, default=None, help="diffusion: sampler steps")
+    s.add_argument("--guidance", type=_nonnegative_float, default=None, help="classifier-free guidance scale")
     s.add_argument("--label", type=int, default=None, help="class to condition on")
 
     e = sub.add_parser("eval", help="held-out metrics of a trained model as one JSON object")

@@ -245,6 +245,27 @@ def test_cli_sample_continues_the_prompt(pretrained, capsys):
     assert out.count("Return the") == 2
     assert main(["sample", "gpt", "--workdir", pretrained, "--prompt", "x" * 30, "--max-new-tokens", "8"]) == 2
     assert "max_len" in capsys.readouterr().err
+    # a top-k above the vocabulary keeps every byte: the same draws as no top-k
+    sampled = []
+    for extra in ([], ["--top-k", "1000"]):
+        assert main(["sample", "gpt", "--workdir", pretrained, "--prompt", "Re", "--max-new-tokens", "8",
+                     "--temperature", "1", "--n", "3", *extra]) == 0
+        sampled.append(capsys.readouterr().out)
+    assert sampled[0] == sampled[1]
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--n", "0", "must be an integer >= 1, got 0"), ("--n", "x", "must be an integer >= 1, got 'x'"),
+    ("--temperature", "-1", "must be a finite number >= 0"), ("--temperature", "inf", "finite number"),
+    ("--top-k", "0", "integer >= 1"), ("--top-p", "1.5", "must be in (0, 1], got 1.5"),
+    ("--top-p", "nan", "must be in (0, 1]"), ("--max-new-tokens", "-2", "integer >= 1"),
+    ("--steps", "0", "integer >= 1"), ("--guidance", "-3", "number >= 0"),
+])
+def test_cli_sample_refuses_bad_options(pretrained, capsys, flag, value, says):
+    capsys.readouterr()
+    assert main(["sample", "gpt", "--workdir", pretrained, flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: argument {flag}: ") and says in err[0], err
 
 
 @pytest.mark.parametrize("bad, match", [

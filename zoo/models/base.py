@@ -50,3 +50,10 @@ class ModelDef(NamedTuple):
     init_extra: Callable[[PRNGKey, Batch], Any] | None = None
     generate: Callable[[Params, PRNGKey, dict], dict] | None = None
     trainable: Callable[[Params], Any] | None = None
+
+
+def request_top_k(request: dict, vocab_size: int) -> int | None:
+    """A `generate` request's top_k, capped at the vocabulary (a larger k keeps every token, as in
+    Hugging Face's generate); None when not given."""
+    k = request.get("top_k")
+    return None if k is None else min(int(k), vocab_size)

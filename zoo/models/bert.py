@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from zoo.errors import ConfigError, DataError
-from zoo.models.base import ModelDef
+from zoo.models.base import ModelDef, request_top_k
 from zoo.nn.dense import Dense
 from zoo.nn.transformer import INIT_STD, Stack
 from zoo.ops import losses, sampling
@@ -226,7 +226,7 @@ def make_bert(cfg: BERTConfig, pretrained=None) -> ModelDef:
                             f"model's max_len={cfg.max_len}")
         temperature = float(request.get("temperature") or 0.0)
         n = 1 if temperature == 0 else int(request.get("n") or 4)
-        out = fill(params, key, jnp.asarray(np.tile(tokens_T, (n, 1))), temperature, request.get("top_k"),
+        out = fill(params, key, jnp.asarray(np.tile(tokens_T, (n, 1))), temperature, request_top_k(request, cfg.vocab_size),
                    request.get("top_p"))
         texts = [bytes(np.asarray(row, np.uint8).tolist()).decode("utf-8", errors="replace")
                  for row in np.asarray(out)]

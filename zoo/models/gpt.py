@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 
 from zoo.errors import ConfigError, DataError, unknown
-from zoo.models.base import ModelDef
+from zoo.models.base import ModelDef, request_top_k
 from zoo.nn.transformer import INIT_STD, LAYER_NORMS, QKV_MODES, Stack, init_caches
 from zoo.ops.gelu import GELU_FORMS, GELU_GRADS
 from zoo.ops.linear import WEIGHT_GRADS
@@ -312,7 +312,7 @@ def make_gpt(cfg: GPTConfig, pretrained=None, context: int | None = None) -> Mod
                             f"max_len={cfg.max_len}")
         temperature = 0.8 if request.get("temperature") is None else float(request["temperature"])
         toks = gen(params, key, jnp.asarray(np.tile(prompt, (n, 1))), int(max_new), temperature,
-                   request.get("top_k"), request.get("top_p"))
+                   request_top_k(request, cfg.vocab_size), request.get("top_p"))
         outs = [(text + bytes(np.asarray(row, np.uint8).tolist()).decode("utf-8", errors="replace"))
                 for row in np.asarray(toks)]
         return {"text": [f"--- sample {i}\n{s}" for i, s in enumerate(outs)]}
