@@ -98,3 +98,28 @@ def test_run_benchmark_keeps_a_cut_runs_finished_rows(tmp_path, monkeypatch):
     result = bench.run_benchmark("fake", quick=True, out=str(out))
     assert json.loads(out.read_text())["rows"] == result["rows"] == [row, {**row, "case": "c2"}]
     assert not (tmp_path / "r" / "fake.json.partial.jsonl").exists()
+
+
+def test_run_benchmark_refuses_an_unwritable_out_before_running(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    import pytest
+
+    import zoo.bench as bench
+    from zoo.errors import ZooError
+
+    fake = types.ModuleType("zoo_fake_bench2")
+    fake.ran = False
+
+    def run(quick):
+        fake.ran = True
+        return []
+
+    fake.run = run
+    monkeypatch.setitem(sys.modules, "zoo_fake_bench2", fake)
+    monkeypatch.setitem(bench.BENCHMARKS, "fake2", "zoo_fake_bench2")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ZooError, match=r"cannot write --out .*afile/x\.json"):
+        bench.run_benchmark("fake2", quick=True, out=str(tmp_path / "afile" / "x.json"))
+    assert not fake.ran

@@ -143,11 +143,14 @@ def run_benchmark(name: str, *, quick: bool = False, out: str | None = None) -> 
     global _partial
     module = importlib.import_module(BENCHMARKS[name])
     head = {**header(name), "quick": quick}
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        _partial = out + ".partial.jsonl"
-        with open(_partial, "w") as f:
-            f.write(json.dumps(head) + "\n")
+    if out:  # before the run: a path that cannot be written fails now, not after it
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            _partial = out + ".partial.jsonl"
+            with open(_partial, "w") as f:
+                f.write(json.dumps(head) + "\n")
+        except OSError as e:
+            raise ZooError(f"cannot write --out {out}: {e.strerror or e}") from e
     try:
         result = {**head, "rows": module.run(quick)}
     finally:
