@@ -226,8 +226,8 @@ def make_bert(cfg: BERTConfig, pretrained=None) -> ModelDef:
                             f"model's max_len={cfg.max_len}")
         temperature = float(request.get("temperature") or 0.0)
         n = 1 if temperature == 0 else int(request.get("n") or 4)
-        out = fill(params, key, jnp.asarray(np.tile(tokens_T, (n, 1))), temperature, request_top_k(request, cfg.vocab_size),
-                   request.get("top_p"))
+        out = fill(params, key, jnp.asarray(np.tile(tokens_T, (n, 1))), temperature,
+                   request_top_k(request, cfg.vocab_size), request.get("top_p"))
         texts = [bytes(np.asarray(row, np.uint8).tolist()).decode("utf-8", errors="replace")
                  for row in np.asarray(out)]
         return {"text": [text] + [f"-> {t}" for t in texts]}
