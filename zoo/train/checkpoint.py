@@ -92,6 +92,30 @@ class _DropUnretrieved(logging.Filter):
         return "exception was never retrieved" not in str(record.msg)
 
 
+# the unraisable hook is installed / drops leftovers now / a restore in this process has failed
+_leftovers = {"hook": False, "drop": False, "failed": False}
+
+
+def _drop_leftover_unraisables(on: bool) -> None:
+    """Drop (True) or print again (False) the unraisable errors _orbax_leftover recognises.
+
+    Turned on before every restore and off after one succeeds if none failed in this process: a
+    failed read's siblings can fail while orbax is still raising, before the caller's except
+    clause runs (seen on Python 3.12), so the filter has to be in place first.
+    """
+    _leftovers["drop"] = on
+    if _leftovers["hook"]:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (_leftovers["drop"] and _orbax_leftover(unraisable)):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    _leftovers["hook"] = True
+
+
 def _quiet_orbax_leftovers() -> None:
     """After a failed restore: drop the leftovers of its reads (see _orbax_leftover) from here on.
 
@@ -99,21 +123,13 @@ def _quiet_orbax_leftovers() -> None:
     was never retrieved" records and Python only its "coroutine ... was never awaited" warnings,
     which in this process now come from the failed restore.
     """
-    if getattr(sys.unraisablehook, "_zoo_orbax_filter", False):
-        return
+    _leftovers["failed"] = True
+    _drop_leftover_unraisables(True)
     # the reads orbax never awaited once one had failed
     warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
     asyncio_log = logging.getLogger("asyncio")
     if not any(isinstance(f, _DropUnretrieved) for f in asyncio_log.filters):
         asyncio_log.addFilter(_DropUnretrieved())
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        if not _orbax_leftover(unraisable):
-            previous(unraisable)
-
-    hook._zoo_orbax_filter = True
-    sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -143,10 +159,12 @@ class Checkpointer:
             steps = [step]
         errors = []
         for s in reversed(steps):
+            _drop_leftover_unraisables(True)
             try:
                 restore = ocp.args.PyTreeRestore(abstract_state,
                                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
                 out = self.manager.restore(s, args=ocp.args.Composite(state=restore, meta=ocp.args.JsonRestore()))
+                _drop_leftover_unraisables(_leftovers["failed"])  # a clean restore leaves nothing over
                 if errors:
                     moved = self._set_aside([t for t in steps if t > s])
                     print(f"warning: {errors[-1]}; resumed from step {s} instead (moved the unreadable "
