@@ -104,8 +104,13 @@ def _experiment_config(path: str):
     if not os.path.exists(path):
         raise ZooError(f"missing config file {path}")
     spec = importlib.util.spec_from_file_location("zoo_experiment", path)
+    if spec is None or spec.loader is None:
+        raise ZooError(f"--config {path} is not a Python file (experiments/*.py define get_config())")
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except SyntaxError as e:
+        raise ZooError(f"--config {path}: line {e.lineno}: {e.msg}") from e
     if not hasattr(mod, "get_config"):
         raise ZooError(f"{path} defines no get_config()")
     return mod.get_config()

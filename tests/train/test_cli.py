@@ -41,9 +41,19 @@ def test_list_names_every_model(capsys):
     (["sample", "vae", "--workdir", "EMPTY"], ["config.json", "zoo train vae"]),
     (["eval", "vae", "--workdir", "EMPTY"], ["config.json", "zoo train vae"]),
     (["bench", "nosuchbench"], ["nosuchbench", "train_step"]),
+    (["train", "vae", "--workdir", "W", "--seed", "-1"], ["seed must be in [0, 2**32), got -1"]),
+    (["train", "vae", "--workdir", "W", "seed=4294967296"], ["seed must be in [0, 2**32)"]),
+    (["train", "vae", "--workdir", "W", "--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"],
+     ["--process-id must be in [0, --num-processes=2), got 2"]),
+    (["train", "vae", "--workdir", "W", "--coordinator", "h", "--num-processes", "2", "--process-id", "0"],
+     ["--coordinator must be HOST:PORT, got 'h'"]),
+    (["train", "vae", "--workdir", "W", "--config", "CFG.txt"], ["is not a Python file"]),
+    (["train", "vae", "--workdir", "W", "--config", "BAD.py"], ["BAD.py: line 1: "]),
 ])
 def test_bad_input_is_one_line_status_2(argv, must_say, capsys, tmp_path):
-    argv = [str(tmp_path / a) if a in ("W", "EMPTY") else a for a in argv]
+    (tmp_path / "CFG.txt").write_text("not python\n")
+    (tmp_path / "BAD.py").write_text("def get_config(:\n")
+    argv = [str(tmp_path / a) if a in ("W", "EMPTY", "CFG.txt", "BAD.py") else a for a in argv]
     assert cli.main(argv) == 2
     line = err_line(capsys)
     for text in must_say:

@@ -112,6 +112,8 @@ def _validate(config) -> None:
             raise ConfigError(f"{name} must be > 0, got {config[name]}")
     if not 0.0 <= float(config.ema_decay) < 1.0:
         raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+    if not 0 <= int(config.seed) < 2**32:  # numpy's and jax.random's seeds
+        raise ConfigError(f"seed must be in [0, 2**32), got {config.seed}")
     sharding.check_batch_size(int(config.batch_size))
 
 

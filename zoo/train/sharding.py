@@ -28,6 +28,11 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
         return
     if coordinator is None or num_processes is None or process_id is None:
         raise ConfigError("multi-host needs all of --coordinator, --num-processes and --process-id")
+    if not 0 <= process_id < num_processes:
+        raise ConfigError(f"--process-id must be in [0, --num-processes={num_processes}), got {process_id}")
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
 
