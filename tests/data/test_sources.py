@@ -95,6 +95,11 @@ def test_text_windows_reproduce_file(tmp_path):
     assert bytes(test[[0]]["x"][0].astype(np.uint8)) == data[cut : cut + 17]
     with pytest.raises(DataError, match="missing.txt"):
         load(f"text:{tmp_path / 'missing.txt'}")
+    # 2000 bytes: the test split's 100 hold no 101-byte window; the train split's 1900 do
+    assert len(load(f"text:{path}", seq_len=100)) == (1900 - 1) // 100
+    with pytest.raises(DataError, match=r"its test split \(5% of the file's 2000 bytes\) has 100 bytes, too "
+                                        r"short for one window of seq_len\+1=101"):
+        load(f"text:{path}", "test", seq_len=100)
 
 
 def test_npz_sources_and_errors(tmp_path):

@@ -94,7 +94,12 @@ def _text(spec, arg, split, seq_len, **options) -> Source:
     with _read(_need_arg("text", arg, "PATH")) as f:
         data = np.frombuffer(f.read(), np.uint8)
     cut = int(len(data) * (1 - TEXT_TEST_FRACTION))
-    return WindowSource(data[:cut] if split == "train" else data[cut:], seq_len, {"name": spec})
+    part = data[:cut] if split == "train" else data[cut:]
+    if seq_len >= 1 and len(part) <= seq_len:
+        share = 1 - TEXT_TEST_FRACTION if split == "train" else TEXT_TEST_FRACTION
+        raise DataError(f"{spec}: its {split} split ({share:.0%} of the file's {len(data)} bytes) has "
+                        f"{len(part)} bytes, too short for one window of seq_len+1={seq_len + 1}")
+    return WindowSource(part, seq_len, {"name": spec})
 
 
 def _npz_x(x: np.ndarray, path: str) -> tuple[np.ndarray, dict]:
