@@ -47,6 +47,13 @@ def test_list_names_every_model(capsys):
      ["--process-id must be in [0, --num-processes=2), got 2"]),
     (["train", "vae", "--workdir", "W", "--coordinator", "h", "--num-processes", "2", "--process-id", "0"],
      ["--coordinator must be HOST:PORT, got 'h'"]),
+    (["train", "vae", "--workdir", "W", "optimizer.b1=1.5"], ["optimizer.b1 must be in [0, 1), got 1.5"]),
+    (["train", "vae", "--workdir", "W", "optimizer.warmup_steps=-1"], ["optimizer.warmup_steps must be >= 0"]),
+    (["train", "vae", "--workdir", "W", "optimizer.grad_clip=-1"], ["optimizer.grad_clip must be >= 0"]),
+    (["train", "vae", "--workdir", "W", "optimizer.weight_decay=-0.1"], ["optimizer.weight_decay must be >= 0"]),
+    (["train", "vae", "--workdir", "W", "optimizer.lr=0"], ["optimizer.lr must be > 0, got 0"]),
+    (["train", "vae", "--workdir", "W", "keep_checkpoints=0"], ["keep_checkpoints must be >= 1"]),
+    (["train", "vae", "--workdir", "W", "eval.batch_size=0"], ["eval.batch_size must be >= 1"]),
     (["train", "vae", "--workdir", "W", "--config", "CFG.txt"], ["is not a Python file"]),
     (["train", "vae", "--workdir", "W", "--config", "BAD.py"], ["BAD.py: line 1: "]),
 ])

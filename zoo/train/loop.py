@@ -114,6 +114,12 @@ def _validate(config) -> None:
         raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
     if not 0 <= int(config.seed) < 2**32:  # numpy's and jax.random's seeds
         raise ConfigError(f"seed must be in [0, 2**32), got {config.seed}")
+    if int(config.get("keep_checkpoints", 1)) < 1:
+        raise ConfigError(f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
+    if "eval" in config and int(config.eval.get("batch_size", 1)) < 1:
+        raise ConfigError(f"eval.batch_size must be >= 1, got {config.eval.batch_size}")
+    if int(config.get("fsdp_min_size", 0)) < 0:
+        raise ConfigError(f"fsdp_min_size must be >= 0, got {config.fsdp_min_size}")
     sharding.check_batch_size(int(config.batch_size))
 
 

@@ -29,11 +29,26 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 
 
+# optimizer.KEY: [low, high); lr must also be > 0. NaN fails every check.
+_RANGES = {"lr": (0.0, float("inf")), "warmup_steps": (0, float("inf")), "b1": (0.0, 1.0), "b2": (0.0, 1.0),
+           "weight_decay": (0.0, float("inf")), "momentum": (0.0, 1.0), "grad_clip": (0.0, float("inf"))}
+
+
+def _check_values(opt: ml_collections.ConfigDict) -> None:
+    """Each optimizer number in its range: lr > 0; betas and momentum in [0, 1); the rest >= 0."""
+    for key, (low, high) in _RANGES.items():
+        if key not in opt:
+            continue
+        value = float(opt[key])
+        if not (low <= value < high) or (key == "lr" and not value > 0):
+            want = "> 0" if key == "lr" else (f"in [0, {high:g})" if high < float("inf") else ">= 0")
+            raise ConfigError(f"optimizer.{key} must be {want}, got {opt[key]}")
+
+
 def make_lr_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     if opt.schedule not in SCHEDULES:
         raise ConfigError(unknown("optimizer.schedule", opt.schedule, SCHEDULES))
-    if opt.lr <= 0:
-        raise ConfigError(f"optimizer.lr must be > 0, got {opt.lr}")
+    _check_values(opt)
     warmup = int(opt.warmup_steps)
     if opt.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, opt.lr, max(warmup, 1), max(total_steps, warmup + 1))
