@@ -174,6 +174,13 @@ def cmd_sample(args) -> int:
     if model_def.sample is None and model_def.generate is None:
         raise ZooError(f"model {args.name!r} has no sampler; `zoo eval {args.name} --workdir "
                        f"{args.workdir}` gives its held-out metrics")
+    takes = model_def.sample_options if model_def.generate is not None else ("n",)
+    if takes is not None:
+        flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
+        extra = [flag(k) for k in SAMPLE_OPTIONS if getattr(args, k) is not None and k not in takes]
+        if extra:
+            raise ZooError(f"{args.name} does not use {', '.join(extra)}; its sampling options: "
+                           f"{', '.join(flag(k) for k in takes) or 'none'} (plus --seed, and --out for images)")
     params, _ = restore_params(args.workdir, config, model_def, source)
     if model_def.generate is not None:
         request = {k: getattr(args, k) for k in SAMPLE_OPTIONS}

@@ -254,6 +254,14 @@ def test_cli_sample_continues_the_prompt(pretrained, capsys):
     assert sampled[0] == sampled[1]
 
 
+def test_cli_sample_refuses_options_gpt_does_not_use(pretrained, capsys):
+    capsys.readouterr()
+    assert main(["sample", "gpt", "--workdir", pretrained, "--sampler", "ddim", "--label", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: gpt does not use --sampler, --label; its sampling options: --n, --prompt, "
+                   "--max-new-tokens, --temperature, --top-k, --top-p (plus --seed, and --out for images)"], err
+
+
 @pytest.mark.parametrize("flag, value, says", [
     ("--n", "0", "must be an integer >= 1, got 0"), ("--n", "x", "must be an integer >= 1, got 'x'"),
     ("--temperature", "-1", "must be a finite number >= 0"), ("--temperature", "inf", "finite number"),

@@ -105,6 +105,9 @@ def test_train_sample_eval(tmp_path, capsys):
     assert cli.main(["train", "vae", "--workdir", wd, "--steps", "30", "--no-progress", *TINY]) == 0
     rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+    # a diffusion option on the vae: refused, not ignored
+    assert cli.main(["sample", "vae", "--workdir", wd, "--label", "3"]) == 2
+    assert "vae does not use --label; its sampling options: --n " in err_line(capsys)
     # wrong model for the workdir
     assert cli.main(["sample", "ae", "--workdir", wd]) == 2
     assert "holds a 'vae' run" in err_line(capsys)

@@ -36,6 +36,8 @@ class ModelDef(NamedTuple):
         be missing; `zoo sample` prints the texts and writes each image grid as WORKDIR/NAME.png.
     trainable(params) -> pytree of bools                          only the True leaves are trained
                                                                   (an optax mask: LoRA, soft prompts)
+    sample_options: the request keys `generate` reads; `zoo sample` refuses the others (a model
+        without `generate` takes only n). None: not declared, nothing refused.
 
     With `init_extra`, the loss is stateful: loss(params, key, batch, extra) ->
     (scalar, (metrics, new_extra)); the loop differentiates the scalar w.r.t. params only and
@@ -50,6 +52,7 @@ class ModelDef(NamedTuple):
     init_extra: Callable[[PRNGKey, Batch], Any] | None = None
     generate: Callable[[Params, PRNGKey, dict], dict] | None = None
     trainable: Callable[[Params], Any] | None = None
+    sample_options: tuple[str, ...] | None = None
 
 
 def request_top_k(request: dict, vocab_size: int) -> int | None:

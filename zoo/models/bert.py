@@ -232,7 +232,8 @@ def make_bert(cfg: BERTConfig, pretrained=None) -> ModelDef:
                  for row in np.asarray(out)]
         return {"text": [text] + [f"-> {t}" for t in texts]}
 
-    return ModelDef(init=init, loss=loss, evaluate=evaluate, generate=generate)
+    return ModelDef(init=init, loss=loss, evaluate=evaluate, generate=generate,
+                    sample_options=("n", "prompt", "temperature", "top_k", "top_p"))
 
 
 DEFAULT_PROMPT = "Return the [MASK][MASK][MASK][MASK][MASK] of the items in the list."

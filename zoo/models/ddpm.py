@@ -176,7 +176,8 @@ def make_diffusion(cfg: DiffusionConfig, init_net: Callable[[jax.Array, jax.Arra
         return draw(params, key, labels_for(n, None), n=n, sampler=cfg.sampler, steps=cfg.sample_steps,
                     guidance=cfg.guidance if K else 1.0)
 
-    return ModelDef(init=init, loss=loss, sample=sample, evaluate=evaluate, generate=generate)
+    return ModelDef(init=init, loss=loss, sample=sample, evaluate=evaluate, generate=generate,
+                    sample_options=("n", "sampler", "steps", "guidance", "label"))
 
 
 # ---- config plumbing shared by ddpm and dit ----

@@ -322,7 +322,8 @@ def make_gpt(cfg: GPTConfig, pretrained=None, context: int | None = None) -> Mod
         trainable = lora_mask
     elif cfg.finetune == "prompt":
         trainable = lambda params: {"gpt": jax.tree.map(lambda _: False, params["gpt"]), "soft_prompt": True}
-    return ModelDef(init=init, loss=loss, evaluate=evaluate, generate=generate, trainable=trainable)
+    return ModelDef(init=init, loss=loss, evaluate=evaluate, generate=generate, trainable=trainable,
+                    sample_options=("n", "prompt", "max_new_tokens", "temperature", "top_k", "top_p"))
 
 
 # ------------------------------------------------------------------------------------ registration

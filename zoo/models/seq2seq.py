@@ -234,7 +234,7 @@ def make_seq2seq(*, vocab_size, attention="bahdanau", embed_dim=32, hidden=64, a
     generate = None
     if vocab is not None and input_len is not None and target_len is not None:
         generate = _make_generate(fns, list(vocab), tuple(examples), int(input_len), int(target_len) - 1)
-    return ModelDef(init=init, loss=loss, evaluate=evaluate, generate=generate)
+    return ModelDef(init=init, loss=loss, evaluate=evaluate, generate=generate, sample_options=("prompt",))
 
 
 # ---- generate: `zoo sample seq2seq [--prompt TEXT]` ----

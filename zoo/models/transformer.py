@@ -147,7 +147,7 @@ def make_transformer(cfg: TransformerConfig, *, vocab=None, examples=(), input_l
     generate = None
     if vocab is not None and input_len is not None and target_len is not None:
         generate = _make_generate(fns, list(vocab), tuple(examples), int(input_len), int(target_len) - 1)
-    return ModelDef(init=init, loss=loss, evaluate=evaluate, generate=generate)
+    return ModelDef(init=init, loss=loss, evaluate=evaluate, generate=generate, sample_options=("prompt",))
 
 
 def transformer_config() -> ml_collections.ConfigDict:
