@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -151,6 +152,10 @@ def cmd_train(args) -> int:
                "steps_per_sec": round(result.steps_per_sec, 2) if math.isfinite(result.steps_per_sec) else None,
                **result.metrics}
     print(json.dumps(summary))
+    if result.signal == signal.SIGINT:  # Ctrl-C: saved; the shell's status for an interrupted command
+        print(f"interrupted at step {result.step}, checkpoint saved: the same command resumes",
+              file=sys.stderr)
+        return 130
     return 0
 
 

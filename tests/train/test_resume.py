@@ -79,20 +79,38 @@ def _cli(*args, env=None):
     return [sys.executable, "-m", "zoo", *args]
 
 
-def test_sigterm_saves_and_resume_matches(straight, tmp_path):
+def _cli_with_ctrl_c(*args):
+    """`zoo ARGS` with SIGINT as a shell's foreground command has it, Python's KeyboardInterrupt:
+    a CI runner may start us with SIGINT ignored, which children inherit and Python keeps."""
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "sys.argv[0] = 'zoo'; from zoo.cli import main; raise SystemExit(main())")
+    return [sys.executable, "-c", code, *args]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_and_resume_matches(straight, tmp_path, signum):
+    """SIGTERM (a scheduler's preemption) and Ctrl-C save a checkpoint at the step they arrive and
+    stop; the same command resumes to the straight run's losses. Ctrl-C exits 130 with one line
+    saying so, SIGTERM 0."""
     env = dict(os.environ)  # conftest's XLA_FLAGS: 8 devices and the same codegen as `straight`
     common = ["--workdir", str(tmp_path), "--no-progress", "batch_size=32", "log_every=1",
               "ckpt_every=1000", "model.hidden=(32,)", "model.latent_dim=4", "model.eval_k=8",
               "fsdp_min_size=64"]
-    proc = subprocess.Popen(_cli("train", "vae", "--steps", "100000", *common), env=env,
+    proc = subprocess.Popen(_cli_with_ctrl_c("train", "vae", "--steps", "100000", *common), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 20):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    if signum == signal.SIGINT:
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith("interrupted at step ")
+        assert "checkpoint saved: the same command resumes" in err
+    else:
+        assert proc.returncode == 0, err
     saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
     assert len(saved) == 1 and saved[0] >= 20
     assert '"preempted": true' in out

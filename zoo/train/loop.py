@@ -42,7 +42,8 @@ class TrainResult:
     step: int                # steps done
     metrics: dict            # last step's metrics
     steps_per_sec: float     # after the first two (compiling) steps; nan if too few
-    preempted: bool = False  # stopped by SIGTERM after saving
+    preempted: bool = False  # stopped by SIGTERM or Ctrl-C after saving
+    signal: int | None = None  # which of the two stopped it
 
 
 def keys(seed: int):
@@ -51,23 +52,37 @@ def keys(seed: int):
     return init_key, step_key
 
 
-class _Sigterm:
-    """Turns SIGTERM into a flag the loop checks once per step (main thread only)."""
+class _Stop:
+    """Turns SIGTERM, and Ctrl-C (SIGINT), into a flag the loop checks once per step (main thread
+    only): the loop saves a checkpoint and returns. A second Ctrl-C raises KeyboardInterrupt at
+    once, without saving (the last checkpoint stays). A SIGINT that the process was started
+    ignoring (a background job) stays ignored."""
 
     def __init__(self):
-        self.hit, self.old = False, None
+        self.signum, self.old = None, {}
+
+    @property
+    def hit(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.old = signal.signal(signal.SIGTERM, self._handle)
+            self.old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self.old[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
         return self
 
-    def _handle(self, *_):
-        self.hit = True
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        self.signum = signum
+        if signum == signal.SIGINT:
+            print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again quits without it)",
+                  file=sys.stderr)
 
     def __exit__(self, *_):
-        if self.old is not None:
-            signal.signal(signal.SIGTERM, self.old)
+        for signum, old in self.old.items():
+            signal.signal(signum, old)
 
 
 def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -181,7 +196,7 @@ def _run(strategy, state, step_key, loader, config, ckpt, writer, start, total, 
                       {"step": done, "data_position": done * int(config.batch_size),
                        "seed": int(config.seed)})
 
-    with _Sigterm() as sigterm:
+    with _Stop() as stop:
         for s in range(start, total):
             state, metrics = strategy.step(state, step_key, strategy.put_batch(loader.batch(s)))
             if pending is not None:
@@ -189,12 +204,12 @@ def _run(strategy, state, step_key, loader, config, ckpt, writer, start, total, 
             pending = (s + 1, metrics)
             if s + 1 == start + 2:
                 t0, t0_step = time.perf_counter(), s + 1
-            if (s + 1) % ckpt_every == 0 or s + 1 == total or sigterm.hit:
+            if (s + 1) % ckpt_every == 0 or s + 1 == total or stop.hit:
                 last, pending = consume(*pending), None
                 save(s + 1, state)
-            if sigterm.hit:
+            if stop.hit:
                 bar.close()
-                return TrainResult(strategy.canonical(state), s + 1, last, float("nan"), True)
+                return TrainResult(strategy.canonical(state), s + 1, last, float("nan"), True, stop.signum)
         if pending is not None:
             last = consume(*pending)
     bar.close()
