@@ -265,6 +265,9 @@ def main(argv=None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside training's loop (which saves first: cmd_train)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `zoo sample lda ... | head`: the reader left; not an error
         sys.stderr.close()
         return 0

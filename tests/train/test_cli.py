@@ -168,3 +168,12 @@ def test_workdir_that_is_a_file_or_cannot_be_made(tmp_path, capsys):
     assert (tmp_path / "afile").read_text() == "x"
     assert cli.main(["train", "vae", "--workdir", str(tmp_path / "afile" / "w"), "--steps", "1", *TINY]) == 2
     assert err_line(capsys).startswith(f"error: cannot create workdir {tmp_path / 'afile' / 'w'}: ")
+
+
+def test_ctrl_c_outside_the_loop_is_one_line_status_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_eval", interrupted)
+    assert cli.main(["eval", "vae", "--workdir", "W"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
