@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.models.bert import BERT, BERTConfig, fill_masks
+from zoo.models.bert import BERT, bert_config_from, fill_masks
 from zoo.train.workdir import build, load_config, restore_params
 
 
@@ -34,8 +34,7 @@ def main(argv=None):
     config = load_config(args.workdir, "bert")
     model_def, source = build(config, "test")
     params, step = restore_params(args.workdir, config, model_def, source)
-    fields = BERTConfig.__dataclass_fields__
-    cfg = BERTConfig(**{k: v for k, v in config.model.to_dict().items() if k in fields})
+    cfg = bert_config_from(config.model)
     windows = np.asarray(source[np.arange(len(source))]["x"])[:, :-1].astype(np.int32)
     N, T = windows.shape
     one_pass = jax.jit(lambda t: jnp.where(t == cfg.mask_id, jnp.argmax(BERT(cfg).apply({"params": params}, t), -1), t))

@@ -257,13 +257,18 @@ def bert_config() -> ml_collections.ConfigDict:
     return c
 
 
+def bert_config_from(model_cfg: ml_collections.ConfigDict) -> BERTConfig:
+    """The BERTConfig of a run's `model` block (its other keys, e.g. init_from, left out)."""
+    fields = {f.name for f in dataclasses.fields(BERTConfig)}
+    return BERTConfig(**{k: v for k, v in model_cfg.to_dict().items() if k in fields})
+
+
 @register("bert", "BERT masked-language-model pretraining (bidirectional Transformer encoder), bytes",
           bert_config)
 def build(model_cfg: ml_collections.ConfigDict, info: dict[str, Any]) -> ModelDef:
     if info.get("kind") != "text":
         raise DataError(f"bert needs a text source (pydocs, text:PATH), got {info.get('name')!r}")
-    fields = {f.name for f in dataclasses.fields(BERTConfig)}
-    cfg = BERTConfig(**{k: v for k, v in model_cfg.to_dict().items() if k in fields})
+    cfg = bert_config_from(model_cfg)
     if info.get("vocab_size", 256) > cfg.vocab_size:
         raise DataError(f"data has vocab_size {info.get('vocab_size')} > model.vocab_size {cfg.vocab_size}")
     if info["shape"][0] - 1 > cfg.max_len:
