@@ -252,10 +252,7 @@ int CudaType(ffi::DataType t) {
 
 // XLA's scratch allocator as Run's allocate
 auto FromScratch(ffi::ScratchAllocator &scratch) {
-  return [&scratch](size_t bytes) -> void * {
-    auto memory = scratch.Allocate(bytes, 256);
-    return memory.has_value() ? *memory : nullptr;
-  };
+  return [&scratch](size_t bytes) -> void * { return zoo_cuda::AlignedScratch(scratch, bytes); };
 }
 
 ffi::Error DgeluImpl(cudaStream_t stream, ffi::ScratchAllocator &scratch, int32_t device, ffi::AnyBuffer g,

@@ -151,12 +151,11 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::ScratchAllocator &scratch, int3
 
   void *workspace = nullptr;
   if (plan.workspace > 0) {
-    auto memory = scratch.Allocate(plan.workspace, 256);
-    if (!memory.has_value()) {
+    workspace = zoo_cuda::AlignedScratch(scratch, static_cast<size_t>(plan.workspace));
+    if (workspace == nullptr) {
       return ffi::Error(ffi::ErrorCode::kResourceExhausted, "no scratch memory for cuDNN's workspace (" +
                                            std::to_string(plan.workspace) + " bytes)");
     }
-    workspace = *memory;
   }
   std::unordered_map<int64_t, void *> pointers = {
       {Q_UID, q.untyped_data()}, {K_UID, k.untyped_data()}, {V_UID, v.untyped_data()}, {O_UID, o->untyped_data()}};

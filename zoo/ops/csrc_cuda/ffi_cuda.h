@@ -60,6 +60,18 @@ xla::ffi::Error Guarded(const char *what, Body &&body) {
   }
 }
 
+// `bytes` of XLA's scratch memory at a 256-byte boundary (cuBLASLt's and cuDNN's workspace
+// alignment), or nullptr. XLA's FFI allocator refuses any alignment above 16 ("Unsupported
+// alignment", xla/ffi/ffi_api.cc: kMaxAlignment), so the block is asked for 255 bytes longer at
+// that alignment and the pointer rounded up; the allocator frees it when the handler returns.
+constexpr size_t kScratchAlignment = 256;
+inline void *AlignedScratch(xla::ffi::ScratchAllocator &scratch, size_t bytes) {
+  auto memory = scratch.Allocate(bytes + kScratchAlignment - 1, 16);
+  if (!memory.has_value()) return nullptr;
+  auto address = reinterpret_cast<uintptr_t>(*memory);
+  return reinterpret_cast<void *>((address + kScratchAlignment - 1) / kScratchAlignment * kScratchAlignment);
+}
+
 // The binding every call's handler starts with: XLA's stream, its scratch allocator (the
 // library's workspace), the device's number; the call's arguments and attributes follow.
 inline auto BindOnStream() {
