@@ -537,3 +537,38 @@ def test_compiles_for_an_h200_to_one_call_per_layer(monkeypatch):
     assert call.flops == 2 * M * K * K and call.read == 2 * 2 * M * K and call.written == 2 * K * K + 2 * K
     # no pass over dy of its own: the rest is dw and db turned float32 (dw transposed back)
     assert sum(x.bytes for x in ls if x.kind != "gemm") <= 3 * (2 * K * K + 2 * K)
+
+
+def _exported(path) -> set[str]:
+    r = subprocess.run(["nm", "-D", "--defined-only", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return {line.split()[-1] for line in r.stdout.splitlines() if line.split()[-2] in "TWVBDRtwvbdr"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="GNU ld's --exclude-libs")
+@pytest.mark.parametrize("kept_local", [True, False])
+def test_a_statically_linked_libstdcxx_stays_inside_the_library(tmp_path, monkeypatch, kept_local):
+    """Where the toolchain links libstdc++ into the library (the lent GPU machines' /opt/gcc g++
+    did: the cuDNN frontend then crashed formatting an int, the process's libstdc++.so.6 having
+    interposed part of the library's copy), the library exports what the usual build (libstdc++
+    linked dynamically) exports, and no symbol of libstdc++'s own. The control (kept_local False:
+    without native.self_contained()'s flags) exports libstdc++'s, its stream and locale code."""
+    def build(name, flags):
+        monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / name))
+        monkeypatch.setenv("ZOO_CUBLASLT_CXXFLAGS", flags)
+        return _exported(cublaslt.build())
+
+    usual = build("usual", "")
+    if not kept_local:
+        monkeypatch.setattr(native, "self_contained", lambda: [])
+    try:
+        static = build("static", "-static-libstdc++ -static-libgcc")
+    except cublaslt.Unavailable as e:
+        pytest.skip(f"no static libstdc++ to link here: {str(e)[-200:]}")
+    assert {*cublaslt.HANDLERS.values(), "zoo_cublaslt_init"} <= usual
+    streams = [s for s in static if s.startswith(("_ZNSo", "_ZNSt8ios_base", "_ZNSt6locale"))]
+    if kept_local:
+        assert static == usual, sorted(static - usual)[:10]
+        assert not streams
+    else:
+        assert len(static - usual) > 100 and streams

@@ -57,7 +57,8 @@ class Unavailable(RuntimeError):
 
 def _flags() -> list[str]:
     return ["-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-gnu-unique",
-            f"-I{jax.ffi.include_dir()}", f"-I{CSRC}", *os.environ.get("ZOO_CUBLASLT_CXXFLAGS", "").split()]
+            f"-I{jax.ffi.include_dir()}", f"-I{CSRC}", *native.self_contained(),
+            *os.environ.get("ZOO_CUBLASLT_CXXFLAGS", "").split()]
 
 
 def build(cxx: str | None = None) -> Path:

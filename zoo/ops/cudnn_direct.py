@@ -90,7 +90,7 @@ def include_dirs() -> list[str]:
 
 def _flags(includes) -> list[str]:
     return ["-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-gnu-unique",
-            *(f"-I{d}" for d in includes), *os.environ.get("ZOO_CUDNN_CXXFLAGS", "").split()]
+            *(f"-I{d}" for d in includes), *native.self_contained(), *os.environ.get("ZOO_CUDNN_CXXFLAGS", "").split()]
 
 
 def build(cxx: str | None = None) -> Path:

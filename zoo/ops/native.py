@@ -74,9 +74,20 @@ def _compiler() -> str | None:
         (c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
 
 
+def self_contained() -> list[str]:
+    """Link flags that keep a library's copies of static libraries to itself (GNU ld, lld; Linux).
+
+    A toolchain may link libstdc++ statically into the library (the lent GPU machines' /opt/gcc
+    g++ does). Its symbols are then exported, and the process's libstdc++.so.6 (loaded first, by
+    jaxlib) interposes some of them, so the library runs two libstdc++ copies at once. On the
+    2026-11-28 lease that crashed the cuDNN frontend as it formatted an int into a stream.
+    --exclude-libs,ALL keeps the archive's symbols local, so the library uses its own copy whole."""
+    return ["-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else []
+
+
 def _flags() -> list[str]:
     return ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno",
-            "-I", jax.ffi.include_dir(), *os.environ.get("ZOO_NATIVE_CXXFLAGS", "").split()]
+            "-I", jax.ffi.include_dir(), *self_contained(), *os.environ.get("ZOO_NATIVE_CXXFLAGS", "").split()]
 
 
 def _cpu_id() -> str:
