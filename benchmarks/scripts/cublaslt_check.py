@@ -58,9 +58,21 @@ def _failed(what: str, e: Exception) -> None:
     print(f"cublaslt: {what} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
 
 
+def _excess(got, ref, roundings: float) -> np.ndarray:
+    """How far each of `got` lies beyond `roundings` bf16 roundings of float64 `ref` (10% slack)."""
+    return np.abs(got - ref) - 1.1 * roundings * 2.0**-8 * np.abs(ref)
+
+
 def check_dgelu(w_layout: str) -> bool:
     """dz and the column sums by cuBLASLt's DGELU_BGRAD, w handed over as `w_layout`
-    (zoo.ops.cublaslt.DGELU_W_LAYOUTS), against float64; True if they agree."""
+    (zoo.ops.cublaslt.DGELU_W_LAYOUTS), against float64; True if they agree. XLA's form from the
+    same inputs is measured beside it.
+
+    dz is held to two bf16 roundings (+1e-3 where it is near 0): the product g w^T rounded once,
+    as XLA's form rounds it (a bf16 matmul) before the GELU' multiply, then dz. One rounding, the
+    bound until the 2026-11-28 lease, is tighter than XLA's own arithmetic: there cuBLASLt's dz
+    exceeded it by 0.102, what XLA's form exceeds it by at these sizes on a CPU. A result 1% off
+    fails (tests/bench/test_cublaslt_check_script.py)."""
     os.environ["ZOO_CUBLASLT_DGELU_W"] = w_layout
     M = CHECK_ROWS
     g, w, z = _inputs(M)
@@ -69,19 +81,26 @@ def check_dgelu(w_layout: str) -> bool:
     except Exception as e:  # noqa: BLE001 - cuBLASLt refused this mapping
         _failed(f"dgelu w {w_layout}", e)
         return False
-    ref = (np.asarray(g, np.float64) @ np.asarray(w, np.float64).T
-           * np.asarray(gelu_tanh_grad(jnp.asarray(z, jnp.float32)), np.float64))
-    dz, db = np.asarray(dz, np.float64), np.asarray(db, np.float64)
-    # dz within one bf16 rounding of float64 (1e-3 absolute where it is near 0); the column sums
-    # within a bf16 rounding and 3x the rounding noise of M sums of rounded values
-    excess = float(np.max(np.abs(dz - ref) - 1.1 * 2.0**-8 * np.abs(ref)))
+    xla_dz, _ = jax.jit(lambda g, w, z: matmul_gelu_grad(g, w, z, implementation="xla"))(g, w, z)
+    product = np.asarray(g, np.float64) @ np.asarray(w, np.float64).T
+    gelu_grad = np.asarray(gelu_tanh_grad(jnp.asarray(z, jnp.float32)), np.float64)
+    ref = product * gelu_grad
+    dz, db, xla_dz = (np.asarray(a, np.float64) for a in (dz, db, xla_dz))
+    excess, xla_excess = _excess(dz, ref, 2), _excess(xla_dz, ref, 2)
+    # the column sums within a bf16 rounding and 3x the rounding noise of M sums of rounded values
     noise = np.sqrt(M) * np.sqrt(np.mean(ref**2)) * 2.0**-8
     sums = float(np.max(np.abs(db - ref.sum(0)) / (noise + 2.0**-8 * np.abs(ref.sum(0)))))
-    ok = excess <= 1e-3 and sums <= 3.0
-    print(f"cublaslt: dgelu w {w_layout} M{M} K{K} N{N} bf16: dz off float64 by at most one bf16 rounding + "
-          f"{max(excess, 0):.3g} (allowed 1e-3), column sums up to {sums:.3g}x their rounding noise "
-          f"{'ok' if ok else 'MISMATCH'}", flush=True)
-    return ok
+    ok = excess.max() <= 1e-3 and sums <= 3.0
+    print(f"cublaslt: dgelu w {w_layout} M{M} K{K} N{N} bf16: dz off float64 by at most two bf16 roundings + "
+          f"{max(excess.max(), 0):.3g} (allowed 1e-3; XLA's form {max(xla_excess.max(), 0):.3g}), column sums up "
+          f"to {sums:.3g}x their rounding noise {'ok' if ok else 'MISMATCH'}", flush=True)
+    worst = np.unravel_index(np.argmax(excess), excess.shape)
+    print(f"cublaslt:   its worst element {tuple(map(int, worst))}: g w^T {product[worst]:.4g}, z "
+          f"{float(np.asarray(z, np.float64)[worst]):.4g}, GELU'(z) {gelu_grad[worst]:.4g}, float64 dz "
+          f"{ref[worst]:.4g}, cuBLASLt {dz[worst]:.4g}, XLA's form {xla_dz[worst]:.4g}; beyond one rounding: "
+          f"{max(_excess(dz, ref, 1).max(), 0):.3g} (XLA's form {max(_excess(xla_dz, ref, 1).max(), 0):.3g})",
+          flush=True)
+    return bool(ok)
 
 
 def time_dgelu(layouts) -> dict:

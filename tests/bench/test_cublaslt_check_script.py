@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from tests.ops.test_cublaslt import _stand_in, _wgrad_stand_in
 from zoo.ops import cublaslt
+from zoo.ops.matmul_gelu import gelu_tanh_grad
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,8 +57,10 @@ def test_checks_and_times_with_the_call_stood_in(monkeypatch, capsys, tmp_path):
     assert check.main() == 0
     out = capsys.readouterr().out
     for layout in ("nk", "kn"):
-        assert re.search(rf"cublaslt: dgelu w {layout} M64 K32 N48 bf16: dz off float64 by at most one bf16 rounding "
-                         r"\+ \S+ \(allowed 1e-3\), column sums up to \S+x their rounding noise ok\n", out), out
+        assert re.search(rf"cublaslt: dgelu w {layout} M64 K32 N48 bf16: dz off float64 by at most two bf16 roundings "
+                         r"\+ \S+ \(allowed 1e-3; XLA's form \S+\), column sums up to \S+x their rounding noise ok\n"
+                         r"cublaslt:   its worst element \(\d+, \d+\): g w\^T \S+, z \S+, GELU'\(z\) \S+, float64 dz \S+, "
+                         r"cuBLASLt \S+, XLA's form \S+; beyond one rounding: \S+ \(XLA's form \S+\)\n", out), out
     assert re.search(r"cublaslt: dgelu M32 K32 N48 bf16 \(GPT-124M B64, per layer\): xla \S+ ms \(\d+ TFLOP/s\), "
                      r"cublaslt w nk \S+ ms \(\d+ TFLOP/s\), cublaslt w kn \S+ ms \(\d+ TFLOP/s\)", out), out
     for epilogue in ("bgradb", "bgrada"):
@@ -90,12 +93,20 @@ def test_checks_and_times_with_the_call_stood_in(monkeypatch, capsys, tmp_path):
     assert "cublaslt: wgrad by bgrada for the rest of the lease" in capsys.readouterr().out
     monkeypatch.setattr(cublaslt, "_wgrad_call", _wgrad_stand_in([]))
     monkeypatch.delenv("ZOO_CHECK_ENV_FILE")
-    # a DGELU call off by a factor in both layouts fails the check: exit 1
+    # a DGELU call that rounds the product to bf16 before the GELU' multiply, as XLA's form does:
+    # within two roundings; one 1% off in both layouts fails: exit 1
+    def rounded(g, w, z, lay):
+        w = w.T if lay == "kn" else w
+        dz = jnp.dot(g, w.T).astype(jnp.bfloat16).astype(jnp.float32) * gelu_tanh_grad(z)
+        return dz.astype(z.dtype), jnp.sum(dz, axis=0).astype(z.dtype)
+    monkeypatch.setattr(cublaslt, "_call", rounded)
+    assert check.main() == 0
     wrong = _stand_in([])
-    monkeypatch.setattr(cublaslt, "_call", lambda g, w, z, lay: tuple(x * jnp.asarray(1.1, x.dtype)
-                                                                      for x in wrong(g, w, z, lay)))
-    assert check.main() == 1
-    assert "MISMATCH" in capsys.readouterr().out
+    for factor in (1.01, 1.1):
+        monkeypatch.setattr(cublaslt, "_call", lambda g, w, z, lay: tuple(
+            (x.astype(jnp.float32) * factor).astype(x.dtype) for x in wrong(g, w, z, lay)))
+        assert check.main() == 1
+        assert "MISMATCH" in capsys.readouterr().out
     # wrong in its default layout only: without an env file that fails too, with one "kn" is chosen
     monkeypatch.setattr(cublaslt, "_call", lambda g, w, z, lay: (wrong if lay == "kn" else
                                                                  lambda *a: 1 / 0)(g, w, z, lay))
