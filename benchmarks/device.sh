@@ -27,7 +27,7 @@
 #       diffusion` (full set, with the diffusers / torch.compile peers; its goals were met on
 #       2026-11-26) and `zoo bench gibbs` (issue 4 is blocked): only when a lease has time left;
 #       or a comma list of the steps themselves, run in that order: tests, gibbs, gibbs-cublas,
-#       attention, attention-s1024-cmdbuf, plans, dispatch, gelu (the MLP's GELU forms alone,
+#       attention, attention-fault, attention-s1024-cmdbuf, plans, dispatch, gelu (the MLP's GELU forms alone,
 #       benchmarks/scripts/gelu_forms.py, measured on two leases), pallas, gpt_step, gpt_step-cublas, gpt_step-cublaslt, gpt_step-nocmdbuf, diffusion.
 # A 15-minute lease: benchmarks/lease.sh runs a, b, then d in one call, every step cut at a
 # deadline (ZOO_DEVICE_DEADLINE, below; part b's leaves d its reserve). a: ~55 s (2026-11-27:
@@ -60,8 +60,8 @@ case $part in
   *) steps=$part ;;
 esac
 for step in ${steps//,/ }; do
-  case $step in cudnn|cublaslt|tests|gibbs|gibbs-cublas|attention|attention-s1024-cmdbuf|plans|dispatch|gelu|pallas|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
-    *) echo "device.sh: unknown PART or step '$step' (a, b, c, d, or a comma list of: cudnn cublaslt tests gibbs gibbs-cublas attention attention-s1024-cmdbuf plans dispatch gelu pallas gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
+  case $step in cudnn|cublaslt|tests|gibbs|gibbs-cublas|attention|attention-fault|attention-s1024-cmdbuf|plans|dispatch|gelu|pallas|gpt_step|gpt_step-cublas|gpt_step-cublaslt|gpt_step-nocmdbuf|diffusion) ;;
+    *) echo "device.sh: unknown PART or step '$step' (a, b, c, d, or a comma list of: cudnn cublaslt tests gibbs gibbs-cublas attention attention-fault attention-s1024-cmdbuf plans dispatch gelu pallas gpt_step gpt_step-cublas gpt_step-cublaslt gpt_step-nocmdbuf diffusion)" >&2; exit 2 ;;
   esac
 done
 export ZOO_GIT_SHA=${3:-unknown} ZOO_PROFILE=1 ZOO_PROFILE_DIR=$2 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
@@ -118,6 +118,13 @@ check() {  # NAME SCRIPT LIMIT_S ENV [ENV3]: a direct call (zoo.ops.cudnn_direct
   capped "$3" env ZOO_CHECK_ENV_FILE="$out/$1.env" python3 "$2" 2>&1 \
     | grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" | tee -a "$log"
   local rc=${PIPESTATUS[0]}
+  # a crash (a signal's status, 128 + its number; not timeout's 124): again under cuda-gdb (the
+  # image has no gdb) for the native backtrace, as found the cuDNN check's on 2026-11-28
+  if [ "$rc" -ge 128 ] && command -v cuda-gdb >/dev/null; then
+    echo "=== $1 crashed (status $rc): again under cuda-gdb $(date -u +%T)" | tee -a "$log"
+    capped 90 cuda-gdb -q -batch -ex "set pagination off" -ex "set cuda break_on_launch none" -ex run \
+      -ex "bt 25" --args python3 "$2" 2>&1 | grep -v "New Thread\|exited\]\|Detaching after" | tail -60 | tee -a "$log"
+  fi
   # what the check chose for the rest of the lease (the faster cuBLASLt weight-gradient epilogue)
   if [ -f "$out/$1.env" ]; then . "$out/$1.env"; cat "$out/$1.env" >>"$log"; fi
   if [ "$rc" = 3 ] && [ -n "${5:-}" ]; then
@@ -150,6 +157,17 @@ trap 'kill $clocks 2>/dev/null' EXIT
 # for the time (and zoo-cudnn: zoo-auto runs it, its forwards through zoo.ops.cudnn_direct where
 # that builds; part a's dispatch times the S1024 forwards of both beside PyTorch's)
 export ZOO_ATTENTION_SKIP=${ZOO_ATTENTION_SKIP-zoo-cudnn,zoo-reference,zoo-xla,zoo-chunked,torch-sdpa-math,torch-sdpa-efficient}
+# The S1024 full case with XLA's default command buffers, the zoo's rows alone, then PyTorch's
+# alone, each in a process of its own: which side's kernels make the illegal memory access that
+# ended both attention parts on 2026-11-28 (each at its first fwd+bwd case; without command buffers
+# every case ran; on the leases before, the same set ran with them)
+attention_fault() {
+  local torch_rows=torch-sdpa,torch-sdpa-flash,torch-sdpa-cudnn,torch-sdpa-efficient,torch-sdpa-math
+  ZOO_ATTENTION_SKIP=$ZOO_ATTENTION_SKIP,$torch_rows ZOO_ATTENTION_LENGTHS=1024 ZOO_ATTENTION_MASKS=full \
+    bench attention 45 -fault-zoo
+  ZOO_ATTENTION_SKIP=$ZOO_ATTENTION_SKIP,zoo-auto,matmul-ceiling ZOO_ATTENTION_LENGTHS=1024 ZOO_ATTENTION_MASKS=full \
+    bench attention 45 -fault-torch
+}
 for step in ${steps//,/ }; do
   case $step in
     cudnn)  # zoo.ops.cudnn_direct (auto's GPU forward where it builds): if its check fails or
@@ -171,12 +189,17 @@ for step in ${steps//,/ }; do
       # illegal memory accesses twice, both at the first causal case after grouped ones) loses one
       # part only; a faulting part is run again without XLA's command buffers (CUDA graphs), to tell
       # whether they are the cause
+      faulted=""
       for mask in full causal; do
         ZOO_ATTENTION_MASKS=$mask bench attention 150 -$mask
         if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then
+          faulted=1
           ZOO_ATTENTION_MASKS=$mask bench attention 90 -$mask-nocmdbuf "--xla_gpu_enable_command_buffer="
         fi
-      done ;;
+      done
+      # which side faults (2026-11-28: both parts, at their first fwd+bwd case, with command buffers)
+      [ -n "$faulted" ] && attention_fault ;;
+    attention-fault) attention_fault ;;
     plans)
       echo "=== attention plans $(date -u +%T)" | tee -a "$log"
       capped 120 python3 benchmarks/scripts/attention_plans.py 2>&1 \

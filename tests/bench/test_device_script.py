@@ -72,11 +72,17 @@ def test_part_d_runs_attention_in_two_processes_and_reruns_the_faulting_one(tmp_
     out = tmp_path / "out"
     assert all(c.startswith("-m zoo bench attention ") for c in calls)
     assert _outputs(calls, out) == ["attention-full-gpu.json", "attention-causal-gpu.json",
-                                    "attention-causal-nocmdbuf-gpu.json"]
+                                    "attention-causal-nocmdbuf-gpu.json", "attention-fault-zoo-gpu.json",
+                                    "attention-fault-torch-gpu.json"]
     assert "|MASKS=full|LENGTHS=|" in calls[0] and "|MASKS=causal|" in calls[1] and "|XLA=|" in calls[1]
     assert "|XLA=--xla_gpu_enable_command_buffer=|" in calls[2] and f"|DIR={out}/causal-nocmdbuf|" in calls[2]
     assert all("SKIP=zoo-cudnn,zoo-reference,zoo-xla,zoo-chunked" in c for c in calls)
     assert "attention-causal exit 3" in (out / "log-d.txt").read_text()
+    # a part faulted: the S1024 full case with command buffers (XLA's flags left alone), the zoo's
+    # rows alone, then PyTorch's alone
+    for call, skipped in ((calls[3], ",torch-sdpa,torch-sdpa-flash,torch-sdpa-cudnn,torch-sdpa-efficient,"
+                                      "torch-sdpa-math|"), (calls[4], ",zoo-auto,matmul-ceiling|")):
+        assert "|MASKS=full|LENGTHS=1024|RUNS=|XLA=|" in call and skipped in call, call
     # the S1024 cases, full and causal in one process, with the cuDNN calls in command buffers:
     # a step of its own (part d until 2026-11-27)
     (calls,) = _run(tmp_path, "attention-s1024-cmdbuf")
@@ -133,7 +139,7 @@ def test_lease_runs_parts_a_b_d_and_returns_few_files(tmp_path):
     out, calls = _lease(tmp_path, "abc123")
     assert out.returncode == 0, out.stderr
     benches = [line.split(" --out ")[0] for line in calls.read_text().splitlines() if line.startswith("-m zoo bench ")]
-    assert benches[0] == "-m zoo bench gpt_step" and benches[1:] == ["-m zoo bench attention"] * 3
+    assert benches[0] == "-m zoo bench gpt_step" and benches[1:] == ["-m zoo bench attention"] * 5  # 2: the fault's
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == ["lease.tar.gz", "log-a.txt", "log-b.txt", "log-d.txt"]
     with tarfile.open(tmp_path / "out" / "lease.tar.gz") as tar:
