@@ -70,6 +70,8 @@ log=$out/log-${part//,/_}.txt
 mkdir -p "$out"
 # step cudnn's verdict (an earlier part's, same OUTDIR): the direct cuDNN call failed its check
 [ -f "$out/cudnn-direct-off" ] && export ZOO_CUDNN_DIRECT=0
+# it passed: auto takes it (ZOO_CUDNN_DIRECT=1; unset, auto keeps JAX's cuDNN call)
+[ -f "$out/cudnn-direct.env" ] && . "$out/cudnn-direct.env"
 # and step cublaslt's (zoo.ops.cublaslt's calls: both, or its weight-gradient call alone)
 [ -f "$out/cublaslt-off" ] && export ZOO_CUBLASLT=0
 [ -f "$out/cublaslt-ZOO_CUBLASLT_WGRAD-off" ] && export ZOO_CUBLASLT_WGRAD=0

@@ -1,9 +1,12 @@
 """zoo.ops.cudnn_direct on a lent GPU before anything else uses it: the build (timed), the load,
 and one forward per case against JAX's own cuDNN call (the same kernel, through XLA). Exit 0
-when it is available and agrees, 1 when not (benchmarks/device.sh then turns it off for the rest
-of the lease with ZOO_CUDNN_DIRECT=0, so auto runs JAX's cuDNN call as before it existed); a
-crash exits non-zero too.
+when it is available and agrees (with ZOO_CHECK_ENV_FILE set, `export ZOO_CUDNN_DIRECT=1` is
+appended to that file, so zoo.ops.attention's auto takes the call for the rest of the lease);
+1 when not (benchmarks/device.sh then turns it off for the rest of the lease with
+ZOO_CUDNN_DIRECT=0, so auto runs JAX's cuDNN call as before it existed); a crash exits non-zero
+too (device.sh then runs it again under cuda-gdb).
 Run (GPU): python benchmarks/scripts/cudnn_direct_check.py"""
+import os
 import sys
 
 import jax
@@ -35,6 +38,11 @@ def main() -> int:
         ok &= good
         print(f"cudnn-direct: B{B} T{T} S{S} N{N} K{K} D{D} {'causal' if causal else 'full'}: max |direct - cudnn| "
               f"{err:.3g} (outputs up to {scale:.3g}) {'ok' if good else 'MISMATCH'}", flush=True)
+    env_file = os.environ.get("ZOO_CHECK_ENV_FILE")
+    if ok and env_file:  # device.sh sources it: auto takes the direct call for the rest of the lease
+        with open(env_file, "a") as f:
+            f.write("export ZOO_CUDNN_DIRECT=1\n")
+        print("cudnn-direct: auto takes it for the rest of the lease (ZOO_CUDNN_DIRECT=1)", flush=True)
     return 0 if ok else 1
 
 

@@ -17,6 +17,7 @@ if [[ "$*" == *cudnn_direct_check.py* && -n "${FAKE_CUDNN_FAIL:-}" ]]; then exit
 if [[ "$*" == *cublaslt_check.py* && -n "${FAKE_CUBLASLT_FAIL:-}" ]]; then exit 139; fi
 if [[ "$*" == *cublaslt_check.py* && -n "${FAKE_CUBLASLT_WGRAD_FAIL:-}" ]]; then exit 3; fi
 if [[ "$*" == *cublaslt_check.py* && -n "${ZOO_CHECK_ENV_FILE:-}" ]]; then echo "export ZOO_CUBLASLT_WGRAD_EPILOGUE=bgrada" >> "$ZOO_CHECK_ENV_FILE"; fi
+if [[ "$*" == *cudnn_direct_check.py* && -n "${ZOO_CHECK_ENV_FILE:-}" ]]; then echo "export ZOO_CUDNN_DIRECT=1" >> "$ZOO_CHECK_ENV_FILE"; fi
 if [[ "$*" == *"bench attention"* && -n "${FAKE_SLEEP:-}" ]]; then sleep "$FAKE_SLEEP"; fi
 prev=""; for a in "$@"; do if [[ "$prev" == --out ]]; then echo '{"rows": []}' > "$a"; fi; prev=$a; done
 if [[ "$*" == *"bench attention"* && "${ZOO_ATTENTION_MASKS:-}" == causal && -z "${XLA_FLAGS:-}" ]]; then exit 3; fi
@@ -24,13 +25,16 @@ exit 0
 """
 
 
-def _run(tmp_path, part, **env_extra):
+def _run(tmp_path, part, cuda_gdb=False, **env_extra):
     if shutil.which("bash") is None:
         pytest.skip("no bash")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "python3").write_text(FAKE)
     (bin_dir / "python3").chmod(0o755)
+    if cuda_gdb:  # records how it was called, and prints a backtrace's first line
+        (bin_dir / "cuda-gdb").write_text('#!/bin/bash\necho "cuda-gdb $*" >> "$CALLS"\necho "#0  0x1 in crash ()"\n')
+        (bin_dir / "cuda-gdb").chmod(0o755)
     calls = tmp_path / f"calls-{part}.txt"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), **env_extra}
     env.pop("ZOO_ATTENTION_SKIP", None)
@@ -60,7 +64,7 @@ def test_part_a_runs_the_tests_and_the_dispatch(tmp_path):
     assert sum(line.startswith("benchmarks/scripts/cublaslt_check.py") for line in lines) == 1
     tests = [line for line in lines if line.startswith("-m pytest -q -m gpu")]
     assert len(tests) == 1 and "tests/ops/test_cudnn_direct.py tests/ops/test_cublaslt.py |" in tests[0]
-    assert tests[0].endswith("|CUDNN=|LT=") and not (out / "cudnn-direct-off").exists()
+    assert tests[0].endswith("|CUDNN=1|LT=") and not (out / "cudnn-direct-off").exists()  # its check passed
     assert not (out / "cublaslt-off").exists()
     dispatch = [line for line in lines if line.startswith("benchmarks/scripts/attention_dispatch.py")]
     assert len(dispatch) == 1 and f"--seqs 1024 --hlo-dir {out} |" in dispatch[0]
@@ -199,17 +203,22 @@ def test_a_failed_cudnn_direct_check_turns_it_off_for_the_rest_of_the_lease(tmp_
 
 
 def test_a_crashed_cublaslt_check_turns_it_off_for_the_rest_of_the_lease(tmp_path):
-    """The cuBLASLt check crashes in part a (a segfault's status): what runs after it, and a later
-    part's gpt_step, run with ZOO_CUBLASLT=0 (its runs lose their own rows); cuDNN's call stays on."""
-    assert _run(tmp_path, "a", FAKE_CUBLASLT_FAIL="1") == []
+    """The cuBLASLt check crashes in part a (a segfault's status): it runs again under cuda-gdb
+    for the backtrace; what runs after it, and a later part's gpt_step, run with ZOO_CUBLASLT=0
+    (its runs lose their own rows); cuDNN's call stays on, and auto takes it (its check passed)."""
+    assert _run(tmp_path, "a", cuda_gdb=True, FAKE_CUBLASLT_FAIL="1") == []
     out = tmp_path / "out"
-    assert (out / "cublaslt-off").exists() and "=== cublaslt off" in (out / "log-a.txt").read_text()
+    log = (out / "log-a.txt").read_text()
+    assert (out / "cublaslt-off").exists() and "=== cublaslt off" in log
+    assert "=== cublaslt crashed (status 139): again under cuda-gdb" in log and "#0  0x1 in crash ()" in log
+    (gdb,) = [line for line in (tmp_path / "calls-a.txt").read_text().splitlines() if line.startswith("cuda-gdb")]
+    assert " -ex run -ex bt 25 --args python3 benchmarks/scripts/cublaslt_check.py" in gdb, gdb
     assert not (out / "cudnn-direct-off").exists()
     later = [line for line in (tmp_path / "calls-a.txt").read_text().splitlines()
              if line.startswith(("-m pytest", "benchmarks/scripts/attention_dispatch.py"))]
-    assert len(later) == 2 and all(line.endswith("|CUDNN=|LT=0") for line in later)
+    assert len(later) == 2 and all(line.endswith("|CUDNN=1|LT=0") for line in later)
     calls = _run(tmp_path, "b")
-    assert calls and all(c.endswith("|CUDNN=|LT=0") for c in calls)
+    assert calls and all(c.endswith("|CUDNN=1|LT=0") for c in calls)
 
 
 def test_a_failed_weight_gradient_check_turns_that_call_alone_off(tmp_path):
@@ -222,9 +231,26 @@ def test_a_failed_weight_gradient_check_turns_that_call_alone_off(tmp_path):
     assert "=== cublaslt: ZOO_CUBLASLT_WGRAD=0 for the rest of the lease" in (out / "log-a.txt").read_text()
     later = [line for line in (tmp_path / "calls-a.txt").read_text().splitlines()
              if line.startswith(("-m pytest", "benchmarks/scripts/attention_dispatch.py"))]
-    assert len(later) == 2 and all(line.endswith("|LTW=0|CUDNN=|LT=") for line in later)
+    assert len(later) == 2 and all(line.endswith("|LTW=0|CUDNN=1|LT=") for line in later)
     calls = _run(tmp_path, "b")
-    assert calls and all(c.endswith("|LTW=0|CUDNN=|LT=") for c in calls)
+    assert calls and all(c.endswith("|LTW=0|CUDNN=1|LT=") for c in calls)
+
+
+def test_a_passed_cudnn_direct_check_lets_auto_take_it_for_the_rest_of_the_lease(tmp_path):
+    """The check passes: it appends `export ZOO_CUDNN_DIRECT=1` to its env file, and what runs
+    after it in part a, and a later part's benchmarks, run with it (auto takes the direct call
+    only when asked for); the check itself ran before that, and no cuda-gdb ran."""
+    _run(tmp_path, "a", cuda_gdb=True)
+    out = tmp_path / "out"
+    assert (out / "cudnn-direct.env").read_text() == "export ZOO_CUDNN_DIRECT=1\n"
+    lines = (tmp_path / "calls-a.txt").read_text().splitlines()
+    check = [line for line in lines if line.startswith("benchmarks/scripts/cudnn_direct_check.py")]
+    assert check and check[0].endswith("|CUDNN=|LT=")
+    assert not any(line.startswith("cuda-gdb") for line in lines)
+    later = [line for line in lines if line.startswith(("-m pytest", "benchmarks/scripts/attention_dispatch.py"))]
+    assert len(later) == 2 and all("|CUDNN=1|" in line for line in later)
+    calls = _run(tmp_path, "d")
+    assert calls and all("|CUDNN=1|" in c for c in calls)
 
 
 def test_what_the_cublaslt_check_chose_holds_for_the_rest_of_the_lease(tmp_path):

@@ -122,21 +122,30 @@ def test_forward_by_the_direct_call_gradients_by_the_other(monkeypatch, causal):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_takes_the_direct_call_where_it_applies_and_builds(monkeypatch):
+def test_auto_takes_the_direct_call_where_asked_for_applies_and_builds(monkeypatch):
+    """Auto takes it only with ZOO_CUDNN_DIRECT=1 (until a lent GPU has run it through), where it
+    applies (no bias, mask or window; q, k, v in one dtype) and is available."""
     monkeypatch.setattr(A, "_cudnn_applies", lambda q, k: True)
     q, k, v = _inputs(T=8, S=8, D=8, dtype=jnp.bfloat16)
+    monkeypatch.setattr(cudnn_direct, "unavailable_reason", lambda: None)
     monkeypatch.setattr(cudnn_direct, "available", lambda: True)
+    for unset in ("", "0", "yes"):
+        monkeypatch.setenv("ZOO_CUDNN_DIRECT", unset)
+        assert A._auto(q, k, None, None, True, None, v) == "cudnn"
+        assert "ZOO_CUDNN_DIRECT=1" in cudnn_direct.chosen_by_auto()
+    monkeypatch.setenv("ZOO_CUDNN_DIRECT", "1")
+    assert cudnn_direct.chosen_by_auto() is None
     assert A._auto(q, k, None, None, True, None, v) == "cudnn-direct"
     assert A._auto(q, k, None, jnp.ones((1, 1, 8, 8), bool), False, None, v) == "cudnn"  # a mask
     assert A._auto(q, k, jnp.zeros((8, 8)), None, False, None, v) == "cudnn"  # a bias
     assert A._auto(q, k, None, None, True, (2, 0), v) == "cudnn"  # a window
     assert A._auto(q, k, None, None, True, None, v.astype(jnp.float16)) == "cudnn"  # v's dtype
-    monkeypatch.setattr(cudnn_direct, "available", lambda: False)
-    assert A._auto(q, k, None, None, True, None, v) == "cudnn"
+    monkeypatch.setattr(cudnn_direct, "unavailable_reason", lambda: "no GPU")
+    assert A._auto(q, k, None, None, True, None, v) == "cudnn" and cudnn_direct.chosen_by_auto() == "no GPU"
 
 
 @pytest.mark.gpu
-def test_direct_call_matches_the_reference_and_cudnn_on_the_device():
+def test_direct_call_matches_the_reference_and_cudnn_on_the_device(monkeypatch):
     """On an NVIDIA GPU with the headers: the direct forward against float32 reference attention
     and JAX's cuDNN call (grouped heads, T != S, causal and not), its gradients "cudnn"'s,
     the compiled forward the FFI call (no cuDNN custom call of XLA's), and auto's choice."""
@@ -159,7 +168,10 @@ def test_direct_call_matches_the_reference_and_cudnn_on_the_device():
         for g, r in zip(jax.grad(loss("cudnn-direct"), (0, 1, 2))(q, k, v), jax.grad(loss("cudnn"), (0, 1, 2))(q, k, v)):
             r = np.asarray(r, np.float32)
             np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=1e-2, atol=1e-2 * float(np.abs(r).max()))
+        monkeypatch.setenv("ZOO_CUDNN_DIRECT", "1")
         assert A._auto(q, k, None, None, causal, None, v) == "cudnn-direct"
+        monkeypatch.delenv("ZOO_CUDNN_DIRECT")
+        assert A._auto(q, k, None, None, causal, None, v) == "cudnn"
 
 
 def test_compiles_for_an_h200_to_the_one_custom_call(monkeypatch):

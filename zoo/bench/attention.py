@@ -419,10 +419,9 @@ def run(quick: bool) -> list[dict]:
     if jax.default_backend() == "gpu":  # what zoo-auto's forward rows run (see zoo.ops.cudnn_direct)
         from zoo.ops import cudnn_direct
 
-        direct = cudnn_direct.available()
-        print(f"  zoo-auto's forwards: {'cudnn-direct' if direct else 'cudnn'}"
-              f"{'' if direct else ' (cudnn-direct: ' + str(cudnn_direct.unavailable_reason()).splitlines()[0] + ')'}",
-              flush=True)
+        why_not = cudnn_direct.chosen_by_auto()
+        print(f"  zoo-auto's forwards: {'cudnn' if why_not else 'cudnn-direct'}"
+              f"{' (cudnn-direct: ' + why_not.splitlines()[0] + ')' if why_not else ''}", flush=True)
     for S in lengths:
         for causal in masks:
             for backward in (False, True):

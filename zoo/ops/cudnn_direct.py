@@ -17,7 +17,8 @@ No CUDA library is linked: the frontend's dynamic loading uses the cuDNN and CUD
 JAX's CUDA plugin has loaded. The library goes to the cache (ZOO_CACHE_DIR, else ~/.cache/zoo),
 once per source, compiler, headers and jaxlib. Where anything is missing (no NVIDIA GPU, no
 compiler, a header), `available()` is False with the reason in `unavailable_reason()`, and
-zoo.ops.attention's auto keeps JAX's cuDNN call. ZOO_CUDNN_DIRECT=0 turns it off.
+zoo.ops.attention's auto keeps JAX's cuDNN call. ZOO_CUDNN_DIRECT=0 turns it off; auto takes it
+only with ZOO_CUDNN_DIRECT=1 (chosen_by_auto), until a lent GPU has run it through.
 
 Forward only: zoo.ops.attention's "cudnn-direct" differentiates through JAX's own cuDNN call.
 """
@@ -122,6 +123,17 @@ def _open():
 def load():
     """Build (if needed), load and register the call once per process; Unavailable if not."""
     return native.load_once(_state, _open, Unavailable)
+
+
+def chosen_by_auto() -> str | None:
+    """None if zoo.ops.attention's auto may take this call (ZOO_CUDNN_DIRECT=1 and available()),
+    else why not. Until a lent GPU has run it, auto leaves it to those who ask: on its first GPU
+    run (2026-11-28) it crashed the process (a libstdc++ linked into it, fixed since), and a crash
+    in auto's choice would end a user's training. implementation="cudnn-direct" runs it where it
+    is available, whatever ZOO_CUDNN_DIRECT says but "0"."""
+    if os.environ.get("ZOO_CUDNN_DIRECT", "") != "1":
+        return "auto takes it with ZOO_CUDNN_DIRECT=1 (not yet run through on a GPU)"
+    return unavailable_reason()
 
 
 def unavailable_reason() -> str | None:

@@ -186,12 +186,13 @@ def _per_example(q, k, v, scale):
 
 
 def _auto(q, k, bias, mask, is_causal, window, v=None):
-    """cuDNN where it applies (called directly where zoo.ops.cudnn_direct builds and there is no
-    bias, mask or window; else through JAX); on CPU the C++ kernel ("native") where it applies and builds, else
+    """cuDNN where it applies (called directly where zoo.ops.cudnn_direct builds, ZOO_CUDNN_DIRECT=1
+    asks for it and there is no bias, mask or window; else through JAX); on CPU the C++ kernel ("native") where it applies and builds, else
     "blocked" (or "chunked" with query blocks when there is a bias or mask) once the logits
     outgrow the caches; else "xla", or "chunked" once the full logits would be huge."""
     if _cudnn_applies(q, k):
-        return "cudnn-direct" if _direct_applies(q, k, k if v is None else v, bias, mask, window) and cudnn_direct.available() else "cudnn"
+        direct = _direct_applies(q, k, k if v is None else v, bias, mask, window) and cudnn_direct.chosen_by_auto() is None
+        return "cudnn-direct" if direct else "cudnn"
     B, T, N, _ = q.shape
     S = k.shape[1]
     if jax.default_backend() == "cpu" and T * S >= CPU_NATIVE_MIN_LOGITS and native_cpu.applies(q) and native.available():
