@@ -76,13 +76,8 @@ mkdir -p "$out"
 [ -f "$out/cublaslt-off" ] && export ZOO_CUBLASLT=0
 [ -f "$out/cublaslt-ZOO_CUBLASLT_WGRAD-off" ] && export ZOO_CUBLASLT_WGRAD=0
 [ -f "$out/cublaslt.env" ] && . "$out/cublaslt.env"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >>"$log" 2>&1 || { echo "wheel install failed"; tail -20 "$log"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+. benchmarks/wheels.sh
+use_wheels "$log"
 
 # ZOO_DEVICE_DEADLINE (seconds since the epoch; benchmarks/lease.sh sets it): no step runs past it,
 # each step's limit is cut to what is left and a step with nothing left is skipped (status 124)

@@ -14,13 +14,8 @@ end=$(( $(date +%s) + budget ))
 mkdir -p "$out"
 log=$out/log-direct.txt
 export ZOO_GIT_SHA=$sha PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2 ZOO_COMPILATION_CACHE=""
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >>"$log" 2>&1 || { echo "wheel install failed"; tail -20 "$log"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+. benchmarks/wheels.sh
+use_wheels "$log"
 left() { local s=$(( end - $(date +%s) )); [ "$s" -gt "$1" ] && s=$1; [ "$s" -lt 1 ] && s=1; echo "$s"; }
 quiet() { grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/"; }
 
