@@ -53,7 +53,7 @@ set -u
 [ $# -ge 2 ] || { echo "usage: bash benchmarks/device.sh a|b|c|d|STEPS OUTDIR [SHA]" >&2; exit 2; }
 part=$1 out=$2
 case $part in
-  a) steps=cudnn,cublaslt,tests,dispatch ;;
+  a) steps=cublaslt,cudnn,tests,dispatch ;;  # cuDNN's library builds meanwhile (below)
   b) steps=gpt_step,pallas ;;
   c) steps=diffusion,gibbs ;;
   d) steps=attention ;;
@@ -149,7 +149,15 @@ CMDBUF_CUDNN="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu \
   --format=csv -l 1 >"$out/clocks-${part//,/_}.csv" 2>/dev/null &
 clocks=$!
-trap 'kill $clocks 2>/dev/null' EXIT
+# the direct cuDNN call's library (~50 s of g++ on the lease machines) built on a spare core while
+# the steps before its check use the GPU; its check waits for it
+building=""
+if [[ ",$steps," == *,cudnn,* && "${ZOO_CUDNN_DIRECT:-}" != 0 ]]; then
+  capped 150 python3 -c "from zoo.ops import cudnn_direct; print('cudnn-direct: built', cudnn_direct.build())" \
+    >"$out/cudnn-build.txt" 2>&1 &
+  building=$!
+fi
+trap 'kill $clocks $building 2>/dev/null' EXIT
 # zoo bench attention: the unfused rows (each measured on the 2026-11-25/26 leases) are left out
 # for the time (and zoo-cudnn: zoo-auto runs it, its forwards through zoo.ops.cudnn_direct where
 # that builds; part a's dispatch times the S1024 forwards of both beside PyTorch's)
@@ -167,8 +175,12 @@ attention_fault() {
 }
 for step in ${steps//,/ }; do
   case $step in
-    cudnn)  # zoo.ops.cudnn_direct (auto's GPU forward where it builds): if its check fails or
-      # crashes, the rest of the lease runs with it off (auto is JAX's cuDNN call, as before)
+    cudnn)  # zoo.ops.cudnn_direct: if its check passes, auto's GPU forward for the rest of the
+      # lease (ZOO_CUDNN_DIRECT=1); if it fails or crashes, off (auto is JAX's cuDNN call)
+      if [ -n "$building" ]; then
+        wait "$building"
+        grep -v "^WARNING: All log messages\|^E[0-9]\{4\} \|^external/" "$out/cudnn-build.txt" | tee -a "$log"
+      fi
       check cudnn-direct benchmarks/scripts/cudnn_direct_check.py 150 ZOO_CUDNN_DIRECT ;;
     cublaslt)  # zoo.ops.cublaslt (gpt_step's -gelu-grad-cublaslt and -qkv-grad-cublaslt runs): if
       # its check fails or crashes, the rest of the lease runs with it off (those runs lose their

@@ -57,9 +57,13 @@ def test_part_a_runs_the_tests_and_the_dispatch(tmp_path):
     assert _run(tmp_path, "a") == []  # no benchmark
     out = tmp_path / "out"
     log = (out / "log-a.txt").read_text()
-    assert (log.index("=== cudnn-direct check") < log.index("=== cublaslt check") < log.index("=== GPU tests")
+    assert (log.index("=== cublaslt check") < log.index("=== cudnn-direct check") < log.index("=== GPU tests")
             < log.index("=== attention dispatch, S1024"))
     lines = (tmp_path / "calls-a.txt").read_text().splitlines()
+    # cuDNN's library built before the first check, in the background (the cuBLASLt check runs meanwhile)
+    (build,) = [i for i, line in enumerate(lines) if line.startswith("-c from zoo.ops import cudnn_direct;")]
+    assert build < min(i for i, line in enumerate(lines) if line.startswith("benchmarks/scripts/cublaslt_check.py"))
+    assert (out / "cudnn-build.txt").exists()
     assert sum(line.startswith("benchmarks/scripts/cudnn_direct_check.py") for line in lines) == 1
     assert sum(line.startswith("benchmarks/scripts/cublaslt_check.py") for line in lines) == 1
     tests = [line for line in lines if line.startswith("-m pytest -q -m gpu")]
