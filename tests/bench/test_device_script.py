@@ -4,6 +4,7 @@ steps in order, attention in two processes, a faulting part re-run without comma
 gpt_step variants with their run lists and XLA flags, each writing to its own files."""
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -158,7 +159,10 @@ def test_lease_runs_parts_a_b_d_and_returns_few_files(tmp_path):
 def test_lease_cuts_a_part_at_the_budget_and_skips_what_has_no_time(tmp_path):
     if shutil.which("bash") is None or shutil.which("tar") is None:
         pytest.skip("no bash or tar")
-    out, calls = _lease(tmp_path, "abc123", "9", sleep="29.5")  # attention hangs past the budget
+    # attention hangs past the budget; a sleep length of this run's own (pgrep below sees the whole
+    # machine: another run of this test, a CI clone's beside a working tree's, has its own sleeps)
+    sleep = f"29.{os.getpid():07d}"
+    out, calls = _lease(tmp_path, "abc123", "9", sleep=sleep)
     assert out.returncode == 0, out.stderr
     log_b, log_d = ((tmp_path / "out" / f"log-{p}.txt").read_text() for p in "bd")
     assert "bench gpt_step" in calls.read_text() and "gpt_step exit 0" in log_b
@@ -166,7 +170,7 @@ def test_lease_cuts_a_part_at_the_budget_and_skips_what_has_no_time(tmp_path):
     assert "attention-full exit 124" in log_d and "=== skipped, past the deadline" in log_d
     if shutil.which("pgrep"):
         # none left running (the whole command line: no other process's "sleep 300; ..." matches)
-        assert subprocess.run(["pgrep", "-f", r"^sleep 29\.5$"], capture_output=True).returncode == 1
+        assert subprocess.run(["pgrep", "-f", rf"^sleep {re.escape(sleep)}$"], capture_output=True).returncode == 1
     for args, env, message in ((["sha", "ten"], {}, "BUDGET_S must be a whole number"),
                                (["sha"], {"RESERVE_S": "lots"}, "RESERVE_S must be a whole number")):
         bad = subprocess.run(["bash", "benchmarks/lease.sh", str(tmp_path / "o2"), *args], cwd=ROOT,
