@@ -10,6 +10,7 @@ n // (N // K)). Implementations, all giving the same values and gradients:
   "cudnn-direct"  the same cuDNN kernel's forward called directly (zoo.ops.cudnn_direct, an FFI
                call built on first use), without the zero-fill of the output that XLA runs
                before its own cuDNN call; gradients by "cudnn". No bias, mask or window.
+               Auto takes it only with ZOO_CUDNN_DIRECT=1 (not yet run through on a GPU).
   "chunked"    online softmax over key blocks in lax.scan (Rabe & Staats 2021, "Self-attention does
                not need O(n^2) memory"; Dao et al. 2022, FlashAttention, Alg. 1), with a custom_vjp
                backward that recomputes each block from the saved logsumexp (Dao et al. 2022, Alg. 2
@@ -187,7 +188,8 @@ def _per_example(q, k, v, scale):
 
 def _auto(q, k, bias, mask, is_causal, window, v=None):
     """cuDNN where it applies (called directly where zoo.ops.cudnn_direct builds, ZOO_CUDNN_DIRECT=1
-    asks for it and there is no bias, mask or window; else through JAX); on CPU the C++ kernel ("native") where it applies and builds, else
+    asks for it and there is no bias, mask or window; else through JAX); on CPU the C++ kernel
+    ("native") where it applies and builds, else
     "blocked" (or "chunked" with query blocks when there is a bias or mask) once the logits
     outgrow the caches; else "xla", or "chunked" once the full logits would be huge."""
     if _cudnn_applies(q, k):
@@ -217,8 +219,8 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, is_causal=False, win
     mask: bool, broadcastable to [B, N, T, S], True = attend (a key padding mask [B, S] is
     mask[:, None, None, :]). bias: additive, broadcastable to [B, N, T, S]. window: (left, right)
     or an int for both. scale defaults to 1/sqrt(D). implementation: one of IMPLEMENTATIONS or None
-    (auto: cuDNN on GPU for fp16/bf16, called directly ("cudnn-direct") where zoo.ops.cudnn_direct
-    builds and there is no bias, mask or window; on CPU "native", a C++ FlashAttention kernel built on first
+    (auto: cuDNN on GPU for fp16/bf16, called directly ("cudnn-direct") where ZOO_CUDNN_DIRECT=1
+    asks for it, zoo.ops.cudnn_direct builds and there is no bias, mask or window; on CPU "native", a C++ FlashAttention kernel built on first
     use (zoo.ops.native), for head dims that are a multiple of 16 and T * S >=
     4096; else one example at a time for unmasked heads of D <= 16, and when T, S >= 256 "blocked"
     (no bias or mask) or "chunked" with query blocks; else "xla", or "chunked" when the
