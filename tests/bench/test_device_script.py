@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FAKE = """#!/bin/bash
 echo "$* |MASKS=${ZOO_ATTENTION_MASKS:-}|LENGTHS=${ZOO_ATTENTION_LENGTHS:-}|RUNS=${ZOO_GPT_STEP_RUNS:-}|XLA=${XLA_FLAGS:-}|DIR=${ZOO_PROFILE_DIR:-}|SKIP=${ZOO_ATTENTION_SKIP:-}|EPI=${ZOO_CUBLASLT_WGRAD_EPILOGUE:-}|LTW=${ZOO_CUBLASLT_WGRAD:-}|CUDNN=${ZOO_CUDNN_DIRECT:-}|LT=${ZOO_CUBLASLT:-}" >> "$CALLS"
 if [[ "$*" == *cudnn_direct_check.py* && -n "${FAKE_CUDNN_FAIL:-}" ]]; then exit 1; fi
+if [[ "$*" == *"cudnn_direct.build()"* && -n "${FAKE_BUILD_S:-}" ]]; then sleep "$FAKE_BUILD_S"; echo "build done" >> "$CALLS"; fi
 if [[ "$*" == *cublaslt_check.py* && -n "${FAKE_CUBLASLT_FAIL:-}" ]]; then exit 139; fi
 if [[ "$*" == *cublaslt_check.py* && -n "${FAKE_CUBLASLT_WGRAD_FAIL:-}" ]]; then exit 3; fi
 if [[ "$*" == *cublaslt_check.py* && -n "${ZOO_CHECK_ENV_FILE:-}" ]]; then echo "export ZOO_CUBLASLT_WGRAD_EPILOGUE=bgrada" >> "$ZOO_CHECK_ENV_FILE"; fi
@@ -55,15 +56,18 @@ def _outputs(calls, out):
 
 
 def test_part_a_runs_the_tests_and_the_dispatch(tmp_path):
-    assert _run(tmp_path, "a") == []  # no benchmark
+    assert _run(tmp_path, "a", FAKE_BUILD_S="2") == []  # no benchmark
     out = tmp_path / "out"
     log = (out / "log-a.txt").read_text()
     assert (log.index("=== cublaslt check") < log.index("=== cudnn-direct check") < log.index("=== GPU tests")
             < log.index("=== attention dispatch, S1024"))
     lines = (tmp_path / "calls-a.txt").read_text().splitlines()
-    # cuDNN's library built before the first check, in the background (the cuBLASLt check runs meanwhile)
-    (build,) = [i for i, line in enumerate(lines) if line.startswith("-c from zoo.ops import cudnn_direct;")]
-    assert build < min(i for i, line in enumerate(lines) if line.startswith("benchmarks/scripts/cublaslt_check.py"))
+    # cuDNN's library built in the background (2 s here): the cuBLASLt check runs meanwhile, and
+    # cuDNN's check waits for it
+    first = lambda prefix: min(i for i, line in enumerate(lines) if line.startswith(prefix))  # noqa: E731
+    assert sum(line.startswith("-c from zoo.ops import cudnn_direct;") for line in lines) == 1
+    assert (first("benchmarks/scripts/cublaslt_check.py") < first("build done")
+            < first("benchmarks/scripts/cudnn_direct_check.py"))
     assert (out / "cudnn-build.txt").exists()
     assert sum(line.startswith("benchmarks/scripts/cudnn_direct_check.py") for line in lines) == 1
     assert sum(line.startswith("benchmarks/scripts/cublaslt_check.py") for line in lines) == 1
